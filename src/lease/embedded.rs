@@ -1,0 +1,409 @@
+//! The embedded lease store: one redb file, every operation one ACID transaction,
+//! committed durably (fsync) before it returns. Single node; the default for `mayfly dev`.
+//!
+//! Tables: tasks and leases as JSON; `task_leases` and `children` as `parent/child` key
+//! indexes; `due` as an ordered `(unix_nanos, lease_id)` index so the reaper finds due
+//! leases in O(log n), with `due_by_lease` mapping back for updates.
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+use super::{
+    Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition, apply_transition,
+    lease_matches, task_matches,
+};
+use crate::task::{LeaseId, Task, TaskId, TaskState};
+
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+const TASK_LEASES: TableDefinition<&str, ()> = TableDefinition::new("task_leases");
+const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
+const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
+const DUE_BY_LEASE: TableDefinition<&str, u64> = TableDefinition::new("due_by_lease");
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Unavailable(e.into().to_string())
+}
+
+fn nanos(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp_nanos()).unwrap_or(0)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Upper bound for a `prefix/` range scan: '0' sorts right after '/'.
+fn prefix_range(prefix: &str) -> (String, String) {
+    (format!("{prefix}/"), format!("{prefix}0"))
+}
+
+fn set_due(
+    due: &mut redb::Table<(u64, &str), ()>,
+    by_lease: &mut redb::Table<&str, u64>,
+    id: &str,
+    at: Option<OffsetDateTime>,
+) -> Result<(), StoreError> {
+    if let Some(old) = by_lease.remove(id).map_err(db_err)? {
+        due.remove((old.value(), id)).map_err(db_err)?;
+    }
+    if let Some(at) = at {
+        let n = nanos(at);
+        due.insert((n, id), ()).map_err(db_err)?;
+        by_lease.insert(id, n).map_err(db_err)?;
+    }
+    Ok(())
+}
+
+impl EmbeddedStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        // Create every table up front so read transactions never meet a missing table.
+        let tx = db.begin_write().map_err(db_err)?;
+        {
+            tx.open_table(TASKS).map_err(db_err)?;
+            tx.open_table(LEASES).map_err(db_err)?;
+            tx.open_table(TASK_LEASES).map_err(db_err)?;
+            tx.open_table(CHILDREN).map_err(db_err)?;
+            tx.open_table(DUE).map_err(db_err)?;
+            tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store worker failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl LeaseStore for EmbeddedStore {
+    async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
+        let task = task.clone();
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(db_err)?;
+            {
+                let mut tasks = tx.open_table(TASKS).map_err(db_err)?;
+                if tasks.get(task.id.as_str()).map_err(db_err)?.is_some() {
+                    return Err(StoreError::AlreadyExists(task.id.to_string()));
+                }
+                tasks
+                    .insert(task.id.as_str(), encode(&task)?.as_slice())
+                    .map_err(db_err)?;
+                if let Some(parent) = &task.parent {
+                    let mut children = tx.open_table(CHILDREN).map_err(db_err)?;
+                    children
+                        .insert(format!("{parent}/{}", task.id).as_str(), ())
+                        .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        let id = id.clone();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let tasks = tx.open_table(TASKS).map_err(db_err)?;
+            let got = tasks.get(id.as_str()).map_err(db_err)?;
+            got.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn tasks(&self, q: &TaskQuery) -> Result<Page<Task>, StoreError> {
+        let q = q.clone();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let tasks = tx.open_table(TASKS).map_err(db_err)?;
+            let start = q.after.as_ref().map(|a| a.to_string()).unwrap_or_default();
+            let mut items = Vec::new();
+            let mut next = None;
+            for entry in tasks.range(start.as_str()..).map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                if q.after.as_ref().is_some_and(|a| k.value() == a.as_str()) {
+                    continue;
+                }
+                let t: Task = decode(v.value())?;
+                if task_matches(&t, &q) {
+                    if items.len() == q.limit {
+                        next = items.last().map(|l: &Task| l.id.to_string());
+                        break;
+                    }
+                    items.push(t);
+                }
+            }
+            Ok(Page { items, next })
+        })
+        .await
+    }
+
+    async fn end_task(
+        &self,
+        id: &TaskId,
+        to: TaskState,
+        reason: &str,
+        at: OffsetDateTime,
+    ) -> Result<Task, StoreError> {
+        let (id, reason) = (id.clone(), reason.to_string());
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(db_err)?;
+            let task = {
+                let mut tasks = tx.open_table(TASKS).map_err(db_err)?;
+                let mut task: Task = match tasks.get(id.as_str()).map_err(db_err)? {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(StoreError::NotFound(id.to_string())),
+                };
+                if task.state == to {
+                    return Ok(task);
+                }
+                if task.state != TaskState::Active {
+                    return Err(StoreError::TaskEnded {
+                        id: id.to_string(),
+                        current: task.state,
+                        to,
+                    });
+                }
+                task.state = to;
+                task.ended_at = Some(at);
+                task.end_reason = Some(reason);
+                tasks
+                    .insert(id.as_str(), encode(&task)?.as_slice())
+                    .map_err(db_err)?;
+                task
+            };
+            tx.commit().map_err(db_err)?;
+            Ok(task)
+        })
+        .await
+    }
+
+    async fn children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError> {
+        let id = id.clone();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(CHILDREN).map_err(db_err)?;
+            let (lo, hi) = prefix_range(id.as_str());
+            let mut out = Vec::new();
+            for entry in table.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
+                let (k, _) = entry.map_err(db_err)?;
+                let child = k.value().rsplit('/').next().unwrap_or_default();
+                out.push(
+                    child
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("child key {}", k.value())))?,
+                );
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_pending(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError> {
+        let lease = lease.clone();
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(db_err)?;
+            {
+                let mut leases = tx.open_table(LEASES).map_err(db_err)?;
+                if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
+                    return Err(StoreError::AlreadyExists(lease.id.to_string()));
+                }
+                leases
+                    .insert(lease.id.as_str(), encode(&lease)?.as_slice())
+                    .map_err(db_err)?;
+                let mut index = tx.open_table(TASK_LEASES).map_err(db_err)?;
+                index
+                    .insert(format!("{}/{}", lease.task_id, lease.id).as_str(), ())
+                    .map_err(db_err)?;
+                let mut due = tx.open_table(DUE).map_err(db_err)?;
+                let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
+                set_due(&mut due, &mut by_lease, lease.id.as_str(), Some(due_at))?;
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+        let id = id.clone();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let leases = tx.open_table(LEASES).map_err(db_err)?;
+            let got = leases.get(id.as_str()).map_err(db_err)?;
+            got.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn leases(&self, q: &LeaseQuery) -> Result<Page<Lease>, StoreError> {
+        let q = q.clone();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let leases = tx.open_table(LEASES).map_err(db_err)?;
+            let mut items: Vec<Lease> = Vec::new();
+            let mut next = None;
+            let mut consider = |l: Lease| -> bool {
+                if q.after.as_ref().is_some_and(|a| l.id <= *a) || !lease_matches(&l, &q) {
+                    return true;
+                }
+                if items.len() == q.limit {
+                    next = items.last().map(|l| l.id.to_string());
+                    return false;
+                }
+                items.push(l);
+                true
+            };
+            if let Some(task) = &q.task {
+                let index = tx.open_table(TASK_LEASES).map_err(db_err)?;
+                let (lo, hi) = prefix_range(task.as_str());
+                for entry in index.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
+                    let (k, _) = entry.map_err(db_err)?;
+                    let id = k.value().rsplit('/').next().unwrap_or_default().to_string();
+                    if let Some(v) = leases.get(id.as_str()).map_err(db_err)? {
+                        if !consider(decode(v.value())?) {
+                            break;
+                        }
+                    }
+                }
+            } else {
+                let start = q.after.as_ref().map(|a| a.to_string()).unwrap_or_default();
+                for entry in leases.range(start.as_str()..).map_err(db_err)? {
+                    let (_, v) = entry.map_err(db_err)?;
+                    if !consider(decode(v.value())?) {
+                        break;
+                    }
+                }
+            }
+            Ok(Page { items, next })
+        })
+        .await
+    }
+
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+        let q = LeaseQuery {
+            task: Some(task.clone()),
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        Ok(self.leases(&q).await?.items)
+    }
+
+    async fn transition(&self, t: Transition) -> Result<Lease, StoreError> {
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(db_err)?;
+            let (lease, changed) = {
+                let mut leases = tx.open_table(LEASES).map_err(db_err)?;
+                let mut lease: Lease = match leases.get(t.lease.as_str()).map_err(db_err)? {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(StoreError::NotFound(t.lease.to_string())),
+                };
+                let changed = apply_transition(&mut lease, &t)?;
+                if changed {
+                    leases
+                        .insert(lease.id.as_str(), encode(&lease)?.as_slice())
+                        .map_err(db_err)?;
+                    let mut due = tx.open_table(DUE).map_err(db_err)?;
+                    let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
+                    set_due(&mut due, &mut by_lease, lease.id.as_str(), t.due_at)?;
+                }
+                (lease, changed)
+            };
+            if changed {
+                tx.commit().map_err(db_err)?;
+            } else {
+                tx.abort().map_err(db_err)?;
+            }
+            Ok(lease)
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now: OffsetDateTime,
+        hold_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(db_err)?;
+            let mut out = Vec::new();
+            {
+                let mut due = tx.open_table(DUE).map_err(db_err)?;
+                let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
+                let leases = tx.open_table(LEASES).map_err(db_err)?;
+                let upto = nanos(now);
+                let mut ids = Vec::new();
+                for entry in due.range((0u64, "")..).map_err(db_err)? {
+                    let (k, _) = entry.map_err(db_err)?;
+                    let (at, id) = k.value();
+                    if at > upto || ids.len() >= limit {
+                        break;
+                    }
+                    ids.push(id.to_string());
+                }
+                for id in ids {
+                    set_due(&mut due, &mut by_lease, &id, Some(hold_until))?;
+                    if let Some(v) = leases.get(id.as_str()).map_err(db_err)? {
+                        out.push(decode(v.value())?);
+                    }
+                }
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let due = tx.open_table(DUE).map_err(db_err)?;
+            let upto = nanos(now);
+            let mut n = 0;
+            for entry in due.range((0u64, "")..).map_err(db_err)? {
+                let (k, _) = entry.map_err(db_err)?;
+                if k.value().0 > upto {
+                    break;
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            tx.open_table(LEASES).map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+}

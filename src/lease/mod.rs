@@ -1,0 +1,275 @@
+//! Leases: the durable record of every credential Mayfly mints, written *before* the
+//! credential exists (`pending`) so that a crash at any point leaves something the reaper
+//! can revoke. One trait, [`LeaseStore`]; the embedded (redb) implementation lives here.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use time::OffsetDateTime;
+
+use crate::identity::Principal;
+use crate::task::{LeaseId, ProviderKind, Task, TaskId, TaskState};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Recorded; the provider may or may not have minted yet.
+    Pending,
+    /// Minted and handed out.
+    Active,
+    /// Revocation requested; the reaper retries until the provider confirms.
+    Revoking,
+    Revoked,
+    /// Ended by its TTL.
+    Expired,
+    /// Every revocation attempt failed; an operator must act (alerted by metric).
+    Irrevocable,
+}
+
+impl LeaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Pending => "pending",
+            LeaseState::Active => "active",
+            LeaseState::Revoking => "revoking",
+            LeaseState::Revoked => "revoked",
+            LeaseState::Expired => "expired",
+            LeaseState::Irrevocable => "irrevocable",
+        }
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            LeaseState::Revoked | LeaseState::Expired | LeaseState::Irrevocable
+        )
+    }
+}
+
+impl FromStr for LeaseState {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s {
+            "pending" => Self::Pending,
+            "active" => Self::Active,
+            "revoking" => Self::Revoking,
+            "revoked" => Self::Revoked,
+            "expired" => Self::Expired,
+            "irrevocable" => Self::Irrevocable,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// Provider-specific data needed to revoke a credential (e.g. a Vault accessor).
+/// Never the credential itself.
+pub type RevocationHandle = serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub task_id: TaskId,
+    pub principal: Principal,
+    pub provider: ProviderKind,
+    pub target: String,
+    pub actions: BTreeSet<String>,
+    pub resources: BTreeSet<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub state: LeaseState,
+    pub handle: Option<RevocationHandle>,
+    /// Fingerprint of the minted credential, once minted.
+    pub fingerprint: Option<String>,
+    pub reason: Option<String>,
+    /// When the credential stops working on its own even if it was "revoked"
+    /// (providers that cannot revoke one by one). `None` when revocation is immediate.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub dies_at: Option<OffsetDateTime>,
+    pub attempts: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl Lease {
+    /// Active and inside its lifetime at `now`.
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.state == LeaseState::Active && now < self.expires_at
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("record {0} already exists")]
+    AlreadyExists(String),
+    #[error("no such record {0}")]
+    NotFound(String),
+    #[error("lease {id} is {current:?}, cannot move to {to:?}")]
+    InvalidTransition {
+        id: String,
+        current: LeaseState,
+        to: LeaseState,
+    },
+    #[error("task {id} is {current:?}, cannot end it as {to:?}")]
+    TaskEnded {
+        id: String,
+        current: TaskState,
+        to: TaskState,
+    },
+    #[error("lease store unavailable: {0}")]
+    Unavailable(String),
+    #[error("lease store record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A state change checked against the current state. Moving to the state the lease is
+/// already in succeeds without change (revocation is idempotent).
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub lease: LeaseId,
+    pub from: &'static [LeaseState],
+    pub to: LeaseState,
+    pub at: OffsetDateTime,
+    pub reason: Option<String>,
+    pub handle: Option<RevocationHandle>,
+    pub fingerprint: Option<String>,
+    pub dies_at: Option<OffsetDateTime>,
+    /// When the reaper must next look at the lease; `None` removes it from the due index.
+    pub due_at: Option<OffsetDateTime>,
+    pub count_attempt: bool,
+}
+
+impl Transition {
+    pub fn new(
+        lease: LeaseId,
+        from: &'static [LeaseState],
+        to: LeaseState,
+        at: OffsetDateTime,
+    ) -> Self {
+        Self {
+            lease,
+            from,
+            to,
+            at,
+            reason: None,
+            handle: None,
+            fingerprint: None,
+            dies_at: None,
+            due_at: None,
+            count_attempt: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LeaseQuery {
+    pub task: Option<TaskId>,
+    pub principal: Option<String>,
+    pub provider: Option<ProviderKind>,
+    pub state: Option<LeaseState>,
+    /// Return leases with ids strictly after this one (pagination cursor).
+    pub after: Option<LeaseId>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskQuery {
+    pub principal: Option<String>,
+    /// Matched against the state at `now` (an overdue active task is expired).
+    pub state: Option<TaskState>,
+    pub after: Option<TaskId>,
+    pub limit: usize,
+    pub now: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Cursor for the next page, if there may be one.
+    pub next: Option<String>,
+}
+
+/// Durable storage of tasks and leases. Every method is atomic; transitions are checked
+/// against the current state inside the same transaction.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + 'static {
+    async fn create_task(&self, task: &Task) -> Result<(), StoreError>;
+    async fn task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
+    async fn tasks(&self, query: &TaskQuery) -> Result<Page<Task>, StoreError>;
+    /// Ends an active task. Ending it again with the same state is a no-op returning it.
+    async fn end_task(
+        &self,
+        id: &TaskId,
+        to: TaskState,
+        reason: &str,
+        at: OffsetDateTime,
+    ) -> Result<Task, StoreError>;
+    async fn children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError>;
+
+    /// Records a new `pending` lease, due for the reaper at `due_at` if never activated.
+    async fn put_pending(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError>;
+    async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
+    async fn leases(&self, query: &LeaseQuery) -> Result<Page<Lease>, StoreError>;
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError>;
+    async fn transition(&self, t: Transition) -> Result<Lease, StoreError>;
+    /// Claims up to `limit` leases due at `now`: their due time moves to `hold_until`, so
+    /// a claimant that dies leaves them to be claimed again afterwards.
+    async fn claim_due(
+        &self,
+        now: OffsetDateTime,
+        hold_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError>;
+    /// Number of leases in the due index with a due time at or before `now`.
+    async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Applies a checked transition to a lease value (shared by every store implementation).
+/// Returns `Ok(false)` when the lease is already in the target state (idempotent no-op).
+pub(crate) fn apply_transition(lease: &mut Lease, t: &Transition) -> Result<bool, StoreError> {
+    if lease.state == t.to && !t.from.contains(&lease.state) {
+        return Ok(false);
+    }
+    if !t.from.contains(&lease.state) {
+        return Err(StoreError::InvalidTransition {
+            id: lease.id.to_string(),
+            current: lease.state,
+            to: t.to,
+        });
+    }
+    lease.state = t.to;
+    lease.updated_at = t.at;
+    if let Some(r) = &t.reason {
+        lease.reason = Some(r.clone());
+    }
+    if let Some(h) = &t.handle {
+        lease.handle = Some(h.clone());
+    }
+    if let Some(f) = &t.fingerprint {
+        lease.fingerprint = Some(f.clone());
+    }
+    if t.dies_at.is_some() {
+        lease.dies_at = t.dies_at;
+    }
+    if t.count_attempt {
+        lease.attempts = lease.attempts.saturating_add(1);
+    }
+    Ok(true)
+}
+
+pub(crate) fn lease_matches(l: &Lease, q: &LeaseQuery) -> bool {
+    q.task.as_ref().is_none_or(|t| &l.task_id == t)
+        && q.principal.as_deref().is_none_or(|p| l.principal.as_str() == p)
+        && q.provider.is_none_or(|p| l.provider == p)
+        && q.state.is_none_or(|s| l.state == s)
+}
+
+pub(crate) fn task_matches(t: &Task, q: &TaskQuery) -> bool {
+    let now = q.now.unwrap_or_else(OffsetDateTime::now_utc);
+    q.principal.as_deref().is_none_or(|p| t.owner.as_str() == p)
+        && q.state.is_none_or(|s| t.state_at(now) == s)
+}

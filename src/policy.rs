@@ -1,0 +1,442 @@
+//! Policy-as-code with Cedar. Policies are validated in strict mode against the schema
+//! compiled into the binary (`config/schema.cedarschema`); a bad file stops start-up with
+//! its path and line. Deny by default. Reload keeps the last good set when a new one fails.
+
+use cedar_policy::{
+    Authorizer, Context, Decision, Entities, EntityUid, Policy, PolicyId, PolicySet, Request,
+    Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+use time::OffsetDateTime;
+
+use crate::identity::VerifiedCaller;
+use crate::task::{Grant, Task, TaskRequest};
+
+pub const SCHEMA_SRC: &str = include_str!("../config/schema.cedarschema");
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policies from {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("no *.cedar policy file in {0}")]
+    NoPolicies(PathBuf),
+    #[error("{file}:{line}:{column}: {message}")]
+    Parse {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{file}:{line}: policy {policy}: {message}")]
+    Validation {
+        file: PathBuf,
+        line: usize,
+        policy: String,
+        message: String,
+    },
+    #[error("{file}: policy id {id:?} is used twice")]
+    DuplicateId { file: PathBuf, id: String },
+    #[error("{file}: policy templates are not supported")]
+    Template { file: PathBuf },
+    #[error("built-in Cedar schema is invalid: {0}")]
+    Schema(String),
+    #[error("cannot build the authorization request: {0}")]
+    Request(String),
+}
+
+/// The answer for one authorization question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDecision {
+    pub allowed: bool,
+    /// Ids of the policies that determined the answer (empty for a default deny).
+    pub policies: Vec<String>,
+    /// Policies skipped because evaluating them failed (the answer then leans to deny).
+    pub errors: Vec<String>,
+}
+
+struct Loaded {
+    set: PolicySet,
+    stamp: Vec<(PathBuf, SystemTime, u64)>,
+}
+
+pub struct PolicyEngine {
+    dir: PathBuf,
+    schema: Schema,
+    authorizer: Authorizer,
+    current: RwLock<Arc<Loaded>>,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine").field("dir", &self.dir).finish()
+    }
+}
+
+fn schema() -> Result<Schema, PolicyError> {
+    Schema::from_cedarschema_str(SCHEMA_SRC)
+        .map(|(s, _warnings)| s)
+        .map_err(|e| PolicyError::Schema(e.to_string()))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn first_offset(d: &dyn Diagnostic) -> Option<usize> {
+    d.labels()
+        .and_then(|mut l| l.next())
+        .map(|l| l.offset())
+        .or_else(|| d.related().and_then(|mut r| r.next()).and_then(first_offset))
+}
+
+fn stamp(dir: &Path) -> Result<Vec<(PathBuf, SystemTime, u64)>, PolicyError> {
+    let io = |e: std::io::Error| PolicyError::Io {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "cedar") {
+            let meta = entry.metadata().map_err(io)?;
+            out.push((path, meta.modified().map_err(io)?, meta.len()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Parses and strictly validates every `*.cedar` file in `dir`.
+fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
+    let files = stamp(dir)?;
+    if files.is_empty() {
+        return Err(PolicyError::NoPolicies(dir.to_path_buf()));
+    }
+    let mut set = PolicySet::new();
+    let mut sources: Vec<(String, PathBuf, String)> = Vec::new();
+    for (path, _, _) in &files {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Io {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let parsed: PolicySet = text.parse().map_err(|e: cedar_policy::ParseErrors| {
+            let (line, column) = first_offset(&e).map_or((0, 0), |o| line_col(&text, o));
+            PolicyError::Parse {
+                file: path.clone(),
+                line,
+                column,
+                message: e.to_string(),
+            }
+        })?;
+        if parsed.templates().next().is_some() {
+            return Err(PolicyError::Template { file: path.clone() });
+        }
+        let stem = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut policies: Vec<&Policy> = parsed.policies().collect();
+        // Parsed ids are policy0, policy1… in source order; keep that order for naming.
+        policies.sort_by_key(|p| {
+            p.id()
+                .to_string()
+                .trim_start_matches("policy")
+                .parse::<usize>()
+                .unwrap_or(usize::MAX)
+        });
+        for (n, p) in policies.into_iter().enumerate() {
+            let id = p
+                .annotation("id")
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{stem}#{n}"));
+            set.add(p.new_id(PolicyId::new(&id)))
+                .map_err(|_| PolicyError::DuplicateId {
+                    file: path.clone(),
+                    id: id.clone(),
+                })?;
+            sources.push((id, path.clone(), text.clone()));
+        }
+    }
+    let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+    if let Some(err) = result.validation_errors().next() {
+        let pid = err.policy_id().to_string();
+        let (file, line) = sources
+            .iter()
+            .find(|(id, _, _)| *id == pid)
+            .map(|(_, f, text)| (f.clone(), first_offset(err).map_or(0, |o| line_col(text, o).0)))
+            .unwrap_or_default();
+        return Err(PolicyError::Validation {
+            file,
+            line,
+            policy: pid,
+            message: err.to_string(),
+        });
+    }
+    Ok(Loaded { set, stamp: files })
+}
+
+fn grant_json(g: &Grant) -> Value {
+    json!({
+        "provider": g.provider.as_str(),
+        "target": g.target,
+        "actions": g.actions,
+        "resources": g.resources,
+    })
+}
+
+fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Value {
+    Value::Array(
+        labels
+            .iter()
+            .map(|(k, v)| Value::String(format!("{k}={v}")))
+            .collect(),
+    )
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl PolicyEngine {
+    pub fn load(dir: &Path) -> Result<Self, PolicyError> {
+        let schema = schema()?;
+        let loaded = load_dir(dir, &schema)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            schema,
+            authorizer: Authorizer::new(),
+            current: RwLock::new(Arc::new(loaded)),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.current().set.policies().count()
+    }
+
+    /// Have the policy files changed since the last successful load (or failed attempt)?
+    pub fn changed_on_disk(&self) -> bool {
+        stamp(&self.dir).map_or(true, |s| s != self.current().stamp)
+    }
+
+    /// Loads the directory again. On error the previous set stays in force.
+    pub fn reload(&self) -> Result<usize, PolicyError> {
+        let loaded = load_dir(&self.dir, &self.schema)?;
+        let n = loaded.set.policies().count();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        Ok(n)
+    }
+
+    fn posture_json(caller: &VerifiedCaller, now: OffsetDateTime) -> Value {
+        let p = caller.posture();
+        let ip = p.source.map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
+        json!({
+            "method": p.method.as_str(),
+            "trust_domain": p.trust_domain,
+            "source_ip": {"__extn": {"fn": "ip", "arg": ip}},
+            "credential_remaining_seconds": p.credential_remaining_secs(now),
+        })
+    }
+
+    fn workload_json(principal: &crate::identity::Principal) -> Value {
+        json!({
+            "uid": {"type": "Mayfly::Workload", "id": principal.as_str()},
+            "attrs": {
+                "id": principal.as_str(),
+                "trust_domain": principal.trust_domain(),
+                "path": principal.path(),
+            },
+            "parents": [],
+        })
+    }
+
+    fn target_json(g: &Grant) -> Value {
+        json!({
+            "uid": {"type": "Mayfly::Target", "id": g.key()},
+            "attrs": {"provider": g.provider.as_str(), "uri": g.target},
+            "parents": [],
+        })
+    }
+
+    fn decide(
+        &self,
+        action: &str,
+        principal: Value,
+        resource: Value,
+        context: Value,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let req_err = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+        let uid = |v: &Value| -> Result<EntityUid, PolicyError> {
+            EntityUid::from_json(v["uid"].clone()).map_err(|e| req_err(&e))
+        };
+        let (p_uid, r_uid) = (uid(&principal)?, uid(&resource)?);
+        let a_uid: EntityUid = format!(r#"Mayfly::Action::"{action}""#)
+            .parse()
+            .map_err(|e| req_err(&e))?;
+        let entities = Entities::from_json_value(json!([principal, resource]), Some(&self.schema))
+            .map_err(|e| req_err(&e))?;
+        let context = Context::from_json_value(context, Some((&self.schema, &a_uid)))
+            .map_err(|e| req_err(&e))?;
+        let request = Request::new(p_uid, a_uid, r_uid, context, Some(&self.schema))
+            .map_err(|e| req_err(&e))?;
+        let current = self.current();
+        let response = self.authorizer.is_authorized(&request, &current.set, &entities);
+        let diag = response.diagnostics();
+        Ok(PolicyDecision {
+            allowed: response.decision() == Decision::Allow,
+            policies: diag.reason().map(ToString::to_string).collect(),
+            errors: diag.errors().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// `DeclareTask`, asked for every grant of the declared scope; all must be allowed.
+    pub fn declare_task(
+        &self,
+        caller: &VerifiedCaller,
+        req: &TaskRequest,
+        grant: &Grant,
+        now: OffsetDateTime,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let context = json!({
+            "purpose": req.purpose,
+            "ttl_seconds": secs(req.ttl),
+            "grant": grant_json(grant),
+            "grant_count": req.scope.grants().len(),
+            "labels": labels_json(&req.labels),
+            "posture": Self::posture_json(caller, now),
+        });
+        self.decide(
+            "DeclareTask",
+            Self::workload_json(caller.principal()),
+            Self::target_json(grant),
+            context,
+        )
+    }
+
+    /// `MintCredential` for one concrete request under `task`.
+    pub fn mint(
+        &self,
+        caller: &VerifiedCaller,
+        task: &Task,
+        request: &Grant,
+        ttl: Duration,
+        risk: u8,
+        now: OffsetDateTime,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let context = json!({
+            "purpose": task.purpose,
+            "task_id": task.id.as_str(),
+            "ttl_seconds": secs(ttl),
+            "task_remaining_seconds": secs(task.remaining(now)),
+            "request": grant_json(request),
+            "labels": labels_json(&task.labels),
+            "posture": Self::posture_json(caller, now),
+            "risk": risk,
+        });
+        self.decide(
+            "MintCredential",
+            Self::workload_json(caller.principal()),
+            Self::target_json(request),
+            context,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        dir
+    }
+
+    #[test]
+    fn the_builtin_schema_is_valid() {
+        assert!(schema().is_ok());
+    }
+
+    #[test]
+    fn the_shipped_dev_policies_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies");
+        let engine = PolicyEngine::load(&dir).expect("dev policies load");
+        assert!(engine.policy_count() >= 2);
+    }
+
+    #[test]
+    fn a_syntax_error_names_file_and_line() {
+        let dir = dir_with(&[(
+            "a.cedar",
+            "permit(principal, action, resource);\n\npermit(principal action, resource);\n",
+        )]);
+        match PolicyEngine::load(dir.path()) {
+            Err(PolicyError::Parse { file, line, .. }) => {
+                assert!(file.ends_with("a.cedar"));
+                assert_eq!(line, 3);
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_policy_that_does_not_type_check_is_rejected_with_its_line() {
+        let dir = dir_with(&[(
+            "b.cedar",
+            "// ok\npermit(principal, action == Mayfly::Action::\"DeclareTask\", resource)\nwhen { resource.no_such_attr == \"x\" };\n",
+        )]);
+        match PolicyEngine::load(dir.path()) {
+            Err(PolicyError::Validation { file, line, .. }) => {
+                assert!(file.ends_with("b.cedar"));
+                assert!(line == 2 || line == 3, "line {line}");
+            }
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_directory_is_an_error_not_an_open_door() {
+        let dir = dir_with(&[]);
+        assert!(matches!(
+            PolicyEngine::load(dir.path()),
+            Err(PolicyError::NoPolicies(_))
+        ));
+    }
+
+    #[test]
+    fn reload_keeps_the_last_good_set() {
+        let dir = dir_with(&[(
+            "p.cedar",
+            "@id(\"all\") permit(principal, action == Mayfly::Action::\"DeclareTask\", resource);",
+        )]);
+        let engine = PolicyEngine::load(dir.path()).expect("load");
+        std::fs::write(dir.path().join("p.cedar"), "permit(").expect("write");
+        assert!(matches!(engine.reload(), Err(PolicyError::Parse { .. })));
+        assert_eq!(engine.policy_count(), 1);
+        std::fs::write(dir.path().join("q.cedar"), "@id(\"x\") forbid(principal, action, resource);")
+            .expect("write");
+        std::fs::write(dir.path().join("p.cedar"), "@id(\"y\") forbid(principal, action, resource);")
+            .expect("write");
+        assert_eq!(engine.reload().expect("reload"), 2);
+    }
+}

@@ -1,0 +1,53 @@
+//! `Secret<T>`: a value that must never reach a log, a `Debug` dump or the audit trail.
+
+use sha2::{Digest, Sha256};
+
+/// Wraps a secret. `Debug` prints `Secret(**redacted**)`; there is no `Display`.
+/// The only way to the value is [`Secret::expose`], which is easy to grep for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(**redacted**)")
+    }
+}
+
+/// The fingerprint under which a secret may appear in the audit trail:
+/// `sha256:` + the first 16 bytes of SHA-256, hex. Credentials minted by Mayfly
+/// carry ≥128 bits of entropy, so a truncated digest identifies without revealing.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    format!("sha256:{}", hex::encode(&digest[..16]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_contains_the_secret() {
+        let s = Secret::new("hunter2".to_string());
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("hunter2"));
+        assert_eq!(printed, "Secret(**redacted**)");
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_does_not_contain_the_input() {
+        let a = fingerprint(b"token-value");
+        assert_eq!(a, fingerprint(b"token-value"));
+        assert_ne!(a, fingerprint(b"token-valuf"));
+        assert!(!a.contains("token"));
+        assert_eq!(a.len(), "sha256:".len() + 32);
+    }
+}

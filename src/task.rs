@@ -1,0 +1,554 @@
+//! Tasks: what an agent declared it is doing, and the scope inside which every credential
+//! it asks for must fit. `Raw*` types are what the network sends; `TryFrom` turns them into
+//! validated values, so an invalid scope cannot exist as a `Scope`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::identity::Principal;
+
+pub const MAX_PURPOSE_LEN: usize = 1024;
+pub const MAX_GRANTS: usize = 32;
+pub const MAX_ITEMS: usize = 64;
+pub const MAX_TARGET_LEN: usize = 512;
+pub const MAX_TOKEN_LEN: usize = 256;
+pub const MAX_LABELS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    #[error("purpose must be 1..={MAX_PURPOSE_LEN} characters without control characters")]
+    Purpose,
+    #[error("scope must hold 1..={MAX_GRANTS} grants")]
+    GrantCount,
+    #[error("unknown provider {0:?} (known: jwt, vault, aws)")]
+    UnknownProvider(String),
+    #[error("target must be 1..={MAX_TARGET_LEN} printable characters")]
+    Target,
+    #[error("{field} must hold 1..={MAX_ITEMS} entries")]
+    ItemCount { field: &'static str },
+    #[error("{field} entry {value:?} is empty, too long or has forbidden characters")]
+    Item { field: &'static str, value: String },
+    #[error("resource pattern {0:?} may only use '*' as its last character")]
+    Wildcard(String),
+    #[error("grant for {provider}:{target} appears twice in the scope")]
+    DuplicateGrant { provider: String, target: String },
+    #[error("at most {MAX_LABELS} labels, keys and values 1..=64 printable characters")]
+    Labels,
+}
+
+macro_rules! id_type {
+    ($name:ident, $prefix:literal) => {
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn generate() -> Self {
+                Self(format!(concat!($prefix, "{}"), Uuid::new_v4().simple()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                let hex = s.strip_prefix($prefix).ok_or(IdError)?;
+                if hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    Ok(Self(s.to_string()))
+                } else {
+                    Err(IdError)
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed identifier")]
+pub struct IdError;
+
+id_type!(TaskId, "tsk_");
+id_type!(LeaseId, "lse_");
+
+/// Which provider mints a grant's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Jwt,
+    Vault,
+    Aws,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Jwt => "jwt",
+            ProviderKind::Vault => "vault",
+            ProviderKind::Aws => "aws",
+        }
+    }
+}
+
+impl FromStr for ProviderKind {
+    type Err = ScopeError;
+    fn from_str(s: &str) -> Result<Self, ScopeError> {
+        match s {
+            "jwt" => Ok(Self::Jwt),
+            "vault" => Ok(Self::Vault),
+            "aws" => Ok(Self::Aws),
+            other => Err(ScopeError::UnknownProvider(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A grant as sent over the network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrant {
+    pub provider: String,
+    pub target: String,
+    pub actions: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+}
+
+/// One validated slice of authority: `actions` on `resources` of `target` via `provider`.
+/// Resource patterns may end in `*` (prefix match); nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub provider: ProviderKind,
+    pub target: String,
+    pub actions: BTreeSet<String>,
+    pub resources: BTreeSet<String>,
+}
+
+fn printable(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
+fn token_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_TOKEN_LEN
+        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+fn token_set(
+    field: &'static str,
+    items: Vec<String>,
+    allow_empty: bool,
+) -> Result<BTreeSet<String>, ScopeError> {
+    if items.len() > MAX_ITEMS || (items.is_empty() && !allow_empty) {
+        return Err(ScopeError::ItemCount { field });
+    }
+    items
+        .into_iter()
+        .map(|v| {
+            if token_ok(&v) {
+                Ok(v)
+            } else {
+                Err(ScopeError::Item { field, value: v })
+            }
+        })
+        .collect()
+}
+
+fn check_patterns(resources: &BTreeSet<String>) -> Result<(), ScopeError> {
+    for r in resources {
+        if r.trim_end_matches('*').contains('*') || r.ends_with("**") {
+            return Err(ScopeError::Wildcard(r.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn check_target(target: &str) -> Result<(), ScopeError> {
+    if target.is_empty() || target.len() > MAX_TARGET_LEN || !printable(target) {
+        return Err(ScopeError::Target);
+    }
+    Ok(())
+}
+
+impl TryFrom<RawGrant> for Grant {
+    type Error = ScopeError;
+    fn try_from(raw: RawGrant) -> Result<Self, ScopeError> {
+        let provider = raw.provider.parse()?;
+        check_target(&raw.target)?;
+        let actions = token_set("actions", raw.actions, false)?;
+        let resources = token_set("resources", raw.resources, true)?;
+        check_patterns(&resources)?;
+        Ok(Self {
+            provider,
+            target: raw.target,
+            actions,
+            resources,
+        })
+    }
+}
+
+/// Does resource pattern `outer` cover everything `inner` can name?
+/// Patterns only carry a trailing `*`, which keeps this exact.
+pub fn pattern_covers(outer: &str, inner: &str) -> bool {
+    match outer.strip_suffix('*') {
+        Some(prefix) => inner.starts_with(prefix),
+        None => outer == inner,
+    }
+}
+
+impl Grant {
+    /// Is `other` within this grant: same provider and target, a subset of the actions,
+    /// and every resource pattern covered by one of ours?
+    pub fn covers(&self, other: &Grant) -> bool {
+        self.provider == other.provider
+            && self.target == other.target
+            && other.actions.is_subset(&self.actions)
+            && other
+                .resources
+                .iter()
+                .all(|r| self.resources.iter().any(|mine| pattern_covers(mine, r)))
+    }
+
+    /// `provider:target`, the key of a grant within a scope.
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.provider, self.target)
+    }
+}
+
+/// A validated, non-empty set of grants with at most one grant per provider and target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Scope(Vec<Grant>);
+
+impl Scope {
+    pub fn new(grants: Vec<Grant>) -> Result<Self, ScopeError> {
+        if grants.is_empty() || grants.len() > MAX_GRANTS {
+            return Err(ScopeError::GrantCount);
+        }
+        let mut seen = BTreeSet::new();
+        for g in &grants {
+            if !seen.insert((g.provider, g.target.clone())) {
+                return Err(ScopeError::DuplicateGrant {
+                    provider: g.provider.to_string(),
+                    target: g.target.clone(),
+                });
+            }
+        }
+        Ok(Self(grants))
+    }
+
+    pub fn grants(&self) -> &[Grant] {
+        &self.0
+    }
+
+    pub fn grant_for(&self, provider: ProviderKind, target: &str) -> Option<&Grant> {
+        self.0
+            .iter()
+            .find(|g| g.provider == provider && g.target == target)
+    }
+
+    /// Every grant of `other` is covered by a grant of ours.
+    pub fn covers(&self, other: &Scope) -> bool {
+        other
+            .0
+            .iter()
+            .all(|g| self.grant_for(g.provider, &g.target).is_some_and(|m| m.covers(g)))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Active,
+    Completed,
+    Revoked,
+    Expired,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Active => "active",
+            TaskState::Completed => "completed",
+            TaskState::Revoked => "revoked",
+            TaskState::Expired => "expired",
+        }
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "active" => Ok(Self::Active),
+            "completed" => Ok(Self::Completed),
+            "revoked" => Ok(Self::Revoked),
+            "expired" => Ok(Self::Expired),
+            _ => Err(()),
+        }
+    }
+}
+
+/// `POST /v1/tasks` body as sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTaskRequest {
+    pub purpose: String,
+    pub scope: Vec<RawGrant>,
+    #[serde(deserialize_with = "crate::duration::deserialize")]
+    pub ttl: Duration,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A validated task declaration.
+#[derive(Debug, Clone)]
+pub struct TaskRequest {
+    pub purpose: String,
+    pub scope: Scope,
+    pub ttl: Duration,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub fn validate_purpose(p: &str) -> Result<(), ScopeError> {
+    if p.trim().is_empty() || p.chars().count() > MAX_PURPOSE_LEN || !printable(p) {
+        return Err(ScopeError::Purpose);
+    }
+    Ok(())
+}
+
+impl TryFrom<RawTaskRequest> for TaskRequest {
+    type Error = ScopeError;
+    fn try_from(raw: RawTaskRequest) -> Result<Self, ScopeError> {
+        validate_purpose(&raw.purpose)?;
+        if raw.labels.len() > MAX_LABELS
+            || raw.labels.iter().any(|(k, v)| {
+                k.is_empty() || k.len() > 64 || v.is_empty() || v.len() > 64 || !printable(k) || !printable(v)
+            })
+        {
+            return Err(ScopeError::Labels);
+        }
+        let grants = raw
+            .scope
+            .into_iter()
+            .map(Grant::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            purpose: raw.purpose,
+            scope: Scope::new(grants)?,
+            ttl: raw.ttl,
+            labels: raw.labels,
+        })
+    }
+}
+
+/// `POST /v1/tasks/{id}/credentials` body as sent. Omitted actions/resources mean
+/// "everything the task's grant for this target holds".
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredentialRequest {
+    pub provider: String,
+    pub target: String,
+    #[serde(default)]
+    pub actions: Option<Vec<String>>,
+    #[serde(default)]
+    pub resources: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
+    pub ttl: Option<Duration>,
+}
+
+/// A validated credential request, not yet checked against any task.
+#[derive(Debug, Clone)]
+pub struct CredentialRequest {
+    pub provider: ProviderKind,
+    pub target: String,
+    pub actions: Option<BTreeSet<String>>,
+    pub resources: Option<BTreeSet<String>>,
+    pub ttl: Option<Duration>,
+}
+
+impl TryFrom<RawCredentialRequest> for CredentialRequest {
+    type Error = ScopeError;
+    fn try_from(raw: RawCredentialRequest) -> Result<Self, ScopeError> {
+        let provider = raw.provider.parse()?;
+        check_target(&raw.target)?;
+        let actions = raw
+            .actions
+            .map(|a| token_set("actions", a, false))
+            .transpose()?;
+        let resources = raw
+            .resources
+            .map(|r| token_set("resources", r, true))
+            .transpose()?;
+        if let Some(r) = &resources {
+            check_patterns(r)?;
+        }
+        Ok(Self {
+            provider,
+            target: raw.target,
+            actions,
+            resources,
+            ttl: raw.ttl,
+        })
+    }
+}
+
+impl CredentialRequest {
+    /// The concrete grant this request asks for, filling omitted parts from `held`.
+    pub fn resolve(&self, held: &Grant) -> Grant {
+        Grant {
+            provider: self.provider,
+            target: self.target.clone(),
+            actions: self.actions.clone().unwrap_or_else(|| held.actions.clone()),
+            resources: self
+                .resources
+                .clone()
+                .unwrap_or_else(|| held.resources.clone()),
+        }
+    }
+}
+
+/// A declared task as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub owner: Principal,
+    pub purpose: String,
+    pub scope: Scope,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub parent: Option<TaskId>,
+    pub labels: BTreeMap<String, String>,
+    pub state: TaskState,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    pub end_reason: Option<String>,
+}
+
+impl Task {
+    /// The state at `now`: a stored `active` task past its end is `expired`.
+    pub fn state_at(&self, now: OffsetDateTime) -> TaskState {
+        if self.state == TaskState::Active && now >= self.expires_at {
+            TaskState::Expired
+        } else {
+            self.state
+        }
+    }
+
+    pub fn remaining(&self, now: OffsetDateTime) -> Duration {
+        let secs = (self.expires_at - now).whole_seconds();
+        Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn grant(actions: &[&str], resources: &[&str]) -> Grant {
+        Grant {
+            provider: ProviderKind::Jwt,
+            target: "https://api.example".into(),
+            actions: actions.iter().map(|s| s.to_string()).collect(),
+            resources: resources.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn ids_round_trip_and_reject_foreign_shapes() {
+        let id = TaskId::generate();
+        assert_eq!(id.as_str().parse::<TaskId>(), Ok(id.clone()));
+        assert_eq!("lse_0123".parse::<LeaseId>(), Err(IdError));
+        assert_eq!(id.as_str().parse::<LeaseId>(), Err(IdError));
+        assert_eq!("tsk_../../etc".parse::<TaskId>(), Err(IdError));
+    }
+
+    #[test]
+    fn a_grant_covers_only_subsets_of_its_actions_and_resources() {
+        let held = grant(&["read", "write"], &["repo/a/*", "repo/b"]);
+        assert!(held.covers(&grant(&["read"], &["repo/a/x", "repo/a/*", "repo/b"])));
+        assert!(!held.covers(&grant(&["delete"], &[])));
+        assert!(!held.covers(&grant(&["read"], &["repo/b/x"])));
+        assert!(!held.covers(&grant(&["read"], &["repo/*"])));
+        let mut other_target = grant(&["read"], &[]);
+        other_target.target = "https://api.example.evil".into();
+        assert!(!held.covers(&other_target));
+    }
+
+    #[test]
+    fn wildcards_only_at_the_end_of_a_resource_pattern() {
+        let raw = RawGrant {
+            provider: "jwt".into(),
+            target: "https://x".into(),
+            actions: vec!["read".into()],
+            resources: vec!["a/*/b".into()],
+        };
+        assert_eq!(
+            Grant::try_from(raw),
+            Err(ScopeError::Wildcard("a/*/b".into()))
+        );
+    }
+
+    #[test]
+    fn duplicate_grants_and_empty_scopes_are_rejected() {
+        let g = grant(&["read"], &[]);
+        assert_eq!(Scope::new(vec![]), Err(ScopeError::GrantCount));
+        assert!(matches!(
+            Scope::new(vec![g.clone(), g]),
+            Err(ScopeError::DuplicateGrant { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn pattern_cover_is_sound(outer in "[ab/]{0,4}\\*?", inner in "[ab/]{0,5}\\*?", probe in "[ab/]{0,6}") {
+            // If outer covers inner, any concrete name matched by inner is matched by outer.
+            let matches = |pat: &str, s: &str| match pat.strip_suffix('*') {
+                Some(p) => s.starts_with(p),
+                None => pat == s,
+            };
+            if pattern_covers(&outer, &inner) && matches(&inner, &probe) {
+                prop_assert!(matches(&outer, &probe));
+            }
+        }
+    }
+}
