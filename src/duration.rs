@@ -4,7 +4,7 @@
 use serde::{Deserialize, Deserializer, Serializer};
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DurationError {
     #[error("duration is empty")]
     Empty,
@@ -66,6 +66,18 @@ fn from_secs(secs: u64) -> Result<Duration, DurationError> {
     Ok(d)
 }
 
+/// A duration from a JSON value: a duration string or a positive integer of seconds.
+pub fn from_json(v: &serde_json::Value) -> Result<Duration, DurationError> {
+    match v {
+        serde_json::Value::String(s) => parse(s),
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(secs) => from_secs(secs),
+            None => Err(DurationError::Syntax(n.to_string())),
+        },
+        other => Err(DurationError::Syntax(other.to_string())),
+    }
+}
+
 pub fn format(d: Duration) -> String {
     format!("{}s", d.as_secs())
 }
@@ -82,10 +94,6 @@ pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Erro
         Raw::Secs(n) => from_secs(n).map_err(serde::de::Error::custom),
         Raw::Text(s) => parse(&s).map_err(serde::de::Error::custom),
     }
-}
-
-pub fn deserialize_opt<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
-    deserialize(de).map(Some)
 }
 
 pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

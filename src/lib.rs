@@ -20,26 +20,33 @@
 //!
 //! Domain modules never import `api` or `cli`.
 
-//TMP pub mod api;
+pub mod api;
 pub mod audit;
-//TMP pub mod broker;
-//TMP pub mod cli;
-//TMP pub mod config;
+pub mod broker;
+pub mod cli;
+pub mod config;
 pub mod duration;
-//TMP pub mod error;
+pub mod error;
 pub mod identity;
 pub mod lease;
+pub mod pki;
 pub mod policy;
-//TMP pub mod provider;
-//TMP pub mod revocation;
+pub mod provider;
+pub mod revocation;
 pub mod secret;
 pub mod task;
 
-//TMP pub use error::Error;
+pub use error::Error;
 
 /// Installs the one crypto provider (aws-lc-rs) used by rustls, rcgen and JWT.
 /// Idempotent: a second call is a no-op.
 pub fn install_crypto_provider() {
     // Err only means a provider is already installed, which is what we want.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// RFC 3339 form used for every time in the API and the audit trail.
+pub fn api_time(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }

@@ -1,1 +1,5 @@
-fn main() {}
+//! `mayfly`: see `mayfly --help`. All logic lives in the library.
+
+fn main() -> std::process::ExitCode {
+    mayfly::cli::run()
+}

@@ -30,6 +30,21 @@ pub fn fingerprint(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(&digest[..16]))
 }
 
+/// Writes a private file (keys): created with mode 0600 on Unix, never world-readable.
+pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

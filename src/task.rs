@@ -39,6 +39,8 @@ pub enum ScopeError {
     DuplicateGrant { provider: String, target: String },
     #[error("at most {MAX_LABELS} labels, keys and values 1..=64 printable characters")]
     Labels,
+    #[error("ttl: {0}")]
+    Duration(#[from] crate::duration::DurationError),
 }
 
 macro_rules! id_type {
@@ -331,8 +333,9 @@ impl FromStr for TaskState {
 pub struct RawTaskRequest {
     pub purpose: String,
     pub scope: Vec<RawGrant>,
-    #[serde(deserialize_with = "crate::duration::deserialize")]
-    pub ttl: Duration,
+    /// A duration string ("15m") or seconds; validated in `TryFrom` so a bad value
+    /// gets its own error code.
+    pub ttl: serde_json::Value,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -372,7 +375,7 @@ impl TryFrom<RawTaskRequest> for TaskRequest {
         Ok(Self {
             purpose: raw.purpose,
             scope: Scope::new(grants)?,
-            ttl: raw.ttl,
+            ttl: crate::duration::from_json(&raw.ttl)?,
             labels: raw.labels,
         })
     }
@@ -389,8 +392,8 @@ pub struct RawCredentialRequest {
     pub actions: Option<Vec<String>>,
     #[serde(default)]
     pub resources: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "crate::duration::deserialize_opt")]
-    pub ttl: Option<Duration>,
+    #[serde(default)]
+    pub ttl: Option<serde_json::Value>,
 }
 
 /// A validated credential request, not yet checked against any task.
@@ -424,7 +427,7 @@ impl TryFrom<RawCredentialRequest> for CredentialRequest {
             target: raw.target,
             actions,
             resources,
-            ttl: raw.ttl,
+            ttl: raw.ttl.as_ref().map(crate::duration::from_json).transpose()?,
         })
     }
 }

@@ -285,10 +285,10 @@ impl LeaseStore for EmbeddedStore {
                 for entry in index.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
                     let (k, _) = entry.map_err(db_err)?;
                     let id = k.value().rsplit('/').next().unwrap_or_default().to_string();
-                    if let Some(v) = leases.get(id.as_str()).map_err(db_err)? {
-                        if !consider(decode(v.value())?) {
-                            break;
-                        }
+                    if let Some(v) = leases.get(id.as_str()).map_err(db_err)?
+                        && !consider(decode(v.value())?)
+                    {
+                        break;
                     }
                 }
             } else {

@@ -1,0 +1,182 @@
+//! The one place an error becomes an HTTP status and an RFC 9457 problem document with a
+//! stable machine `code`. Clients get the category; the log gets the full chain.
+//! The code table is documented in `docs/api-errors.md`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::audit::AuditError;
+use crate::broker::BrokerError;
+use crate::identity::VerifyError;
+use crate::lease::StoreError;
+use crate::provider::ProviderError;
+use crate::task::ScopeError;
+
+/// Problems with a request body, before it reaches the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("Content-Type must be {0}")]
+    UnsupportedMediaType(&'static str),
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("request body could not be read: {0}")]
+    Read(String),
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body has an unknown field: {0}")]
+    UnknownField(String),
+    #[error("request body has a missing or mistyped field: {0}")]
+    InvalidField(String),
+    #[error("form body is invalid: {0}")]
+    InvalidForm(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error("malformed {0} id")]
+    BadId(&'static str),
+    #[error("invalid query: {0}")]
+    Query(String),
+    #[error("no such route")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the audit trail cannot be written; request refused")]
+    Audit(#[from] AuditError),
+}
+
+/// The stable code of an error response, kept as a response extension so the audit
+/// middleware can record it.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+fn verify_code(e: &VerifyError) -> &'static str {
+    match e {
+        VerifyError::ClientCertRequired => "client_certificate_required",
+        VerifyError::Malformed(_) => "svid_malformed",
+        VerifyError::UriSanCount(_) => "svid_uri_san_count",
+        VerifyError::InvalidSpiffeId(_) => "svid_invalid_spiffe_id",
+        VerifyError::LeafIsCa => "svid_leaf_is_ca",
+        VerifyError::MissingDigitalSignature => "svid_missing_digital_signature",
+        VerifyError::ForbiddenKeyUsage => "svid_forbidden_key_usage",
+        VerifyError::UnknownTrustDomain(_) => "svid_unknown_trust_domain",
+        VerifyError::Expired => "svid_expired",
+        VerifyError::NotYetValid => "svid_not_yet_valid",
+        VerifyError::UntrustedChain(_) => "svid_untrusted_chain",
+        VerifyError::WrongExtendedKeyUsage => "svid_wrong_extended_key_usage",
+        VerifyError::ChainInvalid(_) => "svid_chain_invalid",
+    }
+}
+
+fn scope_code(e: &ScopeError) -> &'static str {
+    match e {
+        ScopeError::Duration(_) => "invalid_duration",
+        ScopeError::UnknownProvider(_) => "unknown_provider",
+        ScopeError::Purpose => "invalid_purpose",
+        _ => "invalid_scope",
+    }
+}
+
+impl ApiError {
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            ApiError::Verify(e) => (S::UNAUTHORIZED, verify_code(e)),
+            ApiError::Body(b) => match b {
+                BodyError::UnsupportedMediaType(_) => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+                BodyError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
+                BodyError::Read(_) => (S::BAD_REQUEST, "body_unreadable"),
+                BodyError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
+                BodyError::UnknownField(_) => (S::BAD_REQUEST, "unknown_field"),
+                BodyError::InvalidField(_) => (S::BAD_REQUEST, "invalid_field"),
+                BodyError::InvalidForm(_) => (S::BAD_REQUEST, "invalid_form"),
+            },
+            ApiError::BadId(_) => (S::BAD_REQUEST, "invalid_id"),
+            ApiError::Query(_) => (S::BAD_REQUEST, "invalid_query"),
+            ApiError::NotFound => (S::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Audit(_) => (S::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            ApiError::Broker(b) => match b {
+                BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
+                BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
+                BrokerError::TaskNotFound(_) => (S::NOT_FOUND, "task_not_found"),
+                BrokerError::NotTaskOwner(_) => (S::FORBIDDEN, "not_task_owner"),
+                BrokerError::TaskNotActive { .. } => (S::CONFLICT, "task_not_active"),
+                BrokerError::TaskExpired(_) => (S::CONFLICT, "task_expired"),
+                BrokerError::OutOfScope(_) => (S::FORBIDDEN, "out_of_scope"),
+                BrokerError::TtlExceedsTask { .. } => (S::BAD_REQUEST, "ttl_exceeds_task"),
+                BrokerError::TtlExceedsLimit { .. } => (S::BAD_REQUEST, "ttl_exceeds_limit"),
+                BrokerError::PolicyDenied { .. } => (S::FORBIDDEN, "policy_denied"),
+                BrokerError::LeaseNotFound(_) => (S::NOT_FOUND, "lease_not_found"),
+                BrokerError::RevokedDuringMint(_) => (S::CONFLICT, "lease_revoked"),
+                BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
+                BrokerError::Provider(ProviderError::NotConfigured(_)) => {
+                    (S::BAD_REQUEST, "provider_not_configured")
+                }
+                BrokerError::Provider(ProviderError::Unavailable(_)) => {
+                    (S::SERVICE_UNAVAILABLE, "provider_unavailable")
+                }
+                BrokerError::Provider(_) => (S::BAD_GATEWAY, "provider_error"),
+                BrokerError::Store(StoreError::Unavailable(_)) => {
+                    (S::SERVICE_UNAVAILABLE, "store_unavailable")
+                }
+                BrokerError::Store(_) => (S::INTERNAL_SERVER_ERROR, "store_error"),
+                BrokerError::Policy(_) => (S::INTERNAL_SERVER_ERROR, "policy_error"),
+            },
+        }
+    }
+
+    /// What the client may read. Server-side failures say only their category.
+    fn detail(&self, status: StatusCode) -> String {
+        if status.is_server_error() {
+            match self {
+                ApiError::Audit(_) => self.to_string(),
+                ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
+                ApiError::Broker(BrokerError::Provider(_)) => {
+                    "the credential provider failed".into()
+                }
+                _ => "internal error".into(),
+            }
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(code, error = ?self, "request failed");
+        } else {
+            tracing::debug!(code, error = %self, "request refused");
+        }
+        let body = json!({
+            "type": format!("urn:mayfly:problem:{code}"),
+            "title": status.canonical_reason().unwrap_or("error"),
+            "status": status.as_u16(),
+            "code": code,
+            "detail": self.detail(status),
+        });
+        let mut resp = (status, body.to_string()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("MutualTLS"),
+            );
+        }
+        resp.extensions_mut().insert(ErrorCode(code));
+        resp
+    }
+}

@@ -1,0 +1,107 @@
+//! Extractors that turn hostile input into validated values or a specific `ApiError`.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{header, request::Parts};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::DeserializeOwned;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+use super::AppState;
+use super::error::{ApiError, BodyError};
+use crate::identity::{VerifiedCaller, VerifyError};
+
+/// What the TLS layer learned about a connection, attached to each of its requests.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub identity: Result<VerifiedCaller, VerifyError>,
+}
+
+/// The verified caller of this request.
+pub struct Caller(pub VerifiedCaller);
+
+pub fn caller_of(parts_ext: &axum::http::Extensions) -> Result<VerifiedCaller, VerifyError> {
+    let conn = parts_ext
+        .get::<Arc<ConnInfo>>()
+        .ok_or(VerifyError::ClientCertRequired)?;
+    let caller = conn.identity.clone()?;
+    // A connection can outlive the certificate it was opened with.
+    if caller.posture().credential_not_after <= OffsetDateTime::now_utc() {
+        return Err(VerifyError::Expired);
+    }
+    Ok(caller)
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        Ok(Caller(caller_of(&parts.extensions)?))
+    }
+}
+
+async fn read_limited(req: Request, limit: usize) -> Result<axum::body::Bytes, BodyError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let body: Body = req.into_body();
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(BodyError::TooLarge(limit)),
+        Err(e) => Err(BodyError::Read(e.to_string())),
+    }
+}
+
+fn media_type_is(req: &Request, want: &str) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case(want))
+}
+
+/// A JSON body: `application/json`, at most `max_body_bytes`, strictly typed.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !media_type_is(&req, "application/json") {
+            return Err(BodyError::UnsupportedMediaType("application/json").into());
+        }
+        let bytes = read_limited(req, state.max_body_bytes).await?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            use serde_json::error::Category;
+            let msg = e.to_string();
+            match e.classify() {
+                Category::Data if msg.starts_with("unknown field") => BodyError::UnknownField(msg),
+                Category::Data => BodyError::InvalidField(msg),
+                _ => BodyError::MalformedJson(msg),
+            }
+            .into()
+        })
+    }
+}
+
+/// An `application/x-www-form-urlencoded` body (OAuth endpoints).
+pub struct FormBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for FormBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !media_type_is(&req, "application/x-www-form-urlencoded") {
+            return Err(BodyError::UnsupportedMediaType("application/x-www-form-urlencoded").into());
+        }
+        let bytes = read_limited(req, state.max_body_bytes).await?;
+        serde_urlencoded::from_bytes(&bytes)
+            .map(FormBody)
+            .map_err(|e| BodyError::InvalidForm(e.to_string()).into())
+    }
+}

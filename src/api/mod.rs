@@ -1,0 +1,444 @@
+//! HTTP API v1 (see `docs/api.md` and the contract in ARCHITECTURE.md).
+//! Handlers are thin: extract and validate, call the broker, shape the JSON.
+
+pub mod error;
+pub mod extract;
+pub mod tls;
+
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use uuid::Uuid;
+
+use crate::audit::{AuditEvent, AuditScope};
+use crate::broker::{Broker, Introspection};
+use crate::lease::{Lease, LeaseQuery, LeaseState, Page, TaskQuery};
+use crate::task::{
+    CredentialRequest, LeaseId, ProviderKind, RawCredentialRequest, RawTaskRequest, Task, TaskId,
+    TaskRequest, TaskState,
+};
+use error::{ApiError, ErrorCode};
+use extract::{Caller, ConnInfo, FormBody, JsonBody, caller_of};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub max_body_bytes: usize,
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/tasks", post(declare_task).get(list_tasks))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/credentials", post(request_credential))
+        .route("/v1/tasks/{id}/complete", post(complete_task))
+        .route("/v1/tasks/{id}/revoke", post(revoke_task))
+        .route("/v1/leases", get(list_leases))
+        .route("/v1/leases/{id}", get(get_lease))
+        .route("/v1/leases/{id}/revoke", post(revoke_lease))
+        .route("/v1/introspect", post(introspect))
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit_request));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/openid-configuration", get(discovery))
+        .merge(v1)
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// One audit record per `/v1` request, on every exit path: opened here, filled in by
+/// the broker, written before the response leaves. If it cannot be written, the request
+/// fails — and a credential minted for it is revoked, never handed out.
+async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let request_id = Uuid::new_v4().simple().to_string();
+    let mut ev = AuditEvent::new("request");
+    ev.request_id = Some(request_id.clone());
+    ev.method = Some(req.method().to_string());
+    ev.route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    if let Some(conn) = req.extensions().get::<Arc<ConnInfo>>() {
+        ev.source = Some(conn.peer.ip().to_string());
+    }
+    match caller_of(req.extensions()) {
+        Ok(c) => {
+            ev.principal = Some(c.principal().to_string());
+            ev.auth_method = Some(c.method().as_str());
+            ev.credential_not_after = Some(crate::api_time(c.posture().credential_not_after));
+        }
+        Err(e) => ev.detail = Some(format!("identity: {e}")),
+    }
+    let scope = AuditScope::new(ev);
+    req.extensions_mut().insert(scope.clone());
+
+    let mut resp = next.run(req).await;
+
+    let status = resp.status();
+    let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
+    scope.set(|e| {
+        e.status = Some(status.as_u16());
+        e.code = code;
+        if status.is_success() {
+            e.decision.get_or_insert("allow");
+        } else if status.is_server_error() {
+            e.decision = Some("error");
+        } else {
+            e.decision = Some("deny");
+        }
+    });
+    let event = scope.snapshot();
+    if let Err(err) = st.broker.audit().write(event.clone()).await {
+        if event.action == Some("MintCredential")
+            && event.credential_fingerprint.is_some()
+            && let Some(id) = event.lease_id.as_deref().and_then(|l| l.parse::<LeaseId>().ok())
+        {
+            let _ = st
+                .broker
+                .revoker()
+                .revoke_lease(&id, "audit record could not be written")
+                .await;
+        }
+        resp = ApiError::Audit(err).into_response();
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn audit_scope(req_ext: &Option<axum::Extension<AuditScope>>) -> AuditScope {
+    req_ext
+        .as_ref()
+        .map(|e| e.0.clone())
+        .unwrap_or_else(|| AuditScope::new(AuditEvent::new("request")))
+}
+
+type Ev = Option<axum::Extension<AuditScope>>;
+
+fn parse_id<T: std::str::FromStr>(raw: &str, what: &'static str) -> Result<T, ApiError> {
+    raw.parse().map_err(|_| ApiError::BadId(what))
+}
+
+fn lease_json(l: &Lease) -> Value {
+    json!({
+        "lease_id": l.id,
+        "task_id": l.task_id,
+        "principal": l.principal,
+        "provider": l.provider,
+        "target": l.target,
+        "actions": l.actions,
+        "resources": l.resources,
+        "state": l.state.as_str(),
+        "issued_at": crate::api_time(l.issued_at),
+        "expires_at": crate::api_time(l.expires_at),
+        "updated_at": crate::api_time(l.updated_at),
+        "reason": l.reason,
+        "dies_at": l.dies_at.map(crate::api_time),
+        "credential_fingerprint": l.fingerprint,
+        "revocation_attempts": l.attempts,
+    })
+}
+
+fn task_json(t: &Task, leases: Option<&[Lease]>) -> Value {
+    let now = time::OffsetDateTime::now_utc();
+    let mut v = json!({
+        "task_id": t.id,
+        "owner": t.owner,
+        "purpose": t.purpose,
+        "scope": t.scope,
+        "state": t.state_at(now).as_str(),
+        "created_at": crate::api_time(t.created_at),
+        "expires_at": crate::api_time(t.expires_at),
+        "parent": t.parent,
+        "labels": t.labels,
+        "ended_at": t.ended_at.map(crate::api_time),
+        "end_reason": t.end_reason,
+    });
+    if let Some(ls) = leases {
+        v["leases"] = Value::Array(ls.iter().map(lease_json).collect());
+    }
+    v
+}
+
+fn page_json<T>(p: &Page<T>, f: impl Fn(&T) -> Value) -> Value {
+    json!({"items": p.items.iter().map(f).collect::<Vec<_>>(), "next": p.next})
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    match st.broker.ready().await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn jwks(State(st): State<AppState>) -> Response {
+    Json(st.broker.jwt().jwks()).into_response()
+}
+
+async fn discovery(State(st): State<AppState>) -> Response {
+    let iss = st.broker.jwt().issuer();
+    Json(json!({
+        "issuer": iss,
+        "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+        "introspection_endpoint": format!("{iss}/v1/introspect"),
+        "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "access_token_signing_alg_values_supported": st.broker.jwt().algorithms(),
+    }))
+    .into_response()
+}
+
+async fn declare_task(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    JsonBody(raw): JsonBody<RawTaskRequest>,
+) -> ApiResult {
+    let req = TaskRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
+    let task = st.broker.declare_task(&caller, req, &audit_scope(&ev)).await?;
+    Ok((StatusCode::CREATED, Json(task_json(&task, None))).into_response())
+}
+
+async fn get_task(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let id: TaskId = parse_id(&id, "task")?;
+    let (task, leases) = st.broker.task_view(&caller, &id, &audit_scope(&ev)).await?;
+    Ok(Json(task_json(&task, Some(&leases))).into_response())
+}
+
+async fn request_credential(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(raw): JsonBody<RawCredentialRequest>,
+) -> ApiResult {
+    let id: TaskId = parse_id(&id, "task")?;
+    let req = CredentialRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
+    let issued = st
+        .broker
+        .request_credential(&caller, &id, req, &audit_scope(&ev))
+        .await?;
+    let l = &issued.lease;
+    let body = json!({
+        "lease_id": l.id,
+        "task_id": l.task_id,
+        "provider": l.provider,
+        "target": l.target,
+        "expires_at": crate::api_time(l.expires_at),
+        "credential": issued.credential.expose(),
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn complete_task(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let id: TaskId = parse_id(&id, "task")?;
+    let out = st.broker.complete_task(&caller, &id, &audit_scope(&ev)).await?;
+    Ok(Json(json!({
+        "task_id": id,
+        "state": "completed",
+        "revoked": out.leases.len(),
+        "revoked_leases": out.leases,
+        "tasks": out.tasks,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    reason: String,
+}
+
+async fn revoke_task(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RevokeBody>,
+) -> ApiResult {
+    let id: TaskId = parse_id(&id, "task")?;
+    let out = st
+        .broker
+        .revoke_task(&caller, &id, &body.reason, &audit_scope(&ev))
+        .await?;
+    Ok(Json(json!({
+        "task_id": id,
+        "state": "revoked",
+        "revoked": out.leases.len(),
+        "revoked_leases": out.leases,
+        "tasks": out.tasks,
+    }))
+    .into_response())
+}
+
+async fn revoke_lease(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RevokeBody>,
+) -> ApiResult {
+    let id: LeaseId = parse_id(&id, "lease")?;
+    let lease = st
+        .broker
+        .revoke_lease(&caller, &id, &body.reason, &audit_scope(&ev))
+        .await?;
+    Ok(Json(lease_json(&lease)).into_response())
+}
+
+async fn get_lease(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let id: LeaseId = parse_id(&id, "lease")?;
+    let lease = st.broker.lease(&caller, &id, &audit_scope(&ev)).await?;
+    Ok(Json(lease_json(&lease)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseParams {
+    task: Option<String>,
+    principal: Option<String>,
+    provider: Option<String>,
+    state: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn page_limit(st: &AppState, limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(100.min(st.broker.max_page())),
+        Some(n) if (1..=st.broker.max_page()).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::Query(format!(
+            "limit must be 1..={}",
+            st.broker.max_page()
+        ))),
+    }
+}
+
+async fn list_leases(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    params: Result<Query<LeaseParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params.map_err(|e| ApiError::Query(e.body_text()))?;
+    let q = LeaseQuery {
+        task: p.task.as_deref().map(|t| parse_id(t, "task")).transpose()?,
+        principal: p.principal,
+        provider: p
+            .provider
+            .as_deref()
+            .map(|s| s.parse::<ProviderKind>().map_err(|e| ApiError::Query(e.to_string())))
+            .transpose()?,
+        state: p
+            .state
+            .as_deref()
+            .map(|s| {
+                s.parse::<LeaseState>()
+                    .map_err(|()| ApiError::Query(format!("unknown lease state {s:?}")))
+            })
+            .transpose()?,
+        after: p.after.as_deref().map(|a| parse_id(a, "lease")).transpose()?,
+        limit: page_limit(&st, p.limit)?,
+    };
+    let page = st.broker.leases(&caller, q, &audit_scope(&ev)).await?;
+    Ok(Json(page_json(&page, lease_json)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskParams {
+    principal: Option<String>,
+    state: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_tasks(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    params: Result<Query<TaskParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params.map_err(|e| ApiError::Query(e.body_text()))?;
+    let q = TaskQuery {
+        principal: p.principal,
+        state: p
+            .state
+            .as_deref()
+            .map(|s| {
+                s.parse::<TaskState>()
+                    .map_err(|()| ApiError::Query(format!("unknown task state {s:?}")))
+            })
+            .transpose()?,
+        after: p.after.as_deref().map(|a| parse_id(a, "task")).transpose()?,
+        limit: page_limit(&st, p.limit)?,
+        now: None,
+    };
+    let page = st.broker.tasks(&caller, q, &audit_scope(&ev)).await?;
+    Ok(Json(page_json(&page, |t| task_json(t, None))).into_response())
+}
+
+#[derive(Deserialize)]
+struct IntrospectForm {
+    token: String,
+    #[allow(dead_code, reason = "RFC 7662 allows the hint; Mayfly has one token type")]
+    token_type_hint: Option<String>,
+}
+
+/// RFC 7662. The caller must hold a valid SVID (resource servers authenticate too).
+async fn introspect(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(_caller): Caller,
+    FormBody(form): FormBody<IntrospectForm>,
+) -> ApiResult {
+    let answer = st.broker.introspect(&form.token, &audit_scope(&ev)).await?;
+    let body = match answer {
+        Introspection::Inactive => json!({"active": false}),
+        Introspection::Active { claims } => json!({
+            "active": true,
+            "token_type": "Bearer",
+            "scope": claims.scope,
+            "sub": claims.sub,
+            "aud": claims.aud,
+            "iss": claims.iss,
+            "exp": claims.exp,
+            "iat": claims.iat,
+            "nbf": claims.nbf,
+            "jti": claims.jti,
+            "task_id": claims.task_id,
+        }),
+    };
+    Ok(Json(body).into_response())
+}

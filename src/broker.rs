@@ -1,0 +1,581 @@
+//! The whole flow, top to bottom. Every credential follows one path:
+//!
+//! verify (the caller is a `VerifiedCaller`) → authorize (owner, task active, request ⊆
+//! scope, TTL ≤ the task's remaining life, Cedar `MintCredential`) → record (`pending`
+//! lease, durable) → mint (provider) → activate (lease `active`) → audit (the API layer
+//! writes the request's record before the credential leaves; if it cannot, the lease is
+//! revoked and the request fails).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+use crate::audit::{AuditLog, AuditScope};
+use crate::identity::{Principal, VerifiedCaller};
+use crate::lease::{Lease, LeaseQuery, LeaseState, LeaseStore, Page, StoreError, TaskQuery, Transition};
+use crate::policy::{PolicyDecision, PolicyEngine, PolicyError};
+use crate::provider::jwt::JwtIssuer;
+use crate::provider::{MintRequest, ProviderError, Providers};
+use crate::revocation::{Revoker, TreeRevocation};
+use crate::secret::Secret;
+use crate::task::{
+    CredentialRequest, Grant, LeaseId, ProviderKind, ScopeError, Task, TaskId, TaskRequest,
+    TaskState,
+};
+
+/// Why the broker refused or failed a request. `api::error` maps each to a status and code.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("invalid request: {0}")]
+    Invalid(#[from] ScopeError),
+    #[error("this route is for operators; {0} is not one")]
+    NotOperator(String),
+    #[error("task {0} does not exist")]
+    TaskNotFound(TaskId),
+    #[error("task {0} belongs to another principal")]
+    NotTaskOwner(TaskId),
+    #[error("task {id} is {state}")]
+    TaskNotActive { id: TaskId, state: &'static str },
+    #[error("task {0} has expired")]
+    TaskExpired(TaskId),
+    #[error("{0}")]
+    OutOfScope(String),
+    #[error("requested ttl {requested}s exceeds the task's remaining {remaining}s")]
+    TtlExceedsTask { requested: u64, remaining: u64 },
+    #[error("requested ttl {requested}s exceeds the configured maximum {max}s")]
+    TtlExceedsLimit { requested: u64, max: u64 },
+    #[error("policy denied {action}{}", detail.as_deref().map(|d| format!(" for {d}")).unwrap_or_default())]
+    PolicyDenied {
+        action: &'static str,
+        detail: Option<String>,
+    },
+    #[error("lease {0} does not exist")]
+    LeaseNotFound(LeaseId),
+    #[error("lease {0} was revoked while its credential was being minted")]
+    RevokedDuringMint(LeaseId),
+    #[error("reason must be 1..=512 printable characters")]
+    Reason,
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_task_ttl: Duration,
+    pub max_lease_ttl: Duration,
+    pub default_lease_ttl: Duration,
+    /// How long a lease may stay `pending` before the reaper revokes it.
+    pub pending_timeout: Duration,
+    pub max_page: usize,
+}
+
+/// A credential ready to hand out, with its (active) lease.
+#[derive(Debug)]
+pub struct Issued {
+    pub lease: Lease,
+    pub credential: Secret<serde_json::Value>,
+}
+
+/// RFC 7662 answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Introspection {
+    Inactive,
+    Active {
+        claims: Box<crate::provider::jwt::AccessClaims>,
+    },
+}
+
+pub struct Broker {
+    pub(crate) store: Arc<dyn LeaseStore>,
+    policy: Arc<PolicyEngine>,
+    providers: Providers,
+    revoker: Arc<Revoker>,
+    jwt: Arc<JwtIssuer>,
+    audit: AuditLog,
+    operators: HashSet<String>,
+    limits: Limits,
+}
+
+pub struct BrokerParts {
+    pub store: Arc<dyn LeaseStore>,
+    pub policy: Arc<PolicyEngine>,
+    pub providers: Providers,
+    pub revoker: Arc<Revoker>,
+    pub jwt: Arc<JwtIssuer>,
+    pub audit: AuditLog,
+    pub operators: HashSet<String>,
+    pub limits: Limits,
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs()
+}
+
+fn after(now: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    now + time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
+
+fn check_reason(reason: &str) -> Result<(), BrokerError> {
+    if reason.trim().is_empty() || reason.chars().count() > 512 || reason.chars().any(char::is_control)
+    {
+        return Err(BrokerError::Reason);
+    }
+    Ok(())
+}
+
+fn note_decision(ev: &AuditScope, action: &'static str, d: &PolicyDecision) {
+    ev.set(|e| {
+        e.action = Some(action);
+        e.decision = Some(if d.allowed { "allow" } else { "deny" });
+        e.policies.extend(d.policies.iter().cloned());
+        if !d.errors.is_empty() {
+            e.detail = Some(format!("policy evaluation errors: {}", d.errors.join("; ")));
+        }
+    });
+}
+
+impl Broker {
+    pub fn new(p: BrokerParts) -> Self {
+        Self {
+            store: p.store,
+            policy: p.policy,
+            providers: p.providers,
+            revoker: p.revoker,
+            jwt: p.jwt,
+            audit: p.audit,
+            operators: p.operators,
+            limits: p.limits,
+        }
+    }
+
+    pub fn jwt(&self) -> &JwtIssuer {
+        &self.jwt
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    pub fn policy(&self) -> &PolicyEngine {
+        &self.policy
+    }
+
+    pub fn revoker(&self) -> &Arc<Revoker> {
+        &self.revoker
+    }
+
+    pub fn max_page(&self) -> usize {
+        self.limits.max_page
+    }
+
+    pub fn is_operator(&self, p: &Principal) -> bool {
+        self.operators.contains(p.as_str())
+    }
+
+    pub fn require_operator(&self, caller: &VerifiedCaller) -> Result<(), BrokerError> {
+        if self.is_operator(caller.principal()) {
+            Ok(())
+        } else {
+            Err(BrokerError::NotOperator(caller.principal().to_string()))
+        }
+    }
+
+    /// `/readyz`: the store answers and every provider is ready.
+    pub async fn ready(&self) -> Result<(), BrokerError> {
+        self.store.ping().await?;
+        for p in self.providers.all() {
+            p.ready().await?;
+        }
+        Ok(())
+    }
+
+    async fn load_task(&self, id: &TaskId) -> Result<Task, BrokerError> {
+        self.store
+            .task(id)
+            .await?
+            .ok_or_else(|| BrokerError::TaskNotFound(id.clone()))
+    }
+
+    fn require_active(task: &Task, now: OffsetDateTime) -> Result<(), BrokerError> {
+        match task.state_at(now) {
+            TaskState::Active => Ok(()),
+            TaskState::Expired => Err(BrokerError::TaskExpired(task.id.clone())),
+            s => Err(BrokerError::TaskNotActive {
+                id: task.id.clone(),
+                state: s.as_str(),
+            }),
+        }
+    }
+
+    /// `POST /v1/tasks`: Cedar `DeclareTask` for every grant; all must be allowed.
+    pub async fn declare_task(
+        &self,
+        caller: &VerifiedCaller,
+        req: TaskRequest,
+        ev: &AuditScope,
+    ) -> Result<Task, BrokerError> {
+        let now = OffsetDateTime::now_utc();
+        ev.set(|e| {
+            e.action = Some("DeclareTask");
+            e.purpose = Some(req.purpose.clone());
+        });
+        if req.ttl > self.limits.max_task_ttl {
+            return Err(BrokerError::TtlExceedsLimit {
+                requested: secs(req.ttl),
+                max: secs(self.limits.max_task_ttl),
+            });
+        }
+        for grant in req.scope.grants() {
+            self.providers.get(grant.provider)?;
+            let d = self.policy.declare_task(caller, &req, grant, now)?;
+            note_decision(ev, "DeclareTask", &d);
+            if !d.allowed {
+                return Err(BrokerError::PolicyDenied {
+                    action: "DeclareTask",
+                    detail: Some(grant.key()),
+                });
+            }
+        }
+        let task = Task {
+            id: TaskId::generate(),
+            owner: caller.principal().clone(),
+            purpose: req.purpose,
+            scope: req.scope,
+            created_at: now,
+            expires_at: after(now, req.ttl),
+            parent: None,
+            labels: req.labels,
+            state: TaskState::Active,
+            ended_at: None,
+            end_reason: None,
+        };
+        self.store.create_task(&task).await?;
+        ev.set(|e| {
+            e.task_id = Some(task.id.to_string());
+            e.expires_at = Some(crate::api_time(task.expires_at));
+        });
+        Ok(task)
+    }
+
+    /// `GET /v1/tasks/{id}`: the owner or an operator.
+    pub async fn task_view(
+        &self,
+        caller: &VerifiedCaller,
+        id: &TaskId,
+        ev: &AuditScope,
+    ) -> Result<(Task, Vec<Lease>), BrokerError> {
+        ev.set(|e| {
+            e.action = Some("ReadTask");
+            e.task_id = Some(id.to_string());
+        });
+        let task = self.load_task(id).await?;
+        if &task.owner != caller.principal() && !self.is_operator(caller.principal()) {
+            return Err(BrokerError::NotTaskOwner(id.clone()));
+        }
+        let leases = self.store.task_leases(id).await?;
+        Ok((task, leases))
+    }
+
+    /// `POST /v1/tasks/{id}/credentials`: the heart of Mayfly.
+    pub async fn request_credential(
+        &self,
+        caller: &VerifiedCaller,
+        task_id: &TaskId,
+        req: CredentialRequest,
+        ev: &AuditScope,
+    ) -> Result<Issued, BrokerError> {
+        let now = OffsetDateTime::now_utc();
+        ev.set(|e| {
+            e.action = Some("MintCredential");
+            e.task_id = Some(task_id.to_string());
+            e.provider = Some(req.provider.as_str());
+            e.target = Some(req.target.clone());
+        });
+
+        // Authorize: owner, active, inside the scope, inside the task's life, policy.
+        let task = self.load_task(task_id).await?;
+        ev.set(|e| e.purpose = Some(task.purpose.clone()));
+        if &task.owner != caller.principal() {
+            return Err(BrokerError::NotTaskOwner(task_id.clone()));
+        }
+        Self::require_active(&task, now)?;
+        let held = task
+            .scope
+            .grant_for(req.provider, &req.target)
+            .ok_or_else(|| {
+                BrokerError::OutOfScope(format!(
+                    "task {task_id} holds no grant for {}:{}",
+                    req.provider, req.target
+                ))
+            })?;
+        let wanted: Grant = req.resolve(held);
+        ev.set(|e| e.actions = Some(wanted.actions.iter().cloned().collect()));
+        if !held.covers(&wanted) {
+            return Err(BrokerError::OutOfScope(format!(
+                "requested actions/resources exceed the task's grant for {}",
+                held.key()
+            )));
+        }
+        let remaining = task.remaining(now);
+        let ttl = req
+            .ttl
+            .unwrap_or_else(|| self.limits.default_lease_ttl.min(remaining));
+        if ttl > self.limits.max_lease_ttl {
+            return Err(BrokerError::TtlExceedsLimit {
+                requested: secs(ttl),
+                max: secs(self.limits.max_lease_ttl),
+            });
+        }
+        if ttl > remaining {
+            return Err(BrokerError::TtlExceedsTask {
+                requested: secs(ttl),
+                remaining: secs(remaining),
+            });
+        }
+        let d = self.policy.mint(caller, &task, &wanted, ttl, 0, now)?;
+        note_decision(ev, "MintCredential", &d);
+        if !d.allowed {
+            return Err(BrokerError::PolicyDenied {
+                action: "MintCredential",
+                detail: Some(wanted.key()),
+            });
+        }
+        let provider = self.providers.get(req.provider)?.clone();
+
+        // Record: the lease exists, durably, before the credential does.
+        let lease = Lease {
+            id: LeaseId::generate(),
+            task_id: task.id.clone(),
+            principal: caller.principal().clone(),
+            provider: wanted.provider,
+            target: wanted.target.clone(),
+            actions: wanted.actions.clone(),
+            resources: wanted.resources.clone(),
+            issued_at: now,
+            expires_at: after(now, ttl),
+            state: LeaseState::Pending,
+            handle: None,
+            fingerprint: None,
+            reason: None,
+            dies_at: None,
+            attempts: 0,
+            updated_at: now,
+        };
+        self.store
+            .put_pending(&lease, after(now, self.limits.pending_timeout))
+            .await?;
+        ev.set(|e| {
+            e.lease_id = Some(lease.id.to_string());
+            e.expires_at = Some(crate::api_time(lease.expires_at));
+        });
+
+        // A completion that committed before our pending lease would not have seen it:
+        // look again now that the lease is visible to any later completion.
+        let current = self.load_task(task_id).await?;
+        if let Err(e) = Self::require_active(&current, OffsetDateTime::now_utc()) {
+            self.revoker.revoke_lease(&lease.id, "task ended during mint").await?;
+            return Err(e);
+        }
+
+        // Mint.
+        let minted = match provider
+            .mint(MintRequest {
+                lease: &lease,
+                task: &task,
+                caller,
+            })
+            .await
+        {
+            Ok(m) => m,
+            Err(err) => {
+                // The provider may have minted before failing: revoke as if it had.
+                self.revoker.revoke_lease(&lease.id, "mint failed").await?;
+                return Err(err.into());
+            }
+        };
+
+        // Activate.
+        let mut t = Transition::new(
+            lease.id.clone(),
+            &[LeaseState::Pending],
+            LeaseState::Active,
+            OffsetDateTime::now_utc(),
+        );
+        t.fingerprint = Some(minted.fingerprint.clone());
+        t.handle = minted.handle.clone();
+        t.due_at = Some(lease.expires_at);
+        let active = match self.store.transition(t).await {
+            Ok(l) if l.state == LeaseState::Active => l,
+            Ok(_) | Err(StoreError::InvalidTransition { .. }) => {
+                return Err(BrokerError::RevokedDuringMint(lease.id));
+            }
+            Err(e) => {
+                // Not activated: the pending lease stays and the reaper revokes it.
+                return Err(e.into());
+            }
+        };
+        ev.set(|e| e.credential_fingerprint = Some(minted.fingerprint.clone()));
+        Ok(Issued {
+            lease: active,
+            credential: minted.credential,
+        })
+    }
+
+    /// `POST /v1/tasks/{id}/complete`: the owner ends its task; every lease of the task
+    /// and of its sub-tasks is revoked.
+    pub async fn complete_task(
+        &self,
+        caller: &VerifiedCaller,
+        id: &TaskId,
+        ev: &AuditScope,
+    ) -> Result<TreeRevocation, BrokerError> {
+        ev.set(|e| {
+            e.action = Some("CompleteTask");
+            e.task_id = Some(id.to_string());
+        });
+        let task = self.load_task(id).await?;
+        if &task.owner != caller.principal() {
+            return Err(BrokerError::NotTaskOwner(id.clone()));
+        }
+        if matches!(task.state, TaskState::Revoked) {
+            return Err(BrokerError::TaskNotActive {
+                id: id.clone(),
+                state: task.state.as_str(),
+            });
+        }
+        let out = self
+            .revoker
+            .end_task_tree(id, TaskState::Completed, "task completed")
+            .await?;
+        ev.set(|e| e.revoked = out.leases.iter().map(ToString::to_string).collect());
+        Ok(out)
+    }
+
+    /// `POST /v1/tasks/{id}/revoke` (operators): cascades to sub-tasks.
+    pub async fn revoke_task(
+        &self,
+        caller: &VerifiedCaller,
+        id: &TaskId,
+        reason: &str,
+        ev: &AuditScope,
+    ) -> Result<TreeRevocation, BrokerError> {
+        ev.set(|e| {
+            e.action = Some("RevokeTask");
+            e.task_id = Some(id.to_string());
+            e.reason = Some(reason.to_string());
+        });
+        self.require_operator(caller)?;
+        check_reason(reason)?;
+        self.load_task(id).await?;
+        let out = self
+            .revoker
+            .end_task_tree(id, TaskState::Revoked, reason)
+            .await?;
+        ev.set(|e| e.revoked = out.leases.iter().map(ToString::to_string).collect());
+        Ok(out)
+    }
+
+    /// `POST /v1/leases/{id}/revoke` (operators).
+    pub async fn revoke_lease(
+        &self,
+        caller: &VerifiedCaller,
+        id: &LeaseId,
+        reason: &str,
+        ev: &AuditScope,
+    ) -> Result<Lease, BrokerError> {
+        ev.set(|e| {
+            e.action = Some("RevokeLease");
+            e.lease_id = Some(id.to_string());
+            e.reason = Some(reason.to_string());
+        });
+        self.require_operator(caller)?;
+        check_reason(reason)?;
+        let lease = match self.revoker.revoke_lease(id, reason).await {
+            Err(StoreError::NotFound(_)) => return Err(BrokerError::LeaseNotFound(id.clone())),
+            other => other?,
+        };
+        ev.set(|e| e.task_id = Some(lease.task_id.to_string()));
+        Ok(lease)
+    }
+
+    /// `GET /v1/leases/{id}` (operators).
+    pub async fn lease(
+        &self,
+        caller: &VerifiedCaller,
+        id: &LeaseId,
+        ev: &AuditScope,
+    ) -> Result<Lease, BrokerError> {
+        ev.set(|e| {
+            e.action = Some("ReadLease");
+            e.lease_id = Some(id.to_string());
+        });
+        self.require_operator(caller)?;
+        self.store
+            .lease(id)
+            .await?
+            .ok_or_else(|| BrokerError::LeaseNotFound(id.clone()))
+    }
+
+    /// `GET /v1/leases` (operators).
+    pub async fn leases(
+        &self,
+        caller: &VerifiedCaller,
+        q: LeaseQuery,
+        ev: &AuditScope,
+    ) -> Result<Page<Lease>, BrokerError> {
+        ev.set(|e| e.action = Some("ListLeases"));
+        self.require_operator(caller)?;
+        Ok(self.store.leases(&q).await?)
+    }
+
+    /// `GET /v1/tasks` (operators).
+    pub async fn tasks(
+        &self,
+        caller: &VerifiedCaller,
+        q: TaskQuery,
+        ev: &AuditScope,
+    ) -> Result<Page<Task>, BrokerError> {
+        ev.set(|e| e.action = Some("ListTasks"));
+        self.require_operator(caller)?;
+        Ok(self.store.tasks(&q).await?)
+    }
+
+    /// `POST /v1/introspect` (RFC 7662): active only while the token's lease is active,
+    /// unexpired and its task is active.
+    pub async fn introspect(&self, token: &str, ev: &AuditScope) -> Result<Introspection, BrokerError> {
+        ev.set(|e| {
+            e.action = Some("Introspect");
+            e.credential_fingerprint = Some(crate::secret::fingerprint(token.as_bytes()));
+        });
+        let Ok(claims) = self.jwt.verify(token) else {
+            return Ok(Introspection::Inactive);
+        };
+        let Ok(lease_id) = claims.jti.parse::<LeaseId>() else {
+            return Ok(Introspection::Inactive);
+        };
+        ev.set(|e| e.lease_id = Some(lease_id.to_string()));
+        let now = OffsetDateTime::now_utc();
+        let Some(lease) = self.store.lease(&lease_id).await? else {
+            return Ok(Introspection::Inactive);
+        };
+        let live = lease.is_live(now)
+            && lease.provider == ProviderKind::Jwt
+            && lease.principal.as_str() == claims.sub
+            && now.unix_timestamp() < claims.exp;
+        if !live {
+            return Ok(Introspection::Inactive);
+        }
+        let task = self.load_task(&lease.task_id).await?;
+        if task.state_at(now) != TaskState::Active {
+            return Ok(Introspection::Inactive);
+        }
+        Ok(Introspection::Active {
+            claims: Box::new(claims),
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! `mayfly dev`: a working broker on embedded defaults, in one command.
+//!
+//! First run creates, under `--dir` (default `./.mayfly-dev`): a dev CA (`ca.pem`,
+//! `ca-key.pem`), a server certificate, agent SVIDs `agent.pem` (spiffe://dev.mayfly.local/
+//! agent/demo) and `agent2.pem` (…/agent/helper), an operator SVID `operator.pem`
+//! (…/operator/admin), the JWT signing key, and `dev.json` describing it all. Later runs
+//! reuse every file, so identities, leases and the audit chain survive restarts.
+
+use clap::Args;
+use serde_json::json;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, RawConfig};
+use crate::pki::{Ca, LeafSpec};
+use crate::secret::write_private_file;
+
+pub const TRUST_DOMAIN: &str = "dev.mayfly.local";
+pub const AGENT_ID: &str = "spiffe://dev.mayfly.local/agent/demo";
+pub const AGENT2_ID: &str = "spiffe://dev.mayfly.local/agent/helper";
+pub const OPERATOR_ID: &str = "spiffe://dev.mayfly.local/operator/admin";
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Directory for the dev PKI, store, audit log and dev.json.
+    #[arg(long, default_value = ".mayfly-dev")]
+    pub dir: PathBuf,
+    /// Address to listen on (port 0 picks a free port; dev.json records the real one).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Directory of Cedar policies.
+    #[arg(long, default_value = "config/policies")]
+    pub policies: PathBuf,
+}
+
+fn io_err(context: String) -> impl FnOnce(std::io::Error) -> crate::Error {
+    move |source| crate::Error::Io { context, source }
+}
+
+fn pki_err(e: crate::pki::PkiError) -> crate::Error {
+    crate::Error::Tls(format!("dev PKI: {e}"))
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.p(name).exists()
+    }
+    fn write_pair(&self, stem: &str, issued: &crate::pki::Issued) -> Result<(), crate::Error> {
+        std::fs::write(self.p(&format!("{stem}.pem")), &issued.cert_pem)
+            .map_err(io_err(format!("writing {stem}.pem")))?;
+        write_private_file(&self.p(&format!("{stem}-key.pem")), issued.key_pem.expose().as_bytes())
+            .map_err(io_err(format!("writing {stem}-key.pem")))
+    }
+}
+
+/// Creates whatever part of the dev PKI is missing; reuses the rest.
+fn ensure_pki(files: &Files, listen: SocketAddr) -> Result<(), crate::Error> {
+    let ca = if files.exists("ca.pem") && files.exists("ca-key.pem") {
+        let read = |n: &str| std::fs::read_to_string(files.p(n)).map_err(io_err(format!("reading {n}")));
+        Ca::from_pem(&read("ca.pem")?, &read("ca-key.pem")?).map_err(pki_err)?
+    } else {
+        let ca = Ca::generate("Mayfly dev CA", TRUST_DOMAIN).map_err(pki_err)?;
+        std::fs::write(files.p("ca.pem"), ca.cert_pem()).map_err(io_err("writing ca.pem".into()))?;
+        write_private_file(&files.p("ca-key.pem"), ca.key_pem().expose().as_bytes())
+            .map_err(io_err("writing ca-key.pem".into()))?;
+        // Every leaf must chain to this new CA.
+        for stem in ["server", "agent", "agent2", "operator"] {
+            let _ = std::fs::remove_file(files.p(&format!("{stem}.pem")));
+        }
+        ca
+    };
+    let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+    if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
+        ips.push(listen.ip());
+    }
+    let leaves = [
+        ("server", LeafSpec::server(Some("spiffe://dev.mayfly.local/mayfly"), &["localhost"], &ips, 365)),
+        ("agent", LeafSpec::svid(AGENT_ID, 365)),
+        ("agent2", LeafSpec::svid(AGENT2_ID, 365)),
+        ("operator", LeafSpec::svid(OPERATOR_ID, 365)),
+    ];
+    for (stem, spec) in leaves {
+        if !files.exists(&format!("{stem}.pem")) || !files.exists(&format!("{stem}-key.pem")) {
+            files.write_pair(stem, &ca.issue(&spec).map_err(pki_err)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The dev configuration, built through the same validation as a config file.
+pub fn dev_config(dir: &Path, listen: SocketAddr, policies: &Path) -> Result<Config, crate::Error> {
+    let d = |n: &str| dir.join(n).display().to_string();
+    let toml = format!(
+        r#"
+listen = "{listen}"
+node_id = "dev"
+[tls]
+cert_file = {server:?}
+key_file = {server_key:?}
+[[trust_domains]]
+name = "{TRUST_DOMAIN}"
+bundle_file = {ca:?}
+[operators]
+spiffe_ids = ["{OPERATOR_ID}"]
+[policy]
+dir = {policies:?}
+reload_interval = "2s"
+[store]
+kind = "embedded"
+path = {store:?}
+[audit]
+path = {audit:?}
+[providers.jwt]
+issuer = "https://{listen}"
+signing_key_file = {jwt_key:?}
+generate_key = "ES256"
+"#,
+        server = d("server.pem"),
+        server_key = d("server-key.pem"),
+        ca = d("ca.pem"),
+        policies = policies.display().to_string(),
+        store = d("leases.redb"),
+        audit = d("audit.jsonl"),
+        jwt_key = d("jwt-signing-key.pem"),
+    );
+    let raw: RawConfig = toml::from_str(&toml).map_err(|e| {
+        crate::Error::Config(crate::config::ConfigError::Parse {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })
+    })?;
+    Ok(Config::try_from(raw)?)
+}
+
+fn curl_help(dir: &Path, addr: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        r#"
+Mayfly dev broker on https://{addr}  (trust domain {TRUST_DOMAIN}; files in {d}/, described by {d}/dev.json)
+
+Try the whole flow (paste into a shell):
+
+  export MF=https://{addr} D={d}
+  AGENT="--cacert $D/ca.pem --cert $D/agent.pem --key $D/agent-key.pem"
+  OPER="--cacert $D/ca.pem --cert $D/operator.pem --key $D/operator-key.pem"
+
+  # 1. declare a task (purpose + scope)
+  TASK=$(curl -s $AGENT -H 'content-type: application/json' $MF/v1/tasks \
+    -d '{{"purpose":"triage open issues","scope":[{{"provider":"jwt","target":"https://api.example.com","actions":["issues:read"]}}],"ttl":"30m"}}' \
+    | grep -o '"task_id":"[^"]*"' | cut -d'"' -f4); echo "task $TASK"
+
+  # 2. get a credential inside it
+  TOKEN=$(curl -s $AGENT -H 'content-type: application/json' $MF/v1/tasks/$TASK/credentials \
+    -d '{{"provider":"jwt","target":"https://api.example.com","ttl":"5m"}}' \
+    | grep -o '"access_token":"[^"]*"' | cut -d'"' -f4); echo "token ${{TOKEN:0:24}}..."
+
+  # 3. a resource server checks it (RFC 7662) -> "active":true
+  curl -s $AGENT $MF/v1/introspect --data-urlencode "token=$TOKEN"; echo
+
+  # 4. out of scope -> 403 out_of_scope
+  curl -s $AGENT -H 'content-type: application/json' $MF/v1/tasks/$TASK/credentials \
+    -d '{{"provider":"jwt","target":"https://api.example.com","actions":["issues:delete"]}}'; echo
+
+  # 5. the operator sees the lease; the agent completes the task
+  curl -s $OPER "$MF/v1/leases?task=$TASK"; echo
+  curl -s $AGENT -X POST $MF/v1/tasks/$TASK/complete; echo
+
+  # 6. the token is dead -> "active":false ; the audit chain verifies
+  curl -s $AGENT $MF/v1/introspect --data-urlencode "token=$TOKEN"; echo
+  mayfly audit verify $D/audit.jsonl   # or: cargo run -q -- audit verify $D/audit.jsonl
+"#
+    )
+}
+
+pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
+    std::fs::create_dir_all(&args.dir).map_err(io_err(format!("creating {}", args.dir.display())))?;
+    let files = Files {
+        dir: args.dir.clone(),
+    };
+    ensure_pki(&files, args.listen)?;
+    // Bind first: with port 0 the issuer URL and dev.json need the real port.
+    let listener = super::bind(args.listen).await?;
+    let addr = listener.local_addr().map_err(io_err("listener address".into()))?;
+    let config = dev_config(&args.dir, addr, &args.policies)?;
+    let app = config.build()?;
+    let p = |n: &str| args.dir.join(n).display().to_string();
+    let pair = |stem: &str, id: &str| json!({"spiffe_id": id, "cert": p(&format!("{stem}.pem")), "key": p(&format!("{stem}-key.pem"))});
+    let info = json!({
+        "listen": addr.to_string(),
+        "url": format!("https://{addr}"),
+        "trust_domain": TRUST_DOMAIN,
+        "ca": p("ca.pem"),
+        "server": {"cert": p("server.pem"), "key": p("server-key.pem")},
+        "agent": pair("agent", AGENT_ID),
+        "agent2": pair("agent2", AGENT2_ID),
+        "operator": pair("operator", OPERATOR_ID),
+        "audit_log": p("audit.jsonl"),
+        "store": p("leases.redb"),
+        "policies": args.policies.display().to_string(),
+        "jwt_issuer": config.jwt_issuer,
+        "jwks_uri": format!("{}/.well-known/jwks.json", config.jwt_issuer),
+    });
+    let text = serde_json::to_string_pretty(&info).unwrap_or_default();
+    std::fs::write(args.dir.join("dev.json"), text).map_err(io_err("writing dev.json".into()))?;
+    let help = curl_help(&args.dir, addr);
+    super::serve(app, listener, move |_| println!("{help}")).await
+}

@@ -1,0 +1,253 @@
+//! The `mayfly` command line. `main.rs` only calls [`run`].
+
+pub mod dev;
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::audit::AuditEvent;
+use crate::config::{App, Config};
+
+#[derive(Parser)]
+#[command(name = "mayfly", version, about = "Just-in-time, task-scoped credential broker")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker from a config file.
+    Serve {
+        #[arg(short, long, default_value = "config/mayfly.toml")]
+        config: PathBuf,
+    },
+    /// Run a local development broker on embedded defaults (creates a dev PKI).
+    Dev(dev::DevArgs),
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain of an audit log; exits 1 naming the first bad line.
+    Verify { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Parse and strictly validate every *.cedar file in DIR against the schema.
+    Check { dir: PathBuf },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAYFLY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn run() -> ExitCode {
+    crate::install_crypto_provider();
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match crate::audit::verify_file(&file) {
+            Ok(n) => {
+                println!("ok: {n} records, chain intact");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("audit verify failed: {}: {e}", file.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => match crate::policy::PolicyEngine::load(&dir) {
+            Ok(engine) => {
+                println!("ok: {} policies valid", engine.policy_count());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("policy check failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config } => runtime_then(async move {
+            let config = Config::load(&config)?;
+            let listener = bind(config.listen).await?;
+            let app = config.build()?;
+            serve(app, listener, |_| {}).await
+        }),
+        Command::Dev(args) => runtime_then(dev::run(args)),
+    }
+}
+
+fn runtime_then(fut: impl std::future::Future<Output = Result<(), crate::Error>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mayfly: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mayfly: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::Error> {
+    TcpListener::bind(addr).await.map_err(|source| crate::Error::Io {
+        context: format!("cannot listen on {addr}"),
+        source,
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Reloads policies on SIGHUP and when the files change; a bad set is refused, logged,
+/// audited, and the last good set stays in force.
+fn spawn_policy_reloader(app: &App) {
+    let policy = app.policy.clone();
+    let audit = app.audit.clone();
+    let every = app.config.policy_reload;
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            let forced;
+            #[cfg(unix)]
+            {
+                forced = match hup.as_mut() {
+                    Some(h) => tokio::select! {
+                        _ = tick.tick() => false,
+                        _ = h.recv() => true,
+                    },
+                    None => {
+                        tick.tick().await;
+                        false
+                    }
+                };
+            }
+            #[cfg(not(unix))]
+            {
+                tick.tick().await;
+                forced = false;
+            }
+            if !forced && !policy.changed_on_disk() {
+                continue;
+            }
+            let p = policy.clone();
+            let result = tokio::task::spawn_blocking(move || p.reload()).await;
+            let mut ev = AuditEvent::new("policy.reload");
+            match result {
+                Ok(Ok(n)) => {
+                    tracing::info!(policies = n, "policies reloaded");
+                    ev.outcome = Some(format!("loaded {n} policies"));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "policy reload refused; keeping the last good set");
+                    ev.outcome = Some("refused; last good set kept".into());
+                    ev.detail = Some(e.to_string());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload task failed");
+                    continue;
+                }
+            }
+            if let Err(e) = audit.write(ev).await {
+                tracing::error!(error = %e, "cannot audit policy reload");
+            }
+        }
+    });
+}
+
+/// Runs a built broker on `listener` until SIGINT/SIGTERM. `on_ready` sees the bound
+/// address once the reaper and reloader run.
+pub async fn serve(
+    app: App,
+    listener: TcpListener,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), crate::Error> {
+    let addr = listener.local_addr().map_err(|source| crate::Error::Io {
+        context: "listener address".into(),
+        source,
+    })?;
+    let mut started = AuditEvent::new("broker.started");
+    started.detail = Some(format!("listening on {addr}"));
+    app.audit.write(started).await?;
+    let reaper = app.revoker.clone().spawn_reaper();
+    spawn_policy_reloader(&app);
+    let state = AppState {
+        broker: app.broker.clone(),
+        max_body_bytes: app.config.max_body_bytes,
+    };
+    let router = api::router(state);
+    tracing::info!(%addr, node = %app.config.node_id, "mayfly listening (mTLS)");
+    on_ready(addr);
+    api::tls::serve(
+        listener,
+        app.tls.clone(),
+        Arc::clone(&app.bundles),
+        router,
+        api::tls::ServeOptions {
+            max_connections: app.config.max_connections,
+            handshake_timeout: app.config.handshake_timeout,
+        },
+        shutdown_signal(),
+    )
+    .await;
+    reaper.abort();
+    tracing::info!("mayfly stopped");
+    Ok(())
+}

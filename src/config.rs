@@ -1,0 +1,393 @@
+//! Configuration: `RawConfig` (serde, from TOML) → `Config` (validated) → `build()`
+//! (the running components). An invalid config cannot exist as a `Config`.
+//! Relative paths are relative to the working directory. Every key, its default and why
+//! is in `config/mayfly.full.toml`.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::audit::AuditLog;
+use crate::broker::{Broker, BrokerParts, Limits};
+use crate::identity::{Principal, TrustBundles, TrustDomain};
+use crate::lease::LeaseStore;
+use crate::lease::embedded::EmbeddedStore;
+use crate::policy::PolicyEngine;
+use crate::provider::Providers;
+use crate::provider::jwt::{JwtIssuer, JwtProvider, SigningAlg, SigningKey};
+use crate::revocation::{ReaperConfig, RetryPolicy, Revoker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.to_string(),
+    }
+}
+
+fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    crate::duration::parse(s).map_err(|e| invalid(key, e))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+    #[serde(default = "defaults::node_id")]
+    pub node_id: String,
+    pub tls: RawTls,
+    #[serde(default)]
+    pub trust_domains: Vec<RawTrustDomain>,
+    #[serde(default)]
+    pub operators: RawOperators,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub reaper: RawReaper,
+    pub providers: RawProviders,
+}
+
+mod defaults {
+    pub fn listen() -> String {
+        "127.0.0.1:8443".into()
+    }
+    pub fn node_id() -> String {
+        "mayfly-0".into()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrustDomain {
+    pub name: String,
+    pub bundle_file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOperators {
+    #[serde(default)]
+    pub spiffe_ids: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub dir: PathBuf,
+    pub reload_interval: String,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        Self {
+            dir: "config/policies".into(),
+            reload_interval: "2s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawStore {
+    Embedded { path: PathBuf },
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self::Embedded {
+            path: "mayfly-leases.redb".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub path: PathBuf,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            path: "mayfly-audit.jsonl".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_task_ttl: String,
+    pub max_lease_ttl: String,
+    pub default_lease_ttl: String,
+    pub pending_timeout: String,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: String,
+    pub max_page: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_task_ttl: "24h".into(),
+            max_lease_ttl: "1h".into(),
+            default_lease_ttl: "15m".into(),
+            pending_timeout: "60s".into(),
+            max_body_bytes: 64 * 1024,
+            max_connections: 4096,
+            handshake_timeout: "10s".into(),
+            max_page: 500,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReaper {
+    pub interval: String,
+    pub batch: usize,
+    pub claim_hold: String,
+    pub max_attempts: u32,
+    pub backoff_base: String,
+    pub backoff_max: String,
+}
+
+impl Default for RawReaper {
+    fn default() -> Self {
+        Self {
+            interval: "1s".into(),
+            batch: 500,
+            claim_hold: "30s".into(),
+            max_attempts: 10,
+            backoff_base: "1s".into(),
+            backoff_max: "5m".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProviders {
+    pub jwt: RawJwt,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub issuer: String,
+    pub signing_key_file: PathBuf,
+    /// Create the key file with a new key of this algorithm if it does not exist.
+    #[serde(default)]
+    pub generate_key: Option<SigningAlg>,
+}
+
+/// Where leases live.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Embedded { path: PathBuf },
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub node_id: String,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub trust_domains: Vec<(TrustDomain, PathBuf)>,
+    pub operators: HashSet<String>,
+    pub policy_dir: PathBuf,
+    pub policy_reload: Duration,
+    pub store: StoreConfig,
+    pub audit_path: PathBuf,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub reaper: ReaperConfig,
+    pub jwt_issuer: String,
+    pub jwt_key: PathBuf,
+    pub jwt_generate: Option<SigningAlg>,
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("{:?}: {e}", raw.listen)))?;
+        if raw.node_id.is_empty() || raw.node_id.len() > 64 {
+            return Err(invalid("node_id", "must be 1..=64 characters"));
+        }
+        if raw.trust_domains.is_empty() {
+            return Err(invalid("trust_domains", "at least one trust domain is required"));
+        }
+        let mut trust_domains = Vec::new();
+        for td in raw.trust_domains {
+            let name = TrustDomain::parse(&td.name).map_err(|e| invalid("trust_domains.name", e))?;
+            trust_domains.push((name, td.bundle_file));
+        }
+        let mut operators = HashSet::new();
+        for id in raw.operators.spiffe_ids {
+            let p = Principal::parse(&id).map_err(|e| invalid("operators.spiffe_ids", format!("{id:?}: {e}")))?;
+            operators.insert(p.to_string());
+        }
+        let l = raw.limits;
+        let limits = Limits {
+            max_task_ttl: dur("limits.max_task_ttl", &l.max_task_ttl)?,
+            max_lease_ttl: dur("limits.max_lease_ttl", &l.max_lease_ttl)?,
+            default_lease_ttl: dur("limits.default_lease_ttl", &l.default_lease_ttl)?,
+            pending_timeout: dur("limits.pending_timeout", &l.pending_timeout)?,
+            max_page: l.max_page.clamp(1, 10_000),
+        };
+        if limits.default_lease_ttl > limits.max_lease_ttl {
+            return Err(invalid("limits.default_lease_ttl", "exceeds limits.max_lease_ttl"));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&l.max_body_bytes) {
+            return Err(invalid("limits.max_body_bytes", "must be 1 KiB..=16 MiB"));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be positive"));
+        }
+        let r = raw.reaper;
+        if r.batch == 0 || r.max_attempts == 0 {
+            return Err(invalid("reaper", "batch and max_attempts must be positive"));
+        }
+        let reaper = ReaperConfig {
+            interval: dur("reaper.interval", &r.interval)?,
+            batch: r.batch,
+            claim_hold: dur("reaper.claim_hold", &r.claim_hold)?,
+            retry: RetryPolicy {
+                max_attempts: r.max_attempts,
+                base: dur("reaper.backoff_base", &r.backoff_base)?,
+                max: dur("reaper.backoff_max", &r.backoff_max)?,
+            },
+        };
+        let issuer = raw.providers.jwt.issuer;
+        if !issuer.starts_with("https://") {
+            return Err(invalid("providers.jwt.issuer", "must be an https:// URL"));
+        }
+        Ok(Self {
+            listen,
+            node_id: raw.node_id,
+            tls_cert: raw.tls.cert_file,
+            tls_key: raw.tls.key_file,
+            trust_domains,
+            operators,
+            policy_dir: raw.policy.dir,
+            policy_reload: dur("policy.reload_interval", &raw.policy.reload_interval)?,
+            store: match raw.store {
+                RawStore::Embedded { path } => StoreConfig::Embedded { path },
+            },
+            audit_path: raw.audit.path,
+            limits,
+            max_body_bytes: l.max_body_bytes,
+            max_connections: l.max_connections,
+            handshake_timeout: dur("limits.handshake_timeout", &l.handshake_timeout)?,
+            reaper,
+            jwt_issuer: issuer.trim_end_matches('/').to_string(),
+            jwt_key: raw.providers.jwt.signing_key_file,
+            jwt_generate: raw.providers.jwt.generate_key,
+        })
+    }
+}
+
+impl Config {
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        raw.try_into()
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Builds every component. Fails (and nothing starts) if any piece is invalid.
+    pub fn build(&self) -> Result<App, crate::Error> {
+        let bundles = TrustBundles::from_pem_files(&self.trust_domains)?;
+        let policy = Arc::new(PolicyEngine::load(&self.policy_dir)?);
+        let store: Arc<dyn LeaseStore> = match &self.store {
+            StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
+        };
+        let audit = AuditLog::open(&self.audit_path, &self.node_id)?;
+        let key = SigningKey::load_or_generate(&self.jwt_key, self.jwt_generate)?;
+        let jwt = Arc::new(JwtIssuer::new(self.jwt_issuer.clone(), key));
+        let mut providers = Providers::default();
+        providers.insert(Arc::new(JwtProvider::new(jwt.clone())));
+        let revoker = Arc::new(Revoker::new(
+            store.clone(),
+            providers.clone(),
+            audit.clone(),
+            self.reaper.clone(),
+        ));
+        let broker = Arc::new(Broker::new(BrokerParts {
+            store,
+            policy: policy.clone(),
+            providers,
+            revoker: revoker.clone(),
+            jwt,
+            audit: audit.clone(),
+            operators: self.operators.clone(),
+            limits: self.limits.clone(),
+        }));
+        let tls = crate::api::tls::server_config(&self.tls_cert, &self.tls_key)?;
+        Ok(App {
+            broker,
+            revoker,
+            policy,
+            audit,
+            bundles: Arc::new(bundles),
+            tls,
+            config: self.clone(),
+        })
+    }
+}
+
+/// The built broker, ready to serve.
+pub struct App {
+    pub broker: Arc<Broker>,
+    pub revoker: Arc<Revoker>,
+    pub policy: Arc<PolicyEngine>,
+    pub audit: AuditLog,
+    pub bundles: Arc<TrustBundles>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub config: Config,
+}

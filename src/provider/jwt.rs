@@ -1,0 +1,355 @@
+//! The `jwt` provider: Mayfly-signed access tokens (RFC 9068 shape, `typ: at+jwt`) for
+//! tools and MCP servers. ES256 or EdDSA, never RSA or HMAC. `jti` is the lease id, so
+//! introspection (RFC 7662) answers from the lease: revoked or expired → `active:false`.
+//!
+//! How it dies: at `exp`, or for every resource server that introspects, the moment its
+//! lease is revoked. A resource server that only checks the signature offline keeps
+//! accepting a revoked token until `exp`: keep these TTLs short.
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+use super::{CredentialProvider, MintRequest, Minted, ProviderError, Revocation};
+use crate::lease::Lease;
+use crate::secret::{Secret, fingerprint};
+use crate::task::ProviderKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SigningAlg {
+    ES256,
+    EdDSA,
+}
+
+/// Claims of a Mayfly access token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub scope: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub nbf: i64,
+    pub jti: String,
+    pub task_id: String,
+    pub purpose: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+}
+
+/// One signing key with its public JWK.
+pub struct SigningKey {
+    alg: SigningAlg,
+    kid: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    jwk: Value,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("alg", &self.alg)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn key_err(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::Key(e.to_string())
+}
+
+impl SigningKey {
+    /// Generates a fresh key.
+    pub fn generate(alg: SigningAlg) -> Result<(Self, Secret<String>), ProviderError> {
+        let pair = match alg {
+            SigningAlg::ES256 => KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256),
+            SigningAlg::EdDSA => KeyPair::generate_for(&PKCS_ED25519),
+        }
+        .map_err(key_err)?;
+        let pem = Secret::new(pair.serialize_pem());
+        Ok((Self::from_pair(&pair, pem.expose())?, pem))
+    }
+
+    /// Loads a PKCS#8 PEM key (P-256 or Ed25519); the algorithm follows the key.
+    pub fn from_pem(pem: &str) -> Result<Self, ProviderError> {
+        let pair = KeyPair::from_pem(pem).map_err(key_err)?;
+        Self::from_pair(&pair, pem)
+    }
+
+    /// Loads `path`, or creates it (mode 0600) with a new key if `generate` and it is absent.
+    pub fn load_or_generate(
+        path: &Path,
+        generate: Option<SigningAlg>,
+    ) -> Result<Self, ProviderError> {
+        match std::fs::read_to_string(path) {
+            Ok(pem) => Self::from_pem(&pem),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let alg = generate.ok_or_else(|| {
+                    key_err(format!("signing key {} does not exist", path.display()))
+                })?;
+                let (key, pem) = Self::generate(alg)?;
+                crate::secret::write_private_file(path, pem.expose().as_bytes())
+                    .map_err(|e| key_err(format!("{}: {e}", path.display())))?;
+                Ok(key)
+            }
+            Err(e) => Err(key_err(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    fn from_pair(pair: &KeyPair, pem: &str) -> Result<Self, ProviderError> {
+        let raw = pair.public_key_raw();
+        let (alg, jwk_core) = if pair.algorithm() == &PKCS_ECDSA_P256_SHA256 {
+            if raw.len() != 65 || raw[0] != 4 {
+                return Err(key_err("P-256 public key is not an uncompressed point"));
+            }
+            let (x, y) = (URL_SAFE_NO_PAD.encode(&raw[1..33]), URL_SAFE_NO_PAD.encode(&raw[33..]));
+            (SigningAlg::ES256, json!({"crv": "P-256", "kty": "EC", "x": x, "y": y}))
+        } else if pair.algorithm() == &PKCS_ED25519 {
+            (SigningAlg::EdDSA, json!({"crv": "Ed25519", "kty": "OKP", "x": URL_SAFE_NO_PAD.encode(raw)}))
+        } else {
+            return Err(key_err("signing key must be P-256 (ES256) or Ed25519 (EdDSA)"));
+        };
+        // RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order,
+        // which is how serde_json serialises this map.
+        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(jwk_core.to_string().as_bytes()));
+        let (encoding, decoding) = match alg {
+            SigningAlg::ES256 => (
+                EncodingKey::from_ec_pem(pem.as_bytes()).map_err(key_err)?,
+                DecodingKey::from_ec_components(
+                    jwk_core["x"].as_str().unwrap_or_default(),
+                    jwk_core["y"].as_str().unwrap_or_default(),
+                )
+                .map_err(key_err)?,
+            ),
+            SigningAlg::EdDSA => (
+                EncodingKey::from_ed_pem(pem.as_bytes()).map_err(key_err)?,
+                DecodingKey::from_ed_components(jwk_core["x"].as_str().unwrap_or_default())
+                    .map_err(key_err)?,
+            ),
+        };
+        let mut jwk = jwk_core;
+        jwk["kid"] = json!(kid);
+        jwk["use"] = json!("sig");
+        jwk["alg"] = json!(Self::jose_alg(alg));
+        Ok(Self {
+            alg,
+            kid,
+            encoding,
+            decoding,
+            jwk,
+        })
+    }
+
+    fn jose_alg(alg: SigningAlg) -> &'static str {
+        match alg {
+            SigningAlg::ES256 => "ES256",
+            SigningAlg::EdDSA => "EdDSA",
+        }
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self.alg {
+            SigningAlg::ES256 => Algorithm::ES256,
+            SigningAlg::EdDSA => Algorithm::EdDSA,
+        }
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+}
+
+/// Why a presented access token is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is not a well-formed JWS")]
+    Malformed,
+    #[error("token was not signed by a current Mayfly key")]
+    UnknownKey,
+    #[error("token signature or claims are invalid: {0}")]
+    Invalid(String),
+}
+
+/// Signs and checks Mayfly access tokens.
+#[derive(Debug)]
+pub struct JwtIssuer {
+    issuer: String,
+    key: SigningKey,
+}
+
+/// Upper bound on a token we will even try to parse at introspection.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+impl JwtIssuer {
+    pub fn new(issuer: String, key: SigningKey) -> Self {
+        Self { issuer, key }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn jwks(&self) -> Value {
+        json!({"keys": [self.key.jwk]})
+    }
+
+    pub fn algorithms(&self) -> Vec<&'static str> {
+        vec![SigningKey::jose_alg(self.key.alg)]
+    }
+
+    pub fn sign(&self, claims: &AccessClaims) -> Result<String, ProviderError> {
+        let mut header = Header::new(self.key.algorithm());
+        header.kid = Some(self.key.kid.clone());
+        header.typ = Some("at+jwt".into());
+        jsonwebtoken::encode(&header, claims, &self.key.encoding)
+            .map_err(|e| ProviderError::Mint(e.to_string()))
+    }
+
+    /// Checks signature, algorithm, key id and issuer. Expiry is *not* checked here:
+    /// introspection answers `active:false` for an expired token rather than an error.
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.kid.as_deref() != Some(self.key.kid.as_str()) || header.alg != self.key.algorithm()
+        {
+            return Err(TokenError::UnknownKey);
+        }
+        let mut v = Validation::new(self.key.algorithm());
+        v.validate_exp = false;
+        v.validate_aud = false;
+        v.required_spec_claims = ["iss", "sub", "aud", "exp", "jti"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        v.set_issuer(&[&self.issuer]);
+        jsonwebtoken::decode::<AccessClaims>(token, &self.key.decoding, &v)
+            .map(|d| d.claims)
+            .map_err(|e| TokenError::Invalid(e.to_string()))
+    }
+}
+
+/// The provider built around a [`JwtIssuer`].
+pub struct JwtProvider {
+    issuer: std::sync::Arc<JwtIssuer>,
+}
+
+impl JwtProvider {
+    pub fn new(issuer: std::sync::Arc<JwtIssuer>) -> Self {
+        Self { issuer }
+    }
+}
+
+#[async_trait]
+impl CredentialProvider for JwtProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Jwt
+    }
+
+    async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError> {
+        let lease = req.lease;
+        let claims = AccessClaims {
+            iss: self.issuer.issuer.clone(),
+            sub: req.caller.principal().to_string(),
+            aud: lease.target.clone(),
+            scope: lease.actions.iter().cloned().collect::<Vec<_>>().join(" "),
+            exp: lease.expires_at.unix_timestamp(),
+            iat: lease.issued_at.unix_timestamp(),
+            nbf: lease.issued_at.unix_timestamp(),
+            jti: lease.id.to_string(),
+            task_id: req.task.id.to_string(),
+            purpose: req.task.purpose.clone(),
+            resources: lease.resources.iter().cloned().collect(),
+        };
+        let token = self.issuer.sign(&claims)?;
+        Ok(Minted {
+            fingerprint: fingerprint(token.as_bytes()),
+            credential: Secret::new(json!({"access_token": token, "token_type": "Bearer"})),
+            handle: None,
+        })
+    }
+
+    async fn revoke(&self, _lease: &Lease) -> Result<Revocation, ProviderError> {
+        // The lease state is the revocation: introspection reads it.
+        Ok(Revocation::Revoked)
+    }
+
+    async fn ready(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(iss: &str) -> AccessClaims {
+        AccessClaims {
+            iss: iss.into(),
+            sub: "spiffe://t/a".into(),
+            aud: "https://api".into(),
+            scope: "read".into(),
+            exp: 2_000_000_000,
+            iat: 1_000_000_000,
+            nbf: 1_000_000_000,
+            jti: "lse_x".into(),
+            task_id: "tsk_x".into(),
+            purpose: "p".into(),
+            resources: vec![],
+        }
+    }
+
+    #[test]
+    fn es256_and_eddsa_tokens_verify_with_their_own_key_only() {
+        crate::install_crypto_provider();
+        for alg in [SigningAlg::ES256, SigningAlg::EdDSA] {
+            let (key, _) = SigningKey::generate(alg).expect("key");
+            let issuer = JwtIssuer::new("https://mayfly".into(), key);
+            let token = issuer.sign(&claims("https://mayfly")).expect("sign");
+            assert_eq!(issuer.verify(&token).expect("verify"), claims("https://mayfly"));
+            let (other, _) = SigningKey::generate(alg).expect("key");
+            let other = JwtIssuer::new("https://mayfly".into(), other);
+            assert_eq!(other.verify(&token), Err(TokenError::UnknownKey));
+        }
+    }
+
+    #[test]
+    fn a_token_with_a_foreign_issuer_is_invalid() {
+        crate::install_crypto_provider();
+        let (key, _) = SigningKey::generate(SigningAlg::ES256).expect("key");
+        let issuer = JwtIssuer::new("https://mayfly".into(), key);
+        let token = issuer.sign(&claims("https://evil")).expect("sign");
+        assert!(matches!(issuer.verify(&token), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_tampered_payload_fails_the_signature() {
+        crate::install_crypto_provider();
+        let (key, _) = SigningKey::generate(SigningAlg::ES256).expect("key");
+        let issuer = JwtIssuer::new("https://mayfly".into(), key);
+        let token = issuer.sign(&claims("https://mayfly")).expect("sign");
+        let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+        let mut c = claims("https://mayfly");
+        c.scope = "admin".into();
+        parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).expect("json"));
+        assert!(matches!(issuer.verify(&parts.join(".")), Err(TokenError::Invalid(_))));
+        assert_eq!(issuer.verify("not-a-jwt"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_key_written_to_pem_loads_back_with_the_same_kid() {
+        crate::install_crypto_provider();
+        let (key, pem) = SigningKey::generate(SigningAlg::ES256).expect("key");
+        let again = SigningKey::from_pem(pem.expose()).expect("load");
+        assert_eq!(key.kid(), again.kid());
+    }
+}

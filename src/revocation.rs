@@ -1,0 +1,336 @@
+//! Ending credentials: revoke one lease, end a task tree, and the reaper that expires due
+//! leases, revokes stale pending ones and retries failed revocations with backoff.
+//!
+//! Every lease the reaper touches is first *claimed* through `LeaseStore::claim_due`,
+//! which moves its due time forward; a reaper that dies mid-way leaves the claim to lapse
+//! and the lease to be picked up again. Each terminal transition is written once (the
+//! store checks the current state), so the audit trail shows one revocation per lease.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::lease::{Lease, LeaseState, LeaseStore, StoreError, Transition};
+use crate::provider::{Providers, Revocation};
+use crate::task::{LeaseId, TaskId, TaskState};
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// Exponential backoff: base · 2^(attempt-1), capped at `max`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReaperConfig {
+    pub interval: Duration,
+    pub batch: usize,
+    /// How long a claim on a due lease lasts before another reaper may take it.
+    pub claim_hold: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// What one reaper pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReapStats {
+    pub claimed: usize,
+    pub expired: usize,
+    pub revoked: usize,
+    pub retrying: usize,
+    pub irrevocable: usize,
+}
+
+/// The leases and tasks a tree revocation ended.
+#[derive(Debug, Clone, Default)]
+pub struct TreeRevocation {
+    pub tasks: Vec<TaskId>,
+    pub leases: Vec<LeaseId>,
+}
+
+pub struct Revoker {
+    store: Arc<dyn LeaseStore>,
+    providers: Providers,
+    audit: AuditLog,
+    config: ReaperConfig,
+}
+
+fn after(now: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    now + time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
+
+fn lease_event(kind: &'static str, lease: &Lease) -> AuditEvent {
+    let mut e = AuditEvent::new(kind);
+    e.lease_id = Some(lease.id.to_string());
+    e.task_id = Some(lease.task_id.to_string());
+    e.principal = Some(lease.principal.to_string());
+    e.provider = Some(lease.provider.as_str());
+    e.target = Some(lease.target.clone());
+    e.reason = lease.reason.clone();
+    e
+}
+
+impl Revoker {
+    pub fn new(
+        store: Arc<dyn LeaseStore>,
+        providers: Providers,
+        audit: AuditLog,
+        config: ReaperConfig,
+    ) -> Self {
+        Self {
+            store,
+            providers,
+            audit,
+            config,
+        }
+    }
+
+    async fn record(&self, event: AuditEvent) {
+        // Revocation already happened; failing to record it must not undo or block it.
+        // The error is logged loudly and the metric below lets operators alert on it.
+        if let Err(e) = self.audit.write(event).await {
+            tracing::error!(error = %e, "audit record of a revocation could not be written");
+        }
+    }
+
+    /// Requests revocation of one lease and makes a first attempt. Returns the lease as it
+    /// stands afterwards: `revoked`, or `revoking` when the provider failed (the reaper
+    /// retries). Terminal leases are returned unchanged.
+    pub async fn revoke_lease(&self, id: &LeaseId, reason: &str) -> Result<Lease, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let lease = self
+            .store
+            .lease(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if lease.state.is_terminal() {
+            return Ok(lease);
+        }
+        let mut t = Transition::new(
+            id.clone(),
+            &[LeaseState::Pending, LeaseState::Active],
+            LeaseState::Revoking,
+            now,
+        );
+        t.reason = Some(reason.to_string());
+        // If this process dies before the provider answers, the reaper retries from here.
+        t.due_at = Some(after(now, self.config.claim_hold));
+        let lease = match self.store.transition(t).await {
+            Ok(l) => l,
+            // Another path ended it in between: nothing left to do.
+            Err(StoreError::InvalidTransition { .. }) => {
+                return self
+                    .store
+                    .lease(id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(id.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
+        self.attempt(lease).await
+    }
+
+    /// One provider revocation attempt for a lease in `revoking`.
+    async fn attempt(&self, lease: Lease) -> Result<Lease, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let outcome = match self.providers.get(lease.provider) {
+            Ok(p) => p.revoke(&lease).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(rev) => {
+                let mut t = Transition::new(
+                    lease.id.clone(),
+                    &[LeaseState::Revoking],
+                    LeaseState::Revoked,
+                    now,
+                );
+                if let Revocation::ExpiresOnly { at } = rev {
+                    t.dies_at = Some(at);
+                }
+                let done = self.store.transition(t).await?;
+                if done.state == LeaseState::Revoked && lease.state == LeaseState::Revoking {
+                    let mut e = lease_event("lease.revoked", &done);
+                    e.outcome = Some(match rev {
+                        Revocation::Revoked => "revoked".into(),
+                        Revocation::ExpiresOnly { at } => format!("expires_only_at {at}"),
+                    });
+                    self.record(e).await;
+                }
+                Ok(done)
+            }
+            Err(err) => {
+                let attempts = lease.attempts + 1;
+                let give_up = attempts >= self.config.retry.max_attempts;
+                let mut t = Transition::new(
+                    lease.id.clone(),
+                    &[LeaseState::Revoking],
+                    if give_up {
+                        LeaseState::Irrevocable
+                    } else {
+                        LeaseState::Revoking
+                    },
+                    now,
+                );
+                t.count_attempt = true;
+                t.due_at = (!give_up).then(|| after(now, self.config.retry.delay(attempts)));
+                let l = self.store.transition(t).await?;
+                let mut e = lease_event(
+                    if give_up {
+                        "lease.irrevocable"
+                    } else {
+                        "lease.revoke_failed"
+                    },
+                    &l,
+                );
+                e.detail = Some(err.to_string());
+                e.outcome = Some(format!("attempt {attempts}"));
+                tracing::warn!(lease = %l.id, attempts, error = %err, give_up, "revocation attempt failed");
+                self.record(e).await;
+                Ok(l)
+            }
+        }
+    }
+
+    /// Ends `root` and every descendant task as `to`, then revokes all their leases.
+    /// Tasks already ended are walked too, so a retried call finishes what a crash left.
+    pub async fn end_task_tree(
+        &self,
+        root: &TaskId,
+        to: TaskState,
+        reason: &str,
+    ) -> Result<TreeRevocation, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let mut out = TreeRevocation::default();
+        let mut queue = VecDeque::from([root.clone()]);
+        while let Some(id) = queue.pop_front() {
+            match self.store.end_task(&id, to, reason, now).await {
+                Ok(_) | Err(StoreError::TaskEnded { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            for lease in self.store.task_leases(&id).await? {
+                if !lease.state.is_terminal() {
+                    let l = self.revoke_lease(&lease.id, reason).await?;
+                    if matches!(l.state, LeaseState::Revoked | LeaseState::Revoking) {
+                        out.leases.push(l.id);
+                    }
+                }
+            }
+            queue.extend(self.store.children(&id).await?);
+            out.tasks.push(id);
+        }
+        Ok(out)
+    }
+
+    /// One reaper pass over leases due at `now`.
+    pub async fn reap_once(&self, now: OffsetDateTime) -> Result<ReapStats, StoreError> {
+        let hold = after(now, self.config.claim_hold);
+        let due = self.store.claim_due(now, hold, self.config.batch).await?;
+        let mut stats = ReapStats {
+            claimed: due.len(),
+            ..Default::default()
+        };
+        for lease in due {
+            match lease.state {
+                LeaseState::Active if lease.expires_at <= now => {
+                    let t = Transition::new(
+                        lease.id.clone(),
+                        &[LeaseState::Active],
+                        LeaseState::Expired,
+                        now,
+                    );
+                    match self.store.transition(t).await {
+                        Ok(l) if l.state == LeaseState::Expired => {
+                            stats.expired += 1;
+                            self.record(lease_event("lease.expired", &l)).await;
+                        }
+                        Ok(_) | Err(StoreError::InvalidTransition { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                LeaseState::Active => {
+                    // Claimed early (index and record disagree): look again at its expiry.
+                    let mut t = Transition::new(
+                        lease.id.clone(),
+                        &[LeaseState::Active],
+                        LeaseState::Active,
+                        now,
+                    );
+                    t.due_at = Some(lease.expires_at);
+                    self.store.transition(t).await?;
+                }
+                LeaseState::Pending => {
+                    // Never activated within the pending timeout: the mint may have
+                    // happened before a crash, so revoke as if it had.
+                    let l = self.revoke_lease(&lease.id, "stale_pending").await?;
+                    count(&mut stats, l.state);
+                }
+                LeaseState::Revoking => {
+                    let l = self.attempt(lease).await?;
+                    count(&mut stats, l.state);
+                }
+                _ => {}
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Runs the reaper until the process ends.
+    pub fn spawn_reaper(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.config.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                loop {
+                    match self.reap_once(OffsetDateTime::now_utc()).await {
+                        // A full batch means more may be due right now.
+                        Ok(s) if s.claimed == self.config.batch => continue,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "reaper pass failed; retrying next tick");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn count(stats: &mut ReapStats, state: LeaseState) {
+    match state {
+        LeaseState::Revoked => stats.revoked += 1,
+        LeaseState::Revoking => stats.retrying += 1,
+        LeaseState::Irrevocable => stats.irrevocable += 1,
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let r = RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+        };
+        assert_eq!(r.delay(1), Duration::from_secs(1));
+        assert_eq!(r.delay(2), Duration::from_secs(2));
+        assert_eq!(r.delay(4), Duration::from_secs(8));
+        assert_eq!(r.delay(5), Duration::from_secs(10));
+        assert_eq!(r.delay(60), Duration::from_secs(10));
+    }
+}
