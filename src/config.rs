@@ -359,7 +359,7 @@ impl Config {
             self.reaper.clone(),
         ));
         let broker = Arc::new(Broker::new(BrokerParts {
-            store,
+            store: store.clone(),
             policy: policy.clone(),
             providers,
             revoker: revoker.clone(),
@@ -371,6 +371,7 @@ impl Config {
         let tls = crate::api::tls::server_config(&self.tls_cert, &self.tls_key)?;
         Ok(App {
             broker,
+            store,
             revoker,
             policy,
             audit,
@@ -384,6 +385,7 @@ impl Config {
 /// The built broker, ready to serve.
 pub struct App {
     pub broker: Arc<Broker>,
+    pub store: Arc<dyn LeaseStore>,
     pub revoker: Arc<Revoker>,
     pub policy: Arc<PolicyEngine>,
     pub audit: AuditLog,

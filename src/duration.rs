@@ -1,4 +1,4 @@
-//! Durations as the API and config accept them: `"90s"`, `"15m"`, `"1h"`, `"2d"` or a
+//! Durations as the API and config accept them: `"250ms"`, `"90s"`, `"15m"`, `"1h"`, `"2d"` or a
 //! bare number of seconds (JSON number or digit string). Anything else is rejected.
 
 use serde::{Deserialize, Deserializer, Serializer};
@@ -8,7 +8,7 @@ use std::time::Duration;
 pub enum DurationError {
     #[error("duration is empty")]
     Empty,
-    #[error("duration {0:?} is not a number followed by s, m, h or d")]
+    #[error("duration {0:?} is not a number followed by ms, s, m, h or d")]
     Syntax(String),
     #[error("duration {0:?} is too large")]
     Overflow(String),
@@ -39,20 +39,25 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let n: u64 = digits
         .parse()
         .map_err(|_| DurationError::Syntax(input.to_string()))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
+    let mult_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(DurationError::Syntax(input.to_string())),
     };
-    let secs = n
-        .checked_mul(mult)
+    let ms = n
+        .checked_mul(mult_ms)
         .ok_or_else(|| DurationError::Overflow(input.to_string()))?;
-    from_secs(secs).map_err(|e| match e {
-        DurationError::Overflow(_) => DurationError::Overflow(input.to_string()),
-        other => other,
-    })
+    if ms == 0 {
+        return Err(DurationError::Zero);
+    }
+    let d = Duration::from_millis(ms);
+    if d > MAX {
+        return Err(DurationError::Overflow(input.to_string()));
+    }
+    Ok(d)
 }
 
 fn from_secs(secs: u64) -> Result<Duration, DurationError> {
@@ -112,6 +117,7 @@ mod tests {
         assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse("2d"), Ok(Duration::from_secs(172_800)));
         assert_eq!(parse("42"), Ok(Duration::from_secs(42)));
+        assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
     }
 
     #[test]

@@ -97,22 +97,40 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     });
     let event = scope.snapshot();
     if let Err(err) = st.broker.audit().write(event.clone()).await {
-        if event.action == Some("MintCredential")
-            && event.credential_fingerprint.is_some()
-            && let Some(id) = event.lease_id.as_deref().and_then(|l| l.parse::<LeaseId>().ok())
-        {
-            let _ = st
-                .broker
-                .revoker()
-                .revoke_lease(&id, "audit record could not be written")
-                .await;
-        }
+        undo_unrecorded(&st, &event).await;
         resp = ApiError::Audit(err).into_response();
     }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// A request whose record could not be written must leave nothing usable behind:
+/// a minted credential's lease is revoked, a declared task is revoked.
+async fn undo_unrecorded(st: &AppState, event: &AuditEvent) {
+    const REASON: &str = "audit record could not be written";
+    if !event.status.is_some_and(|s| s < 300) {
+        return;
+    }
+    let revoker = st.broker.revoker();
+    match event.action {
+        Some("MintCredential") => {
+            if let Some(id) = event.lease_id.as_deref().and_then(|l| l.parse::<LeaseId>().ok()) {
+                if let Err(e) = revoker.revoke_lease(&id, REASON).await {
+                    tracing::error!(lease = %id, error = %e, "cannot revoke unaudited lease; the reaper will");
+                }
+            }
+        }
+        Some("DeclareTask") => {
+            if let Some(id) = event.task_id.as_deref().and_then(|t| t.parse::<TaskId>().ok()) {
+                if let Err(e) = revoker.end_task_tree(&id, TaskState::Revoked, REASON).await {
+                    tracing::error!(task = %id, error = %e, "cannot revoke unaudited task");
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 fn audit_scope(req_ext: &Option<axum::Extension<AuditScope>>) -> AuditScope {

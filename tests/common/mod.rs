@@ -1,0 +1,327 @@
+//! Test fixtures: a PKI minted in code, configs written to temp dirs, the real `mayfly`
+//! binary started on a free loopback port, and mTLS clients.
+#![allow(dead_code, reason = "each test binary uses a different part of the fixtures")]
+
+use mayfly::pki::{Ca, LeafSpec};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const TD_A: &str = "a.test";
+pub const TD_B: &str = "b.test";
+pub const AGENT: &str = "spiffe://a.test/agent/one";
+pub const AGENT2: &str = "spiffe://a.test/agent/two";
+pub const OPERATOR: &str = "spiffe://a.test/operator/admin";
+
+pub const TEST_POLICY: &str = r#"
+@id("agents-declare")
+permit (principal, action == Mayfly::Action::"DeclareTask", resource)
+when {
+  principal.path like "/agent/*" &&
+  resource.provider == "jwt" &&
+  resource.uri like "https://*" &&
+  context.ttl_seconds <= 7200
+};
+
+@id("agents-mint")
+permit (principal, action == Mayfly::Action::"MintCredential", resource)
+when { principal.path like "/agent/*" && resource.provider == "jwt" };
+"#;
+
+/// A cert/key pair on disk.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Two trust domains with their CAs, a server certificate, and files on disk.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_a: Ca,
+    pub ca_b: Ca,
+    pub bundle_a: PathBuf,
+    pub bundle_b: PathBuf,
+    pub server: Pair,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Self {
+        mayfly::install_crypto_provider();
+        let ca_a = Ca::generate("CA A", TD_A).expect("ca a");
+        let ca_b = Ca::generate("CA B", TD_B).expect("ca b");
+        let bundle_a = dir.join("bundle-a.pem");
+        let bundle_b = dir.join("bundle-b.pem");
+        std::fs::write(&bundle_a, ca_a.cert_pem()).expect("write");
+        std::fs::write(&bundle_b, ca_b.cert_pem()).expect("write");
+        let mut pki = Self {
+            dir: dir.to_path_buf(),
+            ca_a,
+            ca_b,
+            bundle_a,
+            bundle_b,
+            server: Pair {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+        };
+        let spec = LeafSpec::server(None, &["localhost"], &["127.0.0.1".parse().expect("ip")], 30);
+        pki.server = pki.issue_with(&pki.ca_a, "server", &spec);
+        pki
+    }
+
+    pub fn issue_with(&self, ca: &Ca, name: &str, spec: &LeafSpec) -> Pair {
+        let issued = ca.issue(spec).expect("issue");
+        let pair = Pair {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&pair.cert, &issued.cert_pem).expect("write");
+        std::fs::write(&pair.key, issued.key_pem.expose()).expect("write");
+        pair
+    }
+
+    /// A valid SVID for `id` from trust domain A's CA.
+    pub fn svid(&self, name: &str, id: &str) -> Pair {
+        self.issue_with(&self.ca_a, name, &LeafSpec::svid(id, 1))
+    }
+}
+
+pub struct ConfigOptions {
+    pub audit: Option<PathBuf>,
+    pub extra: String,
+}
+
+impl Default for ConfigOptions {
+    fn default() -> Self {
+        Self {
+            audit: None,
+            extra: String::new(),
+        }
+    }
+}
+
+/// Writes policies and a config for `mayfly serve` into `dir`; returns the config path.
+pub fn write_config(dir: &Path, pki: &Pki, opts: &ConfigOptions) -> PathBuf {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("mkdir");
+    std::fs::write(policies.join("test.cedar"), TEST_POLICY).expect("write");
+    let audit = opts.audit.clone().unwrap_or_else(|| dir.join("audit.jsonl"));
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+node_id = "test"
+[tls]
+cert_file = {cert:?}
+key_file = {key:?}
+[[trust_domains]]
+name = "{TD_A}"
+bundle_file = {ba:?}
+[[trust_domains]]
+name = "{TD_B}"
+bundle_file = {bb:?}
+[operators]
+spiffe_ids = ["{OPERATOR}"]
+[policy]
+dir = {policies:?}
+reload_interval = "1s"
+[store]
+kind = "embedded"
+path = {store:?}
+[audit]
+path = {audit:?}
+[reaper]
+interval = "200ms"
+[providers.jwt]
+issuer = "https://mayfly.test"
+signing_key_file = {jwt:?}
+generate_key = "ES256"
+{extra}
+"#,
+        cert = pki.server.cert,
+        key = pki.server.key,
+        ba = pki.bundle_a,
+        bb = pki.bundle_b,
+        store = dir.join("leases.redb"),
+        jwt = dir.join("jwt-key.pem"),
+        extra = opts.extra,
+    );
+    let path = dir.join("mayfly.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A running `mayfly` process. Killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_mayfly")
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Server {
+    fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .args(["--log-format", "json"])
+            .args(args)
+            .current_dir(repo())
+            .env("MAYFLY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mayfly");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push(line.clone());
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                    if v["fields"]["message"] == "mayfly listening (mTLS)" {
+                        let addr = v["fields"]["addr"].as_str().expect("addr").parse().expect("addr");
+                        return Self { child, addr, stderr: rx };
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    panic!("mayfly did not start: {status:?}\n{}", seen.join("\n"));
+                }
+            }
+        }
+    }
+
+    pub fn serve(config: &Path) -> Self {
+        Self::spawn(&["serve", "-c", config.to_str().expect("utf8")])
+    }
+
+    pub fn dev(dir: &Path) -> Self {
+        Self::spawn(&["dev", "--dir", dir.to_str().expect("utf8"), "--listen", "127.0.0.1:0"])
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    /// SIGKILL: no graceful anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `mayfly ARGS` to completion.
+pub fn run_cli(args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run mayfly")
+}
+
+/// An HTTPS client trusting `ca` and presenting `identity` (if any).
+pub fn client(ca: &Path, identity: Option<&Pair>) -> reqwest::Client {
+    mayfly::install_crypto_provider();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).expect("ca")).expect("ca pem");
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(10));
+    if let Some(p) = identity {
+        let mut pem = std::fs::read(&p.cert).expect("cert");
+        pem.extend(std::fs::read(&p.key).expect("key"));
+        b = b.identity(reqwest::Identity::from_pem(&pem).expect("identity"));
+    }
+    b.build().expect("client")
+}
+
+/// Sends a JSON body; returns status and parsed body.
+pub async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let r = c.post(url).json(&body).send().await.expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn get(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).send().await.expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn introspect(c: &reqwest::Client, url: &str, token: &str) -> Value {
+    let r = c
+        .post(url)
+        .form(&[("token", token)])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    r.json().await.expect("json")
+}
+
+pub fn task_body(ttl: &str) -> Value {
+    serde_json::json!({
+        "purpose": "summarise open issues",
+        "scope": [{
+            "provider": "jwt",
+            "target": "https://api.example.com",
+            "actions": ["issues:read", "issues:comment"],
+            "resources": ["repo/acme/*"]
+        }],
+        "ttl": ttl
+    })
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads the audit log as JSON values.
+pub fn audit_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
