@@ -217,7 +217,12 @@ impl Server {
     }
 
     pub fn dev(dir: &Path) -> Self {
-        Self::spawn(&["dev", "--dir", dir.to_str().expect("utf8"), "--listen", "127.0.0.1:0"])
+        Self::dev_on(dir, "127.0.0.1:0")
+    }
+
+    /// `mayfly dev` on a given address (a restart keeps its address, hence its issuer).
+    pub fn dev_on(dir: &Path, listen: &str) -> Self {
+        Self::spawn(&["dev", "--dir", dir.to_str().expect("utf8"), "--listen", listen])
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,184 @@
+//! Handler-level tests through `router(state).oneshot(req)`, with identities verified by
+//! the real `identity` code from certificates minted in the test.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use mayfly::api::extract::ConnInfo;
+use mayfly::api::{AppState, router};
+use mayfly::config::{App, Config};
+use mayfly::identity::x509::verify_svid;
+use mayfly::identity::VerifiedCaller;
+use mayfly::lease::LeaseState;
+use mayfly::task::TaskState;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    app: App,
+    agent: Arc<ConnInfo>,
+}
+
+fn caller(pki: &Pki, pair: &Pair) -> VerifiedCaller {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
+        .expect("pem")
+        .collect::<Result<_, _>>()
+        .expect("der");
+    let bundles = mayfly::identity::TrustBundles::from_pem_files(&[(
+        mayfly::identity::TrustDomain::parse(TD_A).expect("td"),
+        pki.bundle_a.clone(),
+    )])
+    .expect("bundles");
+    verify_svid(&chain, &bundles, Some("127.0.0.1".parse().expect("ip")), UnixTime::now()).expect("valid svid")
+}
+
+fn harness(audit: Option<&Path>) -> Harness {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(dir.path());
+    let opts = ConfigOptions {
+        audit: audit.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    let config = Config::load(&write_config(dir.path(), &pki, &opts)).expect("config");
+    let app = config.build().expect("build");
+    let agent = Arc::new(ConnInfo {
+        peer: "127.0.0.1:50000".parse().expect("addr"),
+        identity: Ok(caller(&pki, &pki.svid("agent", AGENT))),
+    });
+    Harness { _dir: dir, app, agent }
+}
+
+impl Harness {
+    fn router(&self) -> axum::Router {
+        router(AppState {
+            broker: self.app.broker.clone(),
+            max_body_bytes: 64 * 1024,
+        })
+    }
+
+    async fn call(&self, method: &str, uri: &str, body: Body, ctype: &str) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", ctype)
+            .body(body)
+            .expect("request");
+        req.extensions_mut().insert(self.agent.clone());
+        let resp = self.router().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", uri, Body::from(body.to_string()), "application/json").await
+    }
+}
+
+#[tokio::test]
+async fn when_the_audit_trail_cannot_be_written_no_credential_leaves_and_its_lease_is_revoked() {
+    // /dev/full accepts the open and fails every write with ENOSPC: a real fault.
+    let h = harness(Some(Path::new("/dev/full")));
+    let (s, body) = h.post("/v1/tasks", task_body("10m")).await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (503, Some("audit_unavailable")));
+    // The declared task was undone, not left behind.
+    let tasks = h.app.store.tasks(&mayfly::lease::TaskQuery { limit: 10, ..Default::default() }).await.expect("tasks");
+    assert_eq!(tasks.items.len(), 1);
+    assert_eq!(tasks.items[0].state, TaskState::Revoked);
+
+    // A task that exists (created behind the API's back) cannot yield an unaudited credential.
+    let now = time::OffsetDateTime::now_utc();
+    let mut t = tasks.items[0].clone();
+    t.id = mayfly::task::TaskId::generate();
+    t.state = TaskState::Active;
+    t.expires_at = now + time::Duration::minutes(10);
+    h.app.store.create_task(&t).await.expect("task");
+    let (s, body) = h
+        .post(&format!("/v1/tasks/{}/credentials", t.id), json!({"provider": "jwt", "target": "https://api.example.com"}))
+        .await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (503, Some("audit_unavailable")));
+    assert!(body.get("credential").is_none());
+    let leases = h.app.store.task_leases(&t.id).await.expect("leases");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].state, LeaseState::Revoked, "the minted credential's lease is revoked");
+}
+
+#[tokio::test]
+async fn a_lease_left_pending_by_a_crash_is_revoked_by_the_reaper() {
+    let h = harness(None);
+    let (s, task) = h.post("/v1/tasks", task_body("10m")).await;
+    assert_eq!(s.as_u16(), 201);
+    let task_id: mayfly::task::TaskId = task["task_id"].as_str().expect("id").parse().expect("id");
+    let t = h.app.store.task(&task_id).await.expect("get").expect("task");
+    // What a crash between "record" and "activate" leaves behind.
+    let now = time::OffsetDateTime::now_utc();
+    let lease = mayfly::lease::Lease {
+        id: mayfly::task::LeaseId::generate(),
+        task_id: t.id.clone(),
+        principal: t.owner.clone(),
+        provider: mayfly::task::ProviderKind::Jwt,
+        target: "https://api.example.com".into(),
+        actions: ["issues:read".to_string()].into(),
+        resources: Default::default(),
+        issued_at: now,
+        expires_at: now + time::Duration::minutes(5),
+        state: LeaseState::Pending,
+        handle: None,
+        fingerprint: None,
+        reason: None,
+        dies_at: None,
+        attempts: 0,
+        updated_at: now,
+    };
+    h.app.store.put_pending(&lease, now + time::Duration::seconds(60)).await.expect("pending");
+    let early = h.app.revoker.reap_once(now + time::Duration::seconds(30)).await.expect("reap");
+    assert_eq!(early.claimed, 0, "not stale yet");
+    let stats = h.app.revoker.reap_once(now + time::Duration::seconds(61)).await.expect("reap");
+    assert_eq!(stats.revoked, 1);
+    let after = h.app.store.lease(&lease.id).await.expect("get").expect("lease");
+    assert_eq!(after.state, LeaseState::Revoked);
+    assert_eq!(after.reason.as_deref(), Some("stale_pending"));
+}
+
+mod no_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_bodies_never_cause_a_server_error(
+            body in prop_oneof![
+                any::<Vec<u8>>(),
+                "\\PC{0,200}".prop_map(String::into_bytes),
+                Just(br#"{"purpose":"p","scope":[{"provider":"jwt","target":"https://x","actions":["a"]}],"ttl":"1m"}"#.to_vec()),
+                Just(br#"{"provider":"jwt","target":"https://x","actions":[{}]}"#.to_vec()),
+            ],
+            route in prop_oneof![
+                Just("/v1/tasks"),
+                Just("/v1/tasks/tsk_00000000000000000000000000000000/credentials"),
+                Just("/v1/leases/lse_00000000000000000000000000000000/revoke"),
+                Just("/v1/tasks/tsk_00000000000000000000000000000000/complete"),
+            ],
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            let h = HARNESS.with(|h| h.clone());
+            let (status, problem) = rt.block_on(h.call("POST", route, Body::from(body), "application/json"));
+            prop_assert!(!status.is_server_error(), "{status}: {problem}");
+            if !status.is_success() {
+                prop_assert!(problem["code"].is_string());
+            }
+        }
+    }
+
+    thread_local! {
+        static HARNESS: Arc<Harness> = Arc::new(harness(None));
+    }
+}

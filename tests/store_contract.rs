@@ -1,0 +1,183 @@
+//! The contract every `LeaseStore` must honour. Each implementation runs the same suite.
+
+
+use mayfly::identity::Principal;
+use mayfly::lease::embedded::EmbeddedStore;
+use mayfly::lease::{Lease, LeaseQuery, LeaseState, LeaseStore, StoreError, TaskQuery, Transition};
+use mayfly::task::{Grant, LeaseId, ProviderKind, Scope, Task, TaskId, TaskState};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use time::{Duration, OffsetDateTime};
+
+pub fn task(owner: &str, parent: Option<TaskId>, now: OffsetDateTime) -> Task {
+    Task {
+        id: TaskId::generate(),
+        owner: Principal::parse(owner).expect("principal"),
+        purpose: "contract".into(),
+        scope: Scope::new(vec![Grant {
+            provider: ProviderKind::Jwt,
+            target: "https://t".into(),
+            actions: ["read".to_string()].into(),
+            resources: Default::default(),
+        }])
+        .expect("scope"),
+        created_at: now,
+        expires_at: now + Duration::hours(1),
+        parent,
+        labels: BTreeMap::new(),
+        state: TaskState::Active,
+        ended_at: None,
+        end_reason: None,
+    }
+}
+
+pub fn lease(task: &Task, now: OffsetDateTime, ttl: Duration) -> Lease {
+    Lease {
+        id: LeaseId::generate(),
+        task_id: task.id.clone(),
+        principal: task.owner.clone(),
+        provider: ProviderKind::Jwt,
+        target: "https://t".into(),
+        actions: ["read".to_string()].into(),
+        resources: Default::default(),
+        issued_at: now,
+        expires_at: now + ttl,
+        state: LeaseState::Pending,
+        handle: None,
+        fingerprint: None,
+        reason: None,
+        dies_at: None,
+        attempts: 0,
+        updated_at: now,
+    }
+}
+
+fn activate(l: &Lease, now: OffsetDateTime) -> Transition {
+    let mut t = Transition::new(l.id.clone(), &[LeaseState::Pending], LeaseState::Active, now);
+    t.due_at = Some(l.expires_at);
+    t.fingerprint = Some("sha256:x".into());
+    t
+}
+
+pub async fn contract(store: Arc<dyn LeaseStore>) {
+    let now = OffsetDateTime::now_utc();
+    store.ping().await.expect("ping");
+
+    // Tasks: create once, read back, end once, idempotently.
+    let parent = task("spiffe://c.test/agent/a", None, now);
+    store.create_task(&parent).await.expect("create");
+    assert!(matches!(store.create_task(&parent).await, Err(StoreError::AlreadyExists(_))));
+    assert_eq!(store.task(&parent.id).await.expect("get").as_ref(), Some(&parent));
+    assert_eq!(store.task(&TaskId::generate()).await.expect("get"), None);
+    let child = task("spiffe://c.test/agent/b", Some(parent.id.clone()), now);
+    store.create_task(&child).await.expect("child");
+    assert_eq!(store.children(&parent.id).await.expect("children"), vec![child.id.clone()]);
+    assert!(store.children(&child.id).await.expect("children").is_empty());
+
+    // Leases: pending → active, checked transitions, idempotent revocation.
+    let a = lease(&parent, now, Duration::minutes(10));
+    store.put_pending(&a, now + Duration::seconds(60)).await.expect("pending");
+    assert!(matches!(store.put_pending(&a, now).await, Err(StoreError::AlreadyExists(_))));
+    let active = store.transition(activate(&a, now)).await.expect("activate");
+    assert_eq!(active.state, LeaseState::Active);
+    assert_eq!(active.fingerprint.as_deref(), Some("sha256:x"));
+    // Activating twice is a no-op returning the lease, not an error.
+    assert_eq!(store.transition(activate(&a, now)).await.expect("again").state, LeaseState::Active);
+    let mut revoking = Transition::new(a.id.clone(), &[LeaseState::Pending, LeaseState::Active], LeaseState::Revoking, now);
+    revoking.reason = Some("test".into());
+    store.transition(revoking).await.expect("revoking");
+    // Back to active from revoking is refused.
+    assert!(matches!(
+        store.transition(activate(&a, now)).await,
+        Err(StoreError::InvalidTransition { current: LeaseState::Revoking, to: LeaseState::Active, .. })
+    ));
+    let done = Transition::new(a.id.clone(), &[LeaseState::Revoking], LeaseState::Revoked, now);
+    assert_eq!(store.transition(done.clone()).await.expect("revoked").state, LeaseState::Revoked);
+    assert_eq!(store.transition(done).await.expect("idempotent").state, LeaseState::Revoked);
+    assert!(matches!(
+        store.transition(Transition::new(LeaseId::generate(), &[LeaseState::Active], LeaseState::Revoked, now)).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Due index: only due leases are claimed, in due order, and a claim hides them
+    // until it lapses.
+    let b = lease(&parent, now, Duration::seconds(5));
+    let c = lease(&parent, now, Duration::hours(1));
+    let d = lease(&child, now, Duration::seconds(1));
+    for l in [&b, &c, &d] {
+        store.put_pending(l, now + Duration::seconds(60)).await.expect("pending");
+        store.transition(activate(l, now)).await.expect("activate");
+    }
+    let later = now + Duration::seconds(30);
+    assert_eq!(store.due_count(later).await.expect("count"), 2);
+    let claimed = store.claim_due(later, later + Duration::seconds(30), 10).await.expect("claim");
+    let ids: Vec<_> = claimed.iter().map(|l| l.id.clone()).collect();
+    assert_eq!(ids, vec![d.id.clone(), b.id.clone()], "earliest due first");
+    assert!(store.claim_due(later, later + Duration::seconds(30), 10).await.expect("claim").is_empty(), "claimed leases are held");
+    let lapsed = later + Duration::seconds(31);
+    assert_eq!(store.claim_due(lapsed, lapsed + Duration::seconds(30), 1).await.expect("claim").len(), 1, "a lapsed claim is claimable again, up to the limit");
+    // Terminal leases leave the index.
+    let expire = Transition::new(b.id.clone(), &[LeaseState::Active], LeaseState::Expired, lapsed);
+    store.transition(expire).await.expect("expire");
+    let far = now + Duration::hours(2);
+    let remaining: Vec<_> = store.claim_due(far, far, 100).await.expect("claim").into_iter().map(|l| l.id).collect();
+    assert!(!remaining.contains(&b.id) && !remaining.contains(&a.id));
+    assert!(remaining.contains(&c.id) && remaining.contains(&d.id));
+
+    // Queries: by task, by state, paginated.
+    let of_parent = store.task_leases(&parent.id).await.expect("leases");
+    assert_eq!(of_parent.len(), 3);
+    let q = LeaseQuery { task: Some(parent.id.clone()), limit: 2, ..Default::default() };
+    let page = store.leases(&q).await.expect("page");
+    assert_eq!(page.items.len(), 2);
+    let next: LeaseId = page.next.expect("cursor").parse().expect("id");
+    let page2 = store.leases(&LeaseQuery { after: Some(next), ..q.clone() }).await.expect("page2");
+    assert_eq!(page2.items.len(), 1);
+    assert!(page2.next.is_none());
+    let active_only = LeaseQuery { state: Some(LeaseState::Active), limit: 100, ..Default::default() };
+    let n_active = store.leases(&active_only).await.expect("active").items.len();
+    assert_eq!(n_active, 2);
+    let by_principal = LeaseQuery { principal: Some("spiffe://c.test/agent/b".into()), limit: 100, ..Default::default() };
+    assert_eq!(store.leases(&by_principal).await.expect("p").items.len(), 1);
+
+    // Ending tasks.
+    let ended = store.end_task(&parent.id, TaskState::Completed, "done", now).await.expect("end");
+    assert_eq!(ended.state, TaskState::Completed);
+    assert_eq!(ended.end_reason.as_deref(), Some("done"));
+    store.end_task(&parent.id, TaskState::Completed, "again", now).await.expect("idempotent");
+    assert!(matches!(
+        store.end_task(&parent.id, TaskState::Revoked, "x", now).await,
+        Err(StoreError::TaskEnded { current: TaskState::Completed, .. })
+    ));
+    let tq = TaskQuery { state: Some(TaskState::Active), limit: 10, ..Default::default() };
+    let active_tasks = store.tasks(&tq).await.expect("tasks");
+    assert_eq!(active_tasks.items.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), vec![child.id.clone()]);
+}
+
+#[tokio::test]
+async fn embedded_store_honours_the_contract() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = EmbeddedStore::open(&dir.path().join("leases.redb")).expect("open");
+    contract(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn embedded_store_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("leases.redb");
+    let now = OffsetDateTime::now_utc();
+    let t = task("spiffe://c.test/agent/a", None, now);
+    let l = lease(&t, now, Duration::seconds(1));
+    {
+        let store = EmbeddedStore::open(&path).expect("open");
+        store.create_task(&t).await.expect("task");
+        store.put_pending(&l, now + Duration::seconds(60)).await.expect("lease");
+        store.transition(activate(&l, now)).await.expect("activate");
+    }
+    let store = EmbeddedStore::open(&path).expect("reopen");
+    assert_eq!(store.task(&t.id).await.expect("task"), Some(t));
+    let back = store.lease(&l.id).await.expect("lease").expect("present");
+    assert_eq!(back.state, LeaseState::Active);
+    let due = store.claim_due(now + Duration::seconds(2), now + Duration::seconds(30), 10).await.expect("due");
+    assert_eq!(due.len(), 1, "the due index survives too");
+}
