@@ -1,0 +1,34 @@
+# Mayfly — the two commands are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: run build test test-rust test-chart lint fmt bench clean
+
+## Build and start a dev broker on embedded defaults (https://127.0.0.1:8443).
+run:
+	$(CARGO) run --locked -- dev
+
+build:
+	$(CARGO) build --locked
+
+## Everything CI runs: format check, the Rust test suite (unit, integration against the
+## real binary and real servers), and the Helm chart checks.
+test: test-rust test-chart
+
+test-rust:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) nextest run --locked --no-fail-fast
+
+test-chart:
+	@if [ -x scripts/test-chart.sh ]; then scripts/test-chart.sh; else echo "no chart tests"; fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf .mayfly-dev
