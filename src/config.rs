@@ -15,6 +15,7 @@ use crate::broker::{Broker, BrokerParts, Limits};
 use crate::identity::{Principal, TrustBundles, TrustDomain};
 use crate::lease::LeaseStore;
 use crate::lease::embedded::EmbeddedStore;
+use crate::lease::redis::{Durability, RedisConfig, RedisStore};
 use crate::policy::PolicyEngine;
 use crate::provider::Providers;
 use crate::provider::jwt::{JwtIssuer, JwtProvider, SigningAlg, SigningKey};
@@ -70,6 +71,24 @@ pub struct RawConfig {
 }
 
 mod defaults {
+    pub fn key_prefix() -> String {
+        "mayfly".into()
+    }
+    pub fn durability() -> String {
+        "server".into()
+    }
+    pub fn wait_replicas() -> u32 {
+        1
+    }
+    pub fn wait_timeout() -> String {
+        "1s".into()
+    }
+    pub fn verify_durability() -> bool {
+        true
+    }
+    pub fn op_timeout() -> String {
+        "2s".into()
+    }
     pub fn listen() -> String {
         "127.0.0.1:8443".into()
     }
@@ -118,7 +137,30 @@ impl Default for RawPolicy {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum RawStore {
-    Embedded { path: PathBuf },
+    Embedded {
+        path: PathBuf,
+    },
+    Redis {
+        url: String,
+        #[serde(default = "defaults::key_prefix")]
+        key_prefix: String,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+        /// "server" (trust the server's settings), "aof" (require appendfsync always) or
+        /// "wait" (WAIT for replica acknowledgement after each write).
+        #[serde(default = "defaults::durability")]
+        durability: String,
+        #[serde(default = "defaults::wait_replicas")]
+        wait_replicas: u32,
+        #[serde(default = "defaults::wait_timeout")]
+        wait_timeout: String,
+        #[serde(default = "defaults::verify_durability")]
+        verify_durability: bool,
+        #[serde(default = "defaults::op_timeout")]
+        op_timeout: String,
+    },
 }
 
 impl Default for RawStore {
@@ -215,6 +257,59 @@ pub struct RawJwt {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Embedded { path: PathBuf },
+    Redis(RedisConfig),
+}
+
+fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
+    Ok(match raw {
+        RawStore::Embedded { path } => StoreConfig::Embedded { path },
+        RawStore::Redis {
+            url,
+            key_prefix,
+            username,
+            password_file,
+            durability,
+            wait_replicas,
+            wait_timeout,
+            verify_durability,
+            op_timeout,
+        } => {
+            let known = ["redis://", "rediss://", "redis+sentinel://", "redis+cluster://"];
+            if !known.iter().any(|k| url.starts_with(k)) {
+                return Err(invalid("store.url", format!("scheme must be one of {known:?}")));
+            }
+            if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
+                return Err(invalid("store.key_prefix", "non-empty, without braces or spaces"));
+            }
+            let durability = match durability.as_str() {
+                "server" => Durability::Server,
+                "aof" => Durability::Aof { verify: verify_durability },
+                "wait" => {
+                    if wait_replicas == 0 {
+                        return Err(invalid("store.wait_replicas", "must be at least 1"));
+                    }
+                    Durability::Wait {
+                        replicas: wait_replicas,
+                        timeout: dur("store.wait_timeout", &wait_timeout)?,
+                    }
+                }
+                other => {
+                    return Err(invalid(
+                        "store.durability",
+                        format!("{other:?}: expected \"server\", \"aof\" or \"wait\""),
+                    ));
+                }
+            };
+            StoreConfig::Redis(RedisConfig {
+                url,
+                key_prefix,
+                username,
+                password_file,
+                durability,
+                op_timeout: dur("store.op_timeout", &op_timeout)?,
+            })
+        }
+    })
 }
 
 /// A validated configuration.
@@ -307,9 +402,7 @@ impl TryFrom<RawConfig> for Config {
             operators,
             policy_dir: raw.policy.dir,
             policy_reload: dur("policy.reload_interval", &raw.policy.reload_interval)?,
-            store: match raw.store {
-                RawStore::Embedded { path } => StoreConfig::Embedded { path },
-            },
+            store: store_config(raw.store)?,
             audit_path: raw.audit.path,
             limits,
             max_body_bytes: l.max_body_bytes,
@@ -341,11 +434,12 @@ impl Config {
     }
 
     /// Builds every component. Fails (and nothing starts) if any piece is invalid.
-    pub fn build(&self) -> Result<App, crate::Error> {
+    pub async fn build(&self) -> Result<App, crate::Error> {
         let bundles = TrustBundles::from_pem_files(&self.trust_domains)?;
         let policy = Arc::new(PolicyEngine::load(&self.policy_dir)?);
         let store: Arc<dyn LeaseStore> = match &self.store {
             StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
+            StoreConfig::Redis(cfg) => Arc::new(RedisStore::connect(cfg).await?),
         };
         let audit = AuditLog::open(&self.audit_path, &self.node_id)?;
         let key = SigningKey::load_or_generate(&self.jwt_key, self.jwt_generate)?;

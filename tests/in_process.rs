@@ -39,7 +39,7 @@ fn caller(pki: &Pki, pair: &Pair) -> VerifiedCaller {
     verify_svid(&chain, &bundles, Some("127.0.0.1".parse().expect("ip")), UnixTime::now()).expect("valid svid")
 }
 
-fn harness(audit: Option<&Path>) -> Harness {
+async fn harness(audit: Option<&Path>) -> Harness {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(dir.path());
     let opts = ConfigOptions {
@@ -47,7 +47,7 @@ fn harness(audit: Option<&Path>) -> Harness {
         ..Default::default()
     };
     let config = Config::load(&write_config(dir.path(), &pki, &opts)).expect("config");
-    let app = config.build().expect("build");
+    let app = config.build().await.expect("build");
     let agent = Arc::new(ConnInfo {
         peer: "127.0.0.1:50000".parse().expect("addr"),
         identity: Ok(caller(&pki, &pki.svid("agent", AGENT))),
@@ -85,7 +85,7 @@ impl Harness {
 #[tokio::test]
 async fn when_the_audit_trail_cannot_be_written_no_credential_leaves_and_its_lease_is_revoked() {
     // /dev/full accepts the open and fails every write with ENOSPC: a real fault.
-    let h = harness(Some(Path::new("/dev/full")));
+    let h = harness(Some(Path::new("/dev/full"))).await;
     let (s, body) = h.post("/v1/tasks", task_body("10m")).await;
     assert_eq!((s.as_u16(), body["code"].as_str()), (503, Some("audit_unavailable")));
     // The declared task was undone, not left behind.
@@ -112,7 +112,7 @@ async fn when_the_audit_trail_cannot_be_written_no_credential_leaves_and_its_lea
 
 #[tokio::test]
 async fn a_lease_left_pending_by_a_crash_is_revoked_by_the_reaper() {
-    let h = harness(None);
+    let h = harness(None).await;
     let (s, task) = h.post("/v1/tasks", task_body("10m")).await;
     assert_eq!(s.as_u16(), 201);
     let task_id: mayfly::task::TaskId = task["task_id"].as_str().expect("id").parse().expect("id");
@@ -179,6 +179,8 @@ mod no_panics {
     }
 
     thread_local! {
-        static HARNESS: Arc<Harness> = Arc::new(harness(None));
+        static HARNESS: Arc<Harness> = Arc::new(
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(harness(None))
+        );
     }
 }

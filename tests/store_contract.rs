@@ -1,6 +1,8 @@
 //! The contract every `LeaseStore` must honour. Each implementation runs the same suite.
 
 
+mod common;
+
 use mayfly::identity::Principal;
 use mayfly::lease::embedded::EmbeddedStore;
 use mayfly::lease::{Lease, LeaseQuery, LeaseState, LeaseStore, StoreError, TaskQuery, Transition};
@@ -180,4 +182,69 @@ async fn embedded_store_survives_reopen() {
     assert_eq!(back.state, LeaseState::Active);
     let due = store.claim_due(now + Duration::seconds(2), now + Duration::seconds(30), 10).await.expect("due");
     assert_eq!(due.len(), 1, "the due index survives too");
+}
+
+fn redis_config(url: String, prefix: &str) -> mayfly::lease::redis::RedisConfig {
+    mayfly::lease::redis::RedisConfig {
+        url,
+        key_prefix: prefix.into(),
+        username: None,
+        password_file: None,
+        durability: mayfly::lease::redis::Durability::Server,
+        op_timeout: std::time::Duration::from_secs(2),
+    }
+}
+
+#[tokio::test]
+async fn redis_store_honours_the_contract() {
+    let redis = common::RedisServer::start(&[]);
+    let store = mayfly::lease::redis::RedisStore::connect(&redis_config(redis.url(), "contract"))
+        .await
+        .expect("connect");
+    contract(Arc::new(store)).await;
+    // Everything lives under the one hash-tagged prefix.
+    let keys = redis.cli(&["--raw", "KEYS", "*"]);
+    assert!(keys.lines().all(|k| k.starts_with("{contract}:")), "{keys}");
+}
+
+#[tokio::test]
+async fn redis_store_with_a_password_and_aof_durability_checks() {
+    let redis = common::RedisServer::start(&["--requirepass", "s3cret-pass", "--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret-pass\n").expect("write");
+    let mut cfg = redis_config(redis.url(), "auth");
+    // Without the password: refused.
+    assert!(matches!(
+        mayfly::lease::redis::RedisStore::connect(&cfg).await.and_then(|_| Ok(())),
+        Err(StoreError::Unavailable(_))
+    ));
+    cfg.password_file = Some(pw);
+    cfg.durability = mayfly::lease::redis::Durability::Aof { verify: true };
+    let store = mayfly::lease::redis::RedisStore::connect(&cfg).await.expect("connect with password");
+    store.ping().await.expect("ping");
+    drop(store);
+    // A server without appendfsync always is refused for "aof" durability.
+    let lax = common::RedisServer::start(&[]);
+    let mut cfg = redis_config(lax.url(), "lax");
+    cfg.durability = mayfly::lease::redis::Durability::Aof { verify: true };
+    match mayfly::lease::redis::RedisStore::connect(&cfg).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("appendfsync"), "{msg}"),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn redis_store_fails_closed_within_its_timeout_when_redis_is_gone() {
+    let redis = common::RedisServer::start(&[]);
+    let store = mayfly::lease::redis::RedisStore::connect(&redis_config(redis.url(), "gone"))
+        .await
+        .expect("connect");
+    redis.stop();
+    let now = OffsetDateTime::now_utc();
+    let t = task("spiffe://c.test/agent/a", None, now);
+    let started = std::time::Instant::now();
+    let err = store.create_task(&t).await;
+    assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(6), "bounded: {:?}", started.elapsed());
 }

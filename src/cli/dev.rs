@@ -31,6 +31,15 @@ pub struct DevArgs {
     /// Directory of Cedar policies.
     #[arg(long, default_value = "config/policies")]
     pub policies: PathBuf,
+    /// Lease store: embedded (default, a file in --dir) or a Redis URL
+    /// (`redis://host:port`); several `mayfly dev` with the same --dir and Redis and
+    /// different --listen form a multi-replica setup.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Audit node id. Default "dev"; on Redis "dev-PORT", so replicas sharing --dir each
+    /// write their own audit chain.
+    #[arg(long)]
+    pub node: Option<String>,
 }
 
 fn io_err(context: String) -> impl FnOnce(std::io::Error) -> crate::Error {
@@ -95,12 +104,25 @@ fn ensure_pki(files: &Files, listen: SocketAddr) -> Result<(), crate::Error> {
 }
 
 /// The dev configuration, built through the same validation as a config file.
-pub fn dev_config(dir: &Path, listen: SocketAddr, policies: &Path) -> Result<Config, crate::Error> {
+pub fn dev_config(
+    dir: &Path,
+    listen: SocketAddr,
+    policies: &Path,
+    store: Option<&str>,
+    node: &str,
+    issuer: &str,
+) -> Result<Config, crate::Error> {
     let d = |n: &str| dir.join(n).display().to_string();
+    let store = match store {
+        None => format!("kind = \"embedded\"\npath = {:?}", d("leases.redb")),
+        Some(url) => format!("kind = \"redis\"\nurl = {url:?}\nkey_prefix = \"mayfly-dev\""),
+    };
+    // Replicas share the directory: each writes its own audit chain.
+    let audit = if node == "dev" { d("audit.jsonl") } else { d(&format!("audit-{node}.jsonl")) };
     let toml = format!(
         r#"
 listen = "{listen}"
-node_id = "dev"
+node_id = "{node}"
 [tls]
 cert_file = {server:?}
 key_file = {server_key:?}
@@ -113,12 +135,11 @@ spiffe_ids = ["{OPERATOR_ID}"]
 dir = {policies:?}
 reload_interval = "2s"
 [store]
-kind = "embedded"
-path = {store:?}
+{store}
 [audit]
 path = {audit:?}
 [providers.jwt]
-issuer = "https://{listen}"
+issuer = "{issuer}"
 signing_key_file = {jwt_key:?}
 generate_key = "ES256"
 "#,
@@ -126,8 +147,7 @@ generate_key = "ES256"
         server_key = d("server-key.pem"),
         ca = d("ca.pem"),
         policies = policies.display().to_string(),
-        store = d("leases.redb"),
-        audit = d("audit.jsonl"),
+        audit = audit,
         jwt_key = d("jwt-signing-key.pem"),
     );
     let raw: RawConfig = toml::from_str(&toml).map_err(|e| {
@@ -179,6 +199,24 @@ Try the whole flow (paste into a shell):
     )
 }
 
+/// The JWT issuer. Alone, a dev broker is its own issuer (`https://ADDR`). Replicas on
+/// Redis must share one issuer, or a token minted by one would not introspect on another:
+/// the first replica records its issuer in `issuer.txt` and the others reuse it.
+fn dev_issuer(dir: &Path, addr: SocketAddr, shared: bool) -> Result<String, crate::Error> {
+    let own = format!("https://{addr}");
+    if !shared {
+        return Ok(own);
+    }
+    let path = dir.join("issuer.txt");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().starts_with("https://") => Ok(s.trim().to_string()),
+        _ => {
+            std::fs::write(&path, &own).map_err(io_err("writing issuer.txt".into()))?;
+            Ok(own)
+        }
+    }
+}
+
 pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
     std::fs::create_dir_all(&args.dir).map_err(io_err(format!("creating {}", args.dir.display())))?;
     let files = Files {
@@ -188,8 +226,13 @@ pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
     // Bind first: with port 0 the issuer URL and dev.json need the real port.
     let listener = super::bind(args.listen).await?;
     let addr = listener.local_addr().map_err(io_err("listener address".into()))?;
-    let config = dev_config(&args.dir, addr, &args.policies)?;
-    let app = config.build()?;
+    let node = args.node.clone().unwrap_or_else(|| match args.store {
+        Some(_) => format!("dev-{}", addr.port()),
+        None => "dev".into(),
+    });
+    let issuer = dev_issuer(&args.dir, addr, args.store.is_some())?;
+    let config = dev_config(&args.dir, addr, &args.policies, args.store.as_deref(), &node, &issuer)?;
+    let app = config.build().await?;
     let p = |n: &str| args.dir.join(n).display().to_string();
     let pair = |stem: &str, id: &str| json!({"spiffe_id": id, "cert": p(&format!("{stem}.pem")), "key": p(&format!("{stem}-key.pem"))});
     let info = json!({
@@ -201,8 +244,8 @@ pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
         "agent": pair("agent", AGENT_ID),
         "agent2": pair("agent2", AGENT2_ID),
         "operator": pair("operator", OPERATOR_ID),
-        "audit_log": p("audit.jsonl"),
-        "store": p("leases.redb"),
+        "audit_log": config.audit_path.display().to_string(),
+        "store": args.store.clone().unwrap_or_else(|| p("leases.redb")),
         "policies": args.policies.display().to_string(),
         "jwt_issuer": config.jwt_issuer,
         "jwks_uri": format!("{}/.well-known/jwks.json", config.jwt_issuer),

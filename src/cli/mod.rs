@@ -101,7 +101,7 @@ pub fn run() -> ExitCode {
         Command::Serve { config } => runtime_then(async move {
             let config = Config::load(&config)?;
             let listener = bind(config.listen).await?;
-            let app = config.build()?;
+            let app = config.build().await?;
             serve(app, listener, |_| {}).await
         }),
         Command::Dev(args) => runtime_then(dev::run(args)),

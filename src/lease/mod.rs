@@ -3,6 +3,7 @@
 //! can revoke. One trait, [`LeaseStore`]; the embedded (redb) implementation lives here.
 
 pub mod embedded;
+pub mod redis;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -93,6 +93,10 @@ impl Pki {
 
 pub struct ConfigOptions {
     pub audit: Option<PathBuf>,
+    /// The body of the `[store]` table; embedded in the temp dir when `None`.
+    pub store: Option<String>,
+    pub node_id: String,
+    pub claim_hold: String,
     pub extra: String,
 }
 
@@ -100,6 +104,9 @@ impl Default for ConfigOptions {
     fn default() -> Self {
         Self {
             audit: None,
+            store: None,
+            node_id: "test".into(),
+            claim_hold: "30s".into(),
             extra: String::new(),
         }
     }
@@ -114,7 +121,7 @@ pub fn write_config(dir: &Path, pki: &Pki, opts: &ConfigOptions) -> PathBuf {
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
-node_id = "test"
+node_id = "{node}"
 [tls]
 cert_file = {cert:?}
 key_file = {key:?}
@@ -130,12 +137,12 @@ spiffe_ids = ["{OPERATOR}"]
 dir = {policies:?}
 reload_interval = "1s"
 [store]
-kind = "embedded"
-path = {store:?}
+{store}
 [audit]
 path = {audit:?}
 [reaper]
 interval = "200ms"
+claim_hold = "{hold}"
 [providers.jwt]
 issuer = "https://mayfly.test"
 signing_key_file = {jwt:?}
@@ -146,7 +153,12 @@ generate_key = "ES256"
         key = pki.server.key,
         ba = pki.bundle_a,
         bb = pki.bundle_b,
-        store = dir.join("leases.redb"),
+        store = opts
+            .store
+            .clone()
+            .unwrap_or_else(|| format!("kind = \"embedded\"\npath = {:?}", dir.join("leases.redb"))),
+        node = opts.node_id,
+        hold = opts.claim_hold,
         jwt = dir.join("jwt-key.pem"),
         extra = opts.extra,
     );
@@ -329,4 +341,83 @@ pub fn audit_records(path: &Path) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// A free loopback port (bound then released; the race is harmless on a test machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_pong(port: u16) -> bool {
+    use std::io::{Read, Write};
+    for _ in 0..100 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut buf = [0u8; 16];
+            if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A real `redis-server` on a free loopback port, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.path().to_str().expect("utf8")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server; .ci/run does this)");
+        assert!(wait_for_pong(port), "redis-server did not answer on {port}");
+        Self { child, port, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn redis_store(url: &str, prefix: &str) -> String {
+    format!("kind = \"redis\"\nurl = {url:?}\nkey_prefix = {prefix:?}\nop_timeout = \"1s\"")
 }

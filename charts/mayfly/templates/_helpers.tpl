@@ -1,0 +1,102 @@
+{{/* Names are cut to 63 characters: the DNS label limit for Service names. */}}
+{{- define "mayfly.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mayfly.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mayfly.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels must never change after install: Deployment selectors are immutable. */}}
+{{- define "mayfly.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mayfly.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "mayfly.labels" -}}
+helm.sh/chart: {{ include "mayfly.chart" . }}
+{{ include "mayfly.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: broker
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "mayfly.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mayfly.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository[:tag][@digest]; a digest pins the image whatever the tag says. */}}
+{{- define "mayfly.imageRef" -}}
+{{- $ref := .repository }}
+{{- if .tag }}{{ $ref = printf "%s:%s" $ref .tag }}{{ end }}
+{{- if .digest }}{{ $ref = printf "%s@%s" $ref .digest }}{{ end }}
+{{- $ref }}
+{{- end }}
+
+{{- define "mayfly.image" -}}
+{{- $img := deepCopy .Values.image }}
+{{- $_ := set $img "tag" (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "mayfly.imageRef" $img }}
+{{- end }}
+
+{{/* The port number from config.listen ("0.0.0.0:8443", "[::]:8443"). */}}
+{{- define "mayfly.port" -}}
+{{- regexReplaceAll "^.*:([0-9]+)$" .Values.config.listen "${1}" }}
+{{- end }}
+
+{{- define "mayfly.jwtIssuer" -}}
+{{- if .Values.config.providers.jwt.issuer }}
+{{- .Values.config.providers.jwt.issuer }}
+{{- else }}
+{{- printf "https://%s.%s.svc:%d" (include "mayfly.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the chart mounts each file the broker config names. Kept in one place so the
+rendered mayfly.toml and the volume mounts cannot drift apart.
+*/}}
+{{- define "mayfly.paths" -}}
+configDir: /etc/mayfly
+configFile: /etc/mayfly/mayfly.toml
+policyDir: /etc/mayfly/policies
+identityDir: /var/run/mayfly/identity
+bundleDir: /var/run/mayfly/bundles
+redisDir: /var/run/mayfly/redis
+jwtDir: /var/run/mayfly/jwt
+dataDir: /var/lib/mayfly
+workloadApiDir: /spiffe-workload-api
+helperConfigDir: /etc/spiffe-helper
+{{- end }}
+
+{{/* True ("true") when more than one pod can run at once. */}}
+{{- define "mayfly.multiReplica" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.maxReplicas) 1 }}true{{ end }}
+{{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{/*
+TOML string: a JSON string literal is a valid TOML basic string (same escapes), so
+toJson quotes any value safely, including paths and URLs with quotes or backslashes.
+*/}}
+{{- define "mayfly.tomlString" -}}
+{{- toJson (toString .) }}
+{{- end }}

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Checks on `helm template` output of charts/mayfly that no schema can make.
+
+    chart-render-check.py split RENDERED.yaml CORE.yaml
+        Write the built-in Kubernetes kinds to CORE.yaml (for kubernetes-validate,
+        which has no schema for CRDs) and check the CRD objects (ServiceMonitor)
+        here instead.
+    chart-render-check.py check RENDERED.yaml [--expect KIND]... [--absent KIND]...
+                                [--policy-dir DIR]
+        Cross-object checks: selectors match the pods, the hardening is in place,
+        probes hit the right endpoints, and every file the rendered mayfly.toml
+        names is actually mounted into the broker container. With --policy-dir,
+        the rendered *.cedar files are written there for `mayfly policy check`.
+
+Prints one line per problem and exits 1 if there is any.
+"""
+
+import sys
+import tomllib
+from pathlib import PurePosixPath
+
+import yaml
+
+# Built-in API groups kubernetes-validate knows; anything else is a CRD.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+# The config keys the broker accepts (src/config.rs, RawConfig and friends, with
+# `deny_unknown_fields`): an extra key here means `mayfly serve` refuses to start.
+# Keep in step with src/config.rs.
+ALLOWED_KEYS = {
+    "": {"listen", "node_id", "tls", "trust_domains", "operators", "policy", "store",
+         "audit", "limits", "reaper", "providers"},
+    "tls": {"cert_file", "key_file"},
+    "trust_domains[]": {"name", "bundle_file"},
+    "operators": {"spiffe_ids"},
+    "policy": {"dir", "reload_interval"},
+    "store/embedded": {"kind", "path"},
+    "store/redis": {"kind", "url", "key_prefix", "password_file", "durability"},
+    "audit": {"path"},
+    "limits": {"max_task_ttl", "max_lease_ttl", "default_lease_ttl", "pending_timeout",
+               "max_body_bytes", "max_connections", "handshake_timeout", "max_page"},
+    "reaper": {"interval", "batch", "claim_hold", "max_attempts", "backoff_base", "backoff_max"},
+    "providers": {"jwt"},
+    "providers.jwt": {"issuer", "signing_key_file", "generate_key"},
+}
+
+EXPECTED_COMMAND = ["mayfly", "serve", "-c", "/etc/mayfly/mayfly.toml", "--log-format", "json"]
+
+problems: list[str] = []
+
+
+def problem(msg: str) -> None:
+    problems.append(msg)
+
+
+def load(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def ident(doc: dict) -> str:
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def one(docs: list[dict], kind: str) -> dict | None:
+    found = [d for d in docs if d.get("kind") == kind]
+    if len(found) != 1:
+        problem(f"expected exactly one {kind}, found {len(found)}")
+        return None
+    return found[0]
+
+
+def selects(selector: dict, labels: dict, what: str) -> None:
+    if not selector:
+        problem(f"{what}: empty selector would match every pod in the namespace")
+        return
+    missing = {k: v for k, v in selector.items() if labels.get(k) != v}
+    if missing:
+        problem(f"{what}: selector {missing} does not match the pod labels")
+
+
+# --- split -----------------------------------------------------------------------
+
+def check_service_monitor(sm: dict, docs: list[dict]) -> None:
+    spec = sm.get("spec", {})
+    extra = set(spec) - {"selector", "namespaceSelector", "endpoints", "jobLabel"}
+    if extra:
+        problem(f"{ident(sm)}: unexpected spec keys {sorted(extra)}")
+    svc = next((d for d in docs if d.get("kind") == "Service"), None)
+    if svc is None:
+        problem(f"{ident(sm)}: no Service to monitor")
+        return
+    selects(spec.get("selector", {}).get("matchLabels", {}),
+            svc["metadata"].get("labels", {}), f"{ident(sm)} -> {ident(svc)}")
+    ns = sm["metadata"].get("namespace")
+    if spec.get("namespaceSelector", {}).get("matchNames") != [ns]:
+        problem(f"{ident(sm)}: namespaceSelector should name its own namespace {ns!r}")
+    port_names = {p.get("name") for p in svc["spec"].get("ports", [])}
+    endpoints = spec.get("endpoints") or []
+    if not endpoints:
+        problem(f"{ident(sm)}: no endpoints")
+    for ep in endpoints:
+        allowed = {"port", "scheme", "path", "interval", "scrapeTimeout", "tlsConfig"}
+        if set(ep) - allowed:
+            problem(f"{ident(sm)}: unexpected endpoint keys {sorted(set(ep) - allowed)}")
+        if ep.get("port") not in port_names:
+            problem(f"{ident(sm)}: endpoint port {ep.get('port')!r} is not a Service port {sorted(port_names)}")
+        if ep.get("scheme") != "https" or ep.get("path") != "/metrics":
+            problem(f"{ident(sm)}: endpoint must scrape https /metrics, got {ep.get('scheme')} {ep.get('path')}")
+        if not isinstance(ep.get("tlsConfig", {}), dict):
+            problem(f"{ident(sm)}: tlsConfig must be a mapping")
+
+
+def split(rendered: str, core_out: str) -> None:
+    docs = load(rendered)
+    core = []
+    for d in docs:
+        key = (d.get("apiVersion"), d.get("kind"))
+        if key in CRD_KINDS:
+            if key[1] == "ServiceMonitor":
+                check_service_monitor(d, docs)
+        else:
+            core.append(d)
+    with open(core_out, "w", encoding="utf-8") as f:
+        yaml.safe_dump_all(core, f, sort_keys=False)
+
+
+# --- check -----------------------------------------------------------------------
+
+def check_hardening(pod: dict, containers: list[dict]) -> None:
+    psc = pod.get("securityContext", {})
+    if psc.get("runAsNonRoot") is not True or psc.get("runAsUser") != 65532:
+        problem(f"pod securityContext must run as non-root uid 65532, got {psc}")
+    if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        problem("pod seccompProfile must be RuntimeDefault")
+    if pod.get("automountServiceAccountToken") is not False:
+        problem("the broker needs no Kubernetes API token: automountServiceAccountToken must be false")
+    for c in containers:
+        sc = c.get("securityContext", {})
+        name = c.get("name")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problem(f"container {name}: readOnlyRootFilesystem must be true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problem(f"container {name}: allowPrivilegeEscalation must be false")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            problem(f"container {name}: capabilities must drop ALL")
+        if sc.get("runAsNonRoot") is not True:
+            problem(f"container {name}: runAsNonRoot must be true")
+        if sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problem(f"container {name}: seccompProfile must be RuntimeDefault")
+        res = c.get("resources", {})
+        if not res.get("requests") or not res.get("limits"):
+            problem(f"container {name}: needs resource requests and limits")
+
+
+def check_probes(broker: dict, port: int) -> None:
+    ports = {p.get("name"): p.get("containerPort") for p in broker.get("ports", [])}
+    if ports.get("https") != port:
+        problem(f"container port 'https' is {ports.get('https')}, mayfly.toml listens on {port}")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = broker.get(probe, {}).get("httpGet", {})
+        if (get.get("path"), get.get("scheme"), get.get("port")) != (path, "HTTPS", "https"):
+            problem(f"{probe} must be GET {path} over HTTPS on port 'https', got {get}")
+
+
+def toml_paths(cfg: dict) -> list[tuple[str, str, bool]]:
+    """(config key, path, must the broker be able to write it?)"""
+    out = [("tls.cert_file", cfg["tls"]["cert_file"], False),
+           ("tls.key_file", cfg["tls"]["key_file"], False),
+           ("policy.dir", cfg["policy"]["dir"], False),
+           ("audit.path", cfg["audit"]["path"], True),
+           ("providers.jwt.signing_key_file", cfg["providers"]["jwt"]["signing_key_file"], False)]
+    for td in cfg.get("trust_domains", []):
+        out.append((f"trust_domains[{td['name']}].bundle_file", td["bundle_file"], False))
+    store = cfg["store"]
+    if store["kind"] == "embedded":
+        out.append(("store.path", store["path"], True))
+    elif "password_file" in store:
+        out.append(("store.password_file", store["password_file"], False))
+    return out
+
+
+def check_keys(cfg: dict) -> None:
+    def unknown(section: str, table: dict, allowed: set) -> None:
+        extra = set(table) - allowed
+        if extra:
+            problem(f"mayfly.toml [{section or 'top'}]: keys the broker rejects: {sorted(extra)}")
+
+    unknown("", cfg, ALLOWED_KEYS[""])
+    for section in ("tls", "operators", "policy", "audit", "limits", "reaper", "providers"):
+        unknown(section, cfg.get(section, {}), ALLOWED_KEYS[section])
+    unknown("providers.jwt", cfg.get("providers", {}).get("jwt", {}), ALLOWED_KEYS["providers.jwt"])
+    for td in cfg.get("trust_domains", []):
+        unknown("trust_domains", td, ALLOWED_KEYS["trust_domains[]"])
+    kind = cfg.get("store", {}).get("kind")
+    if f"store/{kind}" not in ALLOWED_KEYS:
+        problem(f"mayfly.toml [store]: unknown kind {kind!r}")
+    else:
+        unknown("store", cfg["store"], ALLOWED_KEYS[f"store/{kind}"])
+    if not cfg.get("trust_domains"):
+        problem("mayfly.toml: no trust domain (the broker refuses to start)")
+    if not str(cfg.get("providers", {}).get("jwt", {}).get("issuer", "")).startswith("https://"):
+        problem("mayfly.toml: providers.jwt.issuer must be an https:// URL")
+
+
+def check_mounts(cfg: dict, broker: dict, pod: dict, cm_data: dict, helper_conf: str | None) -> None:
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = broker.get("volumeMounts", [])
+    for m in mounts:
+        if m["name"] not in volumes:
+            problem(f"volumeMount {m['name']} has no volume")
+    for key, raw, writable in toml_paths(cfg):
+        path = PurePosixPath(raw)
+        best = None
+        for m in mounts:
+            mp = PurePosixPath(m["mountPath"])
+            if (path == mp or mp in path.parents) and (best is None or len(mp.parts) > len(PurePosixPath(best["mountPath"]).parts)):
+                best = m
+        if best is None:
+            problem(f"{key} = {raw}: no volume is mounted there")
+            continue
+        if writable and best.get("readOnly"):
+            problem(f"{key} = {raw}: the broker must write it but {best['mountPath']} is read-only")
+        rel = str(path.relative_to(best["mountPath"]))
+        vol = volumes.get(best["name"], {})
+        src = vol.get("configMap") or vol.get("secret")
+        if src is not None:
+            item_paths = [i["path"] for i in src.get("items", [])]
+            if key == "policy.dir":
+                cedar = [p for p in item_paths if p.startswith(rel + "/") and p.endswith(".cedar")]
+                if not cedar:
+                    problem(f"{key} = {raw}: no *.cedar file is mounted there")
+            elif rel not in item_paths:
+                problem(f"{key} = {raw}: volume {best['name']} maps no item to {rel!r} (items: {item_paths})")
+        elif "emptyDir" in vol and not writable:
+            # Only the SPIFFE CSI mode fills an emptyDir the broker reads: spiffe-helper writes it.
+            if helper_conf is None or f'cert_dir = "{best["mountPath"]}"' not in helper_conf:
+                problem(f"{key} = {raw}: {best['mountPath']} is an emptyDir nothing writes")
+    # The chart's own ConfigMap must hold every key the config volume projects.
+    cfg_vol = volumes.get("config", {}).get("configMap", {})
+    for item in cfg_vol.get("items", []):
+        if item["key"] not in cm_data:
+            problem(f"config volume projects key {item['key']!r}, missing from the ConfigMap")
+    projected = {i["key"] for i in cfg_vol.get("items", [])}
+    for k in cm_data:
+        if k.endswith(".cedar") and k not in projected:
+            problem(f"policy {k} is in the ConfigMap but not mounted")
+
+
+def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str | None) -> None:
+    docs = load(rendered)
+    kinds = {d.get("kind") for d in docs}
+    for k in expect:
+        if k not in kinds:
+            problem(f"expected a {k} in the output")
+    for k in absent:
+        if k in kinds:
+            problem(f"expected no {k} in the output")
+
+    dep = one(docs, "Deployment")
+    cm = one(docs, "ConfigMap")
+    if dep is None or cm is None:
+        return
+    tmpl = dep["spec"]["template"]
+    pod = tmpl["spec"]
+    pod_labels = tmpl["metadata"].get("labels", {})
+    selects(dep["spec"]["selector"]["matchLabels"], pod_labels, ident(dep))
+    for d in docs:
+        sel = None
+        if d["kind"] == "Service":
+            sel = d["spec"].get("selector", {})
+        elif d["kind"] == "PodDisruptionBudget":
+            sel = d["spec"]["selector"].get("matchLabels", {})
+        elif d["kind"] == "NetworkPolicy":
+            sel = d["spec"]["podSelector"].get("matchLabels", {})
+        elif d["kind"] == "HorizontalPodAutoscaler":
+            ref = d["spec"]["scaleTargetRef"]
+            if (ref.get("kind"), ref.get("name")) != ("Deployment", dep["metadata"]["name"]):
+                problem(f"{ident(d)} scales {ref}, not {ident(dep)}")
+            if "replicas" in dep["spec"]:
+                problem(f"{ident(dep)} sets replicas although an HPA owns the count")
+        if sel is not None:
+            selects(sel, pod_labels, ident(d))
+
+    containers = pod.get("containers", [])
+    broker = next((c for c in containers if c.get("name") == "mayfly"), None)
+    if broker is None:
+        problem("no container named mayfly")
+        return
+    if broker.get("command") != EXPECTED_COMMAND:
+        problem(f"broker command is {broker.get('command')}, expected {EXPECTED_COMMAND}")
+    check_hardening(pod, containers + pod.get("initContainers", []))
+
+    try:
+        cfg = tomllib.loads(cm["data"]["mayfly.toml"])
+    except (KeyError, tomllib.TOMLDecodeError) as e:
+        problem(f"ConfigMap mayfly.toml does not parse as TOML: {e}")
+        return
+    check_keys(cfg)
+    port = int(str(cfg.get("listen", "")).rsplit(":", 1)[-1])
+    check_probes(broker, port)
+
+    ann = tmpl["metadata"].get("annotations", {})
+    if "prometheus.io/scrape" in ann:
+        want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                "prometheus.io/path": "/metrics", "prometheus.io/scheme": "https"}
+        got = {k: ann.get(k) for k in want}
+        if got != want:
+            problem(f"Prometheus annotations {got}, expected {want}")
+    if not ann.get("checksum/config"):
+        problem("pod template lacks checksum/config: config changes would not roll the pods")
+
+    helper_conf = cm["data"].get("spiffe-helper.conf")
+    check_mounts(cfg, broker, pod, cm["data"], helper_conf)
+
+    if any(v.get("csi") for v in pod.get("volumes", [])):
+        helpers = [c for c in pod.get("initContainers", []) if c.get("name") == "spiffe-helper"]
+        if len(helpers) != 1 or helpers[0].get("restartPolicy") != "Always":
+            problem("SPIFFE CSI mode needs spiffe-helper as a native sidecar (initContainer, restartPolicy: Always)")
+        elif "startupProbe" not in helpers[0]:
+            problem("spiffe-helper needs a startupProbe so the broker starts after the SVID is written")
+
+    cedar = {k: v for k, v in cm["data"].items() if k.endswith(".cedar")}
+    if not cedar:
+        problem("no *.cedar policy in the ConfigMap (the broker refuses to start)")
+    if policy_dir:
+        for name, text in cedar.items():
+            with open(PurePosixPath(policy_dir) / name, "w", encoding="utf-8") as f:
+                f.write(text)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[0] == "split":
+        split(argv[1], argv[2])
+    elif len(argv) >= 2 and argv[0] == "check":
+        expect, absent, policy_dir = [], [], None
+        rest = argv[2:]
+        while rest:
+            flag, value, rest = rest[0], rest[1], rest[2:]
+            if flag == "--expect":
+                expect.append(value)
+            elif flag == "--absent":
+                absent.append(value)
+            elif flag == "--policy-dir":
+                policy_dir = value
+            else:
+                print(f"unknown flag {flag}", file=sys.stderr)
+                return 2
+        check(argv[1], expect, absent, policy_dir)
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for p in problems:
+        print(f"  - {p}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

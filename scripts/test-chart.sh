@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Tests charts/mayfly offline: no cluster is needed (or available in CI).
+#
+#   scripts/test-chart.sh
+#
+# 1. helm lint --strict, with the default values and each charts/mayfly/ci/*.yaml;
+# 2. helm template for the same cases, piped through kubernetes-validate (strict,
+#    Kubernetes 1.30 schemas) and scripts/chart-render-check.py (selectors,
+#    hardening, probes, every file mayfly.toml names is mounted; the ServiceMonitor
+#    CRD, which kubernetes-validate has no schema for);
+# 3. the rendered Cedar policies through `mayfly policy check`, if a mayfly binary
+#    is at $MAYFLY_BIN, target/{debug,release}/mayfly or on PATH (skipped otherwise);
+# 4. values that must be refused: wrong types, unknown keys, bad enums and
+#    durations (values.schema.json), and combinations the templates `fail` on
+#    (more than one replica with the embedded store, ...).
+#
+# Needs: helm (scripts/install-helm.sh), kubernetes-validate (pip install
+# kubernetes-validate), python3 >= 3.11 with PyYAML. Runs every check, prints each
+# failure with its output, and exits 1 if any failed.
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+chart="$root/charts/mayfly"
+checker="$root/scripts/chart-render-check.py"
+kube_version="1.30.0"
+release="mayfly"
+namespace="mayfly"
+
+# helm may have been installed by install-helm.sh without being on PATH yet.
+PATH="$PATH:$HOME/.local/bin"
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+failures=()
+passed=0
+started=$SECONDS
+
+pass() { passed=$((passed + 1)); printf 'ok    %s\n' "$1"; }
+fail() {
+    failures+=("$1")
+    printf 'FAIL  %s\n' "$1"
+    [[ -n "${2:-}" ]] && sed 's/^/      | /' <<<"$2"
+}
+
+for tool in helm kubernetes-validate python3; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "test-chart: '$tool' not found; install helm with scripts/install-helm.sh and kubernetes-validate with 'pip install kubernetes-validate'" >&2
+        exit 1
+    fi
+done
+if ! python3 -c 'import tomllib, yaml' 2>/dev/null; then
+    echo "test-chart: python3 >= 3.11 with PyYAML is required (pip install pyyaml)" >&2
+    exit 1
+fi
+
+mayfly_bin="${MAYFLY_BIN:-}"
+if [[ -z "$mayfly_bin" ]]; then
+    for candidate in "$root/target/debug/mayfly" "$root/target/release/mayfly" "$(command -v mayfly || true)"; do
+        if [[ -n "$candidate" && -x "$candidate" ]]; then mayfly_bin="$candidate"; break; fi
+    done
+fi
+
+echo "helm $(helm version --short), kubernetes-validate $(kubernetes-validate --version), schemas for Kubernetes $kube_version"
+
+# --- lint -------------------------------------------------------------------------
+
+# `helm lint` only logs a template `fail` ("funcMap fail") and still passes, so a
+# failing cross-field check has to be caught in its output.
+lint() {
+    local name="$1"; shift
+    local out
+    if ! out="$(helm lint --strict "$chart" "$@" 2>&1)"; then
+        fail "lint $name" "$out"
+    elif grep -q 'funcMap fail' <<<"$out"; then
+        fail "lint $name (a template check failed)" "$out"
+    else
+        pass "lint $name"
+    fi
+}
+
+lint "default values"
+for values in "$chart"/ci/*.yaml; do
+    lint "$(basename "$values")" -f "$values"
+done
+
+# --- render and validate ----------------------------------------------------------
+
+# render NAME [--expect KIND|--absent KIND]... -- [helm args]...
+render() {
+    local name="$1"; shift
+    local checks=()
+    while [[ "$1" != "--" ]]; do checks+=("$1"); shift; done
+    shift
+    local out="$work/$name.yaml" core="$work/$name.core.yaml" msg
+
+    if ! msg="$(helm template "$release" "$chart" --namespace "$namespace" \
+            --kube-version "$kube_version" "$@" 2>&1 >"$out")"; then
+        fail "template $name" "$msg"
+        return
+    fi
+    pass "template $name"
+
+    if msg="$(python3 "$checker" split "$out" "$core" 2>&1)"; then
+        pass "$name: CRD objects (ServiceMonitor)"
+    else
+        fail "$name: CRD objects (ServiceMonitor)" "$msg"
+    fi
+
+    if msg="$(kubernetes-validate --strict --quiet -k "$kube_version" - <"$core" 2>&1)"; then
+        pass "$name: kubernetes-validate --strict -k $kube_version"
+    else
+        fail "$name: kubernetes-validate --strict -k $kube_version" "$msg"
+    fi
+
+    local policies="$work/$name.policies"
+    mkdir -p "$policies"
+    if msg="$(python3 "$checker" check "$out" "${checks[@]}" --policy-dir "$policies" 2>&1)"; then
+        pass "$name: render checks (selectors, hardening, probes, mounts, mayfly.toml keys)"
+    else
+        fail "$name: render checks" "$msg"
+    fi
+
+    if [[ -n "$mayfly_bin" ]]; then
+        if msg="$("$mayfly_bin" policy check "$policies" 2>&1)"; then
+            pass "$name: mayfly policy check ($msg)"
+        else
+            fail "$name: mayfly policy check" "$msg"
+        fi
+    fi
+}
+
+render default \
+    --expect Deployment --expect Service --expect ConfigMap --expect ServiceAccount \
+    --expect PodDisruptionBudget --expect NetworkPolicy \
+    --absent HorizontalPodAutoscaler --absent ServiceMonitor --
+render full-values \
+    --expect HorizontalPodAutoscaler --expect ServiceMonitor --expect NetworkPolicy \
+    --expect PodDisruptionBudget -- \
+    -f "$chart/ci/full-values.yaml"
+render secret-identity-values \
+    --absent PodDisruptionBudget --absent NetworkPolicy --absent HorizontalPodAutoscaler -- \
+    -f "$chart/ci/secret-identity-values.yaml"
+render single-embedded-replica --expect PodDisruptionBudget -- \
+    --set replicaCount=1 --set config.store.kind=embedded
+
+[[ -n "$mayfly_bin" ]] || echo "skip  mayfly policy check (no mayfly binary; set MAYFLY_BIN)"
+
+# --- values that must be refused --------------------------------------------------
+
+# refuse NAME EXPECTED_MESSAGE [helm args]...: helm template must fail, and say why.
+refuse() {
+    local name="$1" expected="$2"; shift 2
+    local out
+    if out="$(helm template "$release" "$chart" --namespace "$namespace" \
+            --kube-version "$kube_version" "$@" 2>&1)"; then
+        fail "refuses $name (it rendered)" "$(head -5 <<<"$out")"
+    elif ! grep -qF -- "$expected" <<<"$out"; then
+        fail "refuses $name, but not with \"$expected\"" "$out"
+    else
+        pass "refuses $name"
+    fi
+}
+
+refuse "replicaCount=three (string for integer)" "replicaCount" --set replicaCount=three
+refuse 'replicaCount="3" (JSON string)' "replicaCount" --set-json 'replicaCount="3"'
+refuse "limits.max_body_bytes as a string" "max_body_bytes" --set-string config.limits.max_body_bytes=65536
+refuse "unknown key config.limits.max_pages" "max_pages" --set config.limits.max_pages=5
+refuse "unknown top-level key" "replicas" --set replicas=3
+refuse "store.durability=fsync (not aof|wait)" "durability" --set config.store.durability=fsync
+refuse "store.kind=postgres" "kind" --set config.store.kind=postgres
+refuse "duration 1hour" "max_lease_ttl" --set config.limits.max_lease_ttl=1hour
+refuse "non-https JWT issuer" "issuer" --set config.providers.jwt.issuer=http://mayfly.example.org
+refuse "policy file not named *.cedar" "evil.toml" --set-json 'policies={"evil.toml":"x"}'
+refuse "trust bundle from both a ConfigMap and a Secret" "bundle" \
+    --set-json 'config.trust_domains=[{"name":"a.org","bundle":{"configMap":{"name":"a","key":"k"},"secret":{"name":"b","key":"k"}}}]'
+refuse "identity.mode=vault" "mode" --set identity.mode=vault
+refuse "embedded store with replicaCount=3" "config.store.kind=embedded cannot run with more than one replica" \
+    --set replicaCount=3 --set config.store.kind=embedded
+refuse "embedded store with the default replicaCount" "config.store.kind=embedded cannot run with more than one replica" \
+    --set config.store.kind=embedded
+refuse "embedded store under an HPA" "config.store.kind=embedded cannot run with more than one replica" \
+    --set replicaCount=1 --set config.store.kind=embedded --set autoscaling.enabled=true
+refuse "HPA maxReplicas below minReplicas" "autoscaling.maxReplicas" \
+    --set autoscaling.enabled=true --set autoscaling.minReplicas=4 --set autoscaling.maxReplicas=2
+refuse "a trust domain listed twice" "listed twice" \
+    --set-json 'config.trust_domains=[{"name":"a.org","bundle":{"configMap":{"name":"a","key":"k"}}},{"name":"a.org","bundle":{"secret":{"name":"b","key":"k"}}}]'
+refuse "no trust domain" "trust_domains" --set-json 'config.trust_domains=[]'
+refuse "SPIFFE CSI mode before Kubernetes 1.29" "needs Kubernetes >= 1.29" \
+    --set identity.mode=spiffeCsi --kube-version 1.28.0
+
+# A wrong type must also fail `helm lint --strict`, not only install/template.
+if out="$(helm lint --strict "$chart" --set replicaCount=three 2>&1)"; then
+    fail "lint refuses replicaCount=three (it passed)" "$out"
+else
+    pass "lint refuses replicaCount=three"
+fi
+
+# --- summary ----------------------------------------------------------------------
+
+elapsed=$((SECONDS - started))
+if ((${#failures[@]})); then
+    printf '\n%d passed, %d FAILED (%ds):\n' "$passed" "${#failures[@]}" "$elapsed"
+    printf '  - %s\n' "${failures[@]}"
+    exit 1
+fi
+printf '\nchart tests: all %d passed (%ds)\n' "$passed" "$elapsed"

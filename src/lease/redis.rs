@@ -1,0 +1,614 @@
+//! The Redis lease store, shared by every broker replica.
+//!
+//! Every key carries the hash tag `{prefix}`, so all of Mayfly's keys live in one hash
+//! slot: multi-key Lua scripts stay atomic on Redis Cluster too (at the price of one
+//! shard holding all lease state — a lease is ~1 KiB, so 1M leases ≈ 1 GiB).
+//!
+//! Keys: `{p}:task:ID` and `{p}:lease:ID` (JSON), `{p}:tl:TASK` (set: the task's leases),
+//! `{p}:ch:TASK` (set: sub-tasks), `{p}:tasks` and `{p}:leases` (sorted sets by id for
+//! pagination), `{p}:due` (sorted set: lease id by due time in ms — the reaper's O(log n)
+//! expiry index).
+//!
+//! State transitions are compare-and-set: the new record is computed by the same Rust
+//! code as the embedded store (`apply_transition`) and written by a Lua script only if
+//! the stored record is still the one it was computed from; otherwise it is re-read and
+//! re-checked. Claims on due leases are one Lua script, so a lease is claimed by exactly
+//! one replica per claim period.
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Script, Value};
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+
+use super::{
+    Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition, apply_transition,
+    lease_matches, task_matches,
+};
+use crate::task::{LeaseId, Task, TaskId, TaskState};
+
+/// What a write must reach before Mayfly treats it as durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Durability {
+    /// Whatever the server does (fine for dev; a crash of Redis may lose recent leases).
+    Server,
+    /// The server must run with `appendonly yes` and `appendfsync always`; checked at
+    /// start-up with `CONFIG GET` unless `verify` is false (managed Redis without CONFIG).
+    Aof { verify: bool },
+    /// After each write, `WAIT replicas timeout`: fewer acknowledgements fail the write.
+    Wait { replicas: u32, timeout: Duration },
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://`, `redis+sentinel://h1:p1,h2:p2/master`, `redis+cluster://h1:p1,h2:p2`
+    pub url: String,
+    pub key_prefix: String,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub durability: Durability,
+    /// Upper bound on any single store operation; past it the request fails closed.
+    pub op_timeout: Duration,
+}
+
+enum Backend {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    Sentinel {
+        client: Mutex<SentinelClient>,
+        conn: Mutex<Option<MultiplexedConnection>>,
+    },
+}
+
+#[derive(Clone)]
+enum Conn {
+    Manager(ConnectionManager),
+    Cluster(ClusterConnection),
+    Mux(MultiplexedConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Manager(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Mux(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Manager(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Mux(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Manager(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Mux(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct RedisStore {
+    backend: Backend,
+    prefix: String,
+    durability: Durability,
+    op_timeout: Duration,
+}
+
+static CREATE_TASK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+if ARGV[3] == '1' then redis.call('SADD', KEYS[3], ARGV[2]) end
+return 1",
+    )
+});
+
+static PUT_PENDING: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+return 1",
+    )
+});
+
+/// Compare-and-set a record; optionally move it in the due index.
+static CAS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[3] == 'del' then
+  redis.call('ZREM', KEYS[2], ARGV[4])
+elseif ARGV[3] ~= 'keep' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+end
+return 1",
+    )
+});
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids",
+    )
+});
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// How many CAS retries before giving up under contention (each retry re-reads).
+const CAS_RETRIES: usize = 16;
+
+impl RedisStore {
+    pub async fn connect(cfg: &RedisConfig) -> Result<Self, StoreError> {
+        let password = match &cfg.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| StoreError::Unavailable(format!("redis password file {}: {e}", p.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let with_auth = |info: redis::ConnectionInfo| -> redis::ConnectionInfo {
+            let mut settings = info.redis_settings().clone();
+            if let Some(pw) = &password {
+                settings = settings.set_password(pw);
+            }
+            if let Some(u) = &cfg.username {
+                settings = settings.set_username(u);
+            }
+            info.set_redis_settings(settings)
+        };
+        let backend = if let Some(rest) = cfg.url.strip_prefix("redis+sentinel://") {
+            let (hosts, master) = rest
+                .split_once('/')
+                .ok_or_else(|| unavailable("sentinel URL needs /MASTER_NAME"))?;
+            let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+            let mut node = SentinelNodeConnectionInfo::default();
+            let base = with_auth("redis://127.0.0.1".into_connection_info().map_err(unavailable)?);
+            node = node.set_redis_connection_info(base.redis_settings().clone());
+            let client = SentinelClient::build(sentinels, master, Some(node), SentinelServerType::Master)
+                .map_err(unavailable)?;
+            Backend::Sentinel {
+                client: Mutex::new(client),
+                conn: Mutex::new(None),
+            }
+        } else if let Some(rest) = cfg.url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<redis::ConnectionInfo> = rest
+                .split(',')
+                .map(|h| format!("redis://{h}").into_connection_info().map(with_auth))
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .response_timeout(cfg.op_timeout)
+                .connection_timeout(cfg.op_timeout)
+                .build()
+                .map_err(unavailable)?;
+            let conn = tokio::time::timeout(cfg.op_timeout, client.get_async_connection())
+                .await
+                .map_err(|_| unavailable("cluster connection timed out"))?
+                .map_err(unavailable)?;
+            Backend::Cluster(conn)
+        } else {
+            let info = with_auth(cfg.url.as_str().into_connection_info().map_err(unavailable)?);
+            let client = redis::Client::open(info).map_err(unavailable)?;
+            let mc = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(cfg.op_timeout))
+                .set_connection_timeout(Some(cfg.op_timeout))
+                .set_number_of_retries(2);
+            let conn = tokio::time::timeout(cfg.op_timeout, ConnectionManager::new_with_config(client, mc))
+                .await
+                .map_err(|_| unavailable("connection timed out"))?
+                .map_err(unavailable)?;
+            Backend::Single(conn)
+        };
+        let store = Self {
+            backend,
+            prefix: cfg.key_prefix.clone(),
+            durability: cfg.durability.clone(),
+            op_timeout: cfg.op_timeout,
+        };
+        // Fail at start-up, not at the first request, on a wrong password or address.
+        store.ping().await?;
+        store.check_durability().await?;
+        Ok(store)
+    }
+
+    /// Refuses to start on a Redis that would lose acknowledged leases in a crash.
+    async fn check_durability(&self) -> Result<(), StoreError> {
+        let Durability::Aof { verify: true } = self.durability else {
+            return Ok(());
+        };
+        let mut c = self.conn().await?;
+        let get = |param: &'static str| {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("GET").arg(param);
+            cmd
+        };
+        let aof: Vec<String> = get("appendonly").query_async(&mut c).await.map_err(unavailable)?;
+        let fsync: Vec<String> = get("appendfsync").query_async(&mut c).await.map_err(unavailable)?;
+        if aof.get(1).map(String::as_str) != Some("yes") || fsync.get(1).map(String::as_str) != Some("always") {
+            return Err(StoreError::Unavailable(format!(
+                "redis durability \"aof\" needs appendonly yes and appendfsync always; server has appendonly={:?} appendfsync={:?}",
+                aof.get(1),
+                fsync.get(1)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        match &self.backend {
+            Backend::Single(c) => Ok(Conn::Manager(c.clone())),
+            Backend::Cluster(c) => Ok(Conn::Cluster(c.clone())),
+            Backend::Sentinel { client, conn } => {
+                let mut slot = conn.lock().await;
+                if let Some(c) = slot.as_ref() {
+                    return Ok(Conn::Mux(c.clone()));
+                }
+                let mut cl = client.lock().await;
+                let c = tokio::time::timeout(self.op_timeout, cl.get_async_connection())
+                    .await
+                    .map_err(|_| unavailable("sentinel: no master reachable in time"))?
+                    .map_err(unavailable)?;
+                *slot = Some(c.clone());
+                Ok(Conn::Mux(c))
+            }
+        }
+    }
+
+    /// After an error on a sentinel-managed connection, ask the sentinels again next time
+    /// (the master may have changed).
+    async fn forget_connection(&self) {
+        if let Backend::Sentinel { conn, .. } = &self.backend {
+            *conn.lock().await = None;
+        }
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{{{}}}:{kind}:{id}", self.prefix)
+    }
+
+    fn index(&self, name: &str) -> String {
+        format!("{{{}}}:{name}", self.prefix)
+    }
+
+    /// Runs `f` with a connection, bounded by the op timeout; errors fail closed.
+    async fn with<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let c = self.conn().await?;
+        match tokio::time::timeout(self.op_timeout, f(c)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.forget_connection().await;
+                Err(unavailable(e))
+            }
+            Err(_) => {
+                self.forget_connection().await;
+                Err(unavailable(format!("operation timed out after {:?}", self.op_timeout)))
+            }
+        }
+    }
+
+    /// Makes a completed write durable per the configured mode.
+    async fn durable(&self) -> Result<(), StoreError> {
+        let Durability::Wait { replicas, timeout } = self.durability else {
+            return Ok(());
+        };
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let acked: i64 = self
+            .with(|mut c| async move {
+                redis::cmd("WAIT").arg(replicas).arg(millis).query_async(&mut c).await
+            })
+            .await?;
+        if acked < i64::from(replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "redis write acknowledged by {acked} of {replicas} required replicas"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn get_str(&self, key: String) -> Result<Option<String>, StoreError> {
+        self.with(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await
+    }
+
+    async fn mget<T: serde::de::DeserializeOwned>(&self, keys: Vec<String>) -> Result<Vec<T>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<String>> = self
+            .with(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
+            .await?;
+        raw.into_iter().flatten().map(|s| decode(&s)).collect()
+    }
+
+    async fn cas(&self, key: String, old: String, new: String, due: String, id: String) -> Result<bool, StoreError> {
+        let due_key = self.index("due");
+        let done: i64 = self
+            .with(|mut c| async move {
+                CAS.key(key).key(due_key).arg(old).arg(new).arg(due).arg(id).invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Ids from a lexicographic index, after `after`, in batches.
+    async fn ids_after(&self, index: String, after: Option<String>, count: usize) -> Result<Vec<String>, StoreError> {
+        let start = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+        self.with(|mut c| async move {
+            redis::cmd("ZRANGE")
+                .arg(index)
+                .arg(start)
+                .arg("+")
+                .arg("BYLEX")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(count)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+}
+
+const SCAN_BATCH: usize = 500;
+
+#[async_trait]
+impl LeaseStore for RedisStore {
+    async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
+        let json = encode(task)?;
+        let keys = (
+            self.key("task", task.id.as_str()),
+            self.index("tasks"),
+            self.key("ch", task.parent.as_ref().map_or("", TaskId::as_str)),
+        );
+        let (id, has_parent) = (task.id.to_string(), if task.parent.is_some() { "1" } else { "0" });
+        let created: i64 = self
+            .with(|mut c| async move {
+                CREATE_TASK.key(keys.0).key(keys.1).key(keys.2).arg(json).arg(id).arg(has_parent).invoke_async(&mut c).await
+            })
+            .await?;
+        if created == 0 {
+            return Err(StoreError::AlreadyExists(task.id.to_string()));
+        }
+        self.durable().await
+    }
+
+    async fn task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        self.get_str(self.key("task", id.as_str()))
+            .await?
+            .map(|s| decode(&s))
+            .transpose()
+    }
+
+    async fn tasks(&self, q: &TaskQuery) -> Result<Page<Task>, StoreError> {
+        let mut items: Vec<Task> = Vec::new();
+        let mut cursor = q.after.as_ref().map(ToString::to_string);
+        loop {
+            let ids = self.ids_after(self.index("tasks"), cursor.clone(), SCAN_BATCH).await?;
+            let Some(last) = ids.last().cloned() else {
+                return Ok(Page { items, next: None });
+            };
+            let keys = ids.iter().map(|i| self.key("task", i)).collect();
+            for t in self.mget::<Task>(keys).await? {
+                if task_matches(&t, q) {
+                    if items.len() == q.limit {
+                        let next = items.last().map(|t| t.id.to_string());
+                        return Ok(Page { items, next });
+                    }
+                    items.push(t);
+                }
+            }
+            cursor = Some(last);
+        }
+    }
+
+    async fn end_task(&self, id: &TaskId, to: TaskState, reason: &str, at: OffsetDateTime) -> Result<Task, StoreError> {
+        let key = self.key("task", id.as_str());
+        for _ in 0..CAS_RETRIES {
+            let Some(old) = self.get_str(key.clone()).await? else {
+                return Err(StoreError::NotFound(id.to_string()));
+            };
+            let mut task: Task = decode(&old)?;
+            if task.state == to {
+                return Ok(task);
+            }
+            if task.state != TaskState::Active {
+                return Err(StoreError::TaskEnded { id: id.to_string(), current: task.state, to });
+            }
+            task.state = to;
+            task.ended_at = Some(at);
+            task.end_reason = Some(reason.to_string());
+            if self.cas(key.clone(), old, encode(&task)?, "keep".into(), id.to_string()).await? {
+                self.durable().await?;
+                return Ok(task);
+            }
+        }
+        Err(StoreError::Unavailable(format!("task {id}: too much contention")))
+    }
+
+    async fn children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError> {
+        let key = self.key("ch", id.as_str());
+        let mut ids: Vec<String> = self
+            .with(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+            .await?;
+        ids.sort();
+        ids.iter()
+            .map(|s| s.parse().map_err(|_| StoreError::Corrupt(format!("child id {s}"))))
+            .collect()
+    }
+
+    async fn put_pending(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError> {
+        let json = encode(lease)?;
+        let keys = (
+            self.key("lease", lease.id.as_str()),
+            self.key("tl", lease.task_id.as_str()),
+            self.index("leases"),
+            self.index("due"),
+        );
+        let id = lease.id.to_string();
+        let due = ms(due_at);
+        let created: i64 = self
+            .with(|mut c| async move {
+                PUT_PENDING.key(keys.0).key(keys.1).key(keys.2).key(keys.3).arg(json).arg(id).arg(due).invoke_async(&mut c).await
+            })
+            .await?;
+        if created == 0 {
+            return Err(StoreError::AlreadyExists(lease.id.to_string()));
+        }
+        self.durable().await
+    }
+
+    async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+        self.get_str(self.key("lease", id.as_str()))
+            .await?
+            .map(|s| decode(&s))
+            .transpose()
+    }
+
+    async fn leases(&self, q: &LeaseQuery) -> Result<Page<Lease>, StoreError> {
+        let mut items: Vec<Lease> = Vec::new();
+        let push = |items: &mut Vec<Lease>, l: Lease| -> Option<Page<Lease>> {
+            if q.after.as_ref().is_some_and(|a| l.id <= *a) || !lease_matches(&l, q) {
+                return None;
+            }
+            if items.len() == q.limit {
+                let next = items.last().map(|l| l.id.to_string());
+                return Some(Page { items: std::mem::take(items), next });
+            }
+            items.push(l);
+            None
+        };
+        if let Some(task) = &q.task {
+            let key = self.key("tl", task.as_str());
+            let mut ids: Vec<String> = self
+                .with(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+                .await?;
+            ids.sort();
+            for chunk in ids.chunks(SCAN_BATCH) {
+                let keys = chunk.iter().map(|i| self.key("lease", i)).collect();
+                for l in self.mget::<Lease>(keys).await? {
+                    if let Some(page) = push(&mut items, l) {
+                        return Ok(page);
+                    }
+                }
+            }
+            return Ok(Page { items, next: None });
+        }
+        let mut cursor = q.after.as_ref().map(ToString::to_string);
+        loop {
+            let ids = self.ids_after(self.index("leases"), cursor.clone(), SCAN_BATCH).await?;
+            let Some(last) = ids.last().cloned() else {
+                return Ok(Page { items, next: None });
+            };
+            let keys = ids.iter().map(|i| self.key("lease", i)).collect();
+            for l in self.mget::<Lease>(keys).await? {
+                if let Some(page) = push(&mut items, l) {
+                    return Ok(page);
+                }
+            }
+            cursor = Some(last);
+        }
+    }
+
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+        let q = LeaseQuery { task: Some(task.clone()), limit: usize::MAX, ..Default::default() };
+        Ok(self.leases(&q).await?.items)
+    }
+
+    async fn transition(&self, t: Transition) -> Result<Lease, StoreError> {
+        let key = self.key("lease", t.lease.as_str());
+        for _ in 0..CAS_RETRIES {
+            let Some(old) = self.get_str(key.clone()).await? else {
+                return Err(StoreError::NotFound(t.lease.to_string()));
+            };
+            let mut lease: Lease = decode(&old)?;
+            if !apply_transition(&mut lease, &t)? {
+                return Ok(lease);
+            }
+            let due = t.due_at.map_or_else(|| "del".to_string(), |d| ms(d).to_string());
+            if self.cas(key.clone(), old, encode(&lease)?, due, lease.id.to_string()).await? {
+                self.durable().await?;
+                return Ok(lease);
+            }
+        }
+        Err(StoreError::Unavailable(format!("lease {}: too much contention", t.lease)))
+    }
+
+    async fn claim_due(&self, now: OffsetDateTime, hold_until: OffsetDateTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
+        let due_key = self.index("due");
+        let (now_ms, hold_ms) = (ms(now), ms(hold_until));
+        let ids: Vec<String> = self
+            .with(|mut c| async move { CLAIM.key(due_key).arg(now_ms).arg(hold_ms).arg(limit).invoke_async(&mut c).await })
+            .await?;
+        self.durable().await?;
+        let keys = ids.iter().map(|i| self.key("lease", i)).collect();
+        self.mget(keys).await
+    }
+
+    async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let key = self.index("due");
+        let upto = ms(now);
+        self.with(|mut c| async move { redis::cmd("ZCOUNT").arg(key).arg("-inf").arg(upto).query_async(&mut c).await })
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pong: String = self
+            .with(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
+        if pong == "PONG" { Ok(()) } else { Err(unavailable(format!("unexpected PING reply {pong}"))) }
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("prefix", &self.prefix).field("durability", &self.durability).finish()
+    }
+}
+
+/// Exposed for tests that need raw access (fault injection).
+pub fn shared(store: RedisStore) -> Arc<dyn LeaseStore> {
+    Arc::new(store)
+}
