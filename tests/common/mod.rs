@@ -232,6 +232,13 @@ impl Server {
         Self::dev_on(dir, "127.0.0.1:0")
     }
 
+    /// `mayfly dev` on a free port with extra flags.
+    pub fn dev_with(dir: &Path, extra: &[&str]) -> Self {
+        let mut args = vec!["dev", "--dir", dir.to_str().expect("utf8"), "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
     /// `mayfly dev` on a given address (a restart keeps its address, hence its issuer).
     pub fn dev_on(dir: &Path, listen: &str) -> Self {
         Self::spawn(&["dev", "--dir", dir.to_str().expect("utf8"), "--listen", listen])
