@@ -15,6 +15,7 @@
 Prints one line per problem and exits 1 if there is any.
 """
 
+import argparse
 import sys
 import tomllib
 from pathlib import PurePosixPath
@@ -35,7 +36,8 @@ ALLOWED_KEYS = {
     "operators": {"spiffe_ids"},
     "policy": {"dir", "reload_interval"},
     "store/embedded": {"kind", "path"},
-    "store/redis": {"kind", "url", "key_prefix", "password_file", "durability"},
+    "store/redis": {"kind", "url", "key_prefix", "username", "password_file", "durability",
+                    "wait_replicas", "wait_timeout", "verify_durability", "op_timeout"},
     "audit": {"path"},
     "limits": {"max_task_ttl", "max_lease_ttl", "default_lease_ttl", "pending_timeout",
                "max_body_bytes", "max_connections", "handshake_timeout", "max_page"},
@@ -330,26 +332,21 @@ def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str |
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) >= 3 and argv[0] == "split":
-        split(argv[1], argv[2])
-    elif len(argv) >= 2 and argv[0] == "check":
-        expect, absent, policy_dir = [], [], None
-        rest = argv[2:]
-        while rest:
-            flag, value, rest = rest[0], rest[1], rest[2:]
-            if flag == "--expect":
-                expect.append(value)
-            elif flag == "--absent":
-                absent.append(value)
-            elif flag == "--policy-dir":
-                policy_dir = value
-            else:
-                print(f"unknown flag {flag}", file=sys.stderr)
-                return 2
-        check(argv[1], expect, absent, policy_dir)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("split")
+    sp.add_argument("rendered")
+    sp.add_argument("core_out")
+    cp = sub.add_parser("check")
+    cp.add_argument("rendered")
+    cp.add_argument("--expect", action="append", default=[], metavar="KIND")
+    cp.add_argument("--absent", action="append", default=[], metavar="KIND")
+    cp.add_argument("--policy-dir")
+    args = parser.parse_args(argv)
+    if args.command == "split":
+        split(args.rendered, args.core_out)
     else:
-        print(__doc__, file=sys.stderr)
-        return 2
+        check(args.rendered, args.expect, args.absent, args.policy_dir)
     for p in problems:
         print(f"  - {p}")
     return 1 if problems else 0

@@ -169,6 +169,9 @@ refuse "unknown key config.limits.max_pages" "max_pages" --set config.limits.max
 refuse "unknown top-level key" "replicas" --set replicas=3
 refuse "store.durability=fsync (not aof|wait)" "durability" --set config.store.durability=fsync
 refuse "store.kind=postgres" "kind" --set config.store.kind=postgres
+refuse "store.url with an http:// scheme" "url" --set config.store.url=http://redis:6379
+refuse "store.key_prefix with a hash-tag brace" "key_prefix" --set 'config.store.key_prefix=a{b}'
+refuse "store.wait_replicas=0" "wait_replicas" --set config.store.wait_replicas=0
 refuse "duration 1hour" "max_lease_ttl" --set config.limits.max_lease_ttl=1hour
 refuse "non-https JWT issuer" "issuer" --set config.providers.jwt.issuer=http://mayfly.example.org
 refuse "policy file not named *.cedar" "evil.toml" --set-json 'policies={"evil.toml":"x"}'

@@ -56,6 +56,8 @@ pub enum BrokerError {
     RevokedDuringMint(LeaseId),
     #[error("reason must be 1..=512 printable characters")]
     Reason,
+    #[error("injected crash at {0:?}")]
+    InjectedCrash(FaultPoint),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -63,6 +65,19 @@ pub enum BrokerError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
 }
+
+/// Points between "record" and "audit" where a process can die. Fault injection (tests
+/// only — never settable from config) stops the flow there as a crash would: nothing
+/// after the point runs, no cleanup, no revocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    AfterPendingWrite,
+    AfterMint,
+    AfterActivate,
+}
+
+/// Returns true to "crash" at the point, for the lease given.
+pub type FaultHook = Arc<dyn Fn(FaultPoint, &LeaseId) -> bool + Send + Sync>;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -99,6 +114,7 @@ pub struct Broker {
     audit: AuditLog,
     operators: HashSet<String>,
     limits: Limits,
+    faults: Option<FaultHook>,
 }
 
 pub struct BrokerParts {
@@ -110,6 +126,7 @@ pub struct BrokerParts {
     pub audit: AuditLog,
     pub operators: HashSet<String>,
     pub limits: Limits,
+    pub faults: Option<FaultHook>,
 }
 
 fn secs(d: Duration) -> u64 {
@@ -150,6 +167,14 @@ impl Broker {
             audit: p.audit,
             operators: p.operators,
             limits: p.limits,
+            faults: p.faults,
+        }
+    }
+
+    fn crash_at(&self, point: FaultPoint, lease: &LeaseId) -> Result<(), BrokerError> {
+        match &self.faults {
+            Some(hook) if hook(point, lease) => Err(BrokerError::InjectedCrash(point)),
+            _ => Ok(()),
         }
     }
 
@@ -373,6 +398,7 @@ impl Broker {
             e.lease_id = Some(lease.id.to_string());
             e.expires_at = Some(crate::api_time(lease.expires_at));
         });
+        self.crash_at(FaultPoint::AfterPendingWrite, &lease.id)?;
 
         // A completion that committed before our pending lease would not have seen it:
         // look again now that the lease is visible to any later completion.
@@ -399,6 +425,8 @@ impl Broker {
             }
         };
 
+        self.crash_at(FaultPoint::AfterMint, &lease.id)?;
+
         // Activate.
         let mut t = Transition::new(
             lease.id.clone(),
@@ -420,6 +448,7 @@ impl Broker {
             }
         };
         ev.set(|e| e.credential_fingerprint = Some(minted.fingerprint.clone()));
+        self.crash_at(FaultPoint::AfterActivate, &active.id)?;
         Ok(Issued {
             lease: active,
             credential: minted.credential,

@@ -435,6 +435,14 @@ impl Config {
 
     /// Builds every component. Fails (and nothing starts) if any piece is invalid.
     pub async fn build(&self) -> Result<App, crate::Error> {
+        self.build_with_faults(None).await
+    }
+
+    /// `build`, with a fault-injection hook in the broker (crash-safety tests).
+    pub async fn build_with_faults(
+        &self,
+        faults: Option<crate::broker::FaultHook>,
+    ) -> Result<App, crate::Error> {
         let bundles = TrustBundles::from_pem_files(&self.trust_domains)?;
         let policy = Arc::new(PolicyEngine::load(&self.policy_dir)?);
         let store: Arc<dyn LeaseStore> = match &self.store {
@@ -461,6 +469,7 @@ impl Config {
             audit: audit.clone(),
             operators: self.operators.clone(),
             limits: self.limits.clone(),
+            faults,
         }));
         let tls = crate::api::tls::server_config(&self.tls_cert, &self.tls_key)?;
         Ok(App {

@@ -117,6 +117,7 @@ impl ApiError {
                 BrokerError::LeaseNotFound(_) => (S::NOT_FOUND, "lease_not_found"),
                 BrokerError::RevokedDuringMint(_) => (S::CONFLICT, "lease_revoked"),
                 BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
+                BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
                 BrokerError::Provider(ProviderError::NotConfigured(_)) => {
                     (S::BAD_REQUEST, "provider_not_configured")
                 }

@@ -428,3 +428,19 @@ impl Drop for RedisServer {
 pub fn redis_store(url: &str, prefix: &str) -> String {
     format!("kind = \"redis\"\nurl = {url:?}\nkey_prefix = {prefix:?}\nop_timeout = \"1s\"")
 }
+
+/// A `VerifiedCaller` produced by the real identity code from `pair` (trust domain A).
+pub fn verified(pki: &Pki, pair: &Pair) -> mayfly::identity::VerifiedCaller {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> = rustls_pki_types::CertificateDer::pem_file_iter(&pair.cert)
+        .expect("pem")
+        .collect::<Result<_, _>>()
+        .expect("der");
+    let bundles = mayfly::identity::TrustBundles::from_pem_files(&[(
+        mayfly::identity::TrustDomain::parse(TD_A).expect("td"),
+        pki.bundle_a.clone(),
+    )])
+    .expect("bundles");
+    mayfly::identity::x509::verify_svid(&chain, &bundles, Some("127.0.0.1".parse().expect("ip")), rustls_pki_types::UnixTime::now())
+        .expect("valid svid")
+}
