@@ -11,11 +11,16 @@
         probes hit the right endpoints, and every file the rendered mayfly.toml
         names is actually mounted into the broker container. With --policy-dir,
         the rendered *.cedar files are written there for `mayfly policy check`.
+    chart-render-check.py config RENDERED.yaml OUT.toml ROOT
+        Write the rendered mayfly.toml with its in-pod paths moved under ROOT and
+        `listen` on 127.0.0.1:0, so `mayfly serve -c OUT.toml` can run the broker's
+        real config parser on a machine without the pod's mounts.
 
 Prints one line per problem and exits 1 if there is any.
 """
 
 import argparse
+import json
 import sys
 import tomllib
 from pathlib import PurePosixPath
@@ -331,6 +336,25 @@ def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str |
                 f.write(text)
 
 
+def reroot_config(rendered: str, out: str, root: str) -> None:
+    cm = one(load(rendered), "ConfigMap")
+    if cm is None:
+        return
+    text = cm["data"]["mayfly.toml"]
+    listen = tomllib.loads(text)["listen"]
+    moved = text.replace(f"listen = {json.dumps(listen)}", 'listen = "127.0.0.1:0"', 1)
+    if moved == text:
+        problem(f"cannot find `listen = {json.dumps(listen)}` in mayfly.toml to move it to 127.0.0.1:0")
+        return
+    text = moved
+    # Every in-pod path the chart writes lives under one of these; the broker must
+    # never touch the real ones on the machine running the test.
+    for prefix in ("/etc/mayfly", "/var/run/mayfly", "/var/lib/mayfly"):
+        text = text.replace(f'"{prefix}', f'"{root}{prefix}')
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,9 +366,15 @@ def main(argv: list[str]) -> int:
     cp.add_argument("--expect", action="append", default=[], metavar="KIND")
     cp.add_argument("--absent", action="append", default=[], metavar="KIND")
     cp.add_argument("--policy-dir")
+    rp = sub.add_parser("config")
+    rp.add_argument("rendered")
+    rp.add_argument("out")
+    rp.add_argument("root")
     args = parser.parse_args(argv)
     if args.command == "split":
         split(args.rendered, args.core_out)
+    elif args.command == "config":
+        reroot_config(args.rendered, args.out, args.root)
     else:
         check(args.rendered, args.expect, args.absent, args.policy_dir)
     for p in problems:

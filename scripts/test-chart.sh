@@ -8,8 +8,9 @@
 #    Kubernetes 1.30 schemas) and scripts/chart-render-check.py (selectors,
 #    hardening, probes, every file mayfly.toml names is mounted; the ServiceMonitor
 #    CRD, which kubernetes-validate has no schema for);
-# 3. the rendered Cedar policies through `mayfly policy check`, if a mayfly binary
-#    is at $MAYFLY_BIN, target/{debug,release}/mayfly or on PATH (skipped otherwise);
+# 3. if a mayfly binary is at $MAYFLY_BIN, target/{debug,release}/mayfly or on PATH
+#    (skipped otherwise): the rendered Cedar policies through `mayfly policy check`,
+#    and the rendered mayfly.toml through the broker's own config parser;
 # 4. values that must be refused: wrong types, unknown keys, bad enums and
 #    durations (values.schema.json), and combinations the templates `fail` on
 #    (more than one replica with the embedded store, ...).
@@ -127,6 +128,26 @@ render() {
         else
             fail "$name: mayfly policy check" "$msg"
         fi
+        broker_parses_config "$name" "$out"
+    fi
+}
+
+# The broker's own parser (deny_unknown_fields, durations, URL schemes, ...) is the
+# final word on mayfly.toml. With the in-pod paths moved under an empty directory,
+# `mayfly serve` must get past the config and stop at the first file it opens.
+broker_parses_config() {
+    local name="$1" rendered="$2"
+    local sandbox="$work/$name.root" toml="$work/$name.mayfly.toml" msg
+    mkdir -p "$sandbox"
+    if ! msg="$(python3 "$checker" config "$rendered" "$toml" "$sandbox" 2>&1)"; then
+        fail "$name: broker accepts mayfly.toml" "$msg"
+        return
+    fi
+    msg="$(cd "$sandbox" && timeout 30 "$mayfly_bin" serve -c "$toml" 2>&1)"
+    if grep -qE '^mayfly: (config |cannot read config)' <<<"$msg" || ! grep -qF "$sandbox" <<<"$msg"; then
+        fail "$name: broker accepts mayfly.toml" "$msg"
+    else
+        pass "$name: broker accepts mayfly.toml (stops at: ${msg#mayfly: })"
     fi
 }
 
@@ -144,7 +165,7 @@ render secret-identity-values \
 render single-embedded-replica --expect PodDisruptionBudget -- \
     --set replicaCount=1 --set config.store.kind=embedded
 
-[[ -n "$mayfly_bin" ]] || echo "skip  mayfly policy check (no mayfly binary; set MAYFLY_BIN)"
+[[ -n "$mayfly_bin" ]] || echo "skip  mayfly policy check and config parse (no mayfly binary; set MAYFLY_BIN)"
 
 # --- values that must be refused --------------------------------------------------
 
@@ -167,12 +188,14 @@ refuse 'replicaCount="3" (JSON string)' "replicaCount" --set-json 'replicaCount=
 refuse "limits.max_body_bytes as a string" "max_body_bytes" --set-string config.limits.max_body_bytes=65536
 refuse "unknown key config.limits.max_pages" "max_pages" --set config.limits.max_pages=5
 refuse "unknown top-level key" "replicas" --set replicas=3
-refuse "store.durability=fsync (not aof|wait)" "durability" --set config.store.durability=fsync
+refuse "store.durability=fsync (not aof|wait|server)" "durability" --set config.store.durability=fsync
 refuse "store.kind=postgres" "kind" --set config.store.kind=postgres
 refuse "store.url with an http:// scheme" "url" --set config.store.url=http://redis:6379
 refuse "store.key_prefix with a hash-tag brace" "key_prefix" --set 'config.store.key_prefix=a{b}'
 refuse "store.wait_replicas=0" "wait_replicas" --set config.store.wait_replicas=0
 refuse "duration 1hour" "max_lease_ttl" --set config.limits.max_lease_ttl=1hour
+refuse "default_lease_ttl above max_lease_ttl" "exceeds config.limits.max_lease_ttl" \
+    --set config.limits.default_lease_ttl=2h --set config.limits.max_lease_ttl=90m
 refuse "non-https JWT issuer" "issuer" --set config.providers.jwt.issuer=http://mayfly.example.org
 refuse "policy file not named *.cedar" "evil.toml" --set-json 'policies={"evil.toml":"x"}'
 refuse "trust bundle from both a ConfigMap and a Secret" "bundle" \

@@ -283,7 +283,10 @@ impl RedisStore {
                     return Ok(Conn::Mux(c.clone()));
                 }
                 let mut cl = client.lock().await;
-                let c = tokio::time::timeout(self.op_timeout, cl.get_async_connection())
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(self.op_timeout))
+                    .set_connection_timeout(Some(self.op_timeout));
+                let c = tokio::time::timeout(self.op_timeout, cl.get_async_connection_with_config(&cfg))
                     .await
                     .map_err(|_| unavailable("sentinel: no master reachable in time"))?
                     .map_err(unavailable)?;

@@ -248,6 +248,11 @@ impl Server {
         format!("https://{}{path}", self.addr)
     }
 
+    /// The log lines the server wrote so far (for failure messages).
+    pub fn logs(&self) -> String {
+        self.stderr.try_iter().collect::<Vec<_>>().join("\n")
+    }
+
     /// SIGKILL: no graceful anything.
     pub fn kill(mut self) {
         let _ = self.child.kill();

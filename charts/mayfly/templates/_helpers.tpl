@@ -100,3 +100,12 @@ toJson quotes any value safely, including paths and URLs with quotes or backslas
 {{- define "mayfly.tomlString" -}}
 {{- toJson (toString .) }}
 {{- end }}
+
+{{/* A Mayfly duration ("250ms", "90s", "15m", "1h", "2d", bare seconds) in milliseconds. */}}
+{{- define "mayfly.durationMs" -}}
+{{- $s := toString . }}
+{{- $n := regexReplaceAll "^([0-9]+).*$" $s "${1}" | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+" $s "" }}
+{{- $per := dict "ms" 1 "" 1000 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 }}
+{{- mul $n (get $per $unit) }}
+{{- end }}
