@@ -29,6 +29,12 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## Lease-store benchmark (not part of `make test`): release build, real redis-server.
+bench-store:
+	$(CARGO) bench --locked --bench store
+
+bench: bench-store
+
 clean:
 	$(CARGO) clean
 	rm -rf .mayfly-dev

@@ -1,0 +1,209 @@
+//! Lease-store benchmark: lease-write throughput and latency (pending + activate, the two
+//! writes of every credential) and reaper throughput with 100k leases due at once.
+//! Embedded (redb) is the baseline; Redis is measured against it in the same run.
+//!
+//! `make bench-store` (or `cargo bench --bench store`). Needs `redis-server` on PATH.
+
+use mayfly::audit::AuditLog;
+use mayfly::identity::Principal;
+use mayfly::lease::embedded::EmbeddedStore;
+use mayfly::lease::redis::{Durability, RedisConfig, RedisStore};
+use mayfly::lease::{Lease, LeaseState, LeaseStore, Transition};
+use mayfly::provider::Providers;
+use mayfly::provider::jwt::{JwtIssuer, JwtProvider, SigningAlg, SigningKey};
+use mayfly::revocation::{ReaperConfig, RetryPolicy, Revoker};
+use mayfly::task::{LeaseId, ProviderKind, TaskId};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+const CONCURRENCY: usize = 50;
+const WRITE_SECONDS: u64 = 5;
+const DUE: usize = 100_000;
+
+fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
+    Lease {
+        id: LeaseId::generate(),
+        task_id: task.clone(),
+        principal: Principal::parse("spiffe://bench.test/agent").expect("principal"),
+        provider: ProviderKind::Jwt,
+        target: "https://api.example.com".into(),
+        actions: ["read".to_string()].into(),
+        resources: Default::default(),
+        issued_at: now,
+        expires_at: now + ttl,
+        state: LeaseState::Pending,
+        handle: None,
+        fingerprint: None,
+        reason: None,
+        dies_at: None,
+        attempts: 0,
+        updated_at: now,
+    }
+}
+
+async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
+    let now = OffsetDateTime::now_utc();
+    let l = lease(task, now, ttl);
+    store.put_pending(&l, now + time::Duration::seconds(60)).await.expect("pending");
+    let mut t = Transition::new(l.id.clone(), &[LeaseState::Pending], LeaseState::Active, now);
+    t.due_at = Some(l.expires_at);
+    store.transition(t).await.expect("activate");
+}
+
+struct WriteResult {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn lease_writes(store: Arc<dyn LeaseStore>) -> WriteResult {
+    let task = TaskId::generate();
+    let deadline = Instant::now() + Duration::from_secs(WRITE_SECONDS);
+    let mut handles = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (store, task) = (store.clone(), task.clone());
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                write_one(store.as_ref(), &task, time::Duration::hours(1)).await;
+                lat.push(t0.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.expect("join"));
+    }
+    all.sort();
+    let q = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    WriteResult {
+        per_sec: all.len() as f64 / WRITE_SECONDS as f64,
+        p50: q(0.50),
+        p99: q(0.99),
+    }
+}
+
+async fn reaper_rate(store: Arc<dyn LeaseStore>, dir: &std::path::Path) -> f64 {
+    let task = TaskId::generate();
+    // Fill: DUE leases, all expiring in 2 s (writes are not what is measured here).
+    let per = DUE / CONCURRENCY;
+    let mut handles = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (store, task) = (store.clone(), task.clone());
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per {
+                write_one(store.as_ref(), &task, time::Duration::seconds(2)).await;
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("join");
+    }
+    let audit = AuditLog::open(&dir.join(format!("audit-{}.jsonl", TaskId::generate())), "bench").expect("audit");
+    let (key, _) = SigningKey::generate(SigningAlg::ES256).expect("key");
+    let mut providers = Providers::default();
+    providers.insert(Arc::new(JwtProvider::new(Arc::new(JwtIssuer::new("https://bench".into(), key)))));
+    let revoker = Revoker::new(
+        store.clone(),
+        providers,
+        audit,
+        ReaperConfig {
+            interval: Duration::from_millis(100),
+            batch: 1000,
+            claim_hold: Duration::from_secs(30),
+            retry: RetryPolicy { max_attempts: 3, base: Duration::from_secs(1), max: Duration::from_secs(10) },
+        },
+    );
+    let later = OffsetDateTime::now_utc() + time::Duration::seconds(5);
+    let t0 = Instant::now();
+    let mut expired = 0;
+    loop {
+        let s = revoker.reap_once(later).await.expect("reap");
+        expired += s.expired;
+        if s.claimed == 0 {
+            break;
+        }
+    }
+    assert_eq!(expired, per * CONCURRENCY);
+    expired as f64 / t0.elapsed().as_secs_f64()
+}
+
+struct Redis(Child);
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis(port: u16, dir: &std::path::Path, extra: &[&str]) -> Redis {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH");
+    std::thread::sleep(Duration::from_millis(300));
+    Redis(child)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+async fn redis_store(port: u16, prefix: &str) -> Arc<dyn LeaseStore> {
+    Arc::new(
+        RedisStore::connect(&RedisConfig {
+            url: format!("redis://127.0.0.1:{port}"),
+            key_prefix: prefix.into(),
+            username: None,
+            password_file: None,
+            durability: Durability::Server,
+            op_timeout: Duration::from_secs(5),
+        })
+        .await
+        .expect("connect"),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    mayfly::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tmp");
+    println!("lease writes: {CONCURRENCY} concurrent writers, {WRITE_SECONDS}s each; reaper: {DUE} leases due at once\n");
+    println!("{:<34} {:>10} {:>10} {:>10} {:>14}", "store", "writes/s", "p50", "p99", "reaped/s");
+
+    let embedded: Arc<dyn LeaseStore> = Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb")).expect("redb"));
+    let base = lease_writes(embedded.clone()).await;
+    let base_reap = reaper_rate(embedded, dir.path()).await;
+    let row = |name: &str, w: &WriteResult, r: f64| {
+        println!(
+            "{name:<34} {:>10.0} {:>10.2?} {:>10.2?} {:>14.0}   (x{:.2} writes, x{:.2} reaping vs embedded)",
+            w.per_sec, w.p50, w.p99, r, w.per_sec / base.per_sec, r / base_reap
+        );
+    };
+    row("embedded (redb, fsync per commit)", &base, base_reap);
+
+    let p1 = free_port();
+    let _r1 = start_redis(p1, dir.path(), &["--appendonly", "no"]);
+    let s1 = redis_store(p1, "bench").await;
+    let w1 = lease_writes(s1.clone()).await;
+    let r1 = reaper_rate(s1, dir.path()).await;
+    row("redis (no persistence)", &w1, r1);
+
+    let p2 = free_port();
+    let aof_dir = dir.path().join("aof");
+    std::fs::create_dir_all(&aof_dir).expect("dir");
+    let _r2 = start_redis(p2, &aof_dir, &["--appendonly", "yes", "--appendfsync", "always"]);
+    let s2 = redis_store(p2, "bench").await;
+    let w2 = lease_writes(s2).await;
+    println!(
+        "{:<34} {:>10.0} {:>10.2?} {:>10.2?} {:>14}   (x{:.2} writes vs embedded)",
+        "redis (AOF appendfsync always)", w2.per_sec, w2.p50, w2.p99, "-", w2.per_sec / base.per_sec
+    );
+}
