@@ -3,6 +3,10 @@
 //! Embedded (redb) is the baseline; Redis is measured against it in the same run.
 //!
 //! `make bench-store` (or `cargo bench --bench store`). Needs `redis-server` on PATH.
+#![allow(
+    clippy::expect_used,
+    reason = "a benchmark aborts on any failure, loudly"
+)]
 
 use mayfly::audit::AuditLog;
 use mayfly::identity::Principal;
@@ -46,8 +50,16 @@ fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
 async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
     let now = OffsetDateTime::now_utc();
     let l = lease(task, now, ttl);
-    store.put_pending(&l, now + time::Duration::seconds(60)).await.expect("pending");
-    let mut t = Transition::new(l.id.clone(), &[LeaseState::Pending], LeaseState::Active, now);
+    store
+        .put_pending(&l, now + time::Duration::seconds(60))
+        .await
+        .expect("pending");
+    let mut t = Transition::new(
+        l.id.clone(),
+        &[LeaseState::Pending],
+        LeaseState::Active,
+        now,
+    );
     t.due_at = Some(l.expires_at);
     store.transition(t).await.expect("activate");
 }
@@ -103,10 +115,17 @@ async fn reaper_rate(store: Arc<dyn LeaseStore>, dir: &std::path::Path) -> f64 {
     for h in handles {
         h.await.expect("join");
     }
-    let audit = AuditLog::open(&dir.join(format!("audit-{}.jsonl", TaskId::generate())), "bench").expect("audit");
+    let audit = AuditLog::open(
+        &dir.join(format!("audit-{}.jsonl", TaskId::generate())),
+        "bench",
+    )
+    .expect("audit");
     let (key, _) = SigningKey::generate(SigningAlg::ES256).expect("key");
     let mut providers = Providers::default();
-    providers.insert(Arc::new(JwtProvider::new(Arc::new(JwtIssuer::new("https://bench".into(), key)))));
+    providers.insert(Arc::new(JwtProvider::new(Arc::new(JwtIssuer::new(
+        "https://bench".into(),
+        key,
+    )))));
     let revoker = Revoker::new(
         store.clone(),
         providers,
@@ -115,7 +134,11 @@ async fn reaper_rate(store: Arc<dyn LeaseStore>, dir: &std::path::Path) -> f64 {
             interval: Duration::from_millis(100),
             batch: 1000,
             claim_hold: Duration::from_secs(30),
-            retry: RetryPolicy { max_attempts: 3, base: Duration::from_secs(1), max: Duration::from_secs(10) },
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(10),
+            },
         },
     );
     let later = OffsetDateTime::now_utc() + time::Duration::seconds(5);
@@ -142,7 +165,15 @@ impl Drop for Redis {
 
 fn start_redis(port: u16, dir: &std::path::Path, extra: &[&str]) -> Redis {
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+        ])
         .arg(dir)
         .args(extra)
         .stdout(Stdio::null())
@@ -153,7 +184,10 @@ fn start_redis(port: u16, dir: &std::path::Path, extra: &[&str]) -> Redis {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
 }
 
 async fn redis_store(port: u16, prefix: &str) -> Arc<dyn LeaseStore> {
@@ -175,16 +209,27 @@ async fn redis_store(port: u16, prefix: &str) -> Arc<dyn LeaseStore> {
 async fn main() {
     mayfly::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tmp");
-    println!("lease writes: {CONCURRENCY} concurrent writers, {WRITE_SECONDS}s each; reaper: {DUE} leases due at once\n");
-    println!("{:<34} {:>10} {:>10} {:>10} {:>14}", "store", "writes/s", "p50", "p99", "reaped/s");
+    println!(
+        "lease writes: {CONCURRENCY} concurrent writers, {WRITE_SECONDS}s each; reaper: {DUE} leases due at once\n"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>14}",
+        "store", "writes/s", "p50", "p99", "reaped/s"
+    );
 
-    let embedded: Arc<dyn LeaseStore> = Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb")).expect("redb"));
+    let embedded: Arc<dyn LeaseStore> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb")).expect("redb"));
     let base = lease_writes(embedded.clone()).await;
     let base_reap = reaper_rate(embedded, dir.path()).await;
     let row = |name: &str, w: &WriteResult, r: f64| {
         println!(
             "{name:<34} {:>10.0} {:>10.2?} {:>10.2?} {:>14.0}   (x{:.2} writes, x{:.2} reaping vs embedded)",
-            w.per_sec, w.p50, w.p99, r, w.per_sec / base.per_sec, r / base_reap
+            w.per_sec,
+            w.p50,
+            w.p99,
+            r,
+            w.per_sec / base.per_sec,
+            r / base_reap
         );
     };
     row("embedded (redb, fsync per commit)", &base, base_reap);
@@ -199,11 +244,20 @@ async fn main() {
     let p2 = free_port();
     let aof_dir = dir.path().join("aof");
     std::fs::create_dir_all(&aof_dir).expect("dir");
-    let _r2 = start_redis(p2, &aof_dir, &["--appendonly", "yes", "--appendfsync", "always"]);
+    let _r2 = start_redis(
+        p2,
+        &aof_dir,
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    );
     let s2 = redis_store(p2, "bench").await;
     let w2 = lease_writes(s2).await;
     println!(
         "{:<34} {:>10.0} {:>10.2?} {:>10.2?} {:>14}   (x{:.2} writes vs embedded)",
-        "redis (AOF appendfsync always)", w2.per_sec, w2.p50, w2.p99, "-", w2.per_sec / base.per_sec
+        "redis (AOF appendfsync always)",
+        w2.per_sec,
+        w2.p50,
+        w2.p99,
+        "-",
+        w2.per_sec / base.per_sec
     );
 }

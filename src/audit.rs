@@ -133,7 +133,9 @@ pub struct AuditLog {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("path", &self.path).finish()
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -198,7 +200,8 @@ fn recover_head(file: &mut File) -> Result<Head, String> {
     }
     let len = meta.len();
     let start = len.saturating_sub(256 * 1024);
-    file.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| e.to_string())?;
     let mut tail = Vec::new();
     file.read_to_end(&mut tail).map_err(|e| e.to_string())?;
     let complete = match tail.iter().rposition(|b| *b == b'\n') {
@@ -289,9 +292,11 @@ fn writer(mut file: File, mut head: Head, node: String, mut rx: mpsc::Receiver<J
                 .and_then(|()| file.sync_data())
                 .map_err(|e| AuditError::Write(e.to_string())),
         };
+        metrics::histogram!("mayfly_audit_batch_records").record(batch.len() as f64);
         match &result {
             Ok(()) => head = next,
             Err(e) => {
+                metrics::counter!("mayfly_audit_write_failures_total").increment(1);
                 tracing::error!(error = %e, records = batch.len(), "audit write failed; requests fail closed");
                 // Drop whatever part of the batch reached the file: none of it was
                 // acknowledged, and a partial line would break the chain.
@@ -433,7 +438,10 @@ mod tests {
         let mut l = lines(&path);
         l[2] = l[2].replace("event 2", "event X");
         write_lines(&path, &l);
-        assert!(matches!(verify_file(&path), Err(ChainError::Broken { line: 3, .. })));
+        assert!(matches!(
+            verify_file(&path),
+            Err(ChainError::Broken { line: 3, .. })
+        ));
     }
 
     #[tokio::test]
@@ -442,7 +450,10 @@ mod tests {
         let mut l = lines(&path);
         l.remove(1);
         write_lines(&path, &l);
-        assert!(matches!(verify_file(&path), Err(ChainError::Broken { line: 2, .. })));
+        assert!(matches!(
+            verify_file(&path),
+            Err(ChainError::Broken { line: 2, .. })
+        ));
     }
 
     #[tokio::test]
@@ -451,7 +462,10 @@ mod tests {
         let mut l = lines(&path);
         l.swap(3, 4);
         write_lines(&path, &l);
-        assert!(matches!(verify_file(&path), Err(ChainError::Broken { line: 4, .. })));
+        assert!(matches!(
+            verify_file(&path),
+            Err(ChainError::Broken { line: 4, .. })
+        ));
     }
 
     #[tokio::test]
@@ -459,7 +473,10 @@ mod tests {
         let (_d, path) = log_with(3).await;
         let l = lines(&path);
         write_lines(&path, &l[1..]);
-        assert!(matches!(verify_file(&path), Err(ChainError::Broken { line: 1, .. })));
+        assert!(matches!(
+            verify_file(&path),
+            Err(ChainError::Broken { line: 1, .. })
+        ));
     }
 
     #[tokio::test]

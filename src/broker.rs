@@ -13,7 +13,9 @@ use time::OffsetDateTime;
 
 use crate::audit::{AuditLog, AuditScope};
 use crate::identity::{Principal, VerifiedCaller};
-use crate::lease::{Lease, LeaseQuery, LeaseState, LeaseStore, Page, StoreError, TaskQuery, Transition};
+use crate::lease::{
+    Lease, LeaseQuery, LeaseState, LeaseStore, Page, StoreError, TaskQuery, Transition,
+};
 use crate::policy::{PolicyDecision, PolicyEngine, PolicyError};
 use crate::provider::jwt::JwtIssuer;
 use crate::provider::{MintRequest, ProviderError, Providers};
@@ -56,6 +58,8 @@ pub enum BrokerError {
     RevokedDuringMint(LeaseId),
     #[error("reason must be 1..=512 printable characters")]
     Reason,
+    #[error("give exactly one of principal, provider, target_prefix")]
+    Selector,
     #[error("injected crash at {0:?}")]
     InjectedCrash(FaultPoint),
     #[error(transparent)]
@@ -87,6 +91,14 @@ pub struct Limits {
     /// How long a lease may stay `pending` before the reaper revokes it.
     pub pending_timeout: Duration,
     pub max_page: usize,
+}
+
+/// What `POST /v1/revoke` selects: exactly one criterion.
+#[derive(Debug, Clone)]
+pub enum BulkSelector {
+    Principal(String),
+    Provider(ProviderKind),
+    TargetPrefix(String),
 }
 
 /// A credential ready to hand out, with its (active) lease.
@@ -138,7 +150,9 @@ fn after(now: OffsetDateTime, d: Duration) -> OffsetDateTime {
 }
 
 fn check_reason(reason: &str) -> Result<(), BrokerError> {
-    if reason.trim().is_empty() || reason.chars().count() > 512 || reason.chars().any(char::is_control)
+    if reason.trim().is_empty()
+        || reason.chars().count() > 512
+        || reason.chars().any(char::is_control)
     {
         return Err(BrokerError::Reason);
     }
@@ -146,6 +160,12 @@ fn check_reason(reason: &str) -> Result<(), BrokerError> {
 }
 
 fn note_decision(ev: &AuditScope, action: &'static str, d: &PolicyDecision) {
+    metrics::counter!(
+        "mayfly_policy_decisions_total",
+        "action" => action,
+        "decision" => if d.allowed { "allow" } else { "deny" },
+    )
+    .increment(1);
     ev.set(|e| {
         e.action = Some(action);
         e.decision = Some(if d.allowed { "allow" } else { "deny" });
@@ -404,7 +424,9 @@ impl Broker {
         // look again now that the lease is visible to any later completion.
         let current = self.load_task(task_id).await?;
         if let Err(e) = Self::require_active(&current, OffsetDateTime::now_utc()) {
-            self.revoker.revoke_lease(&lease.id, "task ended during mint").await?;
+            self.revoker
+                .revoke_lease(&lease.id, "task ended during mint")
+                .await?;
             return Err(e);
         }
 
@@ -448,6 +470,8 @@ impl Broker {
             }
         };
         ev.set(|e| e.credential_fingerprint = Some(minted.fingerprint.clone()));
+        metrics::counter!("mayfly_leases_issued_total", "provider" => active.provider.as_str())
+            .increment(1);
         self.crash_at(FaultPoint::AfterActivate, &active.id)?;
         Ok(Issued {
             lease: active,
@@ -532,6 +556,65 @@ impl Broker {
         Ok(lease)
     }
 
+    /// `POST /v1/revoke` (operators): everything of a principal (its tasks, their sub-tasks
+    /// and its leases), or every lease of a provider or under a target prefix.
+    pub async fn bulk_revoke(
+        &self,
+        caller: &VerifiedCaller,
+        sel: BulkSelector,
+        reason: &str,
+        ev: &AuditScope,
+    ) -> Result<TreeRevocation, BrokerError> {
+        ev.set(|e| {
+            e.action = Some("BulkRevoke");
+            e.reason = Some(reason.to_string());
+            e.detail = Some(format!("{sel:?}"));
+        });
+        self.require_operator(caller)?;
+        check_reason(reason)?;
+        let mut out = TreeRevocation::default();
+        if let BulkSelector::Principal(p) = &sel {
+            let q = TaskQuery {
+                principal: Some(p.clone()),
+                state: Some(TaskState::Active),
+                limit: usize::MAX,
+                ..Default::default()
+            };
+            for task in self.store.tasks(&q).await?.items {
+                let t = self
+                    .revoker
+                    .end_task_tree(&task.id, TaskState::Revoked, reason)
+                    .await?;
+                out.tasks.extend(t.tasks);
+                out.leases.extend(t.leases);
+            }
+        }
+        let q = LeaseQuery {
+            principal: match &sel {
+                BulkSelector::Principal(p) => Some(p.clone()),
+                _ => None,
+            },
+            provider: match &sel {
+                BulkSelector::Provider(p) => Some(*p),
+                _ => None,
+            },
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        for lease in self.store.leases(&q).await?.items {
+            let selected = match &sel {
+                BulkSelector::TargetPrefix(prefix) => lease.target.starts_with(prefix.as_str()),
+                _ => true,
+            };
+            if selected && !lease.state.is_terminal() {
+                let l = self.revoker.revoke_lease(&lease.id, reason).await?;
+                out.leases.push(l.id);
+            }
+        }
+        ev.set(|e| e.revoked = out.leases.iter().map(ToString::to_string).collect());
+        Ok(out)
+    }
+
     /// `GET /v1/leases/{id}` (operators).
     pub async fn lease(
         &self,
@@ -576,7 +659,11 @@ impl Broker {
 
     /// `POST /v1/introspect` (RFC 7662): active only while the token's lease is active,
     /// unexpired and its task is active.
-    pub async fn introspect(&self, token: &str, ev: &AuditScope) -> Result<Introspection, BrokerError> {
+    pub async fn introspect(
+        &self,
+        token: &str,
+        ev: &AuditScope,
+    ) -> Result<Introspection, BrokerError> {
         ev.set(|e| {
             e.action = Some("Introspect");
             e.credential_fingerprint = Some(crate::secret::fingerprint(token.as_bytes()));

@@ -274,16 +274,29 @@ fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
             verify_durability,
             op_timeout,
         } => {
-            let known = ["redis://", "rediss://", "redis+sentinel://", "redis+cluster://"];
+            let known = [
+                "redis://",
+                "rediss://",
+                "redis+sentinel://",
+                "redis+cluster://",
+            ];
             if !known.iter().any(|k| url.starts_with(k)) {
-                return Err(invalid("store.url", format!("scheme must be one of {known:?}")));
+                return Err(invalid(
+                    "store.url",
+                    format!("scheme must be one of {known:?}"),
+                ));
             }
             if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
-                return Err(invalid("store.key_prefix", "non-empty, without braces or spaces"));
+                return Err(invalid(
+                    "store.key_prefix",
+                    "non-empty, without braces or spaces",
+                ));
             }
             let durability = match durability.as_str() {
                 "server" => Durability::Server,
-                "aof" => Durability::Aof { verify: verify_durability },
+                "aof" => Durability::Aof {
+                    verify: verify_durability,
+                },
                 "wait" => {
                     if wait_replicas == 0 {
                         return Err(invalid("store.wait_replicas", "must be at least 1"));
@@ -346,16 +359,21 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("node_id", "must be 1..=64 characters"));
         }
         if raw.trust_domains.is_empty() {
-            return Err(invalid("trust_domains", "at least one trust domain is required"));
+            return Err(invalid(
+                "trust_domains",
+                "at least one trust domain is required",
+            ));
         }
         let mut trust_domains = Vec::new();
         for td in raw.trust_domains {
-            let name = TrustDomain::parse(&td.name).map_err(|e| invalid("trust_domains.name", e))?;
+            let name =
+                TrustDomain::parse(&td.name).map_err(|e| invalid("trust_domains.name", e))?;
             trust_domains.push((name, td.bundle_file));
         }
         let mut operators = HashSet::new();
         for id in raw.operators.spiffe_ids {
-            let p = Principal::parse(&id).map_err(|e| invalid("operators.spiffe_ids", format!("{id:?}: {e}")))?;
+            let p = Principal::parse(&id)
+                .map_err(|e| invalid("operators.spiffe_ids", format!("{id:?}: {e}")))?;
             operators.insert(p.to_string());
         }
         let l = raw.limits;
@@ -367,7 +385,10 @@ impl TryFrom<RawConfig> for Config {
             max_page: l.max_page.clamp(1, 10_000),
         };
         if limits.default_lease_ttl > limits.max_lease_ttl {
-            return Err(invalid("limits.default_lease_ttl", "exceeds limits.max_lease_ttl"));
+            return Err(invalid(
+                "limits.default_lease_ttl",
+                "exceeds limits.max_lease_ttl",
+            ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&l.max_body_bytes) {
             return Err(invalid("limits.max_body_bytes", "must be 1 KiB..=16 MiB"));

@@ -129,7 +129,10 @@ mod tests {
         assert!(matches!(parse("1.5h"), Err(DurationError::Syntax(_))));
         assert!(matches!(parse("h"), Err(DurationError::Syntax(_))));
         assert!(matches!(parse("5 m"), Err(DurationError::Syntax(_))));
-        assert!(matches!(parse("99999999999999d"), Err(DurationError::Overflow(_))));
+        assert!(matches!(
+            parse("99999999999999d"),
+            Err(DurationError::Overflow(_))
+        ));
         assert!(matches!(parse("400d"), Err(DurationError::Overflow(_))));
     }
 

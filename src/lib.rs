@@ -29,6 +29,7 @@ pub mod duration;
 pub mod error;
 pub mod identity;
 pub mod lease;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod provider;

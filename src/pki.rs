@@ -2,8 +2,8 @@
 //! Nothing here is used by `mayfly serve`; production SVIDs come from SPIRE or any CA.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::net::IpAddr;
 use time::{Duration, OffsetDateTime};
@@ -48,7 +48,10 @@ impl LeafSpec {
             dns: vec![],
             ips: vec![],
             is_ca: false,
-            key_usages: vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            key_usages: vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
             extended: vec![ExtendedKeyUsagePurpose::ClientAuth],
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(days),
@@ -125,7 +128,10 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(
             DnType::CommonName,
-            spec.uris.first().or(spec.dns.first()).map_or("mayfly", String::as_str),
+            spec.uris
+                .first()
+                .or(spec.dns.first())
+                .map_or("mayfly", String::as_str),
         );
         params.distinguished_name = dn;
         let mut sans = Vec::new();

@@ -72,7 +72,9 @@ pub struct PolicyEngine {
 
 impl std::fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyEngine").field("dir", &self.dir).finish()
+        f.debug_struct("PolicyEngine")
+            .field("dir", &self.dir)
+            .finish()
     }
 }
 
@@ -93,7 +95,11 @@ fn first_offset(d: &dyn Diagnostic) -> Option<usize> {
     d.labels()
         .and_then(|mut l| l.next())
         .map(|l| l.offset())
-        .or_else(|| d.related().and_then(|mut r| r.next()).and_then(first_offset))
+        .or_else(|| {
+            d.related()
+                .and_then(|mut r| r.next())
+                .and_then(first_offset)
+        })
 }
 
 fn stamp(dir: &Path) -> Result<Vec<(PathBuf, SystemTime, u64)>, PolicyError> {
@@ -171,7 +177,12 @@ fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
         let (file, line) = sources
             .iter()
             .find(|(id, _, _)| *id == pid)
-            .map(|(_, f, text)| (f.clone(), first_offset(err).map_or(0, |o| line_col(text, o).0)))
+            .map(|(_, f, text)| {
+                (
+                    f.clone(),
+                    first_offset(err).map_or(0, |o| line_col(text, o).0),
+                )
+            })
             .unwrap_or_default();
         return Err(PolicyError::Validation {
             file,
@@ -247,7 +258,9 @@ impl PolicyEngine {
 
     fn posture_json(caller: &VerifiedCaller, now: OffsetDateTime) -> Value {
         let p = caller.posture();
-        let ip = p.source.map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
+        let ip = p
+            .source
+            .map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
         json!({
             "method": p.method.as_str(),
             "trust_domain": p.trust_domain,
@@ -298,7 +311,9 @@ impl PolicyEngine {
         let request = Request::new(p_uid, a_uid, r_uid, context, Some(&self.schema))
             .map_err(|e| req_err(&e))?;
         let current = self.current();
-        let response = self.authorizer.is_authorized(&request, &current.set, &entities);
+        let response = self
+            .authorizer
+            .is_authorized(&request, &current.set, &entities);
         let diag = response.diagnostics();
         Ok(PolicyDecision {
             allowed: response.decision() == Decision::Allow,
@@ -433,10 +448,16 @@ mod tests {
         std::fs::write(dir.path().join("p.cedar"), "permit(").expect("write");
         assert!(matches!(engine.reload(), Err(PolicyError::Parse { .. })));
         assert_eq!(engine.policy_count(), 1);
-        std::fs::write(dir.path().join("q.cedar"), "@id(\"x\") forbid(principal, action, resource);")
-            .expect("write");
-        std::fs::write(dir.path().join("p.cedar"), "@id(\"y\") forbid(principal, action, resource);")
-            .expect("write");
+        std::fs::write(
+            dir.path().join("q.cedar"),
+            "@id(\"x\") forbid(principal, action, resource);",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("p.cedar"),
+            "@id(\"y\") forbid(principal, action, resource);",
+        )
+        .expect("write");
         assert_eq!(engine.reload().expect("reload"), 2);
     }
 }

@@ -30,7 +30,9 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// Exponential backoff: base · 2^(attempt-1), capped at `max`.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1).min(20))
+            .unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max)
     }
 }
@@ -163,6 +165,7 @@ impl Revoker {
                 }
                 let done = self.store.transition(t).await?;
                 if done.state == LeaseState::Revoked && lease.state == LeaseState::Revoking {
+                    metrics::counter!("mayfly_lease_transitions_total", "provider" => done.provider.as_str(), "state" => "revoked").increment(1);
                     let mut e = lease_event("lease.revoked", &done);
                     e.outcome = Some(match rev {
                         Revocation::Revoked => "revoked".into(),
@@ -199,6 +202,10 @@ impl Revoker {
                 e.detail = Some(err.to_string());
                 e.outcome = Some(format!("attempt {attempts}"));
                 tracing::warn!(lease = %l.id, attempts, error = %err, give_up, "revocation attempt failed");
+                metrics::counter!("mayfly_revocation_failures_total", "provider" => l.provider.as_str()).increment(1);
+                if give_up {
+                    metrics::counter!("mayfly_leases_irrevocable_total", "provider" => l.provider.as_str()).increment(1);
+                }
                 self.record(e).await;
                 Ok(l)
             }
@@ -261,12 +268,22 @@ impl Revoker {
     }
 
     /// Handles one claimed lease; returns the state it ended in, if it changed.
-    async fn reap_lease(&self, lease: Lease, now: OffsetDateTime) -> Result<Option<LeaseState>, StoreError> {
+    async fn reap_lease(
+        &self,
+        lease: Lease,
+        now: OffsetDateTime,
+    ) -> Result<Option<LeaseState>, StoreError> {
         match lease.state {
             LeaseState::Active if lease.expires_at <= now => {
-                let t = Transition::new(lease.id.clone(), &[LeaseState::Active], LeaseState::Expired, now);
+                let t = Transition::new(
+                    lease.id.clone(),
+                    &[LeaseState::Active],
+                    LeaseState::Expired,
+                    now,
+                );
                 match self.store.transition(t).await {
                     Ok(l) if l.state == LeaseState::Expired => {
+                        metrics::counter!("mayfly_lease_transitions_total", "provider" => l.provider.as_str(), "state" => "expired").increment(1);
                         self.record(lease_event("lease.expired", &l)).await;
                         Ok(Some(LeaseState::Expired))
                     }
@@ -276,7 +293,12 @@ impl Revoker {
             }
             LeaseState::Active => {
                 // Claimed early (index and record disagree): look again at its expiry.
-                let mut t = Transition::new(lease.id.clone(), &[LeaseState::Active], LeaseState::Active, now);
+                let mut t = Transition::new(
+                    lease.id.clone(),
+                    &[LeaseState::Active],
+                    LeaseState::Active,
+                    now,
+                );
                 t.due_at = Some(lease.expires_at);
                 self.store.transition(t).await?;
                 Ok(None)
@@ -284,7 +306,9 @@ impl Revoker {
             LeaseState::Pending => {
                 // Never activated within the pending timeout: the mint may have happened
                 // before a crash, so revoke as if it had.
-                Ok(Some(self.revoke_lease(&lease.id, "stale_pending").await?.state))
+                Ok(Some(
+                    self.revoke_lease(&lease.id, "stale_pending").await?.state,
+                ))
             }
             LeaseState::Revoking => Ok(Some(self.attempt(lease).await?.state)),
             _ => Ok(None),
@@ -298,6 +322,10 @@ impl Revoker {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let now = OffsetDateTime::now_utc();
+                if let Ok(n) = self.store.due_count(now).await {
+                    metrics::gauge!("mayfly_reaper_backlog").set(n as f64);
+                }
                 loop {
                     match self.reap_once(OffsetDateTime::now_utc()).await {
                         // A full batch means more may be due right now.

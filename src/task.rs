@@ -169,7 +169,8 @@ fn printable(s: &str) -> bool {
 fn token_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_TOKEN_LEN
-        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
 fn token_set(
@@ -287,10 +288,10 @@ impl Scope {
 
     /// Every grant of `other` is covered by a grant of ours.
     pub fn covers(&self, other: &Scope) -> bool {
-        other
-            .0
-            .iter()
-            .all(|g| self.grant_for(g.provider, &g.target).is_some_and(|m| m.covers(g)))
+        other.0.iter().all(|g| {
+            self.grant_for(g.provider, &g.target)
+                .is_some_and(|m| m.covers(g))
+        })
     }
 }
 
@@ -362,7 +363,12 @@ impl TryFrom<RawTaskRequest> for TaskRequest {
         validate_purpose(&raw.purpose)?;
         if raw.labels.len() > MAX_LABELS
             || raw.labels.iter().any(|(k, v)| {
-                k.is_empty() || k.len() > 64 || v.is_empty() || v.len() > 64 || !printable(k) || !printable(v)
+                k.is_empty()
+                    || k.len() > 64
+                    || v.is_empty()
+                    || v.len() > 64
+                    || !printable(k)
+                    || !printable(v)
             })
         {
             return Err(ScopeError::Labels);
@@ -427,7 +433,11 @@ impl TryFrom<RawCredentialRequest> for CredentialRequest {
             target: raw.target,
             actions,
             resources,
-            ttl: raw.ttl.as_ref().map(crate::duration::from_json).transpose()?,
+            ttl: raw
+                .ttl
+                .as_ref()
+                .map(crate::duration::from_json)
+                .transpose()?,
         })
     }
 }

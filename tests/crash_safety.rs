@@ -1,3 +1,8 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! 1000 injected crashes between lease write, mint and activation: afterwards no
 //! credential exists without a lease that the reaper ends. Embedded store and Redis.
 
@@ -18,7 +23,10 @@ const CRASHES: u64 = 1000;
 async fn run(store: Option<String>) {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(dir.path());
-    let opts = ConfigOptions { store, ..Default::default() };
+    let opts = ConfigOptions {
+        store,
+        ..Default::default()
+    };
     let config = Config::load(&write_config(dir.path(), &pki, &opts)).expect("config");
 
     // Crash plan: attempt i dies at point i % 4 (3 = survives), so every point is hit
@@ -32,10 +40,12 @@ async fn run(store: Option<String>) {
             if point != FaultPoint::AfterPendingWrite {
                 minted.lock().expect("lock").insert(lease.clone());
             }
-            match (plan, point) {
-                (0, FaultPoint::AfterPendingWrite) | (1, FaultPoint::AfterMint) | (2, FaultPoint::AfterActivate) => true,
-                _ => false,
-            }
+            matches!(
+                (plan, point),
+                (0, FaultPoint::AfterPendingWrite)
+                    | (1, FaultPoint::AfterMint)
+                    | (2, FaultPoint::AfterActivate)
+            )
         })
     };
     let app = config.build_with_faults(Some(hook)).await.expect("build");
@@ -43,7 +53,11 @@ async fn run(store: Option<String>) {
     let raw: RawTaskRequest = serde_json::from_value(task_body("2h")).expect("raw");
     let task = app
         .broker
-        .declare_task(&caller, TaskRequest::try_from(raw).expect("valid"), &AuditScope::new(AuditEvent::new("test")))
+        .declare_task(
+            &caller,
+            TaskRequest::try_from(raw).expect("valid"),
+            &AuditScope::new(AuditEvent::new("test")),
+        )
         .await
         .expect("task");
 
@@ -55,7 +69,16 @@ async fn run(store: Option<String>) {
         }))
         .expect("raw");
         let req = CredentialRequest::try_from(raw).expect("valid");
-        match app.broker.request_credential(&caller, &task.id, req, &AuditScope::new(AuditEvent::new("test"))).await {
+        match app
+            .broker
+            .request_credential(
+                &caller,
+                &task.id,
+                req,
+                &AuditScope::new(AuditEvent::new("test")),
+            )
+            .await
+        {
             Ok(_) => {}
             Err(BrokerError::InjectedCrash(_)) => crashed += 1,
             Err(e) => panic!("unexpected error: {e}"),
@@ -65,10 +88,17 @@ async fn run(store: Option<String>) {
 
     // Immediately: every lease is either live with an expiry, or due for the reaper.
     let leases = app.store.task_leases(&task.id).await.expect("leases");
-    assert_eq!(leases.len() as u64, TOTAL, "every attempt recorded its lease before minting");
+    assert_eq!(
+        leases.len() as u64,
+        TOTAL,
+        "every attempt recorded its lease before minting"
+    );
     let minted = minted.lock().expect("lock").clone();
     let ids: HashSet<LeaseId> = leases.iter().map(|l| l.id.clone()).collect();
-    assert!(minted.is_subset(&ids), "no minted credential lacks a lease record");
+    assert!(
+        minted.is_subset(&ids),
+        "no minted credential lacks a lease record"
+    );
 
     // Run the reaper as if past the pending timeout and every TTL: nothing stays open.
     let later = time::OffsetDateTime::now_utc() + time::Duration::hours(3);
@@ -79,10 +109,26 @@ async fn run(store: Option<String>) {
     }
     let leases = app.store.task_leases(&task.id).await.expect("leases");
     let open: Vec<_> = leases.iter().filter(|l| !l.state.is_terminal()).collect();
-    assert!(open.is_empty(), "{} leases left open: {:?}", open.len(), open.first());
-    let stale = leases.iter().filter(|l| l.reason.as_deref() == Some("stale_pending")).count() as u64;
-    assert_eq!(stale, CRASHES / 2, "crashes before activation end as stale-pending revocations");
-    assert!(leases.iter().all(|l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired)));
+    assert!(
+        open.is_empty(),
+        "{} leases left open: {:?}",
+        open.len(),
+        open.first()
+    );
+    let stale = leases
+        .iter()
+        .filter(|l| l.reason.as_deref() == Some("stale_pending"))
+        .count() as u64;
+    assert_eq!(
+        stale,
+        CRASHES / 2,
+        "crashes before activation end as stale-pending revocations"
+    );
+    assert!(
+        leases
+            .iter()
+            .all(|l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired))
+    );
 }
 
 const TOTAL: u64 = CRASHES;

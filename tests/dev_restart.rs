@@ -1,3 +1,8 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! `mayfly dev` end to end: files it creates, the flow with its identities, and a restart
 //! that keeps identities and leases while the reaper ends what expired during the outage.
 
@@ -24,21 +29,46 @@ async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {
 
     // The promised files exist, and dev.json describes them.
     for f in [
-        "ca.pem", "server.pem", "agent.pem", "agent-key.pem", "agent2.pem", "agent2-key.pem",
-        "operator.pem", "operator-key.pem", "dev.json",
+        "ca.pem",
+        "server.pem",
+        "agent.pem",
+        "agent-key.pem",
+        "agent2.pem",
+        "agent2-key.pem",
+        "operator.pem",
+        "operator-key.pem",
+        "dev.json",
     ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
-    let info: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).expect("dev.json")).expect("json");
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).expect("dev.json"))
+            .expect("json");
     assert_eq!(info["listen"], server.addr.to_string());
-    assert_eq!(info["agent"]["spiffe_id"], "spiffe://dev.mayfly.local/agent/demo");
-    assert_eq!(info["agent2"]["spiffe_id"], "spiffe://dev.mayfly.local/agent/helper");
-    assert_eq!(info["operator"]["spiffe_id"], "spiffe://dev.mayfly.local/operator/admin");
+    assert_eq!(
+        info["agent"]["spiffe_id"],
+        "spiffe://dev.mayfly.local/agent/demo"
+    );
+    assert_eq!(
+        info["agent2"]["spiffe_id"],
+        "spiffe://dev.mayfly.local/agent/helper"
+    );
+    assert_eq!(
+        info["operator"]["spiffe_id"],
+        "spiffe://dev.mayfly.local/operator/admin"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("agent-key.pem")).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o077, 0, "private keys must not be group/world readable");
+        let mode = std::fs::metadata(dir.join("agent-key.pem"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "private keys must not be group/world readable"
+        );
     }
     let ca_before = std::fs::read(dir.join("ca.pem")).expect("ca");
 
@@ -53,13 +83,26 @@ async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {
     assert_eq!(s, 201, "{task}");
     let task_id = task["task_id"].as_str().expect("id").to_string();
     let creds = server.url(&format!("/v1/tasks/{task_id}/credentials"));
-    let (s, short) = post_json(&agent, &creds, json!({"provider": "jwt", "target": "https://reports.example.com", "ttl": "2s"})).await;
+    let (s, short) = post_json(
+        &agent,
+        &creds,
+        json!({"provider": "jwt", "target": "https://reports.example.com", "ttl": "2s"}),
+    )
+    .await;
     assert_eq!(s, 201, "{short}");
-    let (s, long) = post_json(&agent, &creds, json!({"provider": "jwt", "target": "https://reports.example.com", "ttl": "10m"})).await;
+    let (s, long) = post_json(
+        &agent,
+        &creds,
+        json!({"provider": "jwt", "target": "https://reports.example.com", "ttl": "10m"}),
+    )
+    .await;
     assert_eq!(s, 201, "{long}");
     let short_id = short["lease_id"].as_str().expect("lease").to_string();
     let long_id = long["lease_id"].as_str().expect("lease").to_string();
-    let long_token = long["credential"]["access_token"].as_str().expect("tok").to_string();
+    let long_token = long["credential"]["access_token"]
+        .as_str()
+        .expect("tok")
+        .to_string();
 
     // Crash: SIGKILL, no clean shutdown. Stay down past the short lease's end.
     let addr = server.addr.to_string();
@@ -67,9 +110,16 @@ async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let server = Server::dev_on(&dir, &addr);
-    assert_eq!(std::fs::read(dir.join("ca.pem")).expect("ca"), ca_before, "the dev CA is reused");
+    assert_eq!(
+        std::fs::read(dir.join("ca.pem")).expect("ca"),
+        ca_before,
+        "the dev CA is reused"
+    );
     let agent = dev_client(&dir, "agent");
-    let op = { drop(op); dev_client(&dir, "operator") };
+    let op = {
+        drop(op);
+        dev_client(&dir, "operator")
+    };
 
     let lease_url = server.url(&format!("/v1/leases/{short_id}"));
     let expired = eventually(Duration::from_secs(10), || {
@@ -80,11 +130,17 @@ async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {
         }
     })
     .await;
-    assert!(expired.is_some(), "the reaper expires the lease that ended while the broker was down");
+    assert!(
+        expired.is_some(),
+        "the reaper expires the lease that ended while the broker was down"
+    );
     let (_, l) = get(&op, &server.url(&format!("/v1/leases/{long_id}"))).await;
     assert_eq!(l["state"], "active", "a live lease survives the restart");
     // Tokens issued before the restart still introspect (same key, same store).
-    assert_eq!(introspect(&agent, &server.url("/v1/introspect"), &long_token).await["active"], true);
+    assert_eq!(
+        introspect(&agent, &server.url("/v1/introspect"), &long_token).await["active"],
+        true
+    );
 
     let audit = dir.join("audit.jsonl");
     let expirations: Vec<Value> = audit_records(&audit)
@@ -93,7 +149,11 @@ async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {
         .collect();
     assert_eq!(expirations.len(), 1, "expired exactly once");
     let out = run_cli(&["audit", "verify", audit.to_str().expect("utf8")]);
-    assert!(out.status.success(), "the chain survives SIGKILL: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the chain survives SIGKILL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The dev policies: helper agents may use jwt for https targets only.
     let helper = dev_client(&dir, "agent2");
@@ -103,5 +163,9 @@ async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {
     plain["scope"][0]["target"] = json!("https://x");
     plain["ttl"] = json!("2h");
     let (s, b) = post_json(&helper, &server.url("/v1/tasks"), plain).await;
-    assert_eq!((s, b["code"].as_str()), (403, Some("policy_denied")), "dev policy caps tasks at 1 h");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (403, Some("policy_denied")),
+        "dev policy caps tasks at 1 h"
+    );
 }

@@ -1,3 +1,8 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! Handler-level tests through `router(state).oneshot(req)`, with identities verified by
 //! the real `identity` code from certificates minted in the test.
 
@@ -9,8 +14,8 @@ use common::*;
 use mayfly::api::extract::ConnInfo;
 use mayfly::api::{AppState, router};
 use mayfly::config::{App, Config};
-use mayfly::identity::x509::verify_svid;
 use mayfly::identity::VerifiedCaller;
+use mayfly::identity::x509::verify_svid;
 use mayfly::lease::LeaseState;
 use mayfly::task::TaskState;
 use rustls_pki_types::pem::PemObject;
@@ -36,7 +41,13 @@ fn caller(pki: &Pki, pair: &Pair) -> VerifiedCaller {
         pki.bundle_a.clone(),
     )])
     .expect("bundles");
-    verify_svid(&chain, &bundles, Some("127.0.0.1".parse().expect("ip")), UnixTime::now()).expect("valid svid")
+    verify_svid(
+        &chain,
+        &bundles,
+        Some("127.0.0.1".parse().expect("ip")),
+        UnixTime::now(),
+    )
+    .expect("valid svid")
 }
 
 async fn harness(audit: Option<&Path>) -> Harness {
@@ -52,7 +63,11 @@ async fn harness(audit: Option<&Path>) -> Harness {
         peer: "127.0.0.1:50000".parse().expect("addr"),
         identity: Ok(caller(&pki, &pki.svid("agent", AGENT))),
     });
-    Harness { _dir: dir, app, agent }
+    Harness {
+        _dir: dir,
+        app,
+        agent,
+    }
 }
 
 impl Harness {
@@ -73,12 +88,23 @@ impl Harness {
         req.extensions_mut().insert(self.agent.clone());
         let resp = self.router().oneshot(req).await.expect("infallible");
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
-        self.call("POST", uri, Body::from(body.to_string()), "application/json").await
+        self.call(
+            "POST",
+            uri,
+            Body::from(body.to_string()),
+            "application/json",
+        )
+        .await
     }
 }
 
@@ -87,9 +113,20 @@ async fn when_the_audit_trail_cannot_be_written_no_credential_leaves_and_its_lea
     // /dev/full accepts the open and fails every write with ENOSPC: a real fault.
     let h = harness(Some(Path::new("/dev/full"))).await;
     let (s, body) = h.post("/v1/tasks", task_body("10m")).await;
-    assert_eq!((s.as_u16(), body["code"].as_str()), (503, Some("audit_unavailable")));
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (503, Some("audit_unavailable"))
+    );
     // The declared task was undone, not left behind.
-    let tasks = h.app.store.tasks(&mayfly::lease::TaskQuery { limit: 10, ..Default::default() }).await.expect("tasks");
+    let tasks = h
+        .app
+        .store
+        .tasks(&mayfly::lease::TaskQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("tasks");
     assert_eq!(tasks.items.len(), 1);
     assert_eq!(tasks.items[0].state, TaskState::Revoked);
 
@@ -101,13 +138,23 @@ async fn when_the_audit_trail_cannot_be_written_no_credential_leaves_and_its_lea
     t.expires_at = now + time::Duration::minutes(10);
     h.app.store.create_task(&t).await.expect("task");
     let (s, body) = h
-        .post(&format!("/v1/tasks/{}/credentials", t.id), json!({"provider": "jwt", "target": "https://api.example.com"}))
+        .post(
+            &format!("/v1/tasks/{}/credentials", t.id),
+            json!({"provider": "jwt", "target": "https://api.example.com"}),
+        )
         .await;
-    assert_eq!((s.as_u16(), body["code"].as_str()), (503, Some("audit_unavailable")));
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (503, Some("audit_unavailable"))
+    );
     assert!(body.get("credential").is_none());
     let leases = h.app.store.task_leases(&t.id).await.expect("leases");
     assert_eq!(leases.len(), 1);
-    assert_eq!(leases[0].state, LeaseState::Revoked, "the minted credential's lease is revoked");
+    assert_eq!(
+        leases[0].state,
+        LeaseState::Revoked,
+        "the minted credential's lease is revoked"
+    );
 }
 
 #[tokio::test]
@@ -116,7 +163,13 @@ async fn a_lease_left_pending_by_a_crash_is_revoked_by_the_reaper() {
     let (s, task) = h.post("/v1/tasks", task_body("10m")).await;
     assert_eq!(s.as_u16(), 201);
     let task_id: mayfly::task::TaskId = task["task_id"].as_str().expect("id").parse().expect("id");
-    let t = h.app.store.task(&task_id).await.expect("get").expect("task");
+    let t = h
+        .app
+        .store
+        .task(&task_id)
+        .await
+        .expect("get")
+        .expect("task");
     // What a crash between "record" and "activate" leaves behind.
     let now = time::OffsetDateTime::now_utc();
     let lease = mayfly::lease::Lease {
@@ -137,12 +190,32 @@ async fn a_lease_left_pending_by_a_crash_is_revoked_by_the_reaper() {
         attempts: 0,
         updated_at: now,
     };
-    h.app.store.put_pending(&lease, now + time::Duration::seconds(60)).await.expect("pending");
-    let early = h.app.revoker.reap_once(now + time::Duration::seconds(30)).await.expect("reap");
+    h.app
+        .store
+        .put_pending(&lease, now + time::Duration::seconds(60))
+        .await
+        .expect("pending");
+    let early = h
+        .app
+        .revoker
+        .reap_once(now + time::Duration::seconds(30))
+        .await
+        .expect("reap");
     assert_eq!(early.claimed, 0, "not stale yet");
-    let stats = h.app.revoker.reap_once(now + time::Duration::seconds(61)).await.expect("reap");
+    let stats = h
+        .app
+        .revoker
+        .reap_once(now + time::Duration::seconds(61))
+        .await
+        .expect("reap");
     assert_eq!(stats.revoked, 1);
-    let after = h.app.store.lease(&lease.id).await.expect("get").expect("lease");
+    let after = h
+        .app
+        .store
+        .lease(&lease.id)
+        .await
+        .expect("get")
+        .expect("lease");
     assert_eq!(after.state, LeaseState::Revoked);
     assert_eq!(after.reason.as_deref(), Some("stale_pending"));
 }

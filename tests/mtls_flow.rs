@@ -1,3 +1,8 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! The whole flow against the real `mayfly` binary over real mTLS.
 
 mod common;
@@ -36,7 +41,10 @@ impl Env {
         client(&self.pki.bundle_a, None)
     }
     fn with_spec(&self, name: &str, ca: &mayfly::pki::Ca, spec: LeafSpec) -> reqwest::Client {
-        client(&self.pki.bundle_a, Some(&self.pki.issue_with(ca, name, &spec)))
+        client(
+            &self.pki.bundle_a,
+            Some(&self.pki.issue_with(ca, name, &spec)),
+        )
     }
 }
 
@@ -46,8 +54,18 @@ async fn declare(env: &Env, c: &reqwest::Client, ttl: &str) -> String {
     body["task_id"].as_str().expect("task_id").to_string()
 }
 
-async fn mint(env: &Env, c: &reqwest::Client, task: &str, req: serde_json::Value) -> (u16, serde_json::Value) {
-    post_json(c, &env.server.url(&format!("/v1/tasks/{task}/credentials")), req).await
+async fn mint(
+    env: &Env,
+    c: &reqwest::Client,
+    task: &str,
+    req: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    post_json(
+        c,
+        &env.server.url(&format!("/v1/tasks/{task}/credentials")),
+        req,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -65,14 +83,19 @@ async fn full_flow_declare_mint_introspect_complete() {
     .await;
     assert_eq!(s, 201, "{issued}");
     assert_eq!(issued["credential"]["token_type"], "Bearer");
-    let token = issued["credential"]["access_token"].as_str().expect("token").to_string();
+    let token = issued["credential"]["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
     let lease = issued["lease_id"].as_str().expect("lease").to_string();
 
     // The token carries intent: task, purpose, audience, scope, jti = lease.
     let payload = token.split('.').nth(1).expect("payload");
     use base64::Engine;
     let claims: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64"),
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("b64"),
     )
     .expect("claims");
     assert_eq!(claims["sub"], AGENT);
@@ -93,7 +116,10 @@ async fn full_flow_declare_mint_introspect_complete() {
     jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).expect("token verifies with JWKS");
 
     let introspect_url = env.server.url("/v1/introspect");
-    assert_eq!(introspect(&agent, &introspect_url, &token).await["active"], true);
+    assert_eq!(
+        introspect(&agent, &introspect_url, &token).await["active"],
+        true
+    );
 
     // The owner sees the task and its lease.
     let (s, view) = get(&agent, &env.server.url(&format!("/v1/tasks/{task}"))).await;
@@ -101,7 +127,12 @@ async fn full_flow_declare_mint_introspect_complete() {
     assert_eq!(view["leases"][0]["state"], "active");
 
     let t0 = std::time::Instant::now();
-    let (s, done) = post_json(&agent, &env.server.url(&format!("/v1/tasks/{task}/complete")), json!({})).await;
+    let (s, done) = post_json(
+        &agent,
+        &env.server.url(&format!("/v1/tasks/{task}/complete")),
+        json!({}),
+    )
+    .await;
     assert_eq!(s, 200, "{done}");
     assert_eq!(done["revoked"], 1);
     let inactive = introspect(&agent, &introspect_url, &token).await;
@@ -110,7 +141,13 @@ async fn full_flow_declare_mint_introspect_complete() {
     println!("completion -> active:false in {elapsed:?}");
 
     // Completed tasks mint nothing.
-    let (s, body) = mint(&env, &agent, &task, json!({"provider": "jwt", "target": "https://api.example.com"})).await;
+    let (s, body) = mint(
+        &env,
+        &agent,
+        &task,
+        json!({"provider": "jwt", "target": "https://api.example.com"}),
+    )
+    .await;
     assert_eq!((s, body["code"].as_str()), (409, Some("task_not_active")));
 
     // Every step is in the audit chain, and the chain verifies.
@@ -120,16 +157,28 @@ async fn full_flow_declare_mint_introspect_complete() {
         .find(|r| r["action"] == "MintCredential" && r["decision"] == "allow")
         .expect("mint record");
     assert_eq!(mint_rec["lease_id"], lease.as_str());
-    assert!(mint_rec["credential_fingerprint"].as_str().expect("fp").starts_with("sha256:"));
+    assert!(
+        mint_rec["credential_fingerprint"]
+            .as_str()
+            .expect("fp")
+            .starts_with("sha256:")
+    );
     let revoked = records
         .iter()
         .find(|r| r["kind"] == "lease.revoked")
         .expect("revocation record");
     assert_eq!(revoked["lease_id"], lease.as_str());
     let raw = std::fs::read_to_string(&env.audit).expect("audit");
-    assert!(!raw.contains(&token), "the token must never reach the audit trail");
+    assert!(
+        !raw.contains(&token),
+        "the token must never reach the audit trail"
+    );
     let out = run_cli(&["audit", "verify", env.audit.to_str().expect("utf8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -158,10 +207,26 @@ async fn each_x509_svid_rule_violation_is_rejected_with_its_own_code() {
     server_only.extended = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
 
     let cases: Vec<(&str, reqwest::Client, &str)> = vec![
-        ("two URI SANs", env.with_spec("two", ca_a, two_sans), "svid_uri_san_count"),
-        ("no URI SAN", env.with_spec("nouri", ca_a, no_uri), "svid_uri_san_count"),
-        ("CA leaf", env.with_spec("caleaf", ca_a, ca_leaf), "svid_leaf_is_ca"),
-        ("expired", env.with_spec("expired", ca_a, expired), "svid_expired"),
+        (
+            "two URI SANs",
+            env.with_spec("two", ca_a, two_sans),
+            "svid_uri_san_count",
+        ),
+        (
+            "no URI SAN",
+            env.with_spec("nouri", ca_a, no_uri),
+            "svid_uri_san_count",
+        ),
+        (
+            "CA leaf",
+            env.with_spec("caleaf", ca_a, ca_leaf),
+            "svid_leaf_is_ca",
+        ),
+        (
+            "expired",
+            env.with_spec("expired", ca_a, expired),
+            "svid_expired",
+        ),
         (
             "unknown trust domain",
             env.with_spec("other", ca_a, LeafSpec::svid("spiffe://c.test/agent/x", 1)),
@@ -172,10 +237,18 @@ async fn each_x509_svid_rule_violation_is_rejected_with_its_own_code() {
             env.with_spec("cross", ca_a, LeafSpec::svid("spiffe://b.test/agent/x", 1)),
             "svid_untrusted_chain",
         ),
-        ("untrusted chain", env.with_spec("rogue", &rogue, LeafSpec::svid(AGENT, 1)), "svid_untrusted_chain"),
+        (
+            "untrusted chain",
+            env.with_spec("rogue", &rogue, LeafSpec::svid(AGENT, 1)),
+            "svid_untrusted_chain",
+        ),
         (
             "bad SPIFFE ID",
-            env.with_spec("badid", ca_a, LeafSpec::svid("spiffe://a.test/agent/../x", 1)),
+            env.with_spec(
+                "badid",
+                ca_a,
+                LeafSpec::svid("spiffe://a.test/agent/../x", 1),
+            ),
             "svid_invalid_spiffe_id",
         ),
         (
@@ -188,9 +261,21 @@ async fn each_x509_svid_rule_violation_is_rejected_with_its_own_code() {
             env.with_spec("nods", ca_a, no_digital_signature),
             "svid_missing_digital_signature",
         ),
-        ("keyCertSign on a leaf", env.with_spec("kcs", ca_a, cert_sign), "svid_forbidden_key_usage"),
-        ("server-only EKU", env.with_spec("eku", ca_a, server_only), "svid_wrong_extended_key_usage"),
-        ("no certificate", env.anonymous(), "client_certificate_required"),
+        (
+            "keyCertSign on a leaf",
+            env.with_spec("kcs", ca_a, cert_sign),
+            "svid_forbidden_key_usage",
+        ),
+        (
+            "server-only EKU",
+            env.with_spec("eku", ca_a, server_only),
+            "svid_wrong_extended_key_usage",
+        ),
+        (
+            "no certificate",
+            env.anonymous(),
+            "client_certificate_required",
+        ),
     ];
     for (what, c, code) in cases {
         let (s, body) = post_json(&c, &url, task_body("10m")).await;
@@ -198,12 +283,20 @@ async fn each_x509_svid_rule_violation_is_rejected_with_its_own_code() {
         assert_eq!(body["code"], code, "{what}: {body}");
     }
     // ... and a valid SVID from trust domain B is accepted by its own bundle.
-    let b_agent = env.with_spec("bagent", &env.pki.ca_b, LeafSpec::svid("spiffe://b.test/agent/x", 1));
+    let b_agent = env.with_spec(
+        "bagent",
+        &env.pki.ca_b,
+        LeafSpec::svid("spiffe://b.test/agent/x", 1),
+    );
     let (s, body) = post_json(&b_agent, &url, task_body("10m")).await;
     assert_eq!(s, 201, "{body}");
     // Refusals are audited too.
     let records = audit_records(&env.audit);
-    assert!(records.iter().any(|r| r["code"] == "svid_leaf_is_ca" && r["decision"] == "deny"));
+    assert!(
+        records
+            .iter()
+            .any(|r| r["code"] == "svid_leaf_is_ca" && r["decision"] == "deny")
+    );
 }
 
 #[tokio::test]
@@ -212,19 +305,59 @@ async fn out_of_scope_over_ttl_and_foreign_requests_are_denied() {
     let agent = env.as_id("agent", AGENT);
     let task = declare(&env, &agent, "10m").await;
     let cases = [
-        (json!({"provider": "jwt", "target": "https://api.example.com", "actions": ["issues:delete"]}), 403, "out_of_scope"),
-        (json!({"provider": "jwt", "target": "https://other.example.com"}), 403, "out_of_scope"),
-        (json!({"provider": "jwt", "target": "https://api.example.com", "resources": ["repo/evil/x"]}), 403, "out_of_scope"),
-        (json!({"provider": "jwt", "target": "https://api.example.com", "resources": ["repo/*"]}), 403, "out_of_scope"),
-        (json!({"provider": "aws", "target": "https://api.example.com"}), 403, "out_of_scope"),
-        (json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "20m"}), 400, "ttl_exceeds_task"),
-        (json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "2h"}), 400, "ttl_exceeds_limit"),
-        (json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5 minutes"}), 400, "invalid_duration"),
-        (json!({"provider": "ftp", "target": "https://api.example.com"}), 400, "unknown_provider"),
+        (
+            json!({"provider": "jwt", "target": "https://api.example.com", "actions": ["issues:delete"]}),
+            403,
+            "out_of_scope",
+        ),
+        (
+            json!({"provider": "jwt", "target": "https://other.example.com"}),
+            403,
+            "out_of_scope",
+        ),
+        (
+            json!({"provider": "jwt", "target": "https://api.example.com", "resources": ["repo/evil/x"]}),
+            403,
+            "out_of_scope",
+        ),
+        (
+            json!({"provider": "jwt", "target": "https://api.example.com", "resources": ["repo/*"]}),
+            403,
+            "out_of_scope",
+        ),
+        (
+            json!({"provider": "aws", "target": "https://api.example.com"}),
+            403,
+            "out_of_scope",
+        ),
+        (
+            json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "20m"}),
+            400,
+            "ttl_exceeds_task",
+        ),
+        (
+            json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "2h"}),
+            400,
+            "ttl_exceeds_limit",
+        ),
+        (
+            json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5 minutes"}),
+            400,
+            "invalid_duration",
+        ),
+        (
+            json!({"provider": "ftp", "target": "https://api.example.com"}),
+            400,
+            "unknown_provider",
+        ),
     ];
     for (req, status, code) in cases {
         let (s, body) = mint(&env, &agent, &task, req.clone()).await;
-        assert_eq!((s, body["code"].as_str()), (status, Some(code)), "{req}: {body}");
+        assert_eq!(
+            (s, body["code"].as_str()),
+            (status, Some(code)),
+            "{req}: {body}"
+        );
     }
     // Inside scope works, with a narrower resource.
     let (s, body) = mint(
@@ -238,7 +371,13 @@ async fn out_of_scope_over_ttl_and_foreign_requests_are_denied() {
 
     // Another agent cannot use this task, nor read it.
     let other = env.as_id("agent2", AGENT2);
-    let (s, body) = mint(&env, &other, &task, json!({"provider": "jwt", "target": "https://api.example.com"})).await;
+    let (s, body) = mint(
+        &env,
+        &other,
+        &task,
+        json!({"provider": "jwt", "target": "https://api.example.com"}),
+    )
+    .await;
     assert_eq!((s, body["code"].as_str()), (403, Some("not_task_owner")));
     let (s, _) = get(&other, &env.server.url(&format!("/v1/tasks/{task}"))).await;
     assert_eq!(s, 403);
@@ -271,7 +410,10 @@ async fn hostile_bodies_get_specific_problem_codes() {
                 .await
                 .expect("send");
             let status = r.status().as_u16();
-            let ctype = r.headers()["content-type"].to_str().unwrap_or_default().to_string();
+            let ctype = r.headers()["content-type"]
+                .to_str()
+                .unwrap_or_default()
+                .to_string();
             let body: serde_json::Value = r.json().await.expect("problem json");
             (status, ctype, body)
         }
@@ -302,18 +444,40 @@ async fn hostile_bodies_get_specific_problem_codes() {
     ];
     for ((status, ctype, body), want_status, want_code) in cases {
         assert_eq!(ctype, "application/problem+json");
-        assert_eq!((status, body["code"].as_str()), (want_status, Some(want_code)), "{body}");
-        assert!(body["type"].as_str().is_some_and(|t| t.ends_with(want_code)));
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (want_status, Some(want_code)),
+            "{body}"
+        );
+        assert!(
+            body["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(want_code))
+        );
     }
     // Oversized body.
-    let big = format!(r#"{{"purpose":"{}","scope":[],"ttl":"1m"}}"#, "x".repeat(200_000));
-    let r = agent.post(&url).header("content-type", "application/json").body(big).send().await.expect("send");
+    let big = format!(
+        r#"{{"purpose":"{}","scope":[],"ttl":"1m"}}"#,
+        "x".repeat(200_000)
+    );
+    let r = agent
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status().as_u16(), 413);
     let body: serde_json::Value = r.json().await.expect("json");
     assert_eq!(body["code"], "body_too_large");
 
     // Unknown and malformed ids.
-    let (s, body) = get(&agent, &env.server.url("/v1/tasks/tsk_00000000000000000000000000000000")).await;
+    let (s, body) = get(
+        &agent,
+        &env.server
+            .url("/v1/tasks/tsk_00000000000000000000000000000000"),
+    )
+    .await;
     assert_eq!((s, body["code"].as_str()), (404, Some("task_not_found")));
     let (s, body) = get(&agent, &env.server.url("/v1/tasks/..%2F..%2Fetc")).await;
     assert_eq!((s, body["code"].as_str()), (400, Some("invalid_id")));
@@ -323,7 +487,13 @@ async fn hostile_bodies_get_specific_problem_codes() {
     // An expired task.
     let task = declare(&env, &agent, "1s").await;
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let (s, body) = mint(&env, &agent, &task, json!({"provider": "jwt", "target": "https://api.example.com"})).await;
+    let (s, body) = mint(
+        &env,
+        &agent,
+        &task,
+        json!({"provider": "jwt", "target": "https://api.example.com"}),
+    )
+    .await;
     assert_eq!((s, body["code"].as_str()), (409, Some("task_expired")));
 }
 
@@ -335,49 +505,114 @@ async fn operator_routes_refuse_agents_and_operator_revocation_kills_tokens() {
     let task = declare(&env, &agent, "30m").await;
     let mut tokens = Vec::new();
     for _ in 0..3 {
-        let (s, b) = mint(&env, &agent, &task, json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5m"})).await;
+        let (s, b) = mint(
+            &env,
+            &agent,
+            &task,
+            json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5m"}),
+        )
+        .await;
         assert_eq!(s, 201);
         tokens.push((
             b["lease_id"].as_str().expect("lease").to_string(),
-            b["credential"]["access_token"].as_str().expect("tok").to_string(),
+            b["credential"]["access_token"]
+                .as_str()
+                .expect("tok")
+                .to_string(),
         ));
     }
-    for path in ["/v1/leases", "/v1/tasks", &format!("/v1/leases/{}", tokens[0].0)] {
+    for path in [
+        "/v1/leases",
+        "/v1/tasks",
+        &format!("/v1/leases/{}", tokens[0].0),
+    ] {
         let (s, b) = get(&agent, &env.server.url(path)).await;
-        assert_eq!((s, b["code"].as_str()), (403, Some("not_operator")), "{path}");
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (403, Some("not_operator")),
+            "{path}"
+        );
     }
-    let (s, b) = post_json(&agent, &env.server.url(&format!("/v1/leases/{}/revoke", tokens[0].0)), json!({"reason": "x"})).await;
+    let (s, b) = post_json(
+        &agent,
+        &env.server
+            .url(&format!("/v1/leases/{}/revoke", tokens[0].0)),
+        json!({"reason": "x"}),
+    )
+    .await;
     assert_eq!((s, b["code"].as_str()), (403, Some("not_operator")));
 
-    let (s, page) = get(&op, &env.server.url(&format!("/v1/leases?task={task}&state=active&limit=2"))).await;
+    let (s, page) = get(
+        &op,
+        &env.server
+            .url(&format!("/v1/leases?task={task}&state=active&limit=2")),
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(page["items"].as_array().expect("items").len(), 2);
     let next = page["next"].as_str().expect("cursor");
-    let (_, page2) = get(&op, &env.server.url(&format!("/v1/leases?task={task}&state=active&limit=2&after={next}"))).await;
+    let (_, page2) = get(
+        &op,
+        &env.server.url(&format!(
+            "/v1/leases?task={task}&state=active&limit=2&after={next}"
+        )),
+    )
+    .await;
     assert_eq!(page2["items"].as_array().expect("items").len(), 1);
     let (s, b) = get(&op, &env.server.url("/v1/leases?state=bogus")).await;
     assert_eq!((s, b["code"].as_str()), (400, Some("invalid_query")));
 
     let introspect_url = env.server.url("/v1/introspect");
-    let (s, b) = post_json(&op, &env.server.url(&format!("/v1/leases/{}/revoke", tokens[0].0)), json!({"reason": "suspicious"})).await;
+    let (s, b) = post_json(
+        &op,
+        &env.server
+            .url(&format!("/v1/leases/{}/revoke", tokens[0].0)),
+        json!({"reason": "suspicious"}),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["state"], "revoked");
-    assert_eq!(introspect(&agent, &introspect_url, &tokens[0].1).await["active"], false);
-    assert_eq!(introspect(&agent, &introspect_url, &tokens[1].1).await["active"], true);
+    assert_eq!(
+        introspect(&agent, &introspect_url, &tokens[0].1).await["active"],
+        false
+    );
+    assert_eq!(
+        introspect(&agent, &introspect_url, &tokens[1].1).await["active"],
+        true
+    );
     // Idempotent.
-    let (s, b) = post_json(&op, &env.server.url(&format!("/v1/leases/{}/revoke", tokens[0].0)), json!({"reason": "again"})).await;
+    let (s, b) = post_json(
+        &op,
+        &env.server
+            .url(&format!("/v1/leases/{}/revoke", tokens[0].0)),
+        json!({"reason": "again"}),
+    )
+    .await;
     assert_eq!((s, b["state"].as_str()), (200, Some("revoked")));
 
-    let (s, b) = post_json(&op, &env.server.url(&format!("/v1/tasks/{task}/revoke")), json!({"reason": "incident 42"})).await;
+    let (s, b) = post_json(
+        &op,
+        &env.server.url(&format!("/v1/tasks/{task}/revoke")),
+        json!({"reason": "incident 42"}),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["revoked"], 2);
     for (_, t) in &tokens {
-        assert_eq!(introspect(&agent, &introspect_url, t).await["active"], false);
+        assert_eq!(
+            introspect(&agent, &introspect_url, t).await["active"],
+            false
+        );
     }
     let (_, view) = get(&op, &env.server.url(&format!("/v1/tasks/{task}"))).await;
     assert_eq!(view["state"], "revoked");
     assert_eq!(view["end_reason"], "incident 42");
-    let (s, b) = post_json(&op, &env.server.url(&format!("/v1/tasks/{task}/revoke")), json!({"reason": ""})).await;
+    let (s, b) = post_json(
+        &op,
+        &env.server.url(&format!("/v1/tasks/{task}/revoke")),
+        json!({"reason": ""}),
+    )
+    .await;
     assert_eq!((s, b["code"].as_str()), (400, Some("invalid_reason")));
 }
 

@@ -1,3 +1,8 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! Policy hot reload on a running broker, and `mayfly policy check`.
 
 mod common;
@@ -24,14 +29,23 @@ async fn hot_reload_applies_good_policies_and_keeps_the_last_good_set_on_error()
     let refused = eventually(Duration::from_secs(10), || {
         let audit = audit.clone();
         async move {
-            audit_records(&audit)
-                .into_iter()
-                .find(|r| r["kind"] == "policy.reload" && r["outcome"].as_str().is_some_and(|o| o.starts_with("refused")))
+            audit_records(&audit).into_iter().find(|r| {
+                r["kind"] == "policy.reload"
+                    && r["outcome"]
+                        .as_str()
+                        .is_some_and(|o| o.starts_with("refused"))
+            })
         }
     })
     .await
     .expect("reload refusal audited");
-    assert!(refused["detail"].as_str().expect("detail").contains("test.cedar:1"), "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("test.cedar:1"),
+        "{refused}"
+    );
     let (s, _) = post_json(&agent, &url, task_body("10m")).await;
     assert_eq!(s, 201, "last good set still permits");
 
@@ -65,10 +79,17 @@ fn policy_check_names_file_and_line_and_exits_non_zero() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bad.cedar:"), "{err}");
-    assert!(err.contains(":3") || err.contains(":4"), "names the line: {err}");
+    assert!(
+        err.contains(":3") || err.contains(":4"),
+        "names the line: {err}"
+    );
 
     let ok = run_cli(&["policy", "check", "config/policies"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 #[test]
@@ -76,7 +97,11 @@ fn serve_refuses_to_start_on_an_invalid_policy() {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(dir.path());
     let config = write_config(dir.path(), &pki, &ConfigOptions::default());
-    std::fs::write(dir.path().join("policies/test.cedar"), "permit(principal, action, resource) when { 1 };").expect("write");
+    std::fs::write(
+        dir.path().join("policies/test.cedar"),
+        "permit(principal, action, resource) when { 1 };",
+    )
+    .expect("write");
     let out = run_cli(&["serve", "-c", config.to_str().expect("utf8")]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -1,3 +1,8 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! Several broker replicas on one real Redis.
 
 mod common;
@@ -34,24 +39,47 @@ async fn dev_replicas_on_one_redis_share_tasks_leases_and_revocation() {
     let (s, task) = post_json(&agent, &a.url("/v1/tasks"), body).await;
     assert_eq!(s, 201, "{task}");
     let id = task["task_id"].as_str().expect("id");
-    let (s, cred) = post_json(&agent, &b.url(&format!("/v1/tasks/{id}/credentials")), json!({"provider": "jwt", "target": "https://x.example"})).await;
+    let (s, cred) = post_json(
+        &agent,
+        &b.url(&format!("/v1/tasks/{id}/credentials")),
+        json!({"provider": "jwt", "target": "https://x.example"}),
+    )
+    .await;
     assert_eq!(s, 201, "replica B sees the task declared on A: {cred}");
     let token = cred["credential"]["access_token"].as_str().expect("token");
-    assert_eq!(introspect(&agent, &a.url("/v1/introspect"), token).await["active"], true);
-    let (s, _) = post_json(&agent, &b.url(&format!("/v1/tasks/{id}/complete")), json!({})).await;
+    assert_eq!(
+        introspect(&agent, &a.url("/v1/introspect"), token).await["active"],
+        true
+    );
+    let (s, _) = post_json(
+        &agent,
+        &b.url(&format!("/v1/tasks/{id}/complete")),
+        json!({}),
+    )
+    .await;
     assert_eq!(s, 200);
-    assert_eq!(introspect(&agent, &a.url("/v1/introspect"), token).await["active"], false);
+    assert_eq!(
+        introspect(&agent, &a.url("/v1/introspect"), token).await["active"],
+        false
+    );
     // Each replica writes its own audit chain, and each verifies.
     let chains: Vec<_> = std::fs::read_dir(&dir)
         .expect("dir")
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("audit-dev-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("audit-dev-"))
+        })
         .collect();
     assert_eq!(chains.len(), 2, "{chains:?}");
     for c in chains {
         let out = run_cli(&["audit", "verify", c.to_str().expect("utf8")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -87,14 +115,18 @@ async fn three_replicas_one_killed_mid_load_every_granted_lease_ends_once() {
         audits.push(dir.join("audit.jsonl"));
         replicas.push(Some(Server::serve(&config)));
     }
-    let urls: Vec<String> = replicas.iter().map(|r| r.as_ref().expect("up").url("")).collect();
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| r.as_ref().expect("up").url(""))
+        .collect();
     let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
     let granted: Arc<Mutex<Vec<Granted>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let mut workers = Vec::new();
     for w in 0..6usize {
-        let (agent, urls, granted, stop) = (agent.clone(), urls.clone(), granted.clone(), stop.clone());
+        let (agent, urls, granted, stop) =
+            (agent.clone(), urls.clone(), granted.clone(), stop.clone());
         workers.push(tokio::spawn(async move {
             let mut i = w;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -146,7 +178,11 @@ async fn three_replicas_one_killed_mid_load_every_granted_lease_ends_once() {
         let _ = w.await;
     }
     let granted = granted.lock().await;
-    assert!(granted.len() >= 20, "load produced only {} leases", granted.len());
+    assert!(
+        granted.len() >= 20,
+        "load produced only {} leases",
+        granted.len()
+    );
 
     // Longest TTL 3 s + claim hold 2 s of the dead replica + reaper ticks.
     let op = client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR)));
@@ -163,14 +199,20 @@ async fn three_replicas_one_killed_mid_load_every_granted_lease_ends_once() {
                 }
                 let (_, page) = get(&op, &url).await;
                 for l in page["items"].as_array().cloned().unwrap_or_default() {
-                    states.insert(l["lease_id"].as_str().unwrap_or_default().to_string(), l["state"].as_str().unwrap_or_default().to_string());
+                    states.insert(
+                        l["lease_id"].as_str().unwrap_or_default().to_string(),
+                        l["state"].as_str().unwrap_or_default().to_string(),
+                    );
                 }
                 match page["next"].as_str() {
                     Some(n) => after = Some(n.to_string()),
                     None => break,
                 }
             }
-            let open = states.values().filter(|s| *s == "active" || *s == "pending" || *s == "revoking").count();
+            let open = states
+                .values()
+                .filter(|s| *s == "active" || *s == "pending" || *s == "revoking")
+                .count();
             (open == 0).then_some(states)
         }
     })
@@ -194,20 +236,49 @@ async fn three_replicas_one_killed_mid_load_every_granted_lease_ends_once() {
         let state = all_ended.get(&g.lease).map(String::as_str);
         if g.completed {
             tasks_completed.insert(g.task.clone());
-            assert_eq!(state, Some("revoked"), "lease {} of completed task", g.lease);
+            assert_eq!(
+                state,
+                Some("revoked"),
+                "lease {} of completed task",
+                g.lease
+            );
         } else {
-            assert_eq!(state, Some("expired"), "lease {} must have expired", g.lease);
-            assert_eq!(expired_records.get(&g.lease), Some(&1), "lease {} expired exactly once in the audit", g.lease);
+            assert_eq!(
+                state,
+                Some("expired"),
+                "lease {} must have expired",
+                g.lease
+            );
+            assert_eq!(
+                expired_records.get(&g.lease),
+                Some(&1),
+                "lease {} expired exactly once in the audit",
+                g.lease
+            );
         }
     }
-    assert!(expired_records.values().all(|n| *n == 1), "no lease expired twice");
-    assert!(revoked_records.values().all(|n| *n == 1), "no lease revoked twice");
+    assert!(
+        expired_records.values().all(|n| *n == 1),
+        "no lease expired twice"
+    );
+    assert!(
+        revoked_records.values().all(|n| *n == 1),
+        "no lease revoked twice"
+    );
     for (n, a) in audits.iter().enumerate() {
         if n == 1 {
             continue; // the killed replica's chain may end in a torn record; it is dropped on restart
         }
         let out = run_cli(&["audit", "verify", a.to_str().expect("utf8")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    println!("{} leases granted across 3 replicas ({} completed tasks); replica 1 SIGKILLed mid-load", granted.len(), tasks_completed.len());
+    println!(
+        "{} leases granted across 3 replicas ({} completed tasks); replica 1 SIGKILLed mid-load",
+        granted.len(),
+        tasks_completed.len()
+    );
 }

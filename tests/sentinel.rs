@@ -1,3 +1,8 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! Sentinel failover under load: with `durability = "wait"` no acknowledged lease is lost,
 //! and requests during the gap fail closed, quickly.
 
@@ -42,7 +47,11 @@ fn start_sentinel(master_port: u16) -> Sentinel {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-sentinel must be installed (apt-get install redis-sentinel)");
-    Sentinel { child, port, _dir: dir }
+    Sentinel {
+        child,
+        port,
+        _dir: dir,
+    }
 }
 
 fn wait_until(what: &str, f: impl Fn() -> bool) {
@@ -63,11 +72,23 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_lease() {
         RedisServer::start(&["--replicaof", "127.0.0.1", &port, fast[0], fast[1]]),
         RedisServer::start(&["--replicaof", "127.0.0.1", &port, fast[0], fast[1]]),
     ];
-    wait_until("two replicas in sync", || master.cli(&["INFO", "replication"]).matches("state=online").count() == 2);
+    wait_until("two replicas in sync", || {
+        master
+            .cli(&["INFO", "replication"])
+            .matches("state=online")
+            .count()
+            == 2
+    });
     let sentinel = start_sentinel(master.port);
     wait_until("sentinel sees the replicas", || {
         let out = Command::new("redis-cli")
-            .args(["-p", &sentinel.port.to_string(), "SENTINEL", "replicas", "m"])
+            .args([
+                "-p",
+                &sentinel.port.to_string(),
+                "SENTINEL",
+                "replicas",
+                "m",
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default();
@@ -80,12 +101,22 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_lease() {
         "kind = \"redis\"\nurl = \"redis+sentinel://127.0.0.1:{}/m\"\nkey_prefix = \"sent\"\ndurability = \"wait\"\nwait_replicas = 1\nwait_timeout = \"500ms\"\nop_timeout = \"1s\"",
         sentinel.port
     );
-    let config = write_config(tmp.path(), &pki, &ConfigOptions { store: Some(store), ..Default::default() });
+    let config = write_config(
+        tmp.path(),
+        &pki,
+        &ConfigOptions {
+            store: Some(store),
+            ..Default::default()
+        },
+    );
     let server = Server::serve(&config);
     let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
     let (s, task) = post_json(&agent, &server.url("/v1/tasks"), task_body("30m")).await;
     assert_eq!(s, 201, "{task}\n{}", server.logs());
-    let creds = server.url(&format!("/v1/tasks/{}/credentials", task["task_id"].as_str().expect("id")));
+    let creds = server.url(&format!(
+        "/v1/tasks/{}/credentials",
+        task["task_id"].as_str().expect("id")
+    ));
 
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let failures: Arc<Mutex<Vec<(String, Duration)>>> = Arc::default();
@@ -94,27 +125,47 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_lease() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for _ in 0..4 {
-        let (agent, creds, acked, failures, stop, killed, after) =
-            (agent.clone(), creds.clone(), acked.clone(), failures.clone(), stop.clone(), killed.clone(), acked_after_kill.clone());
+        let (agent, creds, acked, failures, stop, killed, after) = (
+            agent.clone(),
+            creds.clone(),
+            acked.clone(),
+            failures.clone(),
+            stop.clone(),
+            killed.clone(),
+            acked_after_kill.clone(),
+        );
         workers.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let t0 = Instant::now();
-                let r = agent.post(&creds).json(&json!({"provider": "jwt", "target": "https://api.example.com"})).send().await;
+                let r = agent
+                    .post(&creds)
+                    .json(&json!({"provider": "jwt", "target": "https://api.example.com"}))
+                    .send()
+                    .await;
                 let took = t0.elapsed();
                 match r {
                     Ok(r) if r.status() == 201 => {
                         let b: Value = r.json().await.unwrap_or_default();
-                        acked.lock().await.push(b["lease_id"].as_str().unwrap_or_default().to_string());
+                        acked
+                            .lock()
+                            .await
+                            .push(b["lease_id"].as_str().unwrap_or_default().to_string());
                         if killed.load(std::sync::atomic::Ordering::Relaxed) {
                             after.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
                     Ok(r) => {
                         let b: Value = r.json().await.unwrap_or_default();
-                        failures.lock().await.push((b["code"].as_str().unwrap_or("?").to_string(), took));
+                        failures
+                            .lock()
+                            .await
+                            .push((b["code"].as_str().unwrap_or("?").to_string(), took));
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    Err(e) => failures.lock().await.push((format!("transport: {e}"), took)),
+                    Err(e) => failures
+                        .lock()
+                        .await
+                        .push((format!("transport: {e}"), took)),
                 }
             }
         }));
@@ -132,14 +183,23 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_lease() {
     for w in workers {
         let _ = w.await;
     }
-    assert!(recovered.is_some(), "requests succeed again after the failover");
+    assert!(
+        recovered.is_some(),
+        "requests succeed again after the failover"
+    );
     let acked = acked.lock().await.clone();
     let failures = failures.lock().await.clone();
     assert!(before_kill > 0);
     assert!(!failures.is_empty(), "the gap is visible as failures");
     for (code, took) in &failures {
-        assert_eq!(code, "store_unavailable", "requests during the gap fail closed with a clear code");
-        assert!(*took < Duration::from_secs(5), "and within a bounded time: {took:?}");
+        assert_eq!(
+            code, "store_unavailable",
+            "requests during the gap fail closed with a clear code"
+        );
+        assert!(
+            *took < Duration::from_secs(5),
+            "and within a bounded time: {took:?}"
+        );
     }
 
     // Every acknowledged lease is in the promoted master.

@@ -1,5 +1,9 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
 //! The contract every `LeaseStore` must honour. Each implementation runs the same suite.
-
 
 mod common;
 
@@ -55,7 +59,12 @@ pub fn lease(task: &Task, now: OffsetDateTime, ttl: Duration) -> Lease {
 }
 
 fn activate(l: &Lease, now: OffsetDateTime) -> Transition {
-    let mut t = Transition::new(l.id.clone(), &[LeaseState::Pending], LeaseState::Active, now);
+    let mut t = Transition::new(
+        l.id.clone(),
+        &[LeaseState::Pending],
+        LeaseState::Active,
+        now,
+    );
     t.due_at = Some(l.expires_at);
     t.fingerprint = Some("sha256:x".into());
     t
@@ -68,36 +77,91 @@ pub async fn contract(store: Arc<dyn LeaseStore>) {
     // Tasks: create once, read back, end once, idempotently.
     let parent = task("spiffe://c.test/agent/a", None, now);
     store.create_task(&parent).await.expect("create");
-    assert!(matches!(store.create_task(&parent).await, Err(StoreError::AlreadyExists(_))));
-    assert_eq!(store.task(&parent.id).await.expect("get").as_ref(), Some(&parent));
+    assert!(matches!(
+        store.create_task(&parent).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        store.task(&parent.id).await.expect("get").as_ref(),
+        Some(&parent)
+    );
     assert_eq!(store.task(&TaskId::generate()).await.expect("get"), None);
     let child = task("spiffe://c.test/agent/b", Some(parent.id.clone()), now);
     store.create_task(&child).await.expect("child");
-    assert_eq!(store.children(&parent.id).await.expect("children"), vec![child.id.clone()]);
-    assert!(store.children(&child.id).await.expect("children").is_empty());
+    assert_eq!(
+        store.children(&parent.id).await.expect("children"),
+        vec![child.id.clone()]
+    );
+    assert!(
+        store
+            .children(&child.id)
+            .await
+            .expect("children")
+            .is_empty()
+    );
 
     // Leases: pending → active, checked transitions, idempotent revocation.
     let a = lease(&parent, now, Duration::minutes(10));
-    store.put_pending(&a, now + Duration::seconds(60)).await.expect("pending");
-    assert!(matches!(store.put_pending(&a, now).await, Err(StoreError::AlreadyExists(_))));
+    store
+        .put_pending(&a, now + Duration::seconds(60))
+        .await
+        .expect("pending");
+    assert!(matches!(
+        store.put_pending(&a, now).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
     let active = store.transition(activate(&a, now)).await.expect("activate");
     assert_eq!(active.state, LeaseState::Active);
     assert_eq!(active.fingerprint.as_deref(), Some("sha256:x"));
     // Activating twice is a no-op returning the lease, not an error.
-    assert_eq!(store.transition(activate(&a, now)).await.expect("again").state, LeaseState::Active);
-    let mut revoking = Transition::new(a.id.clone(), &[LeaseState::Pending, LeaseState::Active], LeaseState::Revoking, now);
+    assert_eq!(
+        store
+            .transition(activate(&a, now))
+            .await
+            .expect("again")
+            .state,
+        LeaseState::Active
+    );
+    let mut revoking = Transition::new(
+        a.id.clone(),
+        &[LeaseState::Pending, LeaseState::Active],
+        LeaseState::Revoking,
+        now,
+    );
     revoking.reason = Some("test".into());
     store.transition(revoking).await.expect("revoking");
     // Back to active from revoking is refused.
     assert!(matches!(
         store.transition(activate(&a, now)).await,
-        Err(StoreError::InvalidTransition { current: LeaseState::Revoking, to: LeaseState::Active, .. })
+        Err(StoreError::InvalidTransition {
+            current: LeaseState::Revoking,
+            to: LeaseState::Active,
+            ..
+        })
     ));
-    let done = Transition::new(a.id.clone(), &[LeaseState::Revoking], LeaseState::Revoked, now);
-    assert_eq!(store.transition(done.clone()).await.expect("revoked").state, LeaseState::Revoked);
-    assert_eq!(store.transition(done).await.expect("idempotent").state, LeaseState::Revoked);
+    let done = Transition::new(
+        a.id.clone(),
+        &[LeaseState::Revoking],
+        LeaseState::Revoked,
+        now,
+    );
+    assert_eq!(
+        store.transition(done.clone()).await.expect("revoked").state,
+        LeaseState::Revoked
+    );
+    assert_eq!(
+        store.transition(done).await.expect("idempotent").state,
+        LeaseState::Revoked
+    );
     assert!(matches!(
-        store.transition(Transition::new(LeaseId::generate(), &[LeaseState::Active], LeaseState::Revoked, now)).await,
+        store
+            .transition(Transition::new(
+                LeaseId::generate(),
+                &[LeaseState::Active],
+                LeaseState::Revoked,
+                now
+            ))
+            .await,
         Err(StoreError::NotFound(_))
     ));
 
@@ -107,53 +171,130 @@ pub async fn contract(store: Arc<dyn LeaseStore>) {
     let c = lease(&parent, now, Duration::hours(1));
     let d = lease(&child, now, Duration::seconds(1));
     for l in [&b, &c, &d] {
-        store.put_pending(l, now + Duration::seconds(60)).await.expect("pending");
+        store
+            .put_pending(l, now + Duration::seconds(60))
+            .await
+            .expect("pending");
         store.transition(activate(l, now)).await.expect("activate");
     }
     let later = now + Duration::seconds(30);
     assert_eq!(store.due_count(later).await.expect("count"), 2);
-    let claimed = store.claim_due(later, later + Duration::seconds(30), 10).await.expect("claim");
+    let claimed = store
+        .claim_due(later, later + Duration::seconds(30), 10)
+        .await
+        .expect("claim");
     let ids: Vec<_> = claimed.iter().map(|l| l.id.clone()).collect();
     assert_eq!(ids, vec![d.id.clone(), b.id.clone()], "earliest due first");
-    assert!(store.claim_due(later, later + Duration::seconds(30), 10).await.expect("claim").is_empty(), "claimed leases are held");
+    assert!(
+        store
+            .claim_due(later, later + Duration::seconds(30), 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "claimed leases are held"
+    );
     let lapsed = later + Duration::seconds(31);
-    assert_eq!(store.claim_due(lapsed, lapsed + Duration::seconds(30), 1).await.expect("claim").len(), 1, "a lapsed claim is claimable again, up to the limit");
+    assert_eq!(
+        store
+            .claim_due(lapsed, lapsed + Duration::seconds(30), 1)
+            .await
+            .expect("claim")
+            .len(),
+        1,
+        "a lapsed claim is claimable again, up to the limit"
+    );
     // Terminal leases leave the index.
-    let expire = Transition::new(b.id.clone(), &[LeaseState::Active], LeaseState::Expired, lapsed);
+    let expire = Transition::new(
+        b.id.clone(),
+        &[LeaseState::Active],
+        LeaseState::Expired,
+        lapsed,
+    );
     store.transition(expire).await.expect("expire");
     let far = now + Duration::hours(2);
-    let remaining: Vec<_> = store.claim_due(far, far, 100).await.expect("claim").into_iter().map(|l| l.id).collect();
+    let remaining: Vec<_> = store
+        .claim_due(far, far, 100)
+        .await
+        .expect("claim")
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
     assert!(!remaining.contains(&b.id) && !remaining.contains(&a.id));
     assert!(remaining.contains(&c.id) && remaining.contains(&d.id));
 
     // Queries: by task, by state, paginated.
     let of_parent = store.task_leases(&parent.id).await.expect("leases");
     assert_eq!(of_parent.len(), 3);
-    let q = LeaseQuery { task: Some(parent.id.clone()), limit: 2, ..Default::default() };
+    let q = LeaseQuery {
+        task: Some(parent.id.clone()),
+        limit: 2,
+        ..Default::default()
+    };
     let page = store.leases(&q).await.expect("page");
     assert_eq!(page.items.len(), 2);
     let next: LeaseId = page.next.expect("cursor").parse().expect("id");
-    let page2 = store.leases(&LeaseQuery { after: Some(next), ..q.clone() }).await.expect("page2");
+    let page2 = store
+        .leases(&LeaseQuery {
+            after: Some(next),
+            ..q.clone()
+        })
+        .await
+        .expect("page2");
     assert_eq!(page2.items.len(), 1);
     assert!(page2.next.is_none());
-    let active_only = LeaseQuery { state: Some(LeaseState::Active), limit: 100, ..Default::default() };
-    let n_active = store.leases(&active_only).await.expect("active").items.len();
+    let active_only = LeaseQuery {
+        state: Some(LeaseState::Active),
+        limit: 100,
+        ..Default::default()
+    };
+    let n_active = store
+        .leases(&active_only)
+        .await
+        .expect("active")
+        .items
+        .len();
     assert_eq!(n_active, 2);
-    let by_principal = LeaseQuery { principal: Some("spiffe://c.test/agent/b".into()), limit: 100, ..Default::default() };
+    let by_principal = LeaseQuery {
+        principal: Some("spiffe://c.test/agent/b".into()),
+        limit: 100,
+        ..Default::default()
+    };
     assert_eq!(store.leases(&by_principal).await.expect("p").items.len(), 1);
 
     // Ending tasks.
-    let ended = store.end_task(&parent.id, TaskState::Completed, "done", now).await.expect("end");
+    let ended = store
+        .end_task(&parent.id, TaskState::Completed, "done", now)
+        .await
+        .expect("end");
     assert_eq!(ended.state, TaskState::Completed);
     assert_eq!(ended.end_reason.as_deref(), Some("done"));
-    store.end_task(&parent.id, TaskState::Completed, "again", now).await.expect("idempotent");
+    store
+        .end_task(&parent.id, TaskState::Completed, "again", now)
+        .await
+        .expect("idempotent");
     assert!(matches!(
-        store.end_task(&parent.id, TaskState::Revoked, "x", now).await,
-        Err(StoreError::TaskEnded { current: TaskState::Completed, .. })
+        store
+            .end_task(&parent.id, TaskState::Revoked, "x", now)
+            .await,
+        Err(StoreError::TaskEnded {
+            current: TaskState::Completed,
+            ..
+        })
     ));
-    let tq = TaskQuery { state: Some(TaskState::Active), limit: 10, ..Default::default() };
+    let tq = TaskQuery {
+        state: Some(TaskState::Active),
+        limit: 10,
+        ..Default::default()
+    };
     let active_tasks = store.tasks(&tq).await.expect("tasks");
-    assert_eq!(active_tasks.items.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), vec![child.id.clone()]);
+    assert_eq!(
+        active_tasks
+            .items
+            .iter()
+            .map(|t| t.id.clone())
+            .collect::<Vec<_>>(),
+        vec![child.id.clone()]
+    );
 }
 
 #[tokio::test]
@@ -173,14 +314,20 @@ async fn embedded_store_survives_reopen() {
     {
         let store = EmbeddedStore::open(&path).expect("open");
         store.create_task(&t).await.expect("task");
-        store.put_pending(&l, now + Duration::seconds(60)).await.expect("lease");
+        store
+            .put_pending(&l, now + Duration::seconds(60))
+            .await
+            .expect("lease");
         store.transition(activate(&l, now)).await.expect("activate");
     }
     let store = EmbeddedStore::open(&path).expect("reopen");
     assert_eq!(store.task(&t.id).await.expect("task"), Some(t));
     let back = store.lease(&l.id).await.expect("lease").expect("present");
     assert_eq!(back.state, LeaseState::Active);
-    let due = store.claim_due(now + Duration::seconds(2), now + Duration::seconds(30), 10).await.expect("due");
+    let due = store
+        .claim_due(now + Duration::seconds(2), now + Duration::seconds(30), 10)
+        .await
+        .expect("due");
     assert_eq!(due.len(), 1, "the due index survives too");
 }
 
@@ -209,19 +356,30 @@ async fn redis_store_honours_the_contract() {
 
 #[tokio::test]
 async fn redis_store_with_a_password_and_aof_durability_checks() {
-    let redis = common::RedisServer::start(&["--requirepass", "s3cret-pass", "--appendonly", "yes", "--appendfsync", "always"]);
+    let redis = common::RedisServer::start(&[
+        "--requirepass",
+        "s3cret-pass",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]);
     let dir = tempfile::tempdir().expect("tmp");
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "s3cret-pass\n").expect("write");
     let mut cfg = redis_config(redis.url(), "auth");
     // Without the password: refused.
     assert!(matches!(
-        mayfly::lease::redis::RedisStore::connect(&cfg).await.and_then(|_| Ok(())),
+        mayfly::lease::redis::RedisStore::connect(&cfg)
+            .await
+            .map(|_| ()),
         Err(StoreError::Unavailable(_))
     ));
     cfg.password_file = Some(pw);
     cfg.durability = mayfly::lease::redis::Durability::Aof { verify: true };
-    let store = mayfly::lease::redis::RedisStore::connect(&cfg).await.expect("connect with password");
+    let store = mayfly::lease::redis::RedisStore::connect(&cfg)
+        .await
+        .expect("connect with password");
     store.ping().await.expect("ping");
     drop(store);
     // A server without appendfsync always is refused for "aof" durability.
@@ -246,5 +404,9 @@ async fn redis_store_fails_closed_within_its_timeout_when_redis_is_gone() {
     let started = std::time::Instant::now();
     let err = store.create_task(&t).await;
     assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(6), "bounded: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(6),
+        "bounded: {:?}",
+        started.elapsed()
+    );
 }

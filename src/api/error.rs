@@ -90,7 +90,9 @@ impl ApiError {
         match self {
             ApiError::Verify(e) => (S::UNAUTHORIZED, verify_code(e)),
             ApiError::Body(b) => match b {
-                BodyError::UnsupportedMediaType(_) => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+                BodyError::UnsupportedMediaType(_) => {
+                    (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+                }
                 BodyError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
                 BodyError::Read(_) => (S::BAD_REQUEST, "body_unreadable"),
                 BodyError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
@@ -117,6 +119,7 @@ impl ApiError {
                 BrokerError::LeaseNotFound(_) => (S::NOT_FOUND, "lease_not_found"),
                 BrokerError::RevokedDuringMint(_) => (S::CONFLICT, "lease_revoked"),
                 BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
+                BrokerError::Selector => (S::BAD_REQUEST, "invalid_selector"),
                 BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
                 BrokerError::Provider(ProviderError::NotConfigured(_)) => {
                     (S::BAD_REQUEST, "provider_not_configured")

@@ -97,7 +97,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for FormBody<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         if !media_type_is(&req, "application/x-www-form-urlencoded") {
-            return Err(BodyError::UnsupportedMediaType("application/x-www-form-urlencoded").into());
+            return Err(
+                BodyError::UnsupportedMediaType("application/x-www-form-urlencoded").into(),
+            );
         }
         let bytes = read_limited(req, state.max_body_bytes).await?;
         serde_urlencoded::from_bytes(&bytes)

@@ -44,11 +44,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/leases", get(list_leases))
         .route("/v1/leases/{id}", get(get_lease))
         .route("/v1/leases/{id}/revoke", post(revoke_lease))
+        .route("/v1/revoke", post(bulk_revoke))
         .route("/v1/introspect", post(introspect))
         .route_layer(middleware::from_fn_with_state(state.clone(), audit_request));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
         .merge(v1)
@@ -65,7 +67,10 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     let mut ev = AuditEvent::new("request");
     ev.request_id = Some(request_id.clone());
     ev.method = Some(req.method().to_string());
-    ev.route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    ev.route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
     if let Some(conn) = req.extensions().get::<Arc<ConnInfo>>() {
         ev.source = Some(conn.peer.ip().to_string());
     }
@@ -77,10 +82,15 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
         }
         Err(e) => ev.detail = Some(format!("identity: {e}")),
     }
+    let route = ev.route.clone().unwrap_or_default();
+    let method = ev.method.clone().unwrap_or_default();
     let scope = AuditScope::new(ev);
     req.extensions_mut().insert(scope.clone());
 
+    let started = std::time::Instant::now();
     let mut resp = next.run(req).await;
+    metrics::histogram!("mayfly_request_duration_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
 
     let status = resp.status();
     let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
@@ -100,6 +110,14 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
         undo_unrecorded(&st, &event).await;
         resp = ApiError::Audit(err).into_response();
     }
+    metrics::counter!(
+        "mayfly_requests_total",
+        "route" => route,
+        "method" => method,
+        "status" => resp.status().as_u16().to_string(),
+        "code" => resp.extensions().get::<ErrorCode>().map_or("", |c| c.0),
+    )
+    .increment(1);
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -110,23 +128,29 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
 /// a minted credential's lease is revoked, a declared task is revoked.
 async fn undo_unrecorded(st: &AppState, event: &AuditEvent) {
     const REASON: &str = "audit record could not be written";
-    if !event.status.is_some_and(|s| s < 300) {
+    if event.status.is_none_or(|s| s >= 300) {
         return;
     }
     let revoker = st.broker.revoker();
     match event.action {
         Some("MintCredential") => {
-            if let Some(id) = event.lease_id.as_deref().and_then(|l| l.parse::<LeaseId>().ok()) {
-                if let Err(e) = revoker.revoke_lease(&id, REASON).await {
-                    tracing::error!(lease = %id, error = %e, "cannot revoke unaudited lease; the reaper will");
-                }
+            if let Some(id) = event
+                .lease_id
+                .as_deref()
+                .and_then(|l| l.parse::<LeaseId>().ok())
+                && let Err(e) = revoker.revoke_lease(&id, REASON).await
+            {
+                tracing::error!(lease = %id, error = %e, "cannot revoke unaudited lease; the reaper will");
             }
         }
         Some("DeclareTask") => {
-            if let Some(id) = event.task_id.as_deref().and_then(|t| t.parse::<TaskId>().ok()) {
-                if let Err(e) = revoker.end_task_tree(&id, TaskState::Revoked, REASON).await {
-                    tracing::error!(task = %id, error = %e, "cannot revoke unaudited task");
-                }
+            if let Some(id) = event
+                .task_id
+                .as_deref()
+                .and_then(|t| t.parse::<TaskId>().ok())
+                && let Err(e) = revoker.end_task_tree(&id, TaskState::Revoked, REASON).await
+            {
+                tracing::error!(task = %id, error = %e, "cannot revoke unaudited task");
             }
         }
         _ => {}
@@ -191,6 +215,22 @@ fn page_json<T>(p: &Page<T>, f: impl Fn(&T) -> Value) -> Value {
     json!({"items": p.items.iter().map(f).collect::<Vec<_>>(), "next": p.next})
 }
 
+/// Prometheus text format. No client certificate needed (like `/healthz`): the series
+/// carry counts and latencies, never identities' secrets.
+async fn metrics_text() -> Response {
+    match crate::metrics::handle() {
+        Some(h) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 async fn readyz(State(st): State<AppState>) -> Response {
     match st.broker.ready().await {
         Ok(()) => Json(json!({"status": "ready"})).into_response(),
@@ -229,7 +269,10 @@ async fn declare_task(
     JsonBody(raw): JsonBody<RawTaskRequest>,
 ) -> ApiResult {
     let req = TaskRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
-    let task = st.broker.declare_task(&caller, req, &audit_scope(&ev)).await?;
+    let task = st
+        .broker
+        .declare_task(&caller, req, &audit_scope(&ev))
+        .await?;
     Ok((StatusCode::CREATED, Json(task_json(&task, None))).into_response())
 }
 
@@ -276,7 +319,10 @@ async fn complete_task(
     Path(id): Path<String>,
 ) -> ApiResult {
     let id: TaskId = parse_id(&id, "task")?;
-    let out = st.broker.complete_task(&caller, &id, &audit_scope(&ev)).await?;
+    let out = st
+        .broker
+        .complete_task(&caller, &id, &audit_scope(&ev))
+        .await?;
     Ok(Json(json!({
         "task_id": id,
         "state": "completed",
@@ -330,6 +376,42 @@ async fn revoke_lease(
     Ok(Json(lease_json(&lease)).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkBody {
+    principal: Option<String>,
+    provider: Option<String>,
+    target_prefix: Option<String>,
+    reason: String,
+}
+
+async fn bulk_revoke(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    JsonBody(body): JsonBody<BulkBody>,
+) -> ApiResult {
+    use crate::broker::{BrokerError, BulkSelector};
+    let sel = match (body.principal, body.provider, body.target_prefix) {
+        (Some(p), None, None) if !p.is_empty() => BulkSelector::Principal(p),
+        (None, Some(p), None) => {
+            BulkSelector::Provider(p.parse::<ProviderKind>().map_err(BrokerError::from)?)
+        }
+        (None, None, Some(t)) if !t.is_empty() => BulkSelector::TargetPrefix(t),
+        _ => return Err(BrokerError::Selector.into()),
+    };
+    let out = st
+        .broker
+        .bulk_revoke(&caller, sel, &body.reason, &audit_scope(&ev))
+        .await?;
+    Ok(Json(json!({
+        "revoked": out.leases.len(),
+        "revoked_leases": out.leases,
+        "tasks": out.tasks,
+    }))
+    .into_response())
+}
+
 async fn get_lease(
     State(st): State<AppState>,
     ev: Ev,
@@ -376,7 +458,10 @@ async fn list_leases(
         provider: p
             .provider
             .as_deref()
-            .map(|s| s.parse::<ProviderKind>().map_err(|e| ApiError::Query(e.to_string())))
+            .map(|s| {
+                s.parse::<ProviderKind>()
+                    .map_err(|e| ApiError::Query(e.to_string()))
+            })
             .transpose()?,
         state: p
             .state
@@ -386,7 +471,11 @@ async fn list_leases(
                     .map_err(|()| ApiError::Query(format!("unknown lease state {s:?}")))
             })
             .transpose()?,
-        after: p.after.as_deref().map(|a| parse_id(a, "lease")).transpose()?,
+        after: p
+            .after
+            .as_deref()
+            .map(|a| parse_id(a, "lease"))
+            .transpose()?,
         limit: page_limit(&st, p.limit)?,
     };
     let page = st.broker.leases(&caller, q, &audit_scope(&ev)).await?;
@@ -419,7 +508,11 @@ async fn list_tasks(
                     .map_err(|()| ApiError::Query(format!("unknown task state {s:?}")))
             })
             .transpose()?,
-        after: p.after.as_deref().map(|a| parse_id(a, "task")).transpose()?,
+        after: p
+            .after
+            .as_deref()
+            .map(|a| parse_id(a, "task"))
+            .transpose()?,
         limit: page_limit(&st, p.limit)?,
         now: None,
     };
@@ -430,7 +523,10 @@ async fn list_tasks(
 #[derive(Deserialize)]
 struct IntrospectForm {
     token: String,
-    #[allow(dead_code, reason = "RFC 7662 allows the hint; Mayfly has one token type")]
+    #[allow(
+        dead_code,
+        reason = "RFC 7662 allows the hint; Mayfly has one token type"
+    )]
     token_type_hint: Option<String>,
 }
 

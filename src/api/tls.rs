@@ -107,10 +107,12 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "client identity refused");
             }
             let conn = Arc::new(ConnInfo { peer, identity });
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(conn.clone());
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            });
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(conn.clone());
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                },
+            );
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await

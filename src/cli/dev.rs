@@ -64,19 +64,24 @@ impl Files {
     fn write_pair(&self, stem: &str, issued: &crate::pki::Issued) -> Result<(), crate::Error> {
         std::fs::write(self.p(&format!("{stem}.pem")), &issued.cert_pem)
             .map_err(io_err(format!("writing {stem}.pem")))?;
-        write_private_file(&self.p(&format!("{stem}-key.pem")), issued.key_pem.expose().as_bytes())
-            .map_err(io_err(format!("writing {stem}-key.pem")))
+        write_private_file(
+            &self.p(&format!("{stem}-key.pem")),
+            issued.key_pem.expose().as_bytes(),
+        )
+        .map_err(io_err(format!("writing {stem}-key.pem")))
     }
 }
 
 /// Creates whatever part of the dev PKI is missing; reuses the rest.
 fn ensure_pki(files: &Files, listen: SocketAddr) -> Result<(), crate::Error> {
     let ca = if files.exists("ca.pem") && files.exists("ca-key.pem") {
-        let read = |n: &str| std::fs::read_to_string(files.p(n)).map_err(io_err(format!("reading {n}")));
+        let read =
+            |n: &str| std::fs::read_to_string(files.p(n)).map_err(io_err(format!("reading {n}")));
         Ca::from_pem(&read("ca.pem")?, &read("ca-key.pem")?).map_err(pki_err)?
     } else {
         let ca = Ca::generate("Mayfly dev CA", TRUST_DOMAIN).map_err(pki_err)?;
-        std::fs::write(files.p("ca.pem"), ca.cert_pem()).map_err(io_err("writing ca.pem".into()))?;
+        std::fs::write(files.p("ca.pem"), ca.cert_pem())
+            .map_err(io_err("writing ca.pem".into()))?;
         write_private_file(&files.p("ca-key.pem"), ca.key_pem().expose().as_bytes())
             .map_err(io_err("writing ca-key.pem".into()))?;
         // Every leaf must chain to this new CA.
@@ -85,12 +90,23 @@ fn ensure_pki(files: &Files, listen: SocketAddr) -> Result<(), crate::Error> {
         }
         ca
     };
-    let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+    let mut ips = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
     if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
         ips.push(listen.ip());
     }
     let leaves = [
-        ("server", LeafSpec::server(Some("spiffe://dev.mayfly.local/mayfly"), &["localhost"], &ips, 365)),
+        (
+            "server",
+            LeafSpec::server(
+                Some("spiffe://dev.mayfly.local/mayfly"),
+                &["localhost"],
+                &ips,
+                365,
+            ),
+        ),
         ("agent", LeafSpec::svid(AGENT_ID, 365)),
         ("agent2", LeafSpec::svid(AGENT2_ID, 365)),
         ("operator", LeafSpec::svid(OPERATOR_ID, 365)),
@@ -118,7 +134,11 @@ pub fn dev_config(
         Some(url) => format!("kind = \"redis\"\nurl = {url:?}\nkey_prefix = \"mayfly-dev\""),
     };
     // Replicas share the directory: each writes its own audit chain.
-    let audit = if node == "dev" { d("audit.jsonl") } else { d(&format!("audit-{node}.jsonl")) };
+    let audit = if node == "dev" {
+        d("audit.jsonl")
+    } else {
+        d(&format!("audit-{node}.jsonl"))
+    };
     let toml = format!(
         r#"
 listen = "{listen}"
@@ -218,20 +238,30 @@ fn dev_issuer(dir: &Path, addr: SocketAddr, shared: bool) -> Result<String, crat
 }
 
 pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
-    std::fs::create_dir_all(&args.dir).map_err(io_err(format!("creating {}", args.dir.display())))?;
+    std::fs::create_dir_all(&args.dir)
+        .map_err(io_err(format!("creating {}", args.dir.display())))?;
     let files = Files {
         dir: args.dir.clone(),
     };
     ensure_pki(&files, args.listen)?;
     // Bind first: with port 0 the issuer URL and dev.json need the real port.
     let listener = super::bind(args.listen).await?;
-    let addr = listener.local_addr().map_err(io_err("listener address".into()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io_err("listener address".into()))?;
     let node = args.node.clone().unwrap_or_else(|| match args.store {
         Some(_) => format!("dev-{}", addr.port()),
         None => "dev".into(),
     });
     let issuer = dev_issuer(&args.dir, addr, args.store.is_some())?;
-    let config = dev_config(&args.dir, addr, &args.policies, args.store.as_deref(), &node, &issuer)?;
+    let config = dev_config(
+        &args.dir,
+        addr,
+        &args.policies,
+        args.store.as_deref(),
+        &node,
+        &issuer,
+    )?;
     let app = config.build().await?;
     let p = |n: &str| args.dir.join(n).display().to_string();
     let pair = |stem: &str, id: &str| json!({"spiffe_id": id, "cert": p(&format!("{stem}.pem")), "key": p(&format!("{stem}-key.pem"))});

@@ -1,6 +1,7 @@
 //! The `mayfly` command line. `main.rs` only calls [`run`].
 
 pub mod dev;
+pub mod operator;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -14,7 +15,11 @@ use crate::audit::AuditEvent;
 use crate::config::{App, Config};
 
 #[derive(Parser)]
-#[command(name = "mayfly", version, about = "Just-in-time, task-scoped credential broker")]
+#[command(
+    name = "mayfly",
+    version,
+    about = "Just-in-time, task-scoped credential broker"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -41,6 +46,27 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Operator: leases (over mTLS; MAYFLY_ADDR, MAYFLY_CERT, MAYFLY_KEY, MAYFLY_CA).
+    Lease {
+        #[command(flatten)]
+        conn: operator::Conn,
+        #[command(subcommand)]
+        command: operator::LeaseCmd,
+    },
+    /// Operator: tasks.
+    Task {
+        #[command(flatten)]
+        conn: operator::Conn,
+        #[command(subcommand)]
+        command: operator::TaskCmd,
+    },
+    /// Operator: revoke everything of a principal, a provider or a target prefix.
+    Revoke {
+        #[command(flatten)]
+        conn: operator::Conn,
+        #[command(flatten)]
+        args: operator::BulkArgs,
     },
 }
 
@@ -105,11 +131,37 @@ pub fn run() -> ExitCode {
             serve(app, listener, |_| {}).await
         }),
         Command::Dev(args) => runtime_then(dev::run(args)),
+        Command::Lease { conn, command } => client_then(operator::lease(conn, command)),
+        Command::Task { conn, command } => client_then(operator::task(conn, command)),
+        Command::Revoke { conn, args } => client_then(operator::bulk(conn, args)),
     }
 }
 
 fn runtime_then(fut: impl std::future::Future<Output = Result<(), crate::Error>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mayfly: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mayfly: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client_then(fut: impl std::future::Future<Output = Result<(), operator::CliError>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mayfly: cannot start the runtime: {e}");
@@ -126,10 +178,12 @@ fn runtime_then(fut: impl std::future::Future<Output = Result<(), crate::Error>>
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::Error> {
-    TcpListener::bind(addr).await.map_err(|source| crate::Error::Io {
-        context: format!("cannot listen on {addr}"),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| crate::Error::Io {
+            context: format!("cannot listen on {addr}"),
+            source,
+        })
 }
 
 async fn shutdown_signal() {
@@ -192,10 +246,14 @@ fn spawn_policy_reloader(app: &App) {
             let mut ev = AuditEvent::new("policy.reload");
             match result {
                 Ok(Ok(n)) => {
+                    metrics::counter!("mayfly_policy_reloads_total", "outcome" => "loaded")
+                        .increment(1);
                     tracing::info!(policies = n, "policies reloaded");
                     ev.outcome = Some(format!("loaded {n} policies"));
                 }
                 Ok(Err(e)) => {
+                    metrics::counter!("mayfly_policy_reloads_total", "outcome" => "refused")
+                        .increment(1);
                     tracing::error!(error = %e, "policy reload refused; keeping the last good set");
                     ev.outcome = Some("refused; last good set kept".into());
                     ev.detail = Some(e.to_string());
@@ -226,6 +284,7 @@ pub async fn serve(
     let mut started = AuditEvent::new("broker.started");
     started.detail = Some(format!("listening on {addr}"));
     app.audit.write(started).await?;
+    crate::metrics::handle();
     let reaper = app.revoker.clone().spawn_reaper();
     spawn_policy_reloader(&app);
     let state = AppState {

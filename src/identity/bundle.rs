@@ -41,7 +41,9 @@ impl std::fmt::Debug for TrustBundles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut names: Vec<_> = self.domains.keys().collect();
         names.sort();
-        f.debug_struct("TrustBundles").field("domains", &names).finish()
+        f.debug_struct("TrustBundles")
+            .field("domains", &names)
+            .finish()
     }
 }
 
@@ -58,7 +60,12 @@ impl TrustBundles {
         Ok(out)
     }
 
-    pub fn add_pem(&mut self, td: &TrustDomain, pem: &[u8], origin: &Path) -> Result<(), BundleError> {
+    pub fn add_pem(
+        &mut self,
+        td: &TrustDomain,
+        pem: &[u8],
+        origin: &Path,
+    ) -> Result<(), BundleError> {
         if self.domains.contains_key(td.as_str()) {
             return Err(BundleError::Duplicate(td.to_string()));
         }

@@ -46,7 +46,9 @@ impl SpiffeId {
         if input.len() > MAX_LEN {
             return Err(SpiffeIdError::TooLong);
         }
-        let rest = input.strip_prefix(SCHEME).ok_or(SpiffeIdError::WrongScheme)?;
+        let rest = input
+            .strip_prefix(SCHEME)
+            .ok_or(SpiffeIdError::WrongScheme)?;
         let (td, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
             None => (rest, ""),

@@ -264,7 +264,9 @@ pub(crate) fn apply_transition(lease: &mut Lease, t: &Transition) -> Result<bool
 
 pub(crate) fn lease_matches(l: &Lease, q: &LeaseQuery) -> bool {
     q.task.as_ref().is_none_or(|t| &l.task_id == t)
-        && q.principal.as_deref().is_none_or(|p| l.principal.as_str() == p)
+        && q.principal
+            .as_deref()
+            .is_none_or(|p| l.principal.as_str() == p)
         && q.provider.is_none_or(|p| l.provider == p)
         && q.state.is_none_or(|s| l.state == s)
 }

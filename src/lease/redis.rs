@@ -16,7 +16,9 @@
 //! one replica per claim period.
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Script, Value};
@@ -60,7 +62,7 @@ enum Backend {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
     Sentinel {
-        client: Mutex<SentinelClient>,
+        client: Box<Mutex<SentinelClient>>,
         conn: Mutex<Option<MultiplexedConnection>>,
     },
 }
@@ -179,7 +181,9 @@ impl RedisStore {
         let password = match &cfg.password_file {
             Some(p) => Some(
                 std::fs::read_to_string(p)
-                    .map_err(|e| StoreError::Unavailable(format!("redis password file {}: {e}", p.display())))?
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!("redis password file {}: {e}", p.display()))
+                    })?
                     .trim_end_matches(['\r', '\n'])
                     .to_string(),
             ),
@@ -201,12 +205,17 @@ impl RedisStore {
                 .ok_or_else(|| unavailable("sentinel URL needs /MASTER_NAME"))?;
             let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
             let mut node = SentinelNodeConnectionInfo::default();
-            let base = with_auth("redis://127.0.0.1".into_connection_info().map_err(unavailable)?);
+            let base = with_auth(
+                "redis://127.0.0.1"
+                    .into_connection_info()
+                    .map_err(unavailable)?,
+            );
             node = node.set_redis_connection_info(base.redis_settings().clone());
-            let client = SentinelClient::build(sentinels, master, Some(node), SentinelServerType::Master)
-                .map_err(unavailable)?;
+            let client =
+                SentinelClient::build(sentinels, master, Some(node), SentinelServerType::Master)
+                    .map_err(unavailable)?;
             Backend::Sentinel {
-                client: Mutex::new(client),
+                client: Box::new(Mutex::new(client)),
                 conn: Mutex::new(None),
             }
         } else if let Some(rest) = cfg.url.strip_prefix("redis+cluster://") {
@@ -226,16 +235,24 @@ impl RedisStore {
                 .map_err(unavailable)?;
             Backend::Cluster(conn)
         } else {
-            let info = with_auth(cfg.url.as_str().into_connection_info().map_err(unavailable)?);
+            let info = with_auth(
+                cfg.url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(unavailable)?,
+            );
             let client = redis::Client::open(info).map_err(unavailable)?;
             let mc = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(cfg.op_timeout))
                 .set_connection_timeout(Some(cfg.op_timeout))
                 .set_number_of_retries(2);
-            let conn = tokio::time::timeout(cfg.op_timeout, ConnectionManager::new_with_config(client, mc))
-                .await
-                .map_err(|_| unavailable("connection timed out"))?
-                .map_err(unavailable)?;
+            let conn = tokio::time::timeout(
+                cfg.op_timeout,
+                ConnectionManager::new_with_config(client, mc),
+            )
+            .await
+            .map_err(|_| unavailable("connection timed out"))?
+            .map_err(unavailable)?;
             Backend::Single(conn)
         };
         let store = Self {
@@ -261,9 +278,17 @@ impl RedisStore {
             cmd.arg("GET").arg(param);
             cmd
         };
-        let aof: Vec<String> = get("appendonly").query_async(&mut c).await.map_err(unavailable)?;
-        let fsync: Vec<String> = get("appendfsync").query_async(&mut c).await.map_err(unavailable)?;
-        if aof.get(1).map(String::as_str) != Some("yes") || fsync.get(1).map(String::as_str) != Some("always") {
+        let aof: Vec<String> = get("appendonly")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let fsync: Vec<String> = get("appendfsync")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        if aof.get(1).map(String::as_str) != Some("yes")
+            || fsync.get(1).map(String::as_str) != Some("always")
+        {
             return Err(StoreError::Unavailable(format!(
                 "redis durability \"aof\" needs appendonly yes and appendfsync always; server has appendonly={:?} appendfsync={:?}",
                 aof.get(1),
@@ -286,10 +311,13 @@ impl RedisStore {
                 let cfg = redis::AsyncConnectionConfig::new()
                     .set_response_timeout(Some(self.op_timeout))
                     .set_connection_timeout(Some(self.op_timeout));
-                let c = tokio::time::timeout(self.op_timeout, cl.get_async_connection_with_config(&cfg))
-                    .await
-                    .map_err(|_| unavailable("sentinel: no master reachable in time"))?
-                    .map_err(unavailable)?;
+                let c = tokio::time::timeout(
+                    self.op_timeout,
+                    cl.get_async_connection_with_config(&cfg),
+                )
+                .await
+                .map_err(|_| unavailable("sentinel: no master reachable in time"))?
+                .map_err(unavailable)?;
                 *slot = Some(c.clone());
                 Ok(Conn::Mux(c))
             }
@@ -327,7 +355,10 @@ impl RedisStore {
             }
             Err(_) => {
                 self.forget_connection().await;
-                Err(unavailable(format!("operation timed out after {:?}", self.op_timeout)))
+                Err(unavailable(format!(
+                    "operation timed out after {:?}",
+                    self.op_timeout
+                )))
             }
         }
     }
@@ -340,7 +371,11 @@ impl RedisStore {
         let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let acked: i64 = self
             .with(|mut c| async move {
-                redis::cmd("WAIT").arg(replicas).arg(millis).query_async(&mut c).await
+                redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(millis)
+                    .query_async(&mut c)
+                    .await
             })
             .await?;
         if acked < i64::from(replicas) {
@@ -356,7 +391,10 @@ impl RedisStore {
             .await
     }
 
-    async fn mget<T: serde::de::DeserializeOwned>(&self, keys: Vec<String>) -> Result<Vec<T>, StoreError> {
+    async fn mget<T: serde::de::DeserializeOwned>(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<T>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -366,18 +404,37 @@ impl RedisStore {
         raw.into_iter().flatten().map(|s| decode(&s)).collect()
     }
 
-    async fn cas(&self, key: String, old: String, new: String, due: String, id: String) -> Result<bool, StoreError> {
+    async fn cas(
+        &self,
+        key: String,
+        old: String,
+        new: String,
+        due: String,
+        id: String,
+    ) -> Result<bool, StoreError> {
         let due_key = self.index("due");
         let done: i64 = self
             .with(|mut c| async move {
-                CAS.key(key).key(due_key).arg(old).arg(new).arg(due).arg(id).invoke_async(&mut c).await
+                CAS.key(key)
+                    .key(due_key)
+                    .arg(old)
+                    .arg(new)
+                    .arg(due)
+                    .arg(id)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await?;
         Ok(done == 1)
     }
 
     /// Ids from a lexicographic index, after `after`, in batches.
-    async fn ids_after(&self, index: String, after: Option<String>, count: usize) -> Result<Vec<String>, StoreError> {
+    async fn ids_after(
+        &self,
+        index: String,
+        after: Option<String>,
+        count: usize,
+    ) -> Result<Vec<String>, StoreError> {
         let start = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
         self.with(|mut c| async move {
             redis::cmd("ZRANGE")
@@ -406,10 +463,21 @@ impl LeaseStore for RedisStore {
             self.index("tasks"),
             self.key("ch", task.parent.as_ref().map_or("", TaskId::as_str)),
         );
-        let (id, has_parent) = (task.id.to_string(), if task.parent.is_some() { "1" } else { "0" });
+        let (id, has_parent) = (
+            task.id.to_string(),
+            if task.parent.is_some() { "1" } else { "0" },
+        );
         let created: i64 = self
             .with(|mut c| async move {
-                CREATE_TASK.key(keys.0).key(keys.1).key(keys.2).arg(json).arg(id).arg(has_parent).invoke_async(&mut c).await
+                CREATE_TASK
+                    .key(keys.0)
+                    .key(keys.1)
+                    .key(keys.2)
+                    .arg(json)
+                    .arg(id)
+                    .arg(has_parent)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await?;
         if created == 0 {
@@ -429,7 +497,9 @@ impl LeaseStore for RedisStore {
         let mut items: Vec<Task> = Vec::new();
         let mut cursor = q.after.as_ref().map(ToString::to_string);
         loop {
-            let ids = self.ids_after(self.index("tasks"), cursor.clone(), SCAN_BATCH).await?;
+            let ids = self
+                .ids_after(self.index("tasks"), cursor.clone(), SCAN_BATCH)
+                .await?;
             let Some(last) = ids.last().cloned() else {
                 return Ok(Page { items, next: None });
             };
@@ -447,7 +517,13 @@ impl LeaseStore for RedisStore {
         }
     }
 
-    async fn end_task(&self, id: &TaskId, to: TaskState, reason: &str, at: OffsetDateTime) -> Result<Task, StoreError> {
+    async fn end_task(
+        &self,
+        id: &TaskId,
+        to: TaskState,
+        reason: &str,
+        at: OffsetDateTime,
+    ) -> Result<Task, StoreError> {
         let key = self.key("task", id.as_str());
         for _ in 0..CAS_RETRIES {
             let Some(old) = self.get_str(key.clone()).await? else {
@@ -458,17 +534,32 @@ impl LeaseStore for RedisStore {
                 return Ok(task);
             }
             if task.state != TaskState::Active {
-                return Err(StoreError::TaskEnded { id: id.to_string(), current: task.state, to });
+                return Err(StoreError::TaskEnded {
+                    id: id.to_string(),
+                    current: task.state,
+                    to,
+                });
             }
             task.state = to;
             task.ended_at = Some(at);
             task.end_reason = Some(reason.to_string());
-            if self.cas(key.clone(), old, encode(&task)?, "keep".into(), id.to_string()).await? {
+            if self
+                .cas(
+                    key.clone(),
+                    old,
+                    encode(&task)?,
+                    "keep".into(),
+                    id.to_string(),
+                )
+                .await?
+            {
                 self.durable().await?;
                 return Ok(task);
             }
         }
-        Err(StoreError::Unavailable(format!("task {id}: too much contention")))
+        Err(StoreError::Unavailable(format!(
+            "task {id}: too much contention"
+        )))
     }
 
     async fn children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError> {
@@ -478,7 +569,10 @@ impl LeaseStore for RedisStore {
             .await?;
         ids.sort();
         ids.iter()
-            .map(|s| s.parse().map_err(|_| StoreError::Corrupt(format!("child id {s}"))))
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| StoreError::Corrupt(format!("child id {s}")))
+            })
             .collect()
     }
 
@@ -494,7 +588,16 @@ impl LeaseStore for RedisStore {
         let due = ms(due_at);
         let created: i64 = self
             .with(|mut c| async move {
-                PUT_PENDING.key(keys.0).key(keys.1).key(keys.2).key(keys.3).arg(json).arg(id).arg(due).invoke_async(&mut c).await
+                PUT_PENDING
+                    .key(keys.0)
+                    .key(keys.1)
+                    .key(keys.2)
+                    .key(keys.3)
+                    .arg(json)
+                    .arg(id)
+                    .arg(due)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await?;
         if created == 0 {
@@ -518,15 +621,20 @@ impl LeaseStore for RedisStore {
             }
             if items.len() == q.limit {
                 let next = items.last().map(|l| l.id.to_string());
-                return Some(Page { items: std::mem::take(items), next });
+                return Some(Page {
+                    items: std::mem::take(items),
+                    next,
+                });
             }
             items.push(l);
             None
         };
         if let Some(task) = &q.task {
             let key = self.key("tl", task.as_str());
-            let mut ids: Vec<String> = self
-                .with(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+            let mut ids: Vec<String> =
+                self.with(|mut c| async move {
+                    redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await
+                })
                 .await?;
             ids.sort();
             for chunk in ids.chunks(SCAN_BATCH) {
@@ -541,7 +649,9 @@ impl LeaseStore for RedisStore {
         }
         let mut cursor = q.after.as_ref().map(ToString::to_string);
         loop {
-            let ids = self.ids_after(self.index("leases"), cursor.clone(), SCAN_BATCH).await?;
+            let ids = self
+                .ids_after(self.index("leases"), cursor.clone(), SCAN_BATCH)
+                .await?;
             let Some(last) = ids.last().cloned() else {
                 return Ok(Page { items, next: None });
             };
@@ -556,7 +666,11 @@ impl LeaseStore for RedisStore {
     }
 
     async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
-        let q = LeaseQuery { task: Some(task.clone()), limit: usize::MAX, ..Default::default() };
+        let q = LeaseQuery {
+            task: Some(task.clone()),
+            limit: usize::MAX,
+            ..Default::default()
+        };
         Ok(self.leases(&q).await?.items)
     }
 
@@ -570,20 +684,41 @@ impl LeaseStore for RedisStore {
             if !apply_transition(&mut lease, &t)? {
                 return Ok(lease);
             }
-            let due = t.due_at.map_or_else(|| "del".to_string(), |d| ms(d).to_string());
-            if self.cas(key.clone(), old, encode(&lease)?, due, lease.id.to_string()).await? {
+            let due = t
+                .due_at
+                .map_or_else(|| "del".to_string(), |d| ms(d).to_string());
+            if self
+                .cas(key.clone(), old, encode(&lease)?, due, lease.id.to_string())
+                .await?
+            {
                 self.durable().await?;
                 return Ok(lease);
             }
         }
-        Err(StoreError::Unavailable(format!("lease {}: too much contention", t.lease)))
+        Err(StoreError::Unavailable(format!(
+            "lease {}: too much contention",
+            t.lease
+        )))
     }
 
-    async fn claim_due(&self, now: OffsetDateTime, hold_until: OffsetDateTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
+    async fn claim_due(
+        &self,
+        now: OffsetDateTime,
+        hold_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
         let due_key = self.index("due");
         let (now_ms, hold_ms) = (ms(now), ms(hold_until));
         let ids: Vec<String> = self
-            .with(|mut c| async move { CLAIM.key(due_key).arg(now_ms).arg(hold_ms).arg(limit).invoke_async(&mut c).await })
+            .with(|mut c| async move {
+                CLAIM
+                    .key(due_key)
+                    .arg(now_ms)
+                    .arg(hold_ms)
+                    .arg(limit)
+                    .invoke_async(&mut c)
+                    .await
+            })
             .await?;
         self.durable().await?;
         let keys = ids.iter().map(|i| self.key("lease", i)).collect();
@@ -593,21 +728,35 @@ impl LeaseStore for RedisStore {
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
         let key = self.index("due");
         let upto = ms(now);
-        self.with(|mut c| async move { redis::cmd("ZCOUNT").arg(key).arg("-inf").arg(upto).query_async(&mut c).await })
-            .await
+        self.with(|mut c| async move {
+            redis::cmd("ZCOUNT")
+                .arg(key)
+                .arg("-inf")
+                .arg(upto)
+                .query_async(&mut c)
+                .await
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let pong: String = self
             .with(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
             .await?;
-        if pong == "PONG" { Ok(()) } else { Err(unavailable(format!("unexpected PING reply {pong}"))) }
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(unavailable(format!("unexpected PING reply {pong}")))
+        }
     }
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("prefix", &self.prefix).field("durability", &self.durability).finish()
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("durability", &self.durability)
+            .finish()
     }
 }
 

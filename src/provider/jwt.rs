@@ -110,12 +110,23 @@ impl SigningKey {
             if raw.len() != 65 || raw[0] != 4 {
                 return Err(key_err("P-256 public key is not an uncompressed point"));
             }
-            let (x, y) = (URL_SAFE_NO_PAD.encode(&raw[1..33]), URL_SAFE_NO_PAD.encode(&raw[33..]));
-            (SigningAlg::ES256, json!({"crv": "P-256", "kty": "EC", "x": x, "y": y}))
+            let (x, y) = (
+                URL_SAFE_NO_PAD.encode(&raw[1..33]),
+                URL_SAFE_NO_PAD.encode(&raw[33..]),
+            );
+            (
+                SigningAlg::ES256,
+                json!({"crv": "P-256", "kty": "EC", "x": x, "y": y}),
+            )
         } else if pair.algorithm() == &PKCS_ED25519 {
-            (SigningAlg::EdDSA, json!({"crv": "Ed25519", "kty": "OKP", "x": URL_SAFE_NO_PAD.encode(raw)}))
+            (
+                SigningAlg::EdDSA,
+                json!({"crv": "Ed25519", "kty": "OKP", "x": URL_SAFE_NO_PAD.encode(raw)}),
+            )
         } else {
-            return Err(key_err("signing key must be P-256 (ES256) or Ed25519 (EdDSA)"));
+            return Err(key_err(
+                "signing key must be P-256 (ES256) or Ed25519 (EdDSA)",
+            ));
         };
         // RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order,
         // which is how serde_json serialises this map.
@@ -220,7 +231,8 @@ impl JwtIssuer {
             return Err(TokenError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if header.kid.as_deref() != Some(self.key.kid.as_str()) || header.alg != self.key.algorithm()
+        if header.kid.as_deref() != Some(self.key.kid.as_str())
+            || header.alg != self.key.algorithm()
         {
             return Err(TokenError::UnknownKey);
         }
@@ -315,7 +327,10 @@ mod tests {
             let (key, _) = SigningKey::generate(alg).expect("key");
             let issuer = JwtIssuer::new("https://mayfly".into(), key);
             let token = issuer.sign(&claims("https://mayfly")).expect("sign");
-            assert_eq!(issuer.verify(&token).expect("verify"), claims("https://mayfly"));
+            assert_eq!(
+                issuer.verify(&token).expect("verify"),
+                claims("https://mayfly")
+            );
             let (other, _) = SigningKey::generate(alg).expect("key");
             let other = JwtIssuer::new("https://mayfly".into(), other);
             assert_eq!(other.verify(&token), Err(TokenError::UnknownKey));
@@ -341,7 +356,10 @@ mod tests {
         let mut c = claims("https://mayfly");
         c.scope = "admin".into();
         parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).expect("json"));
-        assert!(matches!(issuer.verify(&parts.join(".")), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            issuer.verify(&parts.join(".")),
+            Err(TokenError::Invalid(_))
+        ));
         assert_eq!(issuer.verify("not-a-jwt"), Err(TokenError::Malformed));
     }
 

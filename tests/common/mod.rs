@@ -1,6 +1,9 @@
 //! Test fixtures: a PKI minted in code, configs written to temp dirs, the real `mayfly`
 //! binary started on a free loopback port, and mTLS clients.
-#![allow(dead_code, reason = "each test binary uses a different part of the fixtures")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the fixtures"
+)]
 
 use mayfly::pki::{Ca, LeafSpec};
 use serde_json::Value;
@@ -69,7 +72,12 @@ impl Pki {
                 key: PathBuf::new(),
             },
         };
-        let spec = LeafSpec::server(None, &["localhost"], &["127.0.0.1".parse().expect("ip")], 30);
+        let spec = LeafSpec::server(
+            None,
+            &["localhost"],
+            &["127.0.0.1".parse().expect("ip")],
+            30,
+        );
         pki.server = pki.issue_with(&pki.ca_a, "server", &spec);
         pki
     }
@@ -117,7 +125,10 @@ pub fn write_config(dir: &Path, pki: &Pki, opts: &ConfigOptions) -> PathBuf {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).expect("mkdir");
     std::fs::write(policies.join("test.cedar"), TEST_POLICY).expect("write");
-    let audit = opts.audit.clone().unwrap_or_else(|| dir.join("audit.jsonl"));
+    let audit = opts
+        .audit
+        .clone()
+        .unwrap_or_else(|| dir.join("audit.jsonl"));
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -153,10 +164,10 @@ generate_key = "ES256"
         key = pki.server.key,
         ba = pki.bundle_a,
         bb = pki.bundle_b,
-        store = opts
-            .store
-            .clone()
-            .unwrap_or_else(|| format!("kind = \"embedded\"\npath = {:?}", dir.join("leases.redb"))),
+        store = opts.store.clone().unwrap_or_else(|| format!(
+            "kind = \"embedded\"\npath = {:?}",
+            dir.join("leases.redb")
+        )),
         node = opts.node_id,
         hold = opts.claim_hold,
         jwt = dir.join("jwt-key.pem"),
@@ -209,10 +220,20 @@ impl Server {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     seen.push(line.clone());
-                    let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
                     if v["fields"]["message"] == "mayfly listening (mTLS)" {
-                        let addr = v["fields"]["addr"].as_str().expect("addr").parse().expect("addr");
-                        return Self { child, addr, stderr: rx };
+                        let addr = v["fields"]["addr"]
+                            .as_str()
+                            .expect("addr")
+                            .parse()
+                            .expect("addr");
+                        return Self {
+                            child,
+                            addr,
+                            stderr: rx,
+                        };
                     }
                 }
                 Err(_) => {
@@ -234,14 +255,26 @@ impl Server {
 
     /// `mayfly dev` on a free port with extra flags.
     pub fn dev_with(dir: &Path, extra: &[&str]) -> Self {
-        let mut args = vec!["dev", "--dir", dir.to_str().expect("utf8"), "--listen", "127.0.0.1:0"];
+        let mut args = vec![
+            "dev",
+            "--dir",
+            dir.to_str().expect("utf8"),
+            "--listen",
+            "127.0.0.1:0",
+        ];
         args.extend_from_slice(extra);
         Self::spawn(&args)
     }
 
     /// `mayfly dev` on a given address (a restart keeps its address, hence its issuer).
     pub fn dev_on(dir: &Path, listen: &str) -> Self {
-        Self::spawn(&["dev", "--dir", dir.to_str().expect("utf8"), "--listen", listen])
+        Self::spawn(&[
+            "dev",
+            "--dir",
+            dir.to_str().expect("utf8"),
+            "--listen",
+            listen,
+        ])
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -274,6 +307,16 @@ pub fn run_cli(args: &[&str]) -> std::process::Output {
         .current_dir(repo())
         .output()
         .expect("run mayfly")
+}
+
+/// Runs `mayfly ARGS` with extra environment variables.
+pub fn run_cli_env(args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args).current_dir(repo());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run mayfly")
 }
 
 /// An HTTPS client trusting `ca` and presenting `identity` (if any).
@@ -369,7 +412,11 @@ fn wait_for_pong(port: u16) -> bool {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
             let mut buf = [0u8; 16];
-            if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")) {
+            if s.write_all(b"PING\r\n").is_ok()
+                && s.read(&mut buf).is_ok_and(|n| {
+                    buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")
+                })
+            {
                 return true;
             }
         }
@@ -393,13 +440,24 @@ impl RedisServer {
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--dir", dir.path().to_str().expect("utf8")])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server; .ci/run does this)");
+            .expect(
+                "redis-server must be installed (apt-get install redis-server; .ci/run does this)",
+            );
         assert!(wait_for_pong(port), "redis-server did not answer on {port}");
         Self { child, port, dir }
     }
@@ -437,15 +495,21 @@ pub fn redis_store(url: &str, prefix: &str) -> String {
 /// A `VerifiedCaller` produced by the real identity code from `pair` (trust domain A).
 pub fn verified(pki: &Pki, pair: &Pair) -> mayfly::identity::VerifiedCaller {
     use rustls_pki_types::pem::PemObject;
-    let chain: Vec<rustls_pki_types::CertificateDer<'static>> = rustls_pki_types::CertificateDer::pem_file_iter(&pair.cert)
-        .expect("pem")
-        .collect::<Result<_, _>>()
-        .expect("der");
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_file_iter(&pair.cert)
+            .expect("pem")
+            .collect::<Result<_, _>>()
+            .expect("der");
     let bundles = mayfly::identity::TrustBundles::from_pem_files(&[(
         mayfly::identity::TrustDomain::parse(TD_A).expect("td"),
         pki.bundle_a.clone(),
     )])
     .expect("bundles");
-    mayfly::identity::x509::verify_svid(&chain, &bundles, Some("127.0.0.1".parse().expect("ip")), rustls_pki_types::UnixTime::now())
-        .expect("valid svid")
+    mayfly::identity::x509::verify_svid(
+        &chain,
+        &bundles,
+        Some("127.0.0.1".parse().expect("ip")),
+        rustls_pki_types::UnixTime::now(),
+    )
+    .expect("valid svid")
 }

@@ -1,0 +1,432 @@
+//! Operator commands: `mayfly lease …`, `mayfly task …`, `mayfly revoke …`, talking to a
+//! running broker over mTLS with an operator certificate. Tables for people, `--json`
+//! (one JSON document on stdout) for scripts.
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Broker URL.
+    #[arg(
+        long,
+        env = "MAYFLY_ADDR",
+        default_value = "https://127.0.0.1:8443",
+        global = true
+    )]
+    pub addr: String,
+    /// Client certificate (PEM): an operator SVID (or the agent's, for `task complete`).
+    #[arg(
+        long,
+        env = "MAYFLY_CERT",
+        default_value = ".mayfly-dev/operator.pem",
+        global = true
+    )]
+    pub cert: PathBuf,
+    /// Private key of --cert (PEM).
+    #[arg(
+        long,
+        env = "MAYFLY_KEY",
+        default_value = ".mayfly-dev/operator-key.pem",
+        global = true
+    )]
+    pub key: PathBuf,
+    /// CA bundle to verify the broker (PEM).
+    #[arg(
+        long,
+        env = "MAYFLY_CA",
+        default_value = ".mayfly-dev/ca.pem",
+        global = true
+    )]
+    pub ca: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeaseCmd {
+    /// List leases (all pages).
+    Ls {
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show one lease.
+    Show { id: String },
+    /// Revoke one lease.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCmd {
+    /// List tasks (all pages).
+    Ls {
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show a task and its leases.
+    Show { id: String },
+    /// Complete a task (as its owner: pass the agent's --cert/--key).
+    Complete { id: String },
+    /// Revoke a task and every sub-task (operators).
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// Exactly one of --principal, --provider, --target-prefix (the broker checks it too).
+#[derive(Args, Debug)]
+pub struct BulkArgs {
+    /// Every task and lease of this principal.
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// Every lease of this provider.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Every lease whose target starts with this prefix.
+    #[arg(long)]
+    pub target_prefix: Option<String>,
+    #[arg(long)]
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot reach the broker at {addr}: {reason}")]
+    Transport { addr: String, reason: String },
+    #[error("{status} {code}: {detail}")]
+    Api {
+        status: u16,
+        code: String,
+        detail: String,
+    },
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    pub fn new(c: &Conn) -> Result<Self, CliError> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| CliError::File {
+                path: p.clone(),
+                source,
+            })
+        };
+        let ca = reqwest::Certificate::from_pem(&read(&c.ca)?)
+            .map_err(|e| CliError::Tls(e.to_string()))?;
+        let mut pem = read(&c.cert)?;
+        pem.extend(read(&c.key)?);
+        let identity =
+            reqwest::Identity::from_pem(&pem).map_err(|e| CliError::Tls(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .identity(identity)
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| CliError::Tls(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: c.addr.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, CliError> {
+        let resp = req.send().await.map_err(|e| CliError::Transport {
+            addr: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status >= 300 {
+            return Err(CliError::Api {
+                status,
+                code: body["code"].as_str().unwrap_or("unknown").to_string(),
+                detail: body["detail"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        Ok(body)
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        self.send(self.http.get(format!("{}{path}", self.base)).query(query))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, CliError> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    /// Follows `next` cursors until the last page.
+    async fn all(
+        &self,
+        path: &str,
+        mut query: Vec<(&str, String)>,
+    ) -> Result<Vec<Value>, CliError> {
+        let mut out = Vec::new();
+        query.push(("limit", "500".into()));
+        loop {
+            let page = self.get(path, &query).await?;
+            out.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next"].as_str() {
+                Some(n) => {
+                    query.retain(|(k, _)| *k != "after");
+                    query.push(("after", n.to_string()));
+                }
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
+fn opt(query: &mut Vec<(&'static str, String)>, key: &'static str, v: &Option<String>) {
+    if let Some(v) = v {
+        query.push((key, v.clone()));
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn lease_table(items: &[Value]) {
+    println!(
+        "{:<36}  {:<11}  {:<8}  {:<36}  {:<25}  TARGET",
+        "LEASE", "STATE", "PROVIDER", "TASK", "EXPIRES"
+    );
+    for l in items {
+        println!(
+            "{:<36}  {:<11}  {:<8}  {:<36}  {:<25}  {}",
+            s(l, "lease_id"),
+            s(l, "state"),
+            s(l, "provider"),
+            s(l, "task_id"),
+            s(l, "expires_at"),
+            s(l, "target")
+        );
+    }
+}
+
+fn task_table(items: &[Value]) {
+    println!(
+        "{:<36}  {:<10}  {:<25}  {:<40}  PURPOSE",
+        "TASK", "STATE", "EXPIRES", "OWNER"
+    );
+    for t in items {
+        println!(
+            "{:<36}  {:<10}  {:<25}  {:<40}  {}",
+            s(t, "task_id"),
+            s(t, "state"),
+            s(t, "expires_at"),
+            s(t, "owner"),
+            s(t, "purpose")
+        );
+    }
+}
+
+fn emit(json_out: bool, v: &Value, table: impl FnOnce(&Value)) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        table(v);
+    }
+}
+
+pub async fn lease(conn: Conn, cmd: LeaseCmd) -> Result<(), CliError> {
+    let c = Client::new(&conn)?;
+    match cmd {
+        LeaseCmd::Ls {
+            task,
+            principal,
+            provider,
+            state,
+        } => {
+            let mut q = Vec::new();
+            opt(&mut q, "task", &task);
+            opt(&mut q, "principal", &principal);
+            opt(&mut q, "provider", &provider);
+            opt(&mut q, "state", &state);
+            let items = c.all("/v1/leases", q).await?;
+            emit(conn.json, &json!({"items": items}), |v| {
+                lease_table(v["items"].as_array().map_or(&[], Vec::as_slice))
+            });
+        }
+        LeaseCmd::Show { id } => {
+            let l = c.get(&format!("/v1/leases/{id}"), &[]).await?;
+            emit(conn.json, &l, |l| lease_table(std::slice::from_ref(l)));
+        }
+        LeaseCmd::Revoke { id, reason } => {
+            let l = c
+                .post(
+                    &format!("/v1/leases/{id}/revoke"),
+                    json!({"reason": reason}),
+                )
+                .await?;
+            emit(conn.json, &l, |l| {
+                println!("{} {}", s(l, "lease_id"), s(l, "state"))
+            });
+        }
+    }
+    Ok(())
+}
+
+pub async fn task(conn: Conn, cmd: TaskCmd) -> Result<(), CliError> {
+    let c = Client::new(&conn)?;
+    match cmd {
+        TaskCmd::Ls { principal, state } => {
+            let mut q = Vec::new();
+            opt(&mut q, "principal", &principal);
+            opt(&mut q, "state", &state);
+            let items = c.all("/v1/tasks", q).await?;
+            emit(conn.json, &json!({"items": items}), |v| {
+                task_table(v["items"].as_array().map_or(&[], Vec::as_slice))
+            });
+        }
+        TaskCmd::Show { id } => {
+            let t = c.get(&format!("/v1/tasks/{id}"), &[]).await?;
+            emit(conn.json, &t, |t| {
+                task_table(std::slice::from_ref(t));
+                println!();
+                lease_table(t["leases"].as_array().map_or(&[], Vec::as_slice));
+            });
+        }
+        TaskCmd::Complete { id } => {
+            let r = c
+                .post(&format!("/v1/tasks/{id}/complete"), json!({}))
+                .await?;
+            emit(conn.json, &r, |r| {
+                println!("{id} completed; {} leases revoked", s(r, "revoked"))
+            });
+        }
+        TaskCmd::Revoke { id, reason } => {
+            let r = c
+                .post(&format!("/v1/tasks/{id}/revoke"), json!({"reason": reason}))
+                .await?;
+            emit(conn.json, &r, |r| {
+                println!(
+                    "{id} revoked with {} task(s); {} leases revoked",
+                    r["tasks"].as_array().map_or(0, Vec::len),
+                    s(r, "revoked")
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Revokes lease by lease with progress on stderr, then (for a principal) ends its tasks
+/// server-side so nothing minted in between survives.
+pub async fn bulk(conn: Conn, args: BulkArgs) -> Result<(), CliError> {
+    let chosen = [
+        args.principal.is_some(),
+        args.provider.is_some(),
+        args.target_prefix.is_some(),
+    ];
+    if chosen.iter().filter(|c| **c).count() != 1 {
+        return Err(CliError::Usage(
+            "give exactly one of --principal, --provider, --target-prefix",
+        ));
+    }
+    let c = Client::new(&conn)?;
+    let mut q = Vec::new();
+    opt(&mut q, "principal", &args.principal);
+    opt(&mut q, "provider", &args.provider);
+    let matching: Vec<Value> = c
+        .all("/v1/leases", q)
+        .await?
+        .into_iter()
+        .filter(|l| matches!(l["state"].as_str(), Some("active" | "pending" | "revoking")))
+        .filter(|l| {
+            args.target_prefix
+                .as_deref()
+                .is_none_or(|p| l["target"].as_str().is_some_and(|t| t.starts_with(p)))
+        })
+        .collect();
+    let total = matching.len();
+    let mut revoked = Vec::new();
+    let mut failed = Vec::new();
+    for (i, l) in matching.iter().enumerate() {
+        let id = s(l, "lease_id");
+        match c
+            .post(
+                &format!("/v1/leases/{id}/revoke"),
+                json!({"reason": args.reason}),
+            )
+            .await
+        {
+            Ok(_) => revoked.push(id.clone()),
+            Err(e) => failed.push(json!({"lease_id": id, "error": e.to_string()})),
+        }
+        if !conn.json {
+            eprint!("\rrevoking [{}/{total}] {id}", i + 1);
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if !conn.json && total > 0 {
+        eprintln!();
+    }
+    let body = json!({
+        "principal": args.principal, "provider": args.provider, "target_prefix": args.target_prefix, "reason": args.reason,
+    });
+    let sweep = c.post("/v1/revoke", body).await?;
+    let swept: Vec<Value> = sweep["revoked_leases"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let out = json!({
+        "revoked": revoked.len() + swept.len(),
+        "revoked_leases": revoked,
+        "swept_leases": swept,
+        "tasks": sweep["tasks"],
+        "failed": failed,
+    });
+    emit(conn.json, &out, |o| {
+        println!(
+            "{} leases revoked, {} tasks ended, {} failures",
+            s(o, "revoked"),
+            o["tasks"].as_array().map_or(0, Vec::len),
+            o["failed"].as_array().map_or(0, Vec::len)
+        )
+    });
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Api {
+            status: 0,
+            code: "partial".into(),
+            detail: format!("{} revocations failed", failed.len()),
+        })
+    }
+}

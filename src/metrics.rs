@@ -1,0 +1,77 @@
+//! Prometheus metrics. One process-wide recorder, installed on first use; `/metrics`
+//! renders it. Every series is documented in `docs/operations.md`.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Latency buckets for decisions and store operations, in seconds.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Installs the recorder (idempotent) and returns the handle to render it.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .map_err(|e| tracing::error!(error = %e, "metrics buckets"))
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(h) => {
+                    describe();
+                    Some(h)
+                }
+                Err(e) => {
+                    // Another recorder is installed (an embedding application's): leave it.
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "mayfly_requests_total",
+        "API requests by route, method, status and code"
+    );
+    describe_histogram!(
+        "mayfly_request_duration_seconds",
+        "API request latency by route (decision latency)"
+    );
+    describe_counter!(
+        "mayfly_policy_decisions_total",
+        "Cedar decisions by action and decision"
+    );
+    describe_counter!(
+        "mayfly_leases_issued_total",
+        "Credentials minted, by provider"
+    );
+    describe_counter!(
+        "mayfly_lease_transitions_total",
+        "Lease state changes by provider and new state"
+    );
+    describe_counter!(
+        "mayfly_revocation_failures_total",
+        "Failed provider revocation attempts, by provider"
+    );
+    describe_counter!(
+        "mayfly_leases_irrevocable_total",
+        "Leases given up as irrevocable (alert on any increase)"
+    );
+    describe_gauge!("mayfly_reaper_backlog", "Leases due for the reaper now");
+    describe_counter!(
+        "mayfly_audit_write_failures_total",
+        "Audit batches that could not be written (requests failed closed)"
+    );
+    describe_histogram!(
+        "mayfly_audit_batch_records",
+        "Records per audit group commit"
+    );
+    describe_counter!("mayfly_policy_reloads_total", "Policy reloads by outcome");
+}
