@@ -103,6 +103,9 @@ async fn three_replicas_one_killed_mid_load_every_granted_lease_ends_once() {
             store: Some(redis_store(&redis.url(), "load")),
             node_id: format!("replica-{n}"),
             claim_hold: "2s".into(),
+            // A replica killed between "record" and "activate" leaves a pending lease:
+            // short pending timeout so the survivors revoke it within the test.
+            extra: "[limits]\npending_timeout = \"2s\"".into(),
             ..Default::default()
         };
         // Replicas share one JWT key (the shared config in a real deployment).

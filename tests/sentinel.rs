@@ -98,7 +98,7 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_lease() {
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(tmp.path());
     let store = format!(
-        "kind = \"redis\"\nurl = \"redis+sentinel://127.0.0.1:{}/m\"\nkey_prefix = \"sent\"\ndurability = \"wait\"\nwait_replicas = 1\nwait_timeout = \"500ms\"\nop_timeout = \"1s\"",
+        "kind = \"redis\"\nurl = \"redis+sentinel://127.0.0.1:{}/m\"\nkey_prefix = \"sent\"\ndurability = \"wait\"\nwait_replicas = 1\nwait_timeout = \"2s\"\nop_timeout = \"3s\"",
         sentinel.port
     );
     let config = write_config(
