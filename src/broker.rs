@@ -60,6 +60,10 @@ pub enum BrokerError {
     Reason,
     #[error("give exactly one of principal, provider, target_prefix")]
     Selector,
+    #[error("delegated scope is wider than the task holds: {0}")]
+    DelegationWider(String),
+    #[error("delegation chain would be {depth} deep; the limit is {max}")]
+    DelegationTooDeep { depth: usize, max: usize },
     #[error("injected crash at {0:?}")]
     InjectedCrash(FaultPoint),
     #[error(transparent)]
@@ -91,6 +95,8 @@ pub struct Limits {
     /// How long a lease may stay `pending` before the reaper revokes it.
     pub pending_timeout: Duration,
     pub max_page: usize,
+    /// Longest delegation chain: a task declared directly has depth 0.
+    pub max_delegation_depth: usize,
 }
 
 /// What `POST /v1/revoke` selects: exactly one criterion.
@@ -430,12 +436,14 @@ impl Broker {
             return Err(e);
         }
 
-        // Mint.
+        // Mint, carrying the delegation chain into the credential.
+        let delegators = self.delegators(&task).await?;
         let minted = match provider
             .mint(MintRequest {
                 lease: &lease,
                 task: &task,
                 caller,
+                delegation: &delegators,
             })
             .await
         {
@@ -477,6 +485,106 @@ impl Broker {
             lease: active,
             credential: minted.credential,
         })
+    }
+
+    /// Owners of the tasks above `task`, nearest first.
+    async fn delegators(&self, task: &Task) -> Result<Vec<Principal>, BrokerError> {
+        let mut out = Vec::new();
+        let mut parent = task.parent.clone();
+        while let Some(id) = parent {
+            // A chain longer than the limit cannot exist; stop at it regardless.
+            if out.len() > self.limits.max_delegation_depth {
+                break;
+            }
+            let p = self.load_task(&id).await?;
+            out.push(p.owner.clone());
+            parent = p.parent.clone();
+        }
+        Ok(out)
+    }
+
+    /// `POST /v1/tasks/{id}/delegate`: a sub-task for another principal, never wider
+    /// than the parent's scope, never outliving it, never deeper than the limit, and
+    /// allowed by Cedar `DelegateTask`.
+    pub async fn delegate_task(
+        &self,
+        caller: &VerifiedCaller,
+        parent_id: &TaskId,
+        req: crate::task::DelegateRequest,
+        ev: &AuditScope,
+    ) -> Result<Task, BrokerError> {
+        let now = OffsetDateTime::now_utc();
+        ev.set(|e| {
+            e.action = Some("DelegateTask");
+            e.task_id = Some(parent_id.to_string());
+            e.purpose = Some(req.task.purpose.clone());
+            e.detail = Some(format!("to {}", req.principal));
+        });
+        let parent = self.load_task(parent_id).await?;
+        if &parent.owner != caller.principal() {
+            return Err(BrokerError::NotTaskOwner(parent_id.clone()));
+        }
+        Self::require_active(&parent, now)?;
+        if !parent.scope.covers(&req.task.scope) {
+            return Err(BrokerError::DelegationWider(format!(
+                "task {parent_id} does not hold every grant requested"
+            )));
+        }
+        let remaining = parent.remaining(now);
+        if req.task.ttl > remaining {
+            return Err(BrokerError::TtlExceedsTask {
+                requested: secs(req.task.ttl),
+                remaining: secs(remaining),
+            });
+        }
+        let depth = self.delegators(&parent).await?.len() + 1;
+        if depth > self.limits.max_delegation_depth {
+            return Err(BrokerError::DelegationTooDeep {
+                depth,
+                max: self.limits.max_delegation_depth,
+            });
+        }
+        let d = self
+            .policy
+            .delegate(caller, &req.principal, &req.task, depth, now)?;
+        note_decision(ev, "DelegateTask", &d);
+        if !d.allowed {
+            return Err(BrokerError::PolicyDenied {
+                action: "DelegateTask",
+                detail: Some(req.principal.to_string()),
+            });
+        }
+        let child = Task {
+            id: TaskId::generate(),
+            owner: req.principal,
+            purpose: req.task.purpose,
+            scope: req.task.scope,
+            created_at: now,
+            expires_at: after(now, req.task.ttl).min(parent.expires_at),
+            parent: Some(parent.id.clone()),
+            labels: req.task.labels,
+            state: TaskState::Active,
+            ended_at: None,
+            end_reason: None,
+        };
+        self.store.create_task(&child).await?;
+        // The parent may have ended while the child was being written: end the child too.
+        let current = self.load_task(parent_id).await?;
+        if let Err(e) = Self::require_active(&current, OffsetDateTime::now_utc()) {
+            self.revoker
+                .end_task_tree(
+                    &child.id,
+                    TaskState::Revoked,
+                    "parent ended during delegation",
+                )
+                .await?;
+            return Err(e);
+        }
+        ev.set(|e| {
+            e.detail = Some(format!("sub-task {} for {}", child.id, child.owner));
+            e.expires_at = Some(crate::api_time(child.expires_at));
+        });
+        Ok(child)
     }
 
     /// `POST /v1/tasks/{id}/complete`: the owner ends its task; every lease of the task

@@ -196,6 +196,7 @@ pub struct RawLimits {
     pub max_connections: usize,
     pub handshake_timeout: String,
     pub max_page: usize,
+    pub max_delegation_depth: usize,
 }
 
 impl Default for RawLimits {
@@ -209,6 +210,7 @@ impl Default for RawLimits {
             max_connections: 4096,
             handshake_timeout: "10s".into(),
             max_page: 500,
+            max_delegation_depth: 3,
         }
     }
 }
@@ -383,6 +385,7 @@ impl TryFrom<RawConfig> for Config {
             default_lease_ttl: dur("limits.default_lease_ttl", &l.default_lease_ttl)?,
             pending_timeout: dur("limits.pending_timeout", &l.pending_timeout)?,
             max_page: l.max_page.clamp(1, 10_000),
+            max_delegation_depth: l.max_delegation_depth.min(16),
         };
         if limits.default_lease_ttl > limits.max_lease_ttl {
             return Err(invalid(

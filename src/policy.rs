@@ -346,6 +346,30 @@ impl PolicyEngine {
         )
     }
 
+    /// `DelegateTask`: may the caller hand a slice of `parent` to `to`?
+    pub fn delegate(
+        &self,
+        caller: &VerifiedCaller,
+        to: &crate::identity::Principal,
+        req: &TaskRequest,
+        depth: usize,
+        now: OffsetDateTime,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let context = json!({
+            "purpose": req.purpose,
+            "ttl_seconds": secs(req.ttl),
+            "depth": depth,
+            "grant_count": req.scope.grants().len(),
+            "posture": Self::posture_json(caller, now),
+        });
+        self.decide(
+            "DelegateTask",
+            Self::workload_json(caller.principal()),
+            Self::workload_json(to),
+            context,
+        )
+    }
+
     /// `MintCredential` for one concrete request under `task`.
     pub fn mint(
         &self,

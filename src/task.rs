@@ -41,6 +41,8 @@ pub enum ScopeError {
     Labels,
     #[error("ttl: {0}")]
     Duration(#[from] crate::duration::DurationError),
+    #[error("delegatee is not a valid principal: {0}")]
+    Delegatee(String),
 }
 
 macro_rules! id_type {
@@ -387,6 +389,40 @@ impl TryFrom<RawTaskRequest> for TaskRequest {
     }
 }
 
+/// `POST /v1/tasks/{id}/delegate` body as sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDelegateRequest {
+    pub principal: String,
+    pub purpose: String,
+    pub scope: Vec<RawGrant>,
+    pub ttl: serde_json::Value,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A validated delegation: a sub-task for `principal`.
+#[derive(Debug, Clone)]
+pub struct DelegateRequest {
+    pub principal: Principal,
+    pub task: TaskRequest,
+}
+
+impl TryFrom<RawDelegateRequest> for DelegateRequest {
+    type Error = ScopeError;
+    fn try_from(raw: RawDelegateRequest) -> Result<Self, ScopeError> {
+        let principal =
+            Principal::parse(&raw.principal).map_err(|e| ScopeError::Delegatee(e.to_string()))?;
+        let task = TaskRequest::try_from(RawTaskRequest {
+            purpose: raw.purpose,
+            scope: raw.scope,
+            ttl: raw.ttl,
+            labels: raw.labels,
+        })?;
+        Ok(Self { principal, task })
+    }
+}
+
 /// `POST /v1/tasks/{id}/credentials` body as sent. Omitted actions/resources mean
 /// "everything the task's grant for this target holds".
 #[derive(Debug, Deserialize)]
@@ -551,7 +587,47 @@ mod tests {
         ));
     }
 
+    fn arb_grant() -> impl Strategy<Value = Grant> {
+        (
+            proptest::sample::select(vec!["https://a", "https://b"]),
+            proptest::collection::btree_set("[rwx]", 1..3),
+            proptest::collection::btree_set("[ab/]{0,3}\\*?", 0..3),
+        )
+            .prop_map(|(target, actions, resources)| Grant {
+                provider: ProviderKind::Jwt,
+                target: target.to_string(),
+                actions,
+                resources,
+            })
+    }
+
+    /// Every concrete request a grant admits: an action and a resource it names.
+    fn admits(g: &Grant, target: &str, action: &str, resource: &str) -> bool {
+        g.target == target
+            && g.actions.contains(action)
+            && g.resources.iter().any(|p| pattern_covers(p, resource))
+    }
+
     proptest! {
+        #[test]
+        fn a_delegated_scope_is_never_wider_than_its_parent(
+            parent in proptest::collection::vec(arb_grant(), 1..3),
+            child in proptest::collection::vec(arb_grant(), 1..3),
+            probe in ("https://[ab]", "[rwx]", "[ab/]{0,4}"),
+        ) {
+            let dedup = |gs: Vec<Grant>| {
+                let mut seen = BTreeSet::new();
+                gs.into_iter().filter(|g| seen.insert(g.target.clone())).collect::<Vec<_>>()
+            };
+            let (parent, child) = (Scope::new(dedup(parent)).expect("scope"), Scope::new(dedup(child)).expect("scope"));
+            if parent.covers(&child) {
+                let (target, action, resource) = probe;
+                let child_admits = child.grants().iter().any(|g| admits(g, &target, &action, &resource));
+                let parent_admits = parent.grants().iter().any(|g| admits(g, &target, &action, &resource));
+                prop_assert!(!child_admits || parent_admits, "child admits {target} {action} {resource}; parent does not");
+            }
+        }
+
         #[test]
         fn pattern_cover_is_sound(outer in "[ab/]{0,4}\\*?", inner in "[ab/]{0,5}\\*?", probe in "[ab/]{0,6}") {
             // If outer covers inner, any concrete name matched by inner is matched by outer.

@@ -80,6 +80,7 @@ fn scope_code(e: &ScopeError) -> &'static str {
         ScopeError::Duration(_) => "invalid_duration",
         ScopeError::UnknownProvider(_) => "unknown_provider",
         ScopeError::Purpose => "invalid_purpose",
+        ScopeError::Delegatee(_) => "invalid_principal",
         _ => "invalid_scope",
     }
 }
@@ -120,6 +121,8 @@ impl ApiError {
                 BrokerError::RevokedDuringMint(_) => (S::CONFLICT, "lease_revoked"),
                 BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
                 BrokerError::Selector => (S::BAD_REQUEST, "invalid_selector"),
+                BrokerError::DelegationWider(_) => (S::FORBIDDEN, "delegation_wider"),
+                BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
                 BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
                 BrokerError::Provider(ProviderError::NotConfigured(_)) => {
                     (S::BAD_REQUEST, "provider_not_configured")

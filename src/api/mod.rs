@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/credentials", post(request_credential))
         .route("/v1/tasks/{id}/complete", post(complete_task))
+        .route("/v1/tasks/{id}/delegate", post(delegate_task))
         .route("/v1/tasks/{id}/revoke", post(revoke_task))
         .route("/v1/leases", get(list_leases))
         .route("/v1/leases/{id}", get(get_lease))
@@ -310,6 +311,23 @@ async fn request_credential(
         "credential": issued.credential.expose(),
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn delegate_task(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(raw): JsonBody<crate::task::RawDelegateRequest>,
+) -> ApiResult {
+    let id: TaskId = parse_id(&id, "task")?;
+    let req =
+        crate::task::DelegateRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
+    let child = st
+        .broker
+        .delegate_task(&caller, &id, req, &audit_scope(&ev))
+        .await?;
+    Ok((StatusCode::CREATED, Json(task_json(&child, None))).into_response())
 }
 
 async fn complete_task(

@@ -42,6 +42,21 @@ pub struct AccessClaims {
     pub purpose: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<String>,
+    /// RFC 8693 §4.1 actor chain for delegated tasks: the delegator as `act.sub`, the
+    /// one who delegated to it nested inside, and so on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Value>,
+}
+
+/// `{"sub": d1, "act": {"sub": d2, …}}` for delegators nearest first.
+pub fn act_chain(delegators: &[crate::identity::Principal]) -> Option<Value> {
+    delegators.iter().rev().fold(None, |inner, p| {
+        let mut v = json!({"sub": p.as_str()});
+        if let Some(i) = inner {
+            v["act"] = i;
+        }
+        Some(v)
+    })
 }
 
 /// One signing key with its public JWK.
@@ -281,6 +296,7 @@ impl CredentialProvider for JwtProvider {
             task_id: req.task.id.to_string(),
             purpose: req.task.purpose.clone(),
             resources: lease.resources.iter().cloned().collect(),
+            act: act_chain(req.delegation),
         };
         let token = self.issuer.sign(&claims)?;
         Ok(Minted {
@@ -317,6 +333,7 @@ mod tests {
             task_id: "tsk_x".into(),
             purpose: "p".into(),
             resources: vec![],
+            act: None,
         }
     }
 
@@ -361,6 +378,17 @@ mod tests {
             Err(TokenError::Invalid(_))
         ));
         assert_eq!(issuer.verify("not-a-jwt"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn the_act_chain_nests_delegators_nearest_first() {
+        let a = crate::identity::Principal::parse("spiffe://t/a").expect("id");
+        let b = crate::identity::Principal::parse("spiffe://t/b").expect("id");
+        assert_eq!(act_chain(&[]), None);
+        assert_eq!(
+            act_chain(&[b.clone(), a.clone()]),
+            Some(json!({"sub": "spiffe://t/b", "act": {"sub": "spiffe://t/a"}}))
+        );
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct MintRequest<'a> {
     pub lease: &'a Lease,
     pub task: &'a Task,
     pub caller: &'a VerifiedCaller,
+    /// Who delegated this task, nearest first (empty for a task declared by its owner).
+    pub delegation: &'a [crate::identity::Principal],
 }
 
 /// A freshly minted credential. `credential` goes to the caller only; the audit trail and

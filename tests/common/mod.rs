@@ -33,6 +33,10 @@ when {
 @id("agents-mint")
 permit (principal, action == Mayfly::Action::"MintCredential", resource)
 when { principal.path like "/agent/*" && resource.provider == "jwt" };
+
+@id("agents-delegate-to-agents")
+permit (principal, action == Mayfly::Action::"DelegateTask", resource)
+when { principal.path like "/agent/*" && resource.path like "/agent/*" };
 "#;
 
 /// A cert/key pair on disk.
