@@ -86,6 +86,11 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
+    /// Anomaly rule that fired (`anomaly.triggered`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }

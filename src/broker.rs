@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-use crate::audit::{AuditLog, AuditScope};
+use crate::anomaly::{Action, AnomalyEngine, Mode, Severity, Signal, Verdict};
+use crate::audit::{AuditEvent, AuditLog, AuditScope};
 use crate::identity::{Principal, VerifiedCaller};
 use crate::lease::{
     Lease, LeaseQuery, LeaseState, LeaseStore, Page, StoreError, TaskQuery, Transition,
@@ -60,6 +61,10 @@ pub enum BrokerError {
     Reason,
     #[error("give exactly one of principal, provider, target_prefix")]
     Selector,
+    #[error("requests under task {0} are blocked by anomaly detection")]
+    AnomalyDenied(TaskId),
+    #[error("a signal needs exactly one of task_id, principal, and a kind")]
+    SignalTarget,
     #[error("delegated scope is wider than the task holds: {0}")]
     DelegationWider(String),
     #[error("delegation chain would be {depth} deep; the limit is {max}")]
@@ -99,6 +104,16 @@ pub struct Limits {
     pub max_delegation_depth: usize,
 }
 
+/// `POST /v1/signals` body, validated.
+#[derive(Debug, Clone)]
+pub struct ExternalSignal {
+    pub task: Option<TaskId>,
+    pub principal: Option<Principal>,
+    pub kind: String,
+    pub severity: Severity,
+    pub detail: String,
+}
+
 /// What `POST /v1/revoke` selects: exactly one criterion.
 #[derive(Debug, Clone)]
 pub enum BulkSelector {
@@ -133,6 +148,7 @@ pub struct Broker {
     operators: HashSet<String>,
     limits: Limits,
     faults: Option<FaultHook>,
+    anomaly: Arc<AnomalyEngine>,
 }
 
 pub struct BrokerParts {
@@ -145,6 +161,7 @@ pub struct BrokerParts {
     pub operators: HashSet<String>,
     pub limits: Limits,
     pub faults: Option<FaultHook>,
+    pub anomaly: Arc<AnomalyEngine>,
 }
 
 fn secs(d: Duration) -> u64 {
@@ -194,6 +211,7 @@ impl Broker {
             operators: p.operators,
             limits: p.limits,
             faults: p.faults,
+            anomaly: p.anomaly,
         }
     }
 
@@ -304,6 +322,10 @@ impl Broker {
             state: TaskState::Active,
             ended_at: None,
             end_reason: None,
+            origin: Some(crate::task::Origin {
+                source: caller.posture().source,
+                credential_fingerprint: caller.posture().credential_fingerprint.clone(),
+            }),
         };
         self.store.create_task(&task).await?;
         ev.set(|e| {
@@ -332,8 +354,164 @@ impl Broker {
         Ok((task, leases))
     }
 
-    /// `POST /v1/tasks/{id}/credentials`: the heart of Mayfly.
+    /// `POST /v1/tasks/{id}/credentials`: the heart of Mayfly. Every outcome is also an
+    /// observation for anomaly detection, whose verdicts are applied before returning.
     pub async fn request_credential(
+        &self,
+        caller: &VerifiedCaller,
+        task_id: &TaskId,
+        req: CredentialRequest,
+        ev: &AuditScope,
+    ) -> Result<Issued, BrokerError> {
+        let result = self
+            .request_credential_inner(caller, task_id, req, ev)
+            .await;
+        let signal = match &result {
+            Ok(_) => Some(Signal::Request),
+            Err(BrokerError::OutOfScope(_)) => Some(Signal::OutOfScope),
+            Err(BrokerError::PolicyDenied { .. }) => Some(Signal::PolicyDenied),
+            Err(BrokerError::TaskNotActive { .. } | BrokerError::TaskExpired(_)) => {
+                Some(Signal::EndedTaskUse)
+            }
+            _ => None,
+        };
+        if let Some(signal) = signal {
+            let verdicts = self
+                .anomaly
+                .observe(caller.principal(), Some(task_id), signal);
+            self.apply_verdicts(caller.principal(), Some(task_id), verdicts)
+                .await;
+        }
+        result
+    }
+
+    /// Records each fired rule and, in enforce mode, carries out its action. A revocation
+    /// happens here, inside the request that tripped the rule.
+    async fn apply_verdicts(
+        &self,
+        principal: &Principal,
+        task: Option<&TaskId>,
+        verdicts: Vec<Verdict>,
+    ) {
+        for v in verdicts {
+            let mut e = AuditEvent::new("anomaly.triggered");
+            e.rule = Some(v.rule.clone());
+            e.principal = Some(principal.to_string());
+            e.task_id = task.map(ToString::to_string);
+            e.outcome = Some(format!(
+                "{} ({})",
+                v.action.as_str(),
+                if v.mode == Mode::Enforce {
+                    "enforced"
+                } else {
+                    "audit only"
+                }
+            ));
+            e.detail = Some(format!("{} x{}", v.signal, v.count));
+            metrics::counter!("mayfly_anomaly_triggers_total", "rule" => v.rule.clone(), "mode" => if v.mode == Mode::Enforce { "enforce" } else { "audit" }).increment(1);
+            tracing::warn!(rule = %v.rule, action = v.action.as_str(), principal = %principal, "anomaly rule fired");
+            if let Err(err) = self.audit.write(e).await {
+                tracing::error!(error = %err, "cannot audit an anomaly verdict");
+            }
+            if v.mode == Mode::Audit {
+                continue;
+            }
+            let reason = format!("anomaly: rule {}", v.rule);
+            let outcome = match (v.action, task) {
+                (Action::Audit, _) => Ok(()),
+                (Action::Deny, Some(t)) => {
+                    self.anomaly.deny(t);
+                    Ok(())
+                }
+                (Action::RevokeTask, Some(t)) => self
+                    .revoker
+                    .end_task_tree(t, TaskState::Revoked, &reason)
+                    .await
+                    .map(|_| ()),
+                (Action::RevokePrincipal, _) | (Action::RevokeTask | Action::Deny, None) => self
+                    .revoke_principal(principal.as_str(), &reason)
+                    .await
+                    .map(|_| ()),
+            };
+            if let Err(err) = outcome {
+                tracing::error!(error = %err, rule = %v.rule, "anomaly action failed");
+            }
+        }
+    }
+
+    /// Ends every active task of `principal` (with sub-tasks) and revokes its leases.
+    async fn revoke_principal(
+        &self,
+        principal: &str,
+        reason: &str,
+    ) -> Result<TreeRevocation, StoreError> {
+        let mut out = TreeRevocation::default();
+        let q = TaskQuery {
+            principal: Some(principal.to_string()),
+            state: Some(TaskState::Active),
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        for task in self.store.tasks(&q).await?.items {
+            let t = self
+                .revoker
+                .end_task_tree(&task.id, TaskState::Revoked, reason)
+                .await?;
+            out.tasks.extend(t.tasks);
+            out.leases.extend(t.leases);
+        }
+        let q = LeaseQuery {
+            principal: Some(principal.to_string()),
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        for lease in self.store.leases(&q).await?.items {
+            if !lease.state.is_terminal() {
+                out.leases
+                    .push(self.revoker.revoke_lease(&lease.id, reason).await?.id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /v1/signals` (operators): an external anomaly signal about a task or a
+    /// principal. Returns the rules it made fire (already applied).
+    pub async fn signal(
+        &self,
+        caller: &VerifiedCaller,
+        sig: ExternalSignal,
+        ev: &AuditScope,
+    ) -> Result<Vec<Verdict>, BrokerError> {
+        let ExternalSignal {
+            task,
+            principal,
+            kind,
+            severity,
+            detail,
+        } = sig;
+        ev.set(|e| {
+            e.action = Some("Signal");
+            e.task_id = task.as_ref().map(ToString::to_string);
+            e.detail = Some(format!("{kind} ({severity:?}): {detail}"));
+        });
+        self.require_operator(caller)?;
+        let principal = match (&task, principal) {
+            (Some(t), None) => self.load_task(t).await?.owner,
+            (None, Some(p)) => p,
+            _ => return Err(BrokerError::SignalTarget),
+        };
+        ev.set(|e| e.principal = Some(principal.to_string()));
+        let verdicts = self.anomaly.observe(
+            &principal,
+            task.as_ref(),
+            Signal::External { kind, severity },
+        );
+        self.apply_verdicts(&principal, task.as_ref(), verdicts.clone())
+            .await;
+        Ok(verdicts)
+    }
+
+    async fn request_credential_inner(
         &self,
         caller: &VerifiedCaller,
         task_id: &TaskId,
@@ -355,6 +533,23 @@ impl Broker {
             return Err(BrokerError::NotTaskOwner(task_id.clone()));
         }
         Self::require_active(&task, now)?;
+        if self.anomaly.is_denied(task_id) {
+            return Err(BrokerError::AnomalyDenied(task_id.clone()));
+        }
+        if let Some(origin) = &task.origin {
+            let p = caller.posture();
+            if origin.source != p.source
+                || origin.credential_fingerprint != p.credential_fingerprint
+            {
+                let verdicts =
+                    self.anomaly
+                        .observe(caller.principal(), Some(task_id), Signal::PostureChange);
+                self.apply_verdicts(caller.principal(), Some(task_id), verdicts)
+                    .await;
+                // An enforced rule may just have ended the task.
+                Self::require_active(&self.load_task(task_id).await?, now)?;
+            }
+        }
         let held = task
             .scope
             .grant_for(req.provider, &req.target)
@@ -388,7 +583,19 @@ impl Broker {
                 remaining: secs(remaining),
             });
         }
-        let d = self.policy.mint(caller, &task, &wanted, ttl, 0, now)?;
+        let (risk, signals) = self.anomaly.risk(caller.principal(), task_id);
+        ev.set(|e| e.risk = Some(risk));
+        let d = self.policy.mint(
+            caller,
+            &crate::policy::MintContext {
+                task: &task,
+                request: &wanted,
+                ttl,
+                risk,
+                signals: &signals,
+            },
+            now,
+        )?;
         note_decision(ev, "MintCredential", &d);
         if !d.allowed {
             return Err(BrokerError::PolicyDenied {
@@ -526,6 +733,11 @@ impl Broker {
         }
         Self::require_active(&parent, now)?;
         if !parent.scope.covers(&req.task.scope) {
+            let verdicts =
+                self.anomaly
+                    .observe(caller.principal(), Some(parent_id), Signal::DelegationWider);
+            self.apply_verdicts(caller.principal(), Some(parent_id), verdicts)
+                .await;
             return Err(BrokerError::DelegationWider(format!(
                 "task {parent_id} does not hold every grant requested"
             )));
@@ -566,6 +778,7 @@ impl Broker {
             state: TaskState::Active,
             ended_at: None,
             end_reason: None,
+            origin: None,
         };
         self.store.create_task(&child).await?;
         // The parent may have ended while the child was being written: end the child too.

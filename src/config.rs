@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::anomaly::AnomalyConfig;
 use crate::audit::AuditLog;
 use crate::broker::{Broker, BrokerParts, Limits};
 use crate::identity::{Principal, TrustBundles, TrustDomain};
@@ -68,9 +69,117 @@ pub struct RawConfig {
     #[serde(default)]
     pub reaper: RawReaper,
     pub providers: RawProviders,
+    #[serde(default)]
+    pub anomaly: RawAnomaly,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnomaly {
+    /// How long a signal raises the risk score (default "10m").
+    pub risk_window: Option<String>,
+    /// How long a `deny` verdict blocks the task (default "60s").
+    pub deny_for: Option<String>,
+    /// When present, replaces the default rules entirely.
+    pub rules: Option<Vec<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: String,
+    pub signal: String,
+    pub threshold: u32,
+    pub window: String,
+    pub action: String,
+    #[serde(default = "defaults::rule_mode")]
+    pub mode: String,
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub min_severity: Option<String>,
+}
+
+fn anomaly_config(raw: RawAnomaly) -> Result<AnomalyConfig, ConfigError> {
+    use crate::anomaly::{Action, Mode, Rule};
+    let mut cfg = AnomalyConfig::default();
+    if let Some(w) = raw.risk_window {
+        cfg.risk_window = dur("anomaly.risk_window", &w)?;
+    }
+    if let Some(d) = raw.deny_for {
+        cfg.deny_for = dur("anomaly.deny_for", &d)?;
+    }
+    if let Some(rules) = raw.rules {
+        const SIGNALS: [&str; 7] = [
+            "request",
+            "out_of_scope",
+            "policy_denied",
+            "posture_change",
+            "ended_task_use",
+            "delegation_wider",
+            "external",
+        ];
+        cfg.rules = rules
+            .into_iter()
+            .map(|r| {
+                if !SIGNALS.contains(&r.signal.as_str()) {
+                    return Err(invalid(
+                        "anomaly.rules.signal",
+                        format!("{:?}: expected one of {SIGNALS:?}", r.signal),
+                    ));
+                }
+                if r.threshold == 0 {
+                    return Err(invalid("anomaly.rules.threshold", "must be at least 1"));
+                }
+                let action = match r.action.as_str() {
+                    "audit" => Action::Audit,
+                    "deny" => Action::Deny,
+                    "revoke_task" => Action::RevokeTask,
+                    "revoke_principal" => Action::RevokePrincipal,
+                    o => {
+                        return Err(invalid(
+                            "anomaly.rules.action",
+                            format!("{o:?}: audit, deny, revoke_task or revoke_principal"),
+                        ));
+                    }
+                };
+                let mode = match r.mode.as_str() {
+                    "audit" => Mode::Audit,
+                    "enforce" => Mode::Enforce,
+                    o => {
+                        return Err(invalid(
+                            "anomaly.rules.mode",
+                            format!("{o:?}: audit or enforce"),
+                        ));
+                    }
+                };
+                let min_severity = r
+                    .min_severity
+                    .map(|s| {
+                        s.parse()
+                            .map_err(|e: String| invalid("anomaly.rules.min_severity", e))
+                    })
+                    .transpose()?;
+                Ok(Rule {
+                    window: dur("anomaly.rules.window", &r.window)?,
+                    name: r.name,
+                    signal: r.signal,
+                    min_severity,
+                    threshold: r.threshold,
+                    action,
+                    mode,
+                    class: r.class,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(cfg)
 }
 
 mod defaults {
+    pub fn rule_mode() -> String {
+        "enforce".into()
+    }
     pub fn key_prefix() -> String {
         "mayfly".into()
     }
@@ -348,6 +457,7 @@ pub struct Config {
     pub jwt_issuer: String,
     pub jwt_key: PathBuf,
     pub jwt_generate: Option<SigningAlg>,
+    pub anomaly: AnomalyConfig,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -436,6 +546,7 @@ impl TryFrom<RawConfig> for Config {
             jwt_issuer: issuer.trim_end_matches('/').to_string(),
             jwt_key: raw.providers.jwt.signing_key_file,
             jwt_generate: raw.providers.jwt.generate_key,
+            anomaly: anomaly_config(raw.anomaly)?,
         })
     }
 }
@@ -494,6 +605,7 @@ impl Config {
             operators: self.operators.clone(),
             limits: self.limits.clone(),
             faults,
+            anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(self.anomaly.clone())),
         }));
         let tls = crate::api::tls::server_config(&self.tls_cert, &self.tls_key)?;
         Ok(App {

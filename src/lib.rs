@@ -20,6 +20,7 @@
 //!
 //! Domain modules never import `api` or `cli`.
 
+pub mod anomaly;
 pub mod api;
 pub mod audit;
 pub mod broker;

@@ -58,6 +58,16 @@ pub struct PolicyDecision {
     pub errors: Vec<String>,
 }
 
+/// What `MintCredential` is asked about, beside the caller.
+#[derive(Clone, Copy)]
+pub struct MintContext<'a> {
+    pub task: &'a Task,
+    pub request: &'a Grant,
+    pub ttl: Duration,
+    pub risk: u8,
+    pub signals: &'a std::collections::BTreeSet<String>,
+}
+
 struct Loaded {
     set: PolicySet,
     stamp: Vec<(PathBuf, SystemTime, u64)>,
@@ -374,12 +384,16 @@ impl PolicyEngine {
     pub fn mint(
         &self,
         caller: &VerifiedCaller,
-        task: &Task,
-        request: &Grant,
-        ttl: Duration,
-        risk: u8,
+        m: &MintContext<'_>,
         now: OffsetDateTime,
     ) -> Result<PolicyDecision, PolicyError> {
+        let MintContext {
+            task,
+            request,
+            ttl,
+            risk,
+            signals,
+        } = *m;
         let context = json!({
             "purpose": task.purpose,
             "task_id": task.id.as_str(),
@@ -389,6 +403,7 @@ impl PolicyEngine {
             "labels": labels_json(&task.labels),
             "posture": Self::posture_json(caller, now),
             "risk": risk,
+            "signals": signals,
         });
         self.decide(
             "MintCredential",

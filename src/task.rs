@@ -510,6 +510,17 @@ pub struct Task {
     #[serde(with = "time::serde::rfc3339::option")]
     pub ended_at: Option<OffsetDateTime>,
     pub end_reason: Option<String>,
+    /// Where the task was declared from: a credential request from elsewhere is a
+    /// posture change (anomaly signal). `None` for delegated tasks.
+    #[serde(default)]
+    pub origin: Option<Origin>,
+}
+
+/// The declaring caller's posture, as far as anomaly detection compares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub source: Option<std::net::IpAddr>,
+    pub credential_fingerprint: String,
 }
 
 impl Task {

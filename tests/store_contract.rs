@@ -34,6 +34,7 @@ pub fn task(owner: &str, parent: Option<TaskId>, now: OffsetDateTime) -> Task {
         state: TaskState::Active,
         ended_at: None,
         end_reason: None,
+        origin: None,
     }
 }
 

@@ -122,6 +122,8 @@ impl ApiError {
                 BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
                 BrokerError::Selector => (S::BAD_REQUEST, "invalid_selector"),
                 BrokerError::DelegationWider(_) => (S::FORBIDDEN, "delegation_wider"),
+                BrokerError::AnomalyDenied(_) => (S::FORBIDDEN, "anomaly_denied"),
+                BrokerError::SignalTarget => (S::BAD_REQUEST, "invalid_signal"),
                 BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
                 BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
                 BrokerError::Provider(ProviderError::NotConfigured(_)) => {

@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/leases/{id}", get(get_lease))
         .route("/v1/leases/{id}/revoke", post(revoke_lease))
         .route("/v1/revoke", post(bulk_revoke))
+        .route("/v1/signals", post(signal))
         .route("/v1/introspect", post(introspect))
         .route_layer(middleware::from_fn_with_state(state.clone(), audit_request));
     Router::new()
@@ -428,6 +429,67 @@ async fn bulk_revoke(
         "tasks": out.tasks,
     }))
     .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    task_id: Option<String>,
+    principal: Option<String>,
+    kind: String,
+    severity: String,
+    #[serde(default)]
+    detail: String,
+}
+
+async fn signal(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    JsonBody(body): JsonBody<SignalBody>,
+) -> ApiResult {
+    use crate::broker::BrokerError;
+    let task = body
+        .task_id
+        .as_deref()
+        .map(|t| parse_id(t, "task"))
+        .transpose()?;
+    let principal = body
+        .principal
+        .as_deref()
+        .map(crate::identity::Principal::parse)
+        .transpose()
+        .map_err(|_| BrokerError::SignalTarget)?;
+    let bad_kind = body.kind.is_empty()
+        || body.kind.len() > 64
+        || !body.kind.bytes().all(|b| b.is_ascii_graphic());
+    if bad_kind || body.detail.len() > 1024 {
+        return Err(BrokerError::SignalTarget.into());
+    }
+    let severity = body
+        .severity
+        .parse()
+        .map_err(|e: String| ApiError::Query(e))?;
+    let sig = crate::broker::ExternalSignal {
+        task,
+        principal,
+        kind: body.kind,
+        severity,
+        detail: body.detail,
+    };
+    let fired = st.broker.signal(&caller, sig, &audit_scope(&ev)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "accepted": true,
+            "fired": fired.iter().map(|v| json!({
+                "rule": v.rule,
+                "action": v.action.as_str(),
+                "enforced": v.mode == crate::anomaly::Mode::Enforce,
+            })).collect::<Vec<_>>(),
+        })),
+    )
+        .into_response())
 }
 
 async fn get_lease(
