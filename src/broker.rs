@@ -61,6 +61,14 @@ pub enum BrokerError {
     Reason,
     #[error("give exactly one of principal, provider, target_prefix")]
     Selector,
+    #[error("approval {0} does not exist")]
+    ApprovalNotFound(String),
+    #[error("approval {0} was rejected")]
+    ApprovalRejected(String),
+    #[error("approval {0} has expired")]
+    ApprovalExpired(String),
+    #[error("approval {0} was already used or decided")]
+    ApprovalClosed(String),
     #[error("requests under task {0} are blocked by anomaly detection")]
     AnomalyDenied(TaskId),
     #[error("a signal needs exactly one of task_id, principal, and a kind")]
@@ -102,6 +110,34 @@ pub struct Limits {
     pub max_page: usize,
     /// Longest delegation chain: a task declared directly has depth 0.
     pub max_delegation_depth: usize,
+}
+
+/// A credential request held for an operator's approval (step-up).
+#[derive(Debug, Clone)]
+pub struct Approval {
+    pub id: String,
+    pub task_id: TaskId,
+    pub requester: Principal,
+    pub request: CredentialRequest,
+    pub expires_at: OffsetDateTime,
+    pub state: ApprovalState,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Rejected,
+    /// The approved credential was collected.
+    Used,
+}
+
+/// What a credential request produced: a credential, or a request awaiting approval.
+#[derive(Debug)]
+pub enum Outcome {
+    Issued(Issued),
+    Pending(Approval),
 }
 
 /// `POST /v1/signals` body, validated.
@@ -149,7 +185,14 @@ pub struct Broker {
     limits: Limits,
     faults: Option<FaultHook>,
     anomaly: Arc<AnomalyEngine>,
+    /// Held requests, in memory on this replica (see docs/operations.md).
+    approvals: std::sync::Mutex<std::collections::HashMap<String, Approval>>,
 }
+
+/// How long a held request waits for an operator.
+const APPROVAL_TTL: time::Duration = time::Duration::minutes(15);
+/// Bound on held requests per replica.
+const MAX_APPROVALS: usize = 10_000;
 
 pub struct BrokerParts {
     pub store: Arc<dyn LeaseStore>,
@@ -212,6 +255,7 @@ impl Broker {
             limits: p.limits,
             faults: p.faults,
             anomaly: p.anomaly,
+            approvals: std::sync::Mutex::default(),
         }
     }
 
@@ -362,9 +406,9 @@ impl Broker {
         task_id: &TaskId,
         req: CredentialRequest,
         ev: &AuditScope,
-    ) -> Result<Issued, BrokerError> {
+    ) -> Result<Outcome, BrokerError> {
         let result = self
-            .request_credential_inner(caller, task_id, req, ev)
+            .request_credential_inner(caller, task_id, req, ev, false)
             .await;
         let signal = match &result {
             Ok(_) => Some(Signal::Request),
@@ -383,6 +427,121 @@ impl Broker {
                 .await;
         }
         result
+    }
+
+    fn approvals(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Approval>> {
+        self.approvals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hold_for_approval(
+        &self,
+        caller: &VerifiedCaller,
+        task_id: &TaskId,
+        request: CredentialRequest,
+        now: OffsetDateTime,
+        ev: &AuditScope,
+    ) -> Result<Approval, BrokerError> {
+        let mut all = self.approvals();
+        all.retain(|_, a| a.expires_at > now || a.state == ApprovalState::Approved);
+        if all.len() >= MAX_APPROVALS {
+            return Err(BrokerError::Store(StoreError::Unavailable(
+                "too many pending approvals".into(),
+            )));
+        }
+        let approval = Approval {
+            id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
+            task_id: task_id.clone(),
+            requester: caller.principal().clone(),
+            request,
+            expires_at: now + APPROVAL_TTL,
+            state: ApprovalState::Pending,
+            reason: None,
+        };
+        all.insert(approval.id.clone(), approval.clone());
+        ev.set(|e| {
+            e.decision = Some("pending_approval");
+            e.outcome = Some(format!("held as {}", approval.id));
+        });
+        Ok(approval)
+    }
+
+    /// `POST /v1/approvals/{id}` (operators): approve or reject a held request.
+    pub fn decide_approval(
+        &self,
+        caller: &VerifiedCaller,
+        id: &str,
+        approve: bool,
+        reason: &str,
+        ev: &AuditScope,
+    ) -> Result<Approval, BrokerError> {
+        ev.set(|e| {
+            e.action = Some("DecideApproval");
+            e.outcome = Some(format!(
+                "{id}: {}",
+                if approve { "approve" } else { "reject" }
+            ));
+            e.reason = Some(reason.to_string());
+        });
+        self.require_operator(caller)?;
+        check_reason(reason)?;
+        let mut all = self.approvals();
+        let a = all
+            .get_mut(id)
+            .ok_or_else(|| BrokerError::ApprovalNotFound(id.to_string()))?;
+        ev.set(|e| {
+            e.task_id = Some(a.task_id.to_string());
+            e.principal = Some(caller.principal().to_string());
+        });
+        if a.expires_at <= OffsetDateTime::now_utc() {
+            return Err(BrokerError::ApprovalExpired(id.to_string()));
+        }
+        if a.state != ApprovalState::Pending {
+            return Err(BrokerError::ApprovalClosed(id.to_string()));
+        }
+        a.state = if approve {
+            ApprovalState::Approved
+        } else {
+            ApprovalState::Rejected
+        };
+        a.reason = Some(reason.to_string());
+        Ok(a.clone())
+    }
+
+    /// `GET /v1/approvals/{id}` (the requester): still pending, refused, or — once
+    /// approved — the credential, minted now through the whole flow (the task must still
+    /// be active and the request still inside its scope and policy). Collectable once.
+    pub async fn collect_approval(
+        &self,
+        caller: &VerifiedCaller,
+        id: &str,
+        ev: &AuditScope,
+    ) -> Result<Outcome, BrokerError> {
+        let approval = {
+            let mut all = self.approvals();
+            let a = all
+                .get_mut(id)
+                .ok_or_else(|| BrokerError::ApprovalNotFound(id.to_string()))?;
+            if &a.requester != caller.principal() {
+                return Err(BrokerError::ApprovalNotFound(id.to_string()));
+            }
+            match a.state {
+                ApprovalState::Rejected => {
+                    return Err(BrokerError::ApprovalRejected(id.to_string()));
+                }
+                ApprovalState::Used => return Err(BrokerError::ApprovalClosed(id.to_string())),
+                ApprovalState::Pending if a.expires_at <= OffsetDateTime::now_utc() => {
+                    return Err(BrokerError::ApprovalExpired(id.to_string()));
+                }
+                ApprovalState::Pending => return Ok(Outcome::Pending(a.clone())),
+                ApprovalState::Approved => {
+                    a.state = ApprovalState::Used;
+                    a.clone()
+                }
+            }
+        };
+        ev.set(|e| e.outcome = Some(format!("collecting {id}")));
+        self.request_credential_inner(caller, &approval.task_id, approval.request, ev, true)
+            .await
     }
 
     /// Records each fired rule and, in enforce mode, carries out its action. A revocation
@@ -517,7 +676,8 @@ impl Broker {
         task_id: &TaskId,
         req: CredentialRequest,
         ev: &AuditScope,
-    ) -> Result<Issued, BrokerError> {
+        approved: bool,
+    ) -> Result<Outcome, BrokerError> {
         let now = OffsetDateTime::now_utc();
         ev.set(|e| {
             e.action = Some("MintCredential");
@@ -604,6 +764,11 @@ impl Broker {
             });
         }
         let provider = self.providers.get(req.provider)?.clone();
+        if d.needs_approval && !approved {
+            return self
+                .hold_for_approval(caller, task_id, req, now, ev)
+                .map(Outcome::Pending);
+        }
 
         // Record: the lease exists, durably, before the credential does.
         let lease = Lease {
@@ -688,10 +853,10 @@ impl Broker {
         metrics::counter!("mayfly_leases_issued_total", "provider" => active.provider.as_str())
             .increment(1);
         self.crash_at(FaultPoint::AfterActivate, &active.id)?;
-        Ok(Issued {
+        Ok(Outcome::Issued(Issued {
             lease: active,
             credential: minted.credential,
-        })
+        }))
     }
 
     /// Owners of the tasks above `task`, nearest first.

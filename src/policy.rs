@@ -56,6 +56,9 @@ pub struct PolicyDecision {
     pub policies: Vec<String>,
     /// Policies skipped because evaluating them failed (the answer then leans to deny).
     pub errors: Vec<String>,
+    /// An allowing policy carries `@approval("required")`: an operator must approve
+    /// before the credential is minted (step-up).
+    pub needs_approval: bool,
 }
 
 /// What `MintCredential` is asked about, beside the caller.
@@ -325,10 +328,20 @@ impl PolicyEngine {
             .authorizer
             .is_authorized(&request, &current.set, &entities);
         let diag = response.diagnostics();
+        let allowed = response.decision() == Decision::Allow;
+        let needs_approval = allowed
+            && diag.reason().any(|id| {
+                current
+                    .set
+                    .policy(id)
+                    .and_then(|p| p.annotation("approval"))
+                    .is_some_and(|a| a == "required")
+            });
         Ok(PolicyDecision {
-            allowed: response.decision() == Decision::Allow,
+            allowed,
             policies: diag.reason().map(ToString::to_string).collect(),
             errors: diag.errors().map(ToString::to_string).collect(),
+            needs_approval,
         })
     }
 

@@ -47,6 +47,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/leases/{id}/revoke", post(revoke_lease))
         .route("/v1/revoke", post(bulk_revoke))
         .route("/v1/signals", post(signal))
+        .route(
+            "/v1/approvals/{id}",
+            post(decide_approval).get(collect_approval),
+        )
         .route("/v1/introspect", post(introspect))
         .route_layer(middleware::from_fn_with_state(state.clone(), audit_request));
     Router::new()
@@ -298,20 +302,88 @@ async fn request_credential(
 ) -> ApiResult {
     let id: TaskId = parse_id(&id, "task")?;
     let req = CredentialRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
-    let issued = st
+    let outcome = st
         .broker
         .request_credential(&caller, &id, req, &audit_scope(&ev))
         .await?;
-    let l = &issued.lease;
-    let body = json!({
-        "lease_id": l.id,
-        "task_id": l.task_id,
-        "provider": l.provider,
-        "target": l.target,
-        "expires_at": crate::api_time(l.expires_at),
-        "credential": issued.credential.expose(),
-    });
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok(outcome_response(outcome))
+}
+
+fn outcome_response(outcome: crate::broker::Outcome) -> Response {
+    match outcome {
+        crate::broker::Outcome::Issued(issued) => {
+            let l = &issued.lease;
+            let body = json!({
+                "lease_id": l.id,
+                "task_id": l.task_id,
+                "provider": l.provider,
+                "target": l.target,
+                "expires_at": crate::api_time(l.expires_at),
+                "credential": issued.credential.expose(),
+            });
+            (StatusCode::CREATED, Json(body)).into_response()
+        }
+        crate::broker::Outcome::Pending(a) => (
+            StatusCode::ACCEPTED,
+            [(
+                axum::http::header::LOCATION,
+                format!("/v1/approvals/{}", a.id),
+            )],
+            Json(approval_json(&a)),
+        )
+            .into_response(),
+    }
+}
+
+fn approval_json(a: &crate::broker::Approval) -> Value {
+    json!({
+        "approval_id": a.id,
+        "status": format!("{:?}", a.state).to_lowercase(),
+        "task_id": a.task_id,
+        "requester": a.requester,
+        "provider": a.request.provider,
+        "target": a.request.target,
+        "expires_at": crate::api_time(a.expires_at),
+        "reason": a.reason,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalBody {
+    decision: String,
+    reason: String,
+}
+
+async fn decide_approval(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ApprovalBody>,
+) -> ApiResult {
+    let approve = match body.decision.as_str() {
+        "approve" => true,
+        "reject" => false,
+        _ => return Err(crate::broker::BrokerError::Reason.into()),
+    };
+    let a = st
+        .broker
+        .decide_approval(&caller, &id, approve, &body.reason, &audit_scope(&ev))?;
+    Ok(Json(approval_json(&a)).into_response())
+}
+
+async fn collect_approval(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let outcome = st
+        .broker
+        .collect_approval(&caller, &id, &audit_scope(&ev))
+        .await?;
+    Ok(outcome_response(outcome))
 }
 
 async fn delegate_task(
