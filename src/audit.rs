@@ -152,6 +152,15 @@ struct Head {
 impl AuditLog {
     /// Opens (or creates) the log at `path`, continuing its chain, and starts the writer.
     pub fn open(path: &Path, node: &str) -> Result<Self, AuditError> {
+        Self::open_with_tap(path, node, None)
+    }
+
+    /// `open`, forwarding each durable record of the kinds the webhook wants to it.
+    pub fn open_with_tap(
+        path: &Path,
+        node: &str,
+        tap: Option<crate::webhook::Webhook>,
+    ) -> Result<Self, AuditError> {
         let open_err = |reason: String| AuditError::Open {
             path: path.to_path_buf(),
             reason,
@@ -170,7 +179,7 @@ impl AuditLog {
         let node = node.to_string();
         std::thread::Builder::new()
             .name("mayfly-audit".into())
-            .spawn(move || writer(file, head, node, rx))
+            .spawn(move || writer(file, head, node, rx, tap))
             .map_err(|e| open_err(e.to_string()))?;
         Ok(Self {
             tx,
@@ -265,7 +274,13 @@ fn render(event: &AuditEvent, head: &mut Head, node: &str) -> Result<Vec<u8>, St
     Ok(line)
 }
 
-fn writer(mut file: File, mut head: Head, node: String, mut rx: mpsc::Receiver<Job>) {
+fn writer(
+    mut file: File,
+    mut head: Head,
+    node: String,
+    mut rx: mpsc::Receiver<Job>,
+    tap: Option<crate::webhook::Webhook>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -279,10 +294,14 @@ fn writer(mut file: File, mut head: Head, node: String, mut rx: mpsc::Receiver<J
             hash: head.hash.clone(),
         };
         let mut buf = Vec::with_capacity(batch.len() * 512);
+        let mut lines = Vec::with_capacity(batch.len());
         let mut render_err = None;
         for job in &batch {
             match render(&job.event, &mut next, &node) {
-                Ok(line) => buf.extend_from_slice(&line),
+                Ok(line) => {
+                    lines.push((job.event.kind, buf.len(), buf.len() + line.len() - 1));
+                    buf.extend_from_slice(&line);
+                }
                 Err(e) => {
                     render_err = Some(e);
                     break;
@@ -299,7 +318,17 @@ fn writer(mut file: File, mut head: Head, node: String, mut rx: mpsc::Receiver<J
         };
         metrics::histogram!("mayfly_audit_batch_records").record(batch.len() as f64);
         match &result {
-            Ok(()) => head = next,
+            Ok(()) => {
+                head = next;
+                // Only durable records leave the process.
+                if let Some(tap) = &tap {
+                    for (kind, start, end) in &lines {
+                        if let Ok(line) = std::str::from_utf8(&buf[*start..*end]) {
+                            tap.offer(kind, line);
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 metrics::counter!("mayfly_audit_write_failures_total").increment(1);
                 tracing::error!(error = %e, records = batch.len(), "audit write failed; requests fail closed");

@@ -71,6 +71,23 @@ pub struct RawConfig {
     pub providers: RawProviders,
     #[serde(default)]
     pub anomaly: RawAnomaly,
+    #[serde(default)]
+    pub webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    pub secret_file: PathBuf,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "defaults::webhook_timeout")]
+    pub timeout: String,
+    #[serde(default = "defaults::webhook_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "defaults::webhook_events")]
+    pub events: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +194,17 @@ fn anomaly_config(raw: RawAnomaly) -> Result<AnomalyConfig, ConfigError> {
 }
 
 mod defaults {
+    pub fn webhook_timeout() -> String {
+        "5s".into()
+    }
+    pub fn webhook_attempts() -> u32 {
+        5
+    }
+    pub fn webhook_events() -> Vec<String> {
+        ["lease.revoked", "lease.irrevocable", "anomaly.triggered"]
+            .map(String::from)
+            .to_vec()
+    }
     pub fn rule_mode() -> String {
         "enforce".into()
     }
@@ -458,6 +486,7 @@ pub struct Config {
     pub jwt_key: PathBuf,
     pub jwt_generate: Option<SigningAlg>,
     pub anomaly: AnomalyConfig,
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -547,6 +576,22 @@ impl TryFrom<RawConfig> for Config {
             jwt_key: raw.providers.jwt.signing_key_file,
             jwt_generate: raw.providers.jwt.generate_key,
             anomaly: anomaly_config(raw.anomaly)?,
+            webhook: raw
+                .webhook
+                .map(|w| -> Result<_, ConfigError> {
+                    if !w.url.starts_with("https://") {
+                        return Err(invalid("webhook.url", "must be an https:// URL"));
+                    }
+                    Ok(crate::webhook::WebhookConfig {
+                        url: w.url,
+                        secret_file: w.secret_file,
+                        ca_file: w.ca_file,
+                        timeout: dur("webhook.timeout", &w.timeout)?,
+                        max_attempts: w.max_attempts.clamp(1, 20),
+                        events: w.events,
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -584,7 +629,13 @@ impl Config {
             StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
             StoreConfig::Redis(cfg) => Arc::new(RedisStore::connect(cfg).await?),
         };
-        let audit = AuditLog::open(&self.audit_path, &self.node_id)?;
+        let tap = self
+            .webhook
+            .as_ref()
+            .map(crate::webhook::Webhook::start)
+            .transpose()
+            .map_err(|e| invalid("webhook", e))?;
+        let audit = AuditLog::open_with_tap(&self.audit_path, &self.node_id, tap)?;
         let key = SigningKey::load_or_generate(&self.jwt_key, self.jwt_generate)?;
         let jwt = Arc::new(JwtIssuer::new(self.jwt_issuer.clone(), key));
         let mut providers = Providers::default();

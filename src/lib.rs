@@ -37,6 +37,7 @@ pub mod provider;
 pub mod revocation;
 pub mod secret;
 pub mod task;
+pub mod webhook;
 
 pub use error::Error;
 
