@@ -144,7 +144,7 @@ impl fmt::Display for ProviderKind {
 }
 
 /// A grant as sent over the network.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawGrant {
     pub provider: String,
@@ -331,13 +331,14 @@ impl FromStr for TaskState {
 }
 
 /// `POST /v1/tasks` body as sent.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTaskRequest {
     pub purpose: String,
     pub scope: Vec<RawGrant>,
     /// A duration string ("15m") or seconds; validated in `TryFrom` so a bad value
     /// gets its own error code.
+    #[schema(value_type = String, example = "15m")]
     pub ttl: serde_json::Value,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -390,12 +391,14 @@ impl TryFrom<RawTaskRequest> for TaskRequest {
 }
 
 /// `POST /v1/tasks/{id}/delegate` body as sent.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDelegateRequest {
+    /// The delegatee (a SPIFFE ID).
     pub principal: String,
     pub purpose: String,
     pub scope: Vec<RawGrant>,
+    #[schema(value_type = String, example = "10m")]
     pub ttl: serde_json::Value,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -425,7 +428,7 @@ impl TryFrom<RawDelegateRequest> for DelegateRequest {
 
 /// `POST /v1/tasks/{id}/credentials` body as sent. Omitted actions/resources mean
 /// "everything the task's grant for this target holds".
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredentialRequest {
     pub provider: String,
@@ -435,6 +438,7 @@ pub struct RawCredentialRequest {
     #[serde(default)]
     pub resources: Option<Vec<String>>,
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "5m")]
     pub ttl: Option<serde_json::Value>,
 }
 

@@ -22,7 +22,13 @@ struct Env {
 fn start() -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    let config = write_config(dir.path(), &pki, &ConfigOptions::default());
+    // These tests probe scope and input handling on purpose: no anomaly rules here
+    // (tests/anomaly.rs covers them).
+    let opts = ConfigOptions {
+        extra: "[anomaly]\nrules = []".into(),
+        ..Default::default()
+    };
+    let config = write_config(dir.path(), &pki, &opts);
     let server = Server::serve(&config);
     let audit = dir.path().join("audit.jsonl");
     Env {

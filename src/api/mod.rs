@@ -3,7 +3,9 @@
 
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod tls;
+pub mod views;
 
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -58,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/openapi.json", get(|| async { Json(openapi::spec()) }))
         .route("/.well-known/openid-configuration", get(discovery))
         .merge(v1)
         .fallback(|| async { ApiError::NotFound })
@@ -94,7 +97,9 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     req.extensions_mut().insert(scope.clone());
 
     let started = std::time::Instant::now();
-    let mut resp = next.run(req).await;
+    // Every log line of this request carries its id (and the audit record has the same).
+    let span = tracing::info_span!("request", request_id = %request_id, route = %route);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     metrics::histogram!("mayfly_request_duration_seconds", "route" => route.clone())
         .record(started.elapsed().as_secs_f64());
 
@@ -176,45 +181,16 @@ fn parse_id<T: std::str::FromStr>(raw: &str, what: &'static str) -> Result<T, Ap
     raw.parse().map_err(|_| ApiError::BadId(what))
 }
 
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
 fn lease_json(l: &Lease) -> Value {
-    json!({
-        "lease_id": l.id,
-        "task_id": l.task_id,
-        "principal": l.principal,
-        "provider": l.provider,
-        "target": l.target,
-        "actions": l.actions,
-        "resources": l.resources,
-        "state": l.state.as_str(),
-        "issued_at": crate::api_time(l.issued_at),
-        "expires_at": crate::api_time(l.expires_at),
-        "updated_at": crate::api_time(l.updated_at),
-        "reason": l.reason,
-        "dies_at": l.dies_at.map(crate::api_time),
-        "credential_fingerprint": l.fingerprint,
-        "revocation_attempts": l.attempts,
-    })
+    to_json(&views::LeaseView::from(l))
 }
 
 fn task_json(t: &Task, leases: Option<&[Lease]>) -> Value {
-    let now = time::OffsetDateTime::now_utc();
-    let mut v = json!({
-        "task_id": t.id,
-        "owner": t.owner,
-        "purpose": t.purpose,
-        "scope": t.scope,
-        "state": t.state_at(now).as_str(),
-        "created_at": crate::api_time(t.created_at),
-        "expires_at": crate::api_time(t.expires_at),
-        "parent": t.parent,
-        "labels": t.labels,
-        "ended_at": t.ended_at.map(crate::api_time),
-        "end_reason": t.end_reason,
-    });
-    if let Some(ls) = leases {
-        v["leases"] = Value::Array(ls.iter().map(lease_json).collect());
-    }
-    v
+    to_json(&views::TaskView::new(t, leases))
 }
 
 fn page_json<T>(p: &Page<T>, f: impl Fn(&T) -> Value) -> Value {
@@ -336,23 +312,14 @@ fn outcome_response(outcome: crate::broker::Outcome) -> Response {
 }
 
 fn approval_json(a: &crate::broker::Approval) -> Value {
-    json!({
-        "approval_id": a.id,
-        "status": format!("{:?}", a.state).to_lowercase(),
-        "task_id": a.task_id,
-        "requester": a.requester,
-        "provider": a.request.provider,
-        "target": a.request.target,
-        "expires_at": crate::api_time(a.expires_at),
-        "reason": a.reason,
-    })
+    to_json(&views::ApprovalView::from(a))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ApprovalBody {
-    decision: String,
-    reason: String,
+pub(crate) struct ApprovalBody {
+    pub(crate) decision: String,
+    pub(crate) reason: String,
 }
 
 async fn decide_approval(
@@ -424,10 +391,10 @@ async fn complete_task(
     .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RevokeBody {
-    reason: String,
+pub(crate) struct RevokeBody {
+    pub(crate) reason: String,
 }
 
 async fn revoke_task(
@@ -467,13 +434,13 @@ async fn revoke_lease(
     Ok(Json(lease_json(&lease)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BulkBody {
-    principal: Option<String>,
-    provider: Option<String>,
-    target_prefix: Option<String>,
-    reason: String,
+pub(crate) struct BulkBody {
+    pub(crate) principal: Option<String>,
+    pub(crate) provider: Option<String>,
+    pub(crate) target_prefix: Option<String>,
+    pub(crate) reason: String,
 }
 
 async fn bulk_revoke(
@@ -503,15 +470,15 @@ async fn bulk_revoke(
     .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SignalBody {
-    task_id: Option<String>,
-    principal: Option<String>,
-    kind: String,
-    severity: String,
+pub(crate) struct SignalBody {
+    pub(crate) task_id: Option<String>,
+    pub(crate) principal: Option<String>,
+    pub(crate) kind: String,
+    pub(crate) severity: String,
     #[serde(default)]
-    detail: String,
+    pub(crate) detail: String,
 }
 
 async fn signal(
@@ -672,14 +639,14 @@ async fn list_tasks(
     Ok(Json(page_json(&page, |t| task_json(t, None))).into_response())
 }
 
-#[derive(Deserialize)]
-struct IntrospectForm {
-    token: String,
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct IntrospectForm {
+    pub(crate) token: String,
     #[allow(
         dead_code,
         reason = "RFC 7662 allows the hint; Mayfly has one token type"
     )]
-    token_type_hint: Option<String>,
+    pub(crate) token_type_hint: Option<String>,
 }
 
 /// RFC 7662. The caller must hold a valid SVID (resource servers authenticate too).
@@ -691,20 +658,20 @@ async fn introspect(
 ) -> ApiResult {
     let answer = st.broker.introspect(&form.token, &audit_scope(&ev)).await?;
     let body = match answer {
-        Introspection::Inactive => json!({"active": false}),
-        Introspection::Active { claims } => json!({
-            "active": true,
-            "token_type": "Bearer",
-            "scope": claims.scope,
-            "sub": claims.sub,
-            "aud": claims.aud,
-            "iss": claims.iss,
-            "exp": claims.exp,
-            "iat": claims.iat,
-            "nbf": claims.nbf,
-            "jti": claims.jti,
-            "task_id": claims.task_id,
-        }),
+        Introspection::Inactive => views::IntrospectionView::default(),
+        Introspection::Active { claims } => views::IntrospectionView {
+            active: true,
+            token_type: Some("Bearer".into()),
+            scope: Some(claims.scope),
+            sub: Some(claims.sub),
+            aud: Some(claims.aud),
+            iss: Some(claims.iss),
+            exp: Some(claims.exp),
+            iat: Some(claims.iat),
+            nbf: Some(claims.nbf),
+            jti: Some(claims.jti),
+            task_id: Some(claims.task_id),
+        },
     };
     Ok(Json(body).into_response())
 }

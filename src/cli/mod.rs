@@ -47,6 +47,8 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Print the OpenAPI spec of the HTTP API (as checked in at docs/openapi.json).
+    Openapi,
     /// Operator: leases (over mTLS; MAYFLY_ADDR, MAYFLY_CERT, MAYFLY_KEY, MAYFLY_CA).
     Lease {
         #[command(flatten)]
@@ -131,6 +133,13 @@ pub fn run() -> ExitCode {
             serve(app, listener, |_| {}).await
         }),
         Command::Dev(args) => runtime_then(dev::run(args)),
+        Command::Openapi => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::api::openapi::spec()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
         Command::Lease { conn, command } => client_then(operator::lease(conn, command)),
         Command::Task { conn, command } => client_then(operator::task(conn, command)),
         Command::Revoke { conn, args } => client_then(operator::bulk(conn, args)),

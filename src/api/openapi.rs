@@ -1,0 +1,130 @@
+//! The OpenAPI 3.1 description of the HTTP API, generated from the code: request bodies
+//! are the types the handlers deserialise, responses the views they serialise. Served at
+//! `/openapi.json`, printed by `mayfly openapi`, checked in as `docs/openapi.json`; a
+//! test fails when the three differ or when a documented route is not routed.
+//!
+//! The functions below are documentation anchors, one per route (the handlers stay
+//! plain axum functions).
+
+#![allow(
+    dead_code,
+    reason = "the functions exist only to carry #[utoipa::path]"
+)]
+
+use utoipa::OpenApi;
+
+use super::views::*;
+use super::{ApprovalBody, BulkBody, IntrospectForm, RevokeBody, SignalBody};
+use crate::task::{RawCredentialRequest, RawDelegateRequest, RawGrant, RawTaskRequest};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Mayfly",
+        description = "Just-in-time, task-scoped credential broker. Agents authenticate with mTLS (X.509-SVID); errors are application/problem+json with a stable `code`.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        declare_task, list_tasks, get_task, request_credential, delegate_task, complete_task,
+        revoke_task, list_leases, get_lease, revoke_lease, bulk_revoke, signal, decide_approval,
+        collect_approval, introspect, jwks, discovery, healthz, readyz, metrics
+    ),
+    components(schemas(
+        RawTaskRequest, RawGrant, RawCredentialRequest, RawDelegateRequest, RevokeBody, BulkBody,
+        SignalBody, ApprovalBody, IntrospectForm, TaskView, GrantView, LeaseView, TaskPage,
+        LeasePage, CredentialView, ApprovalView, RevocationView, IntrospectionView, SignalResult,
+        FiredRule, Problem
+    )),
+    tags(
+        (name = "agent", description = "Agents, authenticated by their X.509-SVID"),
+        (name = "operator", description = "Operator identities from config only; agents get 403 not_operator"),
+        (name = "resource-server", description = "Verifying Mayfly access tokens"),
+        (name = "ops", description = "Health and metrics; no client certificate needed")
+    )
+)]
+pub struct ApiDoc;
+
+/// The spec as JSON.
+pub fn spec() -> serde_json::Value {
+    serde_json::to_value(ApiDoc::openapi()).unwrap_or(serde_json::Value::Null)
+}
+
+#[utoipa::path(post, path = "/v1/tasks", tag = "agent", request_body = RawTaskRequest,
+    responses((status = 201, body = TaskView), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, description = "policy_denied", body = Problem)))]
+fn declare_task() {}
+
+#[utoipa::path(get, path = "/v1/tasks", tag = "operator",
+    params(("principal" = Option<String>, Query), ("state" = Option<String>, Query), ("after" = Option<String>, Query), ("limit" = Option<usize>, Query)),
+    responses((status = 200, body = TaskPage), (status = 403, body = Problem)))]
+fn list_tasks() {}
+
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "agent", params(("id" = String, Path)),
+    responses((status = 200, description = "The task and its leases (owner or operator)", body = TaskView), (status = 403, body = Problem), (status = 404, body = Problem)))]
+fn get_task() {}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/credentials", tag = "agent", params(("id" = String, Path)), request_body = RawCredentialRequest,
+    responses((status = 201, body = CredentialView), (status = 202, description = "Held for operator approval", body = ApprovalView),
+        (status = 400, body = Problem), (status = 403, description = "out_of_scope, not_task_owner, policy_denied, anomaly_denied", body = Problem),
+        (status = 409, description = "task_not_active, task_expired", body = Problem), (status = 503, description = "store_unavailable, audit_unavailable", body = Problem)))]
+fn request_credential() {}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/delegate", tag = "agent", params(("id" = String, Path)), request_body = RawDelegateRequest,
+    responses((status = 201, body = TaskView), (status = 403, description = "delegation_wider, delegation_too_deep, policy_denied", body = Problem)))]
+fn delegate_task() {}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/complete", tag = "agent", params(("id" = String, Path)),
+    responses((status = 200, body = RevocationView), (status = 403, body = Problem), (status = 404, body = Problem)))]
+fn complete_task() {}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/revoke", tag = "operator", params(("id" = String, Path)), request_body = RevokeBody,
+    responses((status = 200, body = RevocationView), (status = 403, body = Problem)))]
+fn revoke_task() {}
+
+#[utoipa::path(get, path = "/v1/leases", tag = "operator",
+    params(("task" = Option<String>, Query), ("principal" = Option<String>, Query), ("provider" = Option<String>, Query), ("state" = Option<String>, Query), ("after" = Option<String>, Query), ("limit" = Option<usize>, Query)),
+    responses((status = 200, body = LeasePage), (status = 400, body = Problem), (status = 403, body = Problem)))]
+fn list_leases() {}
+
+#[utoipa::path(get, path = "/v1/leases/{id}", tag = "operator", params(("id" = String, Path)),
+    responses((status = 200, body = LeaseView), (status = 404, body = Problem)))]
+fn get_lease() {}
+
+#[utoipa::path(post, path = "/v1/leases/{id}/revoke", tag = "operator", params(("id" = String, Path)), request_body = RevokeBody,
+    responses((status = 200, body = LeaseView), (status = 404, body = Problem)))]
+fn revoke_lease() {}
+
+#[utoipa::path(post, path = "/v1/revoke", tag = "operator", request_body = BulkBody,
+    responses((status = 200, body = RevocationView), (status = 400, description = "invalid_selector", body = Problem)))]
+fn bulk_revoke() {}
+
+#[utoipa::path(post, path = "/v1/signals", tag = "operator", request_body = SignalBody,
+    responses((status = 202, body = SignalResult), (status = 400, body = Problem)))]
+fn signal() {}
+
+#[utoipa::path(post, path = "/v1/approvals/{id}", tag = "operator", params(("id" = String, Path)), request_body = ApprovalBody,
+    responses((status = 200, body = ApprovalView), (status = 409, description = "approval_closed", body = Problem), (status = 410, body = Problem)))]
+fn decide_approval() {}
+
+#[utoipa::path(get, path = "/v1/approvals/{id}", tag = "agent", params(("id" = String, Path)),
+    responses((status = 201, description = "Approved: the credential, once", body = CredentialView), (status = 202, description = "Still pending", body = ApprovalView),
+        (status = 403, description = "approval_rejected", body = Problem), (status = 409, description = "approval_closed", body = Problem), (status = 410, description = "approval_expired", body = Problem)))]
+fn collect_approval() {}
+
+#[utoipa::path(post, path = "/v1/introspect", tag = "resource-server", request_body(content = IntrospectForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = IntrospectionView)))]
+fn introspect() {}
+
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "resource-server", responses((status = 200, description = "JWK set of the token signing keys")))]
+fn jwks() {}
+
+#[utoipa::path(get, path = "/.well-known/openid-configuration", tag = "resource-server", responses((status = 200, description = "Issuer metadata (RFC 8414)")))]
+fn discovery() {}
+
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "Process up")))]
+fn healthz() {}
+
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Store and providers reachable"), (status = 503, description = "Not ready")))]
+fn readyz() {}
+
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
+fn metrics() {}
