@@ -65,6 +65,22 @@ fn describe() {
         "Leases given up as irrevocable (alert on any increase)"
     );
     describe_gauge!("mayfly_reaper_backlog", "Leases due for the reaper now");
+    describe_gauge!(
+        "mayfly_leases",
+        "Leases by provider and state (whole store)"
+    );
+    describe_counter!(
+        "mayfly_anomaly_triggers_total",
+        "Anomaly rules fired, by rule and mode"
+    );
+    describe_counter!(
+        "mayfly_webhook_deliveries_total",
+        "Webhook deliveries by outcome"
+    );
+    describe_counter!(
+        "mayfly_webhook_dropped_total",
+        "Webhook events dropped because the queue was full"
+    );
     describe_counter!(
         "mayfly_audit_write_failures_total",
         "Audit batches that could not be written (requests failed closed)"

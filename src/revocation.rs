@@ -326,6 +326,13 @@ impl Revoker {
                 if let Ok(n) = self.store.due_count(now).await {
                     metrics::gauge!("mayfly_reaper_backlog").set(n as f64);
                 }
+                if let Ok(counts) = self.store.lease_counts().await {
+                    for (key, n) in counts {
+                        let (provider, state) = key.split_once('/').unwrap_or((key.as_str(), ""));
+                        metrics::gauge!("mayfly_leases", "provider" => provider.to_string(), "state" => state.to_string())
+                            .set(n as f64);
+                    }
+                }
                 loop {
                     match self.reap_once(OffsetDateTime::now_utc()).await {
                         // A full batch means more may be due right now.

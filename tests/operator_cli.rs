@@ -136,14 +136,17 @@ async fn the_cli_lists_and_revokes_and_metrics_show_the_flow() {
     assert_eq!(shown["state"], "revoked");
 
     let anon = client(&dir.join("ca.pem"), None);
-    let metrics = anon
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics_url = server.url("/metrics");
+    // Store-wide gauges are refreshed by the reaper tick (1 s in dev).
+    let metrics = eventually(std::time::Duration::from_secs(5), || {
+        let (anon, url) = (anon.clone(), metrics_url.clone());
+        async move {
+            let text = anon.get(url).send().await.ok()?.text().await.ok()?;
+            text.contains("mayfly_leases{").then_some(text)
+        }
+    })
+    .await
+    .expect("lease gauges appear");
     for series in [
         "mayfly_requests_total",
         "mayfly_request_duration_seconds_bucket",
@@ -152,6 +155,7 @@ async fn the_cli_lists_and_revokes_and_metrics_show_the_flow() {
         "mayfly_lease_transitions_total",
         "mayfly_audit_batch_records",
         "mayfly_reaper_backlog",
+        "mayfly_leases{",
     ] {
         assert!(
             metrics.contains(series),

@@ -262,6 +262,18 @@ pub async fn contract(store: Arc<dyn LeaseStore>) {
     };
     assert_eq!(store.leases(&by_principal).await.expect("p").items.len(), 1);
 
+    // Per-state counts follow every transition.
+    let counts: std::collections::BTreeMap<String, u64> = store
+        .lease_counts()
+        .await
+        .expect("counts")
+        .into_iter()
+        .collect();
+    assert_eq!(counts.get("jwt/revoked"), Some(&1));
+    assert_eq!(counts.get("jwt/expired"), Some(&1));
+    assert_eq!(counts.get("jwt/active"), Some(&2));
+    assert_eq!(counts.get("jwt/pending").copied().unwrap_or(0), 0);
+
     // Ending tasks.
     let ended = store
         .end_task(&parent.id, TaskState::Completed, "done", now)

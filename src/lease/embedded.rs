@@ -23,6 +23,19 @@ const TASK_LEASES: TableDefinition<&str, ()> = TableDefinition::new("task_leases
 const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
 const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 const DUE_BY_LEASE: TableDefinition<&str, u64> = TableDefinition::new("due_by_lease");
+const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+
+fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreError> {
+    let mut t = tx.open_table(COUNTS).map_err(db_err)?;
+    let cur = t.get(key).map_err(db_err)?.map_or(0, |v| v.value());
+    let next = if up {
+        cur.saturating_add(1)
+    } else {
+        cur.saturating_sub(1)
+    };
+    t.insert(key, next).map_err(db_err)?;
+    Ok(())
+}
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -83,6 +96,7 @@ impl EmbeddedStore {
             tx.open_table(CHILDREN).map_err(db_err)?;
             tx.open_table(DUE).map_err(db_err)?;
             tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
+            tx.open_table(COUNTS).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         Ok(Self { db: Arc::new(db) })
@@ -245,6 +259,7 @@ impl LeaseStore for EmbeddedStore {
                 let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
                 set_due(&mut due, &mut by_lease, lease.id.as_str(), Some(due_at))?;
             }
+            bump(&tx, &super::count_key(lease.provider, lease.state), true)?;
             tx.commit().map_err(db_err)
         })
         .await
@@ -323,7 +338,13 @@ impl LeaseStore for EmbeddedStore {
                     Some(v) => decode(v.value())?,
                     None => return Err(StoreError::NotFound(t.lease.to_string())),
                 };
+                let from = super::count_key(lease.provider, lease.state);
                 let changed = apply_transition(&mut lease, &t)?;
+                let to = super::count_key(lease.provider, lease.state);
+                if changed && from != to {
+                    bump(&tx, &from, false)?;
+                    bump(&tx, &to, true)?;
+                }
                 if changed {
                     leases
                         .insert(lease.id.as_str(), encode(&lease)?.as_slice())
@@ -375,6 +396,20 @@ impl LeaseStore for EmbeddedStore {
                 }
             }
             tx.commit().map_err(db_err)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn lease_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.run(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let t = tx.open_table(COUNTS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                out.push((k.value().to_string(), v.value()));
+            }
             Ok(out)
         })
         .await

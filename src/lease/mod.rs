@@ -224,6 +224,8 @@ pub trait LeaseStore: Send + Sync + 'static {
         hold_until: OffsetDateTime,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError>;
+    /// Leases by `provider/state` (kept by every transition, O(1) to read).
+    async fn lease_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Number of leases in the due index with a due time at or before `now`.
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
@@ -260,6 +262,11 @@ pub(crate) fn apply_transition(lease: &mut Lease, t: &Transition) -> Result<bool
         lease.attempts = lease.attempts.saturating_add(1);
     }
     Ok(true)
+}
+
+/// The `provider/state` key of the per-state lease counts.
+pub(crate) fn count_key(provider: crate::task::ProviderKind, state: LeaseState) -> String {
+    format!("{provider}/{}", state.as_str())
 }
 
 pub(crate) fn lease_matches(l: &Lease, q: &LeaseQuery) -> bool {

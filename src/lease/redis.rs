@@ -129,6 +129,7 @@ redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+redis.call('HINCRBY', KEYS[5], ARGV[4], 1)
 return 1",
     )
 });
@@ -143,6 +144,10 @@ if ARGV[3] == 'del' then
   redis.call('ZREM', KEYS[2], ARGV[4])
 elseif ARGV[3] ~= 'keep' then
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+end
+if ARGV[5] ~= ARGV[6] then
+  redis.call('HINCRBY', KEYS[3], ARGV[5], -1)
+  redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
 end
 return 1",
     )
@@ -411,16 +416,21 @@ impl RedisStore {
         new: String,
         due: String,
         id: String,
+        moved: (String, String),
     ) -> Result<bool, StoreError> {
         let due_key = self.index("due");
+        let counts = self.index("counts");
         let done: i64 = self
             .with(|mut c| async move {
                 CAS.key(key)
                     .key(due_key)
+                    .key(counts)
                     .arg(old)
                     .arg(new)
                     .arg(due)
                     .arg(id)
+                    .arg(moved.0)
+                    .arg(moved.1)
                     .invoke_async(&mut c)
                     .await
             })
@@ -550,6 +560,7 @@ impl LeaseStore for RedisStore {
                     encode(&task)?,
                     "keep".into(),
                     id.to_string(),
+                    (String::new(), String::new()),
                 )
                 .await?
             {
@@ -583,9 +594,11 @@ impl LeaseStore for RedisStore {
             self.key("tl", lease.task_id.as_str()),
             self.index("leases"),
             self.index("due"),
+            self.index("counts"),
         );
         let id = lease.id.to_string();
         let due = ms(due_at);
+        let field = super::count_key(lease.provider, lease.state);
         let created: i64 = self
             .with(|mut c| async move {
                 PUT_PENDING
@@ -593,9 +606,11 @@ impl LeaseStore for RedisStore {
                     .key(keys.1)
                     .key(keys.2)
                     .key(keys.3)
+                    .key(keys.4)
                     .arg(json)
                     .arg(id)
                     .arg(due)
+                    .arg(field)
                     .invoke_async(&mut c)
                     .await
             })
@@ -681,14 +696,23 @@ impl LeaseStore for RedisStore {
                 return Err(StoreError::NotFound(t.lease.to_string()));
             };
             let mut lease: Lease = decode(&old)?;
+            let from = super::count_key(lease.provider, lease.state);
             if !apply_transition(&mut lease, &t)? {
                 return Ok(lease);
             }
+            let moved = (from, super::count_key(lease.provider, lease.state));
             let due = t
                 .due_at
                 .map_or_else(|| "del".to_string(), |d| ms(d).to_string());
             if self
-                .cas(key.clone(), old, encode(&lease)?, due, lease.id.to_string())
+                .cas(
+                    key.clone(),
+                    old,
+                    encode(&lease)?,
+                    due,
+                    lease.id.to_string(),
+                    moved,
+                )
                 .await?
             {
                 self.durable().await?;
@@ -723,6 +747,17 @@ impl LeaseStore for RedisStore {
         self.durable().await?;
         let keys = ids.iter().map(|i| self.key("lease", i)).collect();
         self.mget(keys).await
+    }
+
+    async fn lease_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let key = self.index("counts");
+        let map: std::collections::BTreeMap<String, i64> = self
+            .with(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
+            .await?;
+        Ok(map
+            .into_iter()
+            .map(|(k, v)| (k, u64::try_from(v).unwrap_or(0)))
+            .collect())
     }
 
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
