@@ -19,8 +19,8 @@ test-rust:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) nextest run --locked --no-fail-fast
 
-test-chart:
-	@if [ -x scripts/test-chart.sh ]; then scripts/test-chart.sh; else echo "no chart tests"; fi
+test-chart: build
+	MAYFLY_BIN="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/mayfly" scripts/test-chart.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

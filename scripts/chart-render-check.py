@@ -32,10 +32,11 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 # The config keys the broker accepts (src/config.rs, RawConfig and friends, with
 # `deny_unknown_fields`): an extra key here means `mayfly serve` refuses to start.
-# Keep in step with src/config.rs.
+# Keep in step with src/config.rs; `mayfly config check` (run below when a binary is
+# present) is the authority and catches any drift of this list.
 ALLOWED_KEYS = {
     "": {"listen", "node_id", "tls", "trust_domains", "operators", "policy", "store",
-         "audit", "limits", "reaper", "providers"},
+         "audit", "limits", "reaper", "providers", "anomaly", "webhook"},
     "tls": {"cert_file", "key_file"},
     "trust_domains[]": {"name", "bundle_file"},
     "operators": {"spiffe_ids"},
@@ -45,7 +46,8 @@ ALLOWED_KEYS = {
                     "wait_replicas", "wait_timeout", "verify_durability", "op_timeout"},
     "audit": {"path"},
     "limits": {"max_task_ttl", "max_lease_ttl", "default_lease_ttl", "pending_timeout",
-               "max_body_bytes", "max_connections", "handshake_timeout", "max_page"},
+               "max_body_bytes", "max_connections", "handshake_timeout", "max_page",
+               "max_delegation_depth"},
     "reaper": {"interval", "batch", "claim_hold", "max_attempts", "backoff_base", "backoff_max"},
     "providers": {"jwt"},
     "providers.jwt": {"issuer", "signing_key_file", "generate_key"},

@@ -47,6 +47,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Config tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Print the OpenAPI spec of the HTTP API (as checked in at docs/openapi.json).
     Openapi,
     /// Operator: leases (over mTLS; MAYFLY_ADDR, MAYFLY_CERT, MAYFLY_KEY, MAYFLY_CA).
@@ -76,6 +81,13 @@ enum Command {
 enum AuditCommand {
     /// Verify the hash chain of an audit log; exits 1 naming the first bad line.
     Verify { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate a config file (keys, types, durations, URLs) without opening
+    /// the files it names; exits 1 with the offending key.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +145,18 @@ pub fn run() -> ExitCode {
             serve(app, listener, |_| {}).await
         }),
         Command::Dev(args) => runtime_then(dev::run(args)),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(&file) {
+            Ok(c) => {
+                println!("ok: config valid (listen {}, node {})", c.listen, c.node_id);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("config check failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Openapi => {
             println!(
                 "{}",
