@@ -39,6 +39,76 @@ fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreErr
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    ops: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Closes the queue and waits for the writer, so the file is released (and every
+    /// queued write committed) when the store is gone.
+    fn drop(&mut self) {
+        if let Ok(mut ops) = self.ops.lock() {
+            ops.take();
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Delivers one write's result once its group's commit outcome is known.
+type Completion = Box<dyn FnOnce(Option<StoreError>) + Send>;
+/// One write, applied inside a shared transaction (or failed when none could be begun).
+/// Returns its completion and whether it hit a storage failure that must abort the group.
+type Op = Box<dyn FnOnce(Result<&redb::WriteTransaction, StoreError>) -> (Completion, bool) + Send>;
+
+/// Writes committed together: one fsync for up to this many operations.
+const MAX_GROUP: usize = 256;
+
+/// Group commit: every write waits for the commit (fsync) of the transaction it joined,
+/// so durability per operation is unchanged, but concurrent writers share one fsync.
+/// Each operation checks its preconditions before it writes anything, so a refused
+/// operation leaves no trace in the shared transaction; a storage error aborts the group.
+fn writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        let txn = match db.begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                let err = db_err(e);
+                for op in group {
+                    let (done, _) = op(Err(err.clone()));
+                    done(Some(err.clone()));
+                }
+                continue;
+            }
+        };
+        let mut completions = Vec::with_capacity(group.len());
+        let mut fatal = false;
+        for op in group {
+            let (done, failed) = op(Ok(&txn));
+            fatal |= failed;
+            completions.push(done);
+        }
+        let outcome = if fatal {
+            let _ = txn.abort();
+            Some(StoreError::Unavailable(
+                "storage error; write group aborted".into(),
+            ))
+        } else {
+            txn.commit().err().map(db_err)
+        };
+        metrics::histogram!("mayfly_store_group_commit_ops").record(completions.len() as f64);
+        for done in completions {
+            done(outcome.clone());
+        }
+    }
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -99,7 +169,53 @@ impl EmbeddedStore {
             tx.open_table(COUNTS).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
-        Ok(Self { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (ops, rx) = std::sync::mpsc::channel();
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("mayfly-store-writer".into())
+            .spawn(move || writer(writer_db, rx))
+            .map_err(|e| StoreError::Unavailable(format!("store writer: {e}")))?;
+        Ok(Self {
+            db,
+            ops: std::sync::Mutex::new(Some(ops)),
+            writer: Some(writer),
+        })
+    }
+
+    /// Runs `f` in the next group-committed write transaction; returns after the commit.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
+        let op: Op = Box::new(move |txn| {
+            let result = match txn {
+                Ok(t) => f(t),
+                Err(e) => Err(e),
+            };
+            let fatal = matches!(
+                result,
+                Err(StoreError::Unavailable(_) | StoreError::Corrupt(_))
+            );
+            let done: Completion = Box::new(move |commit| {
+                let _ = tx.send(match commit {
+                    Some(e) => Err(e),
+                    None => result,
+                });
+            });
+            (done, fatal)
+        });
+        let stopped = || StoreError::Unavailable("store writer stopped".into());
+        self.ops
+            .lock()
+            .map_err(|_| stopped())?
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(op)
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -118,8 +234,7 @@ impl EmbeddedStore {
 impl LeaseStore for EmbeddedStore {
     async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
         let task = task.clone();
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(db_err)?;
+        self.write(move |tx| {
             {
                 let mut tasks = tx.open_table(TASKS).map_err(db_err)?;
                 if tasks.get(task.id.as_str()).map_err(db_err)?.is_some() {
@@ -135,7 +250,7 @@ impl LeaseStore for EmbeddedStore {
                         .map_err(db_err)?;
                 }
             }
-            tx.commit().map_err(db_err)
+            Ok(())
         })
         .await
     }
@@ -186,8 +301,7 @@ impl LeaseStore for EmbeddedStore {
         at: OffsetDateTime,
     ) -> Result<Task, StoreError> {
         let (id, reason) = (id.clone(), reason.to_string());
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(db_err)?;
+        self.write(move |tx| {
             let task = {
                 let mut tasks = tx.open_table(TASKS).map_err(db_err)?;
                 let mut task: Task = match tasks.get(id.as_str()).map_err(db_err)? {
@@ -212,7 +326,6 @@ impl LeaseStore for EmbeddedStore {
                     .map_err(db_err)?;
                 task
             };
-            tx.commit().map_err(db_err)?;
             Ok(task)
         })
         .await
@@ -241,8 +354,7 @@ impl LeaseStore for EmbeddedStore {
 
     async fn put_pending(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError> {
         let lease = lease.clone();
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(db_err)?;
+        self.write(move |tx| {
             {
                 let mut leases = tx.open_table(LEASES).map_err(db_err)?;
                 if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
@@ -259,8 +371,8 @@ impl LeaseStore for EmbeddedStore {
                 let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
                 set_due(&mut due, &mut by_lease, lease.id.as_str(), Some(due_at))?;
             }
-            bump(&tx, &super::count_key(lease.provider, lease.state), true)?;
-            tx.commit().map_err(db_err)
+            bump(tx, &super::count_key(lease.provider, lease.state), true)?;
+            Ok(())
         })
         .await
     }
@@ -330,9 +442,8 @@ impl LeaseStore for EmbeddedStore {
     }
 
     async fn transition(&self, t: Transition) -> Result<Lease, StoreError> {
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(db_err)?;
-            let (lease, changed) = {
+        self.write(move |tx| {
+            let (lease, _changed) = {
                 let mut leases = tx.open_table(LEASES).map_err(db_err)?;
                 let mut lease: Lease = match leases.get(t.lease.as_str()).map_err(db_err)? {
                     Some(v) => decode(v.value())?,
@@ -342,8 +453,8 @@ impl LeaseStore for EmbeddedStore {
                 let changed = apply_transition(&mut lease, &t)?;
                 let to = super::count_key(lease.provider, lease.state);
                 if changed && from != to {
-                    bump(&tx, &from, false)?;
-                    bump(&tx, &to, true)?;
+                    bump(tx, &from, false)?;
+                    bump(tx, &to, true)?;
                 }
                 if changed {
                     leases
@@ -355,11 +466,6 @@ impl LeaseStore for EmbeddedStore {
                 }
                 (lease, changed)
             };
-            if changed {
-                tx.commit().map_err(db_err)?;
-            } else {
-                tx.abort().map_err(db_err)?;
-            }
             Ok(lease)
         })
         .await
@@ -371,8 +477,7 @@ impl LeaseStore for EmbeddedStore {
         hold_until: OffsetDateTime,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(db_err)?;
+        self.write(move |tx| {
             let mut out = Vec::new();
             {
                 let mut due = tx.open_table(DUE).map_err(db_err)?;
@@ -395,7 +500,6 @@ impl LeaseStore for EmbeddedStore {
                     }
                 }
             }
-            tx.commit().map_err(db_err)?;
             Ok(out)
         })
         .await

@@ -102,7 +102,7 @@ impl Lease {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("record {0} already exists")]
     AlreadyExists(String),
