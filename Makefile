@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run build test test-rust test-chart lint fmt bench clean
+.PHONY: run build test test-rust test-chart lint fmt bench bench-store bench-exchange clean
 
 ## Build and start a dev broker on embedded defaults (https://127.0.0.1:8443).
 run:
@@ -33,7 +33,12 @@ fmt:
 bench-store:
 	$(CARGO) bench --locked --bench store
 
-bench: bench-store
+## Credential-exchange load against the real binary (embedded store, then Redis).
+bench-exchange:
+	$(CARGO) bench --locked --bench exchange
+	$(CARGO) bench --locked --bench exchange -- redis
+
+bench: bench-store bench-exchange
 
 clean:
 	$(CARGO) clean

@@ -191,13 +191,17 @@ fn free_port() -> u16 {
 }
 
 async fn redis_store(port: u16, prefix: &str) -> Arc<dyn LeaseStore> {
+    redis_store_with(port, prefix, Durability::Server).await
+}
+
+async fn redis_store_with(port: u16, prefix: &str, durability: Durability) -> Arc<dyn LeaseStore> {
     Arc::new(
         RedisStore::connect(&RedisConfig {
             url: format!("redis://127.0.0.1:{port}"),
             key_prefix: prefix.into(),
             username: None,
             password_file: None,
-            durability: Durability::Server,
+            durability,
             op_timeout: Duration::from_secs(5),
         })
         .await
