@@ -96,6 +96,30 @@ async fn the_cli_lists_and_revokes_and_metrics_show_the_flow() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not_operator"));
 
+    // Make tasks[0] a tree: the demo agent delegates a slice to the helper (dev policy),
+    // which mints under it.
+    let helper = client(&dir.join("ca.pem"), Some(&dev_pair(&dir, "agent2")));
+    let (s, child) = post_json(
+        &agent,
+        &server.url(&format!("/v1/tasks/{}/delegate", tasks[0])),
+        json!({"principal": "spiffe://dev.mayfly.local/agent/helper", "purpose": "sub-step",
+               "scope": [{"provider": "jwt", "target": "https://cli.example", "actions": ["r"]}], "ttl": "5m"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{child}");
+    let child_id = child["task_id"].as_str().expect("id").to_string();
+    let (s, c) = post_json(
+        &helper,
+        &server.url(&format!("/v1/tasks/{child_id}/credentials")),
+        json!({"provider": "jwt", "target": "https://cli.example"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{c}");
+    let helper_token = c["credential"]["access_token"]
+        .as_str()
+        .expect("tok")
+        .to_string();
+
     let revoked = json_out(&run_cli_env(
         &[
             "task",
@@ -107,8 +131,16 @@ async fn the_cli_lists_and_revokes_and_metrics_show_the_flow() {
         ],
         &op,
     ));
-    assert_eq!(revoked["revoked"], 2);
+    assert_eq!(
+        revoked["revoked"], 3,
+        "the task's two leases and its sub-task's one"
+    );
+    assert_eq!(revoked["tasks"].as_array().expect("tasks").len(), 2);
     let introspect_url = server.url("/v1/introspect");
+    assert_eq!(
+        introspect(&agent, &introspect_url, &helper_token).await["active"],
+        false
+    );
     for (task, tok) in &tokens {
         let active = introspect(&agent, &introspect_url, tok).await["active"] == true;
         assert_eq!(active, task != &tasks[0]);
