@@ -16,7 +16,7 @@ use mayfly::lease::{Lease, LeaseState, LeaseStore, Transition};
 use mayfly::provider::Providers;
 use mayfly::provider::jwt::{JwtIssuer, JwtProvider, SigningAlg, SigningKey};
 use mayfly::revocation::{ReaperConfig, RetryPolicy, Revoker};
-use mayfly::task::{LeaseId, ProviderKind, TaskId};
+use mayfly::task::{Grant, ProviderKind, TaskId};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,24 +27,14 @@ const WRITE_SECONDS: u64 = 5;
 const DUE: usize = 100_000;
 
 fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
-    Lease {
-        id: LeaseId::generate(),
-        task_id: task.clone(),
-        principal: Principal::parse("spiffe://bench.test/agent").expect("principal"),
+    let grant = Grant {
         provider: ProviderKind::Jwt,
         target: "https://api.example.com".into(),
         actions: ["read".to_string()].into(),
         resources: Default::default(),
-        issued_at: now,
-        expires_at: now + ttl,
-        state: LeaseState::Pending,
-        handle: None,
-        fingerprint: None,
-        reason: None,
-        dies_at: None,
-        attempts: 0,
-        updated_at: now,
-    }
+    };
+    let who = Principal::parse("spiffe://bench.test/agent").expect("principal");
+    Lease::pending(task, &who, &grant, now, now + ttl)
 }
 
 async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {

@@ -771,24 +771,7 @@ impl Broker {
         }
 
         // Record: the lease exists, durably, before the credential does.
-        let lease = Lease {
-            id: LeaseId::generate(),
-            task_id: task.id.clone(),
-            principal: caller.principal().clone(),
-            provider: wanted.provider,
-            target: wanted.target.clone(),
-            actions: wanted.actions.clone(),
-            resources: wanted.resources.clone(),
-            issued_at: now,
-            expires_at: after(now, ttl),
-            state: LeaseState::Pending,
-            handle: None,
-            fingerprint: None,
-            reason: None,
-            dies_at: None,
-            attempts: 0,
-            updated_at: now,
-        };
+        let lease = Lease::pending(&task.id, caller.principal(), &wanted, now, after(now, ttl));
         self.store
             .put_pending(&lease, after(now, self.limits.pending_timeout))
             .await?;

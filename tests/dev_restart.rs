@@ -10,16 +10,7 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::Duration;
-
-fn dev_client(dir: &Path, who: &str) -> reqwest::Client {
-    let pair = Pair {
-        cert: dir.join(format!("{who}.pem")),
-        key: dir.join(format!("{who}-key.pem")),
-    };
-    client(&dir.join("ca.pem"), Some(&pair))
-}
 
 #[tokio::test]
 async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {

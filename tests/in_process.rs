@@ -14,12 +14,8 @@ use common::*;
 use mayfly::api::extract::ConnInfo;
 use mayfly::api::{AppState, router};
 use mayfly::config::{App, Config};
-use mayfly::identity::VerifiedCaller;
-use mayfly::identity::x509::verify_svid;
 use mayfly::lease::LeaseState;
 use mayfly::task::TaskState;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -29,25 +25,6 @@ struct Harness {
     _dir: tempfile::TempDir,
     app: App,
     agent: Arc<ConnInfo>,
-}
-
-fn caller(pki: &Pki, pair: &Pair) -> VerifiedCaller {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
-        .expect("pem")
-        .collect::<Result<_, _>>()
-        .expect("der");
-    let bundles = mayfly::identity::TrustBundles::from_pem_files(&[(
-        mayfly::identity::TrustDomain::parse(TD_A).expect("td"),
-        pki.bundle_a.clone(),
-    )])
-    .expect("bundles");
-    verify_svid(
-        &chain,
-        &bundles,
-        Some("127.0.0.1".parse().expect("ip")),
-        UnixTime::now(),
-    )
-    .expect("valid svid")
 }
 
 async fn harness(audit: Option<&Path>) -> Harness {
@@ -61,7 +38,7 @@ async fn harness(audit: Option<&Path>) -> Harness {
     let app = config.build().await.expect("build");
     let agent = Arc::new(ConnInfo {
         peer: "127.0.0.1:50000".parse().expect("addr"),
-        identity: Ok(caller(&pki, &pki.svid("agent", AGENT))),
+        identity: Ok(verified(&pki, &pki.svid("agent", AGENT))),
     });
     Harness {
         _dir: dir,
@@ -172,24 +149,13 @@ async fn a_lease_left_pending_by_a_crash_is_revoked_by_the_reaper() {
         .expect("task");
     // What a crash between "record" and "activate" leaves behind.
     let now = time::OffsetDateTime::now_utc();
-    let lease = mayfly::lease::Lease {
-        id: mayfly::task::LeaseId::generate(),
-        task_id: t.id.clone(),
-        principal: t.owner.clone(),
-        provider: mayfly::task::ProviderKind::Jwt,
-        target: "https://api.example.com".into(),
-        actions: ["issues:read".to_string()].into(),
-        resources: Default::default(),
-        issued_at: now,
-        expires_at: now + time::Duration::minutes(5),
-        state: LeaseState::Pending,
-        handle: None,
-        fingerprint: None,
-        reason: None,
-        dies_at: None,
-        attempts: 0,
-        updated_at: now,
-    };
+    let lease = mayfly::lease::Lease::pending(
+        &t.id,
+        &t.owner,
+        &t.scope.grants()[0],
+        now,
+        now + time::Duration::minutes(5),
+    );
     h.app
         .store
         .put_pending(&lease, now + time::Duration::seconds(60))

@@ -39,24 +39,13 @@ pub fn task(owner: &str, parent: Option<TaskId>, now: OffsetDateTime) -> Task {
 }
 
 pub fn lease(task: &Task, now: OffsetDateTime, ttl: Duration) -> Lease {
-    Lease {
-        id: LeaseId::generate(),
-        task_id: task.id.clone(),
-        principal: task.owner.clone(),
-        provider: ProviderKind::Jwt,
-        target: "https://t".into(),
-        actions: ["read".to_string()].into(),
-        resources: Default::default(),
-        issued_at: now,
-        expires_at: now + ttl,
-        state: LeaseState::Pending,
-        handle: None,
-        fingerprint: None,
-        reason: None,
-        dies_at: None,
-        attempts: 0,
-        updated_at: now,
-    }
+    Lease::pending(
+        &task.id,
+        &task.owner,
+        &task.scope.grants()[0],
+        now,
+        now + ttl,
+    )
 }
 
 fn activate(l: &Lease, now: OffsetDateTime) -> Transition {

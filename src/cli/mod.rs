@@ -170,11 +170,18 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn runtime_then(fut: impl std::future::Future<Output = Result<(), crate::Error>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// Runs a command's future on a fresh runtime: multi-threaded for the server, one thread
+/// for client commands. Errors print as `mayfly: …` and exit 1.
+fn block_on<E: std::fmt::Display>(
+    server: bool,
+    fut: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let mut builder = if server {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mayfly: cannot start the runtime: {e}");
@@ -190,24 +197,12 @@ fn runtime_then(fut: impl std::future::Future<Output = Result<(), crate::Error>>
     }
 }
 
+fn runtime_then(fut: impl std::future::Future<Output = Result<(), crate::Error>>) -> ExitCode {
+    block_on(true, fut)
+}
+
 fn client_then(fut: impl std::future::Future<Output = Result<(), operator::CliError>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mayfly: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(fut) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mayfly: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    block_on(false, fut)
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::Error> {

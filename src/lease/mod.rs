@@ -96,6 +96,34 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A new `pending` lease for `grant` under `task`, from `issued_at` to `expires_at`.
+    pub fn pending(
+        task: &TaskId,
+        principal: &Principal,
+        grant: &crate::task::Grant,
+        issued_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Self {
+        Self {
+            id: LeaseId::generate(),
+            task_id: task.clone(),
+            principal: principal.clone(),
+            provider: grant.provider,
+            target: grant.target.clone(),
+            actions: grant.actions.clone(),
+            resources: grant.resources.clone(),
+            issued_at,
+            expires_at,
+            state: LeaseState::Pending,
+            handle: None,
+            fingerprint: None,
+            reason: None,
+            dies_at: None,
+            attempts: 0,
+            updated_at: issued_at,
+        }
+    }
+
     /// Active and inside its lifetime at `now`.
     pub fn is_live(&self, now: OffsetDateTime) -> bool {
         self.state == LeaseState::Active && now < self.expires_at

@@ -517,3 +517,12 @@ pub fn verified(pki: &Pki, pair: &Pair) -> mayfly::identity::VerifiedCaller {
     )
     .expect("valid svid")
 }
+
+/// An mTLS client for one of the identities `mayfly dev` created in `dir`.
+pub fn dev_client(dir: &Path, who: &str) -> reqwest::Client {
+    let pair = Pair {
+        cert: dir.join(format!("{who}.pem")),
+        key: dir.join(format!("{who}-key.pem")),
+    };
+    client(&dir.join("ca.pem"), Some(&pair))
+}
