@@ -215,6 +215,23 @@ Try the whole flow (paste into a shell):
   # 6. the token is dead -> "active":false ; the audit chain verifies
   curl -s $AGENT $MF/v1/introspect --data-urlencode "token=$TOKEN"; echo
   mayfly audit verify $D/audit.jsonl   # or: cargo run -q -- audit verify $D/audit.jsonl
+
+  # Delegation and anomaly control:
+
+  HELPER="--cacert $D/ca.pem --cert $D/agent2.pem --key $D/agent2-key.pem"
+  TASK=$(curl -s $AGENT -H 'content-type: application/json' $MF/v1/tasks \
+    -d '{{"purpose":"release notes","scope":[{{"provider":"jwt","target":"https://api.example.com","actions":["issues:read","issues:comment"]}}],"ttl":"30m"}}' \
+    | grep -o '"task_id":"[^"]*"' | cut -d'"' -f4)
+  # 7. hand a narrower slice to the helper agent; its tokens carry "act":{{"sub":".../agent/demo"}}
+  SUB=$(curl -s $AGENT -H 'content-type: application/json' $MF/v1/tasks/$TASK/delegate \
+    -d '{{"principal":"spiffe://dev.mayfly.local/agent/helper","purpose":"read only","scope":[{{"provider":"jwt","target":"https://api.example.com","actions":["issues:read"]}}],"ttl":"10m"}}' \
+    | grep -o '"task_id":"[^"]*"' | cut -d'"' -f4); echo "sub-task $SUB"
+  curl -s $HELPER -H 'content-type: application/json' $MF/v1/tasks/$SUB/credentials \
+    -d '{{"provider":"jwt","target":"https://api.example.com"}}'; echo
+  # 8. three out-of-scope requests within 60 s revoke the whole task tree (default rule)
+  for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' $AGENT -H 'content-type: application/json' \
+    $MF/v1/tasks/$TASK/credentials -d '{{"provider":"jwt","target":"https://api.example.com","actions":["admin"]}}'; done; echo
+  curl -s $AGENT $MF/v1/tasks/$TASK | grep -o '"state":"[a-z]*","created_at' | head -1   # -> revoked
 "#
     )
 }
