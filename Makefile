@@ -19,8 +19,12 @@ test-rust:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) nextest run --locked --no-fail-fast
 
-test-chart: build
-	MAYFLY_BIN="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/mayfly" scripts/test-chart.sh
+# Uses the binary `cargo nextest` built for the integration tests (building it again with
+# `cargo build` would recompile dependencies with a different feature set).
+test-chart:
+	@bin="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/mayfly"; \
+	if [ ! -x "$$bin" ]; then $(CARGO) build --locked; fi; \
+	MAYFLY_BIN="$$bin" scripts/test-chart.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
