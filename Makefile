@@ -41,6 +41,8 @@ bench-store:
 bench-exchange:
 	$(CARGO) bench --locked --bench exchange
 	$(CARGO) bench --locked --bench exchange -- redis
+	$(CARGO) bench --locked --bench exchange -- openbao-service
+	$(CARGO) bench --locked --bench exchange -- openbao-batch
 
 bench: bench-store bench-exchange
 

