@@ -191,6 +191,7 @@ async fn redis_store_with(port: u16, prefix: &str, durability: Durability) -> Ar
             key_prefix: prefix.into(),
             username: None,
             password_file: None,
+            tls_ca_file: None,
             durability,
             op_timeout: Duration::from_secs(5),
         })

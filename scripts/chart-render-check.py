@@ -42,7 +42,7 @@ ALLOWED_KEYS = {
     "operators": {"spiffe_ids"},
     "policy": {"dir", "reload_interval"},
     "store/embedded": {"kind", "path"},
-    "store/redis": {"kind", "url", "key_prefix", "username", "password_file", "durability",
+    "store/redis": {"kind", "url", "key_prefix", "username", "password_file", "tls_ca_file", "durability",
                     "wait_replicas", "wait_timeout", "verify_durability", "op_timeout"},
     "audit": {"path"},
     "limits": {"max_task_ttl", "max_lease_ttl", "default_lease_ttl", "pending_timeout",

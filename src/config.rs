@@ -285,6 +285,8 @@ pub enum RawStore {
         username: Option<String>,
         #[serde(default)]
         password_file: Option<PathBuf>,
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
         /// "server" (trust the server's settings), "aof" (require appendfsync always) or
         /// "wait" (WAIT for replica acknowledgement after each write).
         #[serde(default = "defaults::durability")]
@@ -407,6 +409,7 @@ fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
             key_prefix,
             username,
             password_file,
+            tls_ca_file,
             durability,
             wait_replicas,
             wait_timeout,
@@ -457,6 +460,7 @@ fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
                 key_prefix,
                 username,
                 password_file,
+                tls_ca_file,
                 durability,
                 op_timeout: dur("store.op_timeout", &op_timeout)?,
             })

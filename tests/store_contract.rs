@@ -339,6 +339,7 @@ fn redis_config(url: String, prefix: &str) -> mayfly::lease::redis::RedisConfig 
         key_prefix: prefix.into(),
         username: None,
         password_file: None,
+        tls_ca_file: None,
         durability: mayfly::lease::redis::Durability::Server,
         op_timeout: std::time::Duration::from_secs(2),
     }
@@ -411,4 +412,104 @@ async fn redis_store_fails_closed_within_its_timeout_when_redis_is_gone() {
         "bounded: {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn redis_store_over_tls_verifies_the_server_against_its_ca() {
+    use mayfly::pki::{Ca, LeafSpec};
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = Ca::generate("redis CA", "redis.test").expect("ca");
+    let leaf = ca
+        .issue(&LeafSpec::server(
+            None,
+            &["localhost"],
+            &["127.0.0.1".parse().expect("ip")],
+            1,
+        ))
+        .expect("leaf");
+    let (ca_pem, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("c.pem"),
+        dir.path().join("k.pem"),
+    );
+    std::fs::write(&ca_pem, ca.cert_pem()).expect("write");
+    std::fs::write(&cert, &leaf.cert_pem).expect("write");
+    std::fs::write(&key, leaf.key_pem.expose()).expect("write");
+    let port = common::free_port();
+    let p = port.to_string();
+    let (c, k, a) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        ca_pem.display().to_string(),
+    );
+    let redis = common::RedisServer::start(&[
+        "--tls-port",
+        &p,
+        "--tls-cert-file",
+        &c,
+        "--tls-key-file",
+        &k,
+        "--tls-ca-cert-file",
+        &a,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let mut cfg = redis_config(format!("rediss://127.0.0.1:{port}"), "tls");
+    // Without the CA the server's certificate is not trusted: refused, not downgraded.
+    assert!(matches!(
+        mayfly::lease::redis::RedisStore::connect(&cfg)
+            .await
+            .map(|_| ()),
+        Err(StoreError::Unavailable(_))
+    ));
+    cfg.tls_ca_file = Some(ca_pem);
+    let store = mayfly::lease::redis::RedisStore::connect(&cfg)
+        .await
+        .expect("tls connect");
+    contract(Arc::new(store)).await;
+    drop(redis);
+}
+
+#[tokio::test]
+async fn redis_cluster_store_honours_the_contract() {
+    // Three masters; every Mayfly key shares one hash tag, so scripts stay atomic.
+    let nodes: Vec<common::RedisServer> = (0..3)
+        .map(|_| {
+            common::RedisServer::start(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+            ])
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for _ in 0..100 {
+        if nodes[0]
+            .cli(&["CLUSTER", "INFO"])
+            .contains("cluster_state:ok")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let cfg = redis_config(format!("redis+cluster://{}", addrs.join(",")), "cluster");
+    let store = mayfly::lease::redis::RedisStore::connect(&cfg)
+        .await
+        .expect("cluster connect");
+    contract(Arc::new(store)).await;
 }

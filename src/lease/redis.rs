@@ -53,6 +53,8 @@ pub struct RedisConfig {
     pub key_prefix: String,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// CA bundle (PEM) to verify a `rediss://` server; the system roots otherwise.
+    pub tls_ca_file: Option<PathBuf>,
     pub durability: Durability,
     /// Upper bound on any single store operation; past it the request fails closed.
     pub op_timeout: Duration,
@@ -194,6 +196,16 @@ impl RedisStore {
             ),
             None => None,
         };
+        let tls_ca = match &cfg.tls_ca_file {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                StoreError::Unavailable(format!("redis tls_ca_file {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: tls_ca.clone(),
+        };
         let with_auth = |info: redis::ConnectionInfo| -> redis::ConnectionInfo {
             let mut settings = info.redis_settings().clone();
             if let Some(pw) = &password {
@@ -229,7 +241,11 @@ impl RedisStore {
                 .map(|h| format!("redis://{h}").into_connection_info().map(with_auth))
                 .collect::<Result<_, _>>()
                 .map_err(unavailable)?;
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes);
+            if tls_ca.is_some() {
+                builder = builder.certs(certs());
+            }
+            let client = builder
                 .response_timeout(cfg.op_timeout)
                 .connection_timeout(cfg.op_timeout)
                 .build()
@@ -246,7 +262,11 @@ impl RedisStore {
                     .into_connection_info()
                     .map_err(unavailable)?,
             );
-            let client = redis::Client::open(info).map_err(unavailable)?;
+            let client = if tls_ca.is_some() {
+                redis::Client::build_with_tls(info, certs()).map_err(unavailable)?
+            } else {
+                redis::Client::open(info).map_err(unavailable)?
+            };
             let mc = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(cfg.op_timeout))
                 .set_connection_timeout(Some(cfg.op_timeout))
