@@ -143,3 +143,74 @@ async fn a_thousand_crashes_leave_no_credential_without_revocation_redis() {
     let redis = RedisServer::start(&[]);
     run(Some(redis_store(&redis.url(), "crash"))).await;
 }
+
+#[tokio::test]
+async fn leases_left_to_revoke_are_revoked_once_redis_is_back() {
+    let port = free_port();
+    let aof = ["--appendonly", "yes", "--appendfsync", "always"];
+    let redis = RedisServer::start_on(port, &aof);
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(dir.path());
+    let opts = ConfigOptions {
+        store: Some(redis_store(&redis.url(), "outage")),
+        ..Default::default()
+    };
+    let config = Config::load(&write_config(dir.path(), &pki, &opts)).expect("config");
+    // Crash right after the lease write: a pending lease is all that is left.
+    let hook: FaultHook = Arc::new(|point, _: &LeaseId| point == FaultPoint::AfterPendingWrite);
+    let app = config.build_with_faults(Some(hook)).await.expect("build");
+    let caller = verified(&pki, &pki.svid("agent", AGENT));
+    let raw: RawTaskRequest = serde_json::from_value(task_body("1h")).expect("raw");
+    let task = app
+        .broker
+        .declare_task(
+            &caller,
+            TaskRequest::try_from(raw).expect("valid"),
+            &AuditScope::new(AuditEvent::new("test")),
+        )
+        .await
+        .expect("task");
+    let raw: RawCredentialRequest = serde_json::from_value(
+        serde_json::json!({"provider": "jwt", "target": "https://api.example.com"}),
+    )
+    .expect("raw");
+    let crashed = app
+        .broker
+        .request_credential(
+            &caller,
+            &task.id,
+            CredentialRequest::try_from(raw).expect("valid"),
+            &AuditScope::new(AuditEvent::new("test")),
+        )
+        .await;
+    assert!(matches!(
+        crashed,
+        Err(BrokerError::InjectedCrash(FaultPoint::AfterPendingWrite))
+    ));
+
+    // Redis goes away: the reaper fails closed and keeps its work.
+    let data = redis.stop_keep_data();
+    let later = time::OffsetDateTime::now_utc() + time::Duration::minutes(5);
+    assert!(matches!(
+        app.revoker.reap_once(later).await,
+        Err(mayfly::lease::StoreError::Unavailable(_))
+    ));
+
+    // Redis returns (same data, AOF): the same reaper revokes the stale lease.
+    let _redis = RedisServer::start_in(port, data, &aof);
+    let mut stats = Default::default();
+    for _ in 0..50 {
+        match app.revoker.reap_once(later).await {
+            Ok(s) => {
+                stats = s;
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(stats.revoked, 1, "{stats:?}");
+    let leases = app.store.task_leases(&task.id).await.expect("leases");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].state, LeaseState::Revoked);
+    assert_eq!(leases[0].reason.as_deref(), Some("stale_pending"));
+}

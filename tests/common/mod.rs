@@ -442,7 +442,12 @@ impl RedisServer {
     }
 
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tmp");
+        Self::start_in(port, tempfile::tempdir().expect("tmp"), extra)
+    }
+
+    /// A server on `port` keeping its data in `dir` (a restart with the same `dir` and
+    /// `--appendonly yes` finds its data again).
+    pub fn start_in(port: u16, dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -473,6 +478,14 @@ impl RedisServer {
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stops the server and hands back its data directory (for a restart).
+    pub fn stop_keep_data(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let keep = tempfile::tempdir().expect("tmp");
+        std::mem::replace(&mut self.dir, keep)
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
