@@ -79,6 +79,10 @@ pub enum BrokerError {
     DelegationTooDeep { depth: usize, max: usize },
     #[error("injected crash at {0:?}")]
     InjectedCrash(FaultPoint),
+    #[error(
+        "this token's issuer does not name CI jobs (no job_claims configured), or the token lacks them"
+    )]
+    NoJobClaims,
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -163,6 +167,40 @@ pub enum BulkSelector {
 pub struct Issued {
     pub lease: Lease,
     pub credential: Secret<serde_json::Value>,
+}
+
+/// RFC 8693 token exchange for one CI job (`POST /v1/token`), already parsed.
+#[derive(Debug, Clone)]
+pub struct ExchangeRequest {
+    /// The `resource` / `audience`: the grant's target.
+    pub target: String,
+    /// The `scope`: the grant's actions.
+    pub actions: Vec<String>,
+    /// The job's claim values (e.g. `run_id`, `run_attempt`), in configured order.
+    pub job: Vec<String>,
+    /// The subject token's `exp`: the implicit task ends no later.
+    pub subject_expires_at: OffsetDateTime,
+    /// The issuer's `max_exchange_ttl`.
+    pub max_task_ttl: Duration,
+}
+
+/// The implicit task of a CI job: the same job (and target) always maps to the same
+/// task id, so a retried exchange reuses it instead of declaring another.
+pub fn job_task_id(owner: &Principal, job: &[String], target: &str) -> TaskId {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"mayfly ci job v1\0");
+    h.update(owner.as_str().as_bytes());
+    for part in job {
+        h.update(b"\0");
+        h.update(part.as_bytes());
+    }
+    h.update(b"\0target\0");
+    h.update(target.as_bytes());
+    let hex = hex::encode(&h.finalize()[..16]);
+    format!("tsk_{hex}")
+        .parse()
+        .unwrap_or_else(|_| TaskId::generate())
 }
 
 /// RFC 7662 answer.
@@ -332,6 +370,18 @@ impl Broker {
         req: TaskRequest,
         ev: &AuditScope,
     ) -> Result<Task, BrokerError> {
+        self.declare_task_as(caller, req, TaskId::generate(), ev)
+            .await
+    }
+
+    /// `declare_task` with a chosen id (token exchange derives it from the job).
+    async fn declare_task_as(
+        &self,
+        caller: &VerifiedCaller,
+        req: TaskRequest,
+        id: TaskId,
+        ev: &AuditScope,
+    ) -> Result<Task, BrokerError> {
         let now = OffsetDateTime::now_utc();
         ev.set(|e| {
             e.action = Some("DeclareTask");
@@ -355,7 +405,7 @@ impl Broker {
             }
         }
         let task = Task {
-            id: TaskId::generate(),
+            id,
             owner: caller.principal().clone(),
             purpose: req.purpose,
             scope: req.scope,
@@ -377,6 +427,68 @@ impl Broker {
             e.expires_at = Some(crate::api_time(task.expires_at));
         });
         Ok(task)
+    }
+
+    /// `POST /v1/token` (RFC 8693): a CI job's token becomes a `jwt` credential through
+    /// the ordinary path — an implicit task (Cedar `DeclareTask`), then
+    /// `request_credential` (Cedar `MintCredential`, pending lease, mint, activate).
+    /// The task is keyed by the job's claims and the target, so it is declared once per
+    /// job; its life is bounded by config and by the subject token's `exp`.
+    pub async fn exchange(
+        &self,
+        caller: &VerifiedCaller,
+        req: ExchangeRequest,
+        ev: &AuditScope,
+    ) -> Result<Issued, BrokerError> {
+        if req.job.is_empty() {
+            return Err(BrokerError::NoJobClaims);
+        }
+        let now = OffsetDateTime::now_utc();
+        let id = job_task_id(caller.principal(), &req.job, &req.target);
+        let task = match self.store.task(&id).await? {
+            Some(t) => t,
+            None => {
+                let left = (req.subject_expires_at - now).max(time::Duration::seconds(1));
+                let ttl = Duration::try_from(left)
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(req.max_task_ttl)
+                    .min(self.limits.max_task_ttl);
+                let job = req.job.join("/");
+                let raw = crate::task::RawTaskRequest {
+                    purpose: format!("CI job {job}"),
+                    scope: vec![crate::task::RawGrant {
+                        provider: ProviderKind::Jwt.as_str().to_string(),
+                        target: req.target.clone(),
+                        actions: req.actions.clone(),
+                        resources: Vec::new(),
+                    }],
+                    ttl: serde_json::Value::from(ttl.as_secs().max(1)),
+                    labels: [
+                        ("mayfly.exchange".to_string(), "rfc8693".to_string()),
+                        ("ci.job".to_string(), job.chars().take(64).collect()),
+                    ]
+                    .into_iter()
+                    .collect(),
+                };
+                let treq = TaskRequest::try_from(raw)?;
+                match self.declare_task_as(caller, treq, id.clone(), ev).await {
+                    Ok(t) => t,
+                    // A concurrent exchange for the same job declared it first.
+                    Err(BrokerError::Store(StoreError::AlreadyExists(_))) => {
+                        self.load_task(&id).await?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let creq = CredentialRequest {
+            provider: ProviderKind::Jwt,
+            target: req.target,
+            actions: Some(req.actions.into_iter().collect()),
+            resources: None,
+            ttl: None,
+        };
+        self.request_credential(caller, &task.id, creq, ev).await
     }
 
     /// `GET /v1/tasks/{id}`: the owner or an operator.

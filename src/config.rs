@@ -13,6 +13,8 @@ use std::time::Duration;
 use crate::anomaly::AnomalyConfig;
 use crate::audit::AuditLog;
 use crate::broker::{Broker, BrokerParts, Limits};
+use crate::identity::bearer::{BearerVerifier, IssuerRules, TrustedIssuer, parse_algorithm};
+use crate::identity::jwks::{CacheSettings, KeyCache, KeySourceSpec};
 use crate::identity::{Principal, TrustBundles, TrustDomain};
 use crate::lease::LeaseStore;
 use crate::lease::embedded::EmbeddedStore;
@@ -56,6 +58,14 @@ pub struct RawConfig {
     pub tls: RawTls,
     #[serde(default)]
     pub trust_domains: Vec<RawTrustDomain>,
+    /// Trust domains whose JWT-SVIDs are accepted as bearer tokens.
+    #[serde(default)]
+    pub jwt_svid: Vec<RawJwtSvid>,
+    /// OIDC issuers whose workload tokens are accepted (and exchanged at /v1/token).
+    #[serde(default)]
+    pub oidc_issuers: Vec<RawOidcIssuer>,
+    #[serde(default)]
+    pub bearer: RawBearer,
     #[serde(default)]
     pub operators: RawOperators,
     #[serde(default)]
@@ -232,6 +242,303 @@ mod defaults {
     pub fn node_id() -> String {
         "mayfly-0".into()
     }
+    pub fn leeway() -> String {
+        "30s".into()
+    }
+    pub fn jwks_ttl() -> String {
+        "10m".into()
+    }
+    pub fn refetch_cooldown() -> String {
+        "30s".into()
+    }
+    pub fn max_keys() -> usize {
+        32
+    }
+    pub fn max_exchange_ttl() -> String {
+        "1h".into()
+    }
+    pub fn svid_algorithms() -> Vec<String> {
+        [
+            "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn oidc_algorithms() -> Vec<String> {
+        ["RS256", "ES256"].map(String::from).to_vec()
+    }
+}
+
+/// `[[jwt_svid]]`: one per trust domain whose JWT-SVIDs are accepted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwtSvid {
+    pub trust_domain: String,
+    /// A SPIFFE bundle (JWKS; only `use: "jwt-svid"` keys are taken) or a plain JWKS.
+    #[serde(default)]
+    pub bundle_file: Option<PathBuf>,
+    /// A SPIFFE bundle endpoint (https_web profile): the same document over HTTPS.
+    #[serde(default)]
+    pub bundle_endpoint: Option<String>,
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub allow_multiple_audiences: bool,
+    #[serde(default = "defaults::svid_algorithms")]
+    pub algorithms: Vec<String>,
+    #[serde(default = "defaults::leeway")]
+    pub leeway: String,
+    #[serde(default = "defaults::jwks_ttl")]
+    pub refresh_interval: String,
+    #[serde(default = "defaults::refetch_cooldown")]
+    pub refetch_cooldown: String,
+    #[serde(default = "defaults::max_keys")]
+    pub max_keys: usize,
+    #[serde(default)]
+    pub single_use: bool,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+/// `[[oidc_issuers]]`: one per trusted OIDC issuer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOidcIssuer {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Static keys instead of discovery.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL instead of discovery.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[serde(default = "defaults::oidc_algorithms")]
+    pub algorithms: Vec<String>,
+    #[serde(default)]
+    pub typ: Option<Vec<String>>,
+    #[serde(default = "defaults::leeway")]
+    pub leeway: String,
+    #[serde(default = "defaults::jwks_ttl")]
+    pub jwks_ttl: String,
+    #[serde(default = "defaults::refetch_cooldown")]
+    pub refetch_cooldown: String,
+    #[serde(default = "defaults::max_keys")]
+    pub max_keys: usize,
+    #[serde(default = "default_true")]
+    pub allow_multiple_audiences: bool,
+    #[serde(default)]
+    pub single_use: bool,
+    #[serde(default)]
+    pub job_claims: Vec<String>,
+    #[serde(default = "defaults::max_exchange_ttl")]
+    pub max_exchange_ttl: String,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBearer {
+    pub max_token_bytes: usize,
+    pub replay_cache_size: usize,
+    pub fetch_timeout: String,
+}
+
+impl Default for RawBearer {
+    fn default() -> Self {
+        Self {
+            max_token_bytes: 8 * 1024,
+            replay_cache_size: 100_000,
+            fetch_timeout: "5s".into(),
+        }
+    }
+}
+
+/// A validated token source: where its keys come from and the rules its tokens obey.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub source: KeySourceSpec,
+    pub cache: CacheSettings,
+    pub rules: IssuerRules,
+}
+
+/// An http(s) URL Mayfly may fetch keys from: https, or http to a loopback host only
+/// when explicitly allowed (tests, `mayfly dev`).
+fn check_url(key: &'static str, url: &str, allow_http: bool) -> Result<(), ConfigError> {
+    if url.starts_with("https://") && url.len() > "https://".len() {
+        return Ok(());
+    }
+    if allow_http && let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split(['/', ':']).next().unwrap_or_default();
+        if matches!(host, "127.0.0.1" | "localhost" | "[") || rest.starts_with("[::1]") {
+            return Ok(());
+        }
+        return Err(invalid(
+            key,
+            format!("{url:?}: http:// only to a loopback host"),
+        ));
+    }
+    Err(invalid(key, format!("{url:?} must be an https:// URL")))
+}
+
+struct IssuerCommon<'a> {
+    audiences: Vec<String>,
+    algorithms: &'a [String],
+    leeway: &'a str,
+    ttl: &'a str,
+    cooldown: &'a str,
+    max_keys: usize,
+}
+
+fn issuer_rules(c: IssuerCommon<'_>) -> Result<(IssuerRules, CacheSettings), ConfigError> {
+    if c.audiences.is_empty() || c.audiences.iter().any(String::is_empty) {
+        return Err(invalid(
+            "audiences",
+            "at least one non-empty audience is required",
+        ));
+    }
+    if c.algorithms.is_empty() {
+        return Err(invalid("algorithms", "at least one algorithm is required"));
+    }
+    let algorithms = c
+        .algorithms
+        .iter()
+        .map(|a| parse_algorithm(a).map_err(|e| invalid("algorithms", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let leeway = dur("leeway", c.leeway)?;
+    if leeway > Duration::from_secs(300) {
+        return Err(invalid(
+            "leeway",
+            "at most 5m: leeway absorbs clock skew only",
+        ));
+    }
+    if !(1..=1000).contains(&c.max_keys) {
+        return Err(invalid("max_keys", "must be 1..=1000"));
+    }
+    let rules = IssuerRules {
+        audiences: c.audiences,
+        allow_multiple_audiences: false,
+        algorithms,
+        typ: None,
+        leeway,
+        single_use: false,
+        job_claims: Vec::new(),
+        max_exchange_ttl: Duration::from_secs(3600),
+    };
+    let cache = CacheSettings {
+        ttl: dur("refresh_interval/jwks_ttl", c.ttl)?,
+        cooldown: dur("refetch_cooldown", c.cooldown)?,
+        max_keys: c.max_keys,
+    };
+    Ok((rules, cache))
+}
+
+fn jwt_svid_config(r: RawJwtSvid) -> Result<(TrustDomain, IssuerConfig), ConfigError> {
+    let td =
+        TrustDomain::parse(&r.trust_domain).map_err(|e| invalid("jwt_svid.trust_domain", e))?;
+    let source = match (r.bundle_file, r.bundle_endpoint) {
+        (Some(f), None) => KeySourceSpec::File(f),
+        (None, Some(u)) => {
+            check_url("jwt_svid.bundle_endpoint", &u, r.allow_insecure_http)?;
+            KeySourceSpec::Url(u)
+        }
+        _ => {
+            return Err(invalid(
+                "jwt_svid",
+                format!("{td}: give exactly one of bundle_file, bundle_endpoint"),
+            ));
+        }
+    };
+    let (mut rules, cache) = issuer_rules(IssuerCommon {
+        audiences: r.audiences,
+        algorithms: &r.algorithms,
+        leeway: &r.leeway,
+        ttl: &r.refresh_interval,
+        cooldown: &r.refetch_cooldown,
+        max_keys: r.max_keys,
+    })?;
+    // JWT-SVID §3: RS, ES and PS only.
+    if rules
+        .algorithms
+        .iter()
+        .any(|a| matches!(a, jsonwebtoken::Algorithm::EdDSA))
+    {
+        return Err(invalid(
+            "jwt_svid.algorithms",
+            "JWT-SVIDs use RS*, ES* or PS* only",
+        ));
+    }
+    rules.allow_multiple_audiences = r.allow_multiple_audiences;
+    rules.single_use = r.single_use;
+    Ok((
+        td,
+        IssuerConfig {
+            source,
+            cache,
+            rules,
+        },
+    ))
+}
+
+fn oidc_config(r: RawOidcIssuer) -> Result<(String, IssuerConfig), ConfigError> {
+    check_url("oidc_issuers.issuer", &r.issuer, r.allow_insecure_http)?;
+    if r.issuer.contains('#') || r.issuer.contains('?') {
+        return Err(invalid("oidc_issuers.issuer", "no query or fragment"));
+    }
+    let source = match (r.jwks_file, r.jwks_uri) {
+        (Some(f), None) => KeySourceSpec::File(f),
+        (None, Some(u)) => {
+            check_url("oidc_issuers.jwks_uri", &u, r.allow_insecure_http)?;
+            KeySourceSpec::Url(u)
+        }
+        (None, None) => KeySourceSpec::Discovery {
+            issuer: r.issuer.clone(),
+        },
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "oidc_issuers",
+                format!("{}: give at most one of jwks_file, jwks_uri", r.issuer),
+            ));
+        }
+    };
+    let (mut rules, cache) = issuer_rules(IssuerCommon {
+        audiences: r.audiences,
+        algorithms: &r.algorithms,
+        leeway: &r.leeway,
+        ttl: &r.jwks_ttl,
+        cooldown: &r.refetch_cooldown,
+        max_keys: r.max_keys,
+    })?;
+    if let Some(t) = &r.typ
+        && (t.is_empty() || t.iter().any(String::is_empty))
+    {
+        return Err(invalid(
+            "oidc_issuers.typ",
+            "omit it, or list non-empty types",
+        ));
+    }
+    if r.job_claims.iter().any(String::is_empty) {
+        return Err(invalid(
+            "oidc_issuers.job_claims",
+            "claim names must be non-empty",
+        ));
+    }
+    rules.allow_multiple_audiences = r.allow_multiple_audiences;
+    rules.typ = r.typ;
+    rules.single_use = r.single_use;
+    rules.job_claims = r.job_claims;
+    rules.max_exchange_ttl = dur("oidc_issuers.max_exchange_ttl", &r.max_exchange_ttl)?;
+    Ok((
+        r.issuer,
+        IssuerConfig {
+            source,
+            cache,
+            rules,
+        },
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -491,6 +798,11 @@ pub struct Config {
     pub jwt_generate: Option<SigningAlg>,
     pub anomaly: AnomalyConfig,
     pub webhook: Option<crate::webhook::WebhookConfig>,
+    pub jwt_svid: Vec<(TrustDomain, IssuerConfig)>,
+    pub oidc_issuers: Vec<(String, IssuerConfig)>,
+    pub max_token_bytes: usize,
+    pub replay_cache_size: usize,
+    pub key_fetch_timeout: Duration,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -514,6 +826,35 @@ impl TryFrom<RawConfig> for Config {
             let name =
                 TrustDomain::parse(&td.name).map_err(|e| invalid("trust_domains.name", e))?;
             trust_domains.push((name, td.bundle_file));
+        }
+        let mut jwt_svid = Vec::new();
+        for r in raw.jwt_svid {
+            let (td, c) = jwt_svid_config(r)?;
+            if jwt_svid.iter().any(|(t, _): &(TrustDomain, _)| t == &td) {
+                return Err(invalid(
+                    "jwt_svid.trust_domain",
+                    format!("{td} is configured twice"),
+                ));
+            }
+            jwt_svid.push((td, c));
+        }
+        let mut oidc_issuers = Vec::new();
+        for r in raw.oidc_issuers {
+            let (iss, c) = oidc_config(r)?;
+            if oidc_issuers.iter().any(|(i, _): &(String, _)| i == &iss) {
+                return Err(invalid(
+                    "oidc_issuers.issuer",
+                    format!("{iss} is configured twice"),
+                ));
+            }
+            oidc_issuers.push((iss, c));
+        }
+        let b = raw.bearer;
+        if !(1024..=64 * 1024).contains(&b.max_token_bytes) {
+            return Err(invalid("bearer.max_token_bytes", "must be 1 KiB..=64 KiB"));
+        }
+        if b.replay_cache_size == 0 {
+            return Err(invalid("bearer.replay_cache_size", "must be positive"));
         }
         let mut operators = HashSet::new();
         for id in raw.operators.spiffe_ids {
@@ -596,6 +937,11 @@ impl TryFrom<RawConfig> for Config {
                     })
                 })
                 .transpose()?,
+            jwt_svid,
+            oidc_issuers,
+            max_token_bytes: b.max_token_bytes,
+            replay_cache_size: b.replay_cache_size,
+            key_fetch_timeout: dur("bearer.fetch_timeout", &b.fetch_timeout)?,
         })
     }
 }
@@ -620,6 +966,34 @@ impl Config {
     /// Builds every component. Fails (and nothing starts) if any piece is invalid.
     pub async fn build(&self) -> Result<App, crate::Error> {
         self.build_with_faults(None).await
+    }
+
+    /// The bearer-token verifier: one key cache per trust domain and issuer. Keys are
+    /// fetched lazily (an issuer that is down at start-up does not stop the broker).
+    pub fn bearer_verifier(&self) -> Result<BearerVerifier, crate::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(self.key_fetch_timeout)
+            // A JWKS location is configuration; a redirect must not move it elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| crate::Error::Tls(format!("key fetch client: {e}")))?;
+        let mut v = BearerVerifier::new(self.max_token_bytes, self.replay_cache_size);
+        let issuer = |c: &IssuerConfig, spiffe: bool| TrustedIssuer {
+            rules: c.rules.clone(),
+            keys: Arc::new(KeyCache::new(
+                c.source.clone(),
+                c.cache.clone(),
+                spiffe,
+                http.clone(),
+            )),
+        };
+        for (td, c) in &self.jwt_svid {
+            v.add_trust_domain(td.as_str(), issuer(c, true));
+        }
+        for (iss, c) in &self.oidc_issuers {
+            v.add_oidc_issuer(iss, issuer(c, false));
+        }
+        Ok(v)
     }
 
     /// `build`, with a fault-injection hook in the broker (crash-safety tests).
@@ -663,7 +1037,9 @@ impl Config {
             anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(self.anomaly.clone())),
         }));
         let tls = crate::api::tls::server_config(&self.tls_cert, &self.tls_key)?;
+        let bearer = Arc::new(self.bearer_verifier()?);
         Ok(App {
+            bearer,
             broker,
             store,
             revoker,
@@ -679,6 +1055,7 @@ impl Config {
 /// The built broker, ready to serve.
 pub struct App {
     pub broker: Arc<Broker>,
+    pub bearer: Arc<BearerVerifier>,
     pub store: Arc<dyn LeaseStore>,
     pub revoker: Arc<Revoker>,
     pub policy: Arc<PolicyEngine>,

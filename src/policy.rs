@@ -274,16 +274,21 @@ impl PolicyEngine {
         let ip = p
             .source
             .map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
-        json!({
+        let mut v = json!({
             "method": p.method.as_str(),
             "trust_domain": p.trust_domain,
             "source_ip": {"__extn": {"fn": "ip", "arg": ip}},
             "credential_remaining_seconds": p.credential_remaining_secs(now),
-        })
+            "claims": p.claims,
+        });
+        if let Some(iss) = &p.issuer {
+            v["issuer"] = Value::String(iss.clone());
+        }
+        v
     }
 
     fn workload_json(principal: &crate::identity::Principal) -> Value {
-        json!({
+        let mut v = json!({
             "uid": {"type": "Mayfly::Workload", "id": principal.as_str()},
             "attrs": {
                 "id": principal.as_str(),
@@ -291,7 +296,12 @@ impl PolicyEngine {
                 "path": principal.path(),
             },
             "parents": [],
-        })
+        });
+        if let (Some(iss), Some(sub)) = (principal.issuer(), principal.subject()) {
+            v["attrs"]["issuer"] = Value::String(iss.to_string());
+            v["attrs"]["sub"] = Value::String(sub.to_string());
+        }
+        v
     }
 
     fn target_json(g: &Grant) -> Value {

@@ -52,6 +52,7 @@ impl Harness {
         router(AppState {
             broker: self.app.broker.clone(),
             max_body_bytes: 64 * 1024,
+            bearer: self.app.bearer.clone(),
         })
     }
 

@@ -57,7 +57,7 @@ pub enum ApiError {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
 
-fn verify_code(e: &VerifyError) -> &'static str {
+pub fn verify_code(e: &VerifyError) -> &'static str {
     match e {
         VerifyError::ClientCertRequired => "client_certificate_required",
         VerifyError::Malformed(_) => "svid_malformed",
@@ -72,6 +72,33 @@ fn verify_code(e: &VerifyError) -> &'static str {
         VerifyError::UntrustedChain(_) => "svid_untrusted_chain",
         VerifyError::WrongExtendedKeyUsage => "svid_wrong_extended_key_usage",
         VerifyError::ChainInvalid(_) => "svid_chain_invalid",
+        VerifyError::AmbiguousCredentials => "ambiguous_credentials",
+        VerifyError::AuthorizationScheme => "authorization_scheme",
+        VerifyError::TokenTooLarge(_) => "token_too_large",
+        VerifyError::TokenMalformed(_) => "token_malformed",
+        VerifyError::JsonMalformed { .. } => "token_json_malformed",
+        VerifyError::DuplicateMember { .. } => "token_duplicate_member",
+        VerifyError::AlgNone => "token_alg_none",
+        VerifyError::AlgSymmetric(_) => "token_alg_symmetric",
+        VerifyError::AlgNotAllowed(_) => "token_alg_not_allowed",
+        VerifyError::EmbeddedKeyHeader(_) => "token_embedded_key",
+        VerifyError::UnsupportedCrit(_) => "token_crit_unsupported",
+        VerifyError::TypMismatch(_) => "token_typ_mismatch",
+        VerifyError::MissingKid => "token_missing_kid",
+        VerifyError::UnknownKid(_) => "token_unknown_kid",
+        VerifyError::KeysUnavailable(_) => "token_keys_unavailable",
+        VerifyError::KeyAlgMismatch => "token_key_alg_mismatch",
+        VerifyError::BadSignature => "token_bad_signature",
+        VerifyError::MissingClaim(_) => "token_missing_claim",
+        VerifyError::ClaimType(_) => "token_claim_type",
+        VerifyError::UnknownIssuer(_) => "token_unknown_issuer",
+        VerifyError::AudienceMismatch => "token_audience_mismatch",
+        VerifyError::MultipleAudiences(_) => "token_multiple_audiences",
+        VerifyError::TokenExpired => "token_expired",
+        VerifyError::TokenNotYetValid => "token_not_yet_valid",
+        VerifyError::IssuedInFuture => "token_issued_in_future",
+        VerifyError::Replayed => "token_replayed",
+        VerifyError::ReplayCacheFull => "token_replay_cache_full",
     }
 }
 
@@ -130,6 +157,7 @@ impl ApiError {
                 BrokerError::SignalTarget => (S::BAD_REQUEST, "invalid_signal"),
                 BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
                 BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
+                BrokerError::NoJobClaims => (S::FORBIDDEN, "no_job_claims"),
                 BrokerError::Provider(ProviderError::NotConfigured(_)) => {
                     (S::BAD_REQUEST, "provider_not_configured")
                 }
@@ -184,12 +212,102 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         if status == StatusCode::UNAUTHORIZED {
+            // Either proof is accepted; a bearer failure says so in the bearer form.
+            let challenge = match &self {
+                ApiError::Verify(v) if verify_code(v).starts_with("token_") => {
+                    "Bearer error=\"invalid_token\""
+                }
+                _ => "MutualTLS, Bearer",
+            };
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("MutualTLS"),
+                HeaderValue::from_static(challenge),
             );
         }
         resp.extensions_mut().insert(ErrorCode(code));
+        resp
+    }
+}
+
+/// An RFC 6749 §5.2 error, the token endpoint's error format (not problem+json).
+/// `code` is Mayfly's specific code (e.g. `token_expired`), kept for the audit record;
+/// `error` is the OAuth category the client sees.
+#[derive(Debug)]
+pub struct OAuthError {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub code: &'static str,
+    pub description: String,
+}
+
+impl OAuthError {
+    pub fn invalid_request(description: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: "invalid_request",
+            code: "invalid_request",
+            description: description.into(),
+        }
+    }
+    pub fn unsupported_grant_type() -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: "unsupported_grant_type",
+            code: "unsupported_grant_type",
+            description: "grant_type must be urn:ietf:params:oauth:grant-type:token-exchange"
+                .into(),
+        }
+    }
+}
+
+impl From<ApiError> for OAuthError {
+    fn from(e: ApiError) -> Self {
+        use StatusCode as S;
+        let (status, code) = e.status_and_code();
+        let (status, error) = match &e {
+            ApiError::Verify(_) => (S::BAD_REQUEST, "invalid_grant"),
+            ApiError::Broker(BrokerError::Invalid(ScopeError::Target)) => {
+                (S::BAD_REQUEST, "invalid_target")
+            }
+            ApiError::Broker(BrokerError::Invalid(ScopeError::Item { .. }))
+            | ApiError::Broker(BrokerError::Invalid(ScopeError::ItemCount { .. })) => {
+                (S::BAD_REQUEST, "invalid_scope")
+            }
+            ApiError::Broker(BrokerError::PolicyDenied { .. })
+            | ApiError::Broker(BrokerError::OutOfScope(_)) => (S::BAD_REQUEST, "invalid_target"),
+            ApiError::Broker(BrokerError::NoJobClaims)
+            | ApiError::Broker(BrokerError::NotTaskOwner(_)) => {
+                (S::BAD_REQUEST, "unauthorized_client")
+            }
+            _ if status == S::SERVICE_UNAVAILABLE => (status, "temporarily_unavailable"),
+            _ if status.is_server_error() => (S::INTERNAL_SERVER_ERROR, "server_error"),
+            _ => (S::BAD_REQUEST, "invalid_request"),
+        };
+        Self {
+            status,
+            error,
+            code,
+            description: e.detail(status),
+        }
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        tracing::debug!(
+            code = self.code,
+            error = self.error,
+            "token exchange refused"
+        );
+        let body = json!({"error": self.error, "error_description": self.description});
+        let mut resp = (self.status, body.to_string()).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.extensions_mut().insert(ErrorCode(self.code));
         resp
     }
 }

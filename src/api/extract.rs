@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use super::error::{ApiError, BodyError};
+use crate::identity::bearer::BearerVerifier;
 use crate::identity::{VerifiedCaller, VerifyError};
 
 /// What the TLS layer learned about a connection, attached to each of its requests.
@@ -35,10 +36,56 @@ pub fn caller_of(parts_ext: &axum::http::Extensions) -> Result<VerifiedCaller, V
     Ok(caller)
 }
 
+/// The caller as resolved once per request by the audit middleware, so a bearer token
+/// is verified (and a single-use `jti` consumed) exactly once.
+#[derive(Debug, Clone)]
+pub struct ResolvedCaller(pub Result<VerifiedCaller, VerifyError>);
+
+/// Who sent this request: the connection's X.509-SVID, or an `Authorization: Bearer`
+/// token (JWT-SVID or OIDC), verified now.
+///
+/// Precedence: none. A request that carries a bearer token on a connection that
+/// presented a client certificate is refused (`ambiguous_credentials`): one request,
+/// one identity, so a workload cannot borrow a token to act as someone else while its
+/// certificate is logged, and no rule has to pick a winner.
+pub async fn resolve_caller(
+    ext: &axum::http::Extensions,
+    headers: &axum::http::HeaderMap,
+    bearer: &BearerVerifier,
+) -> Result<VerifiedCaller, VerifyError> {
+    let Some(auth) = headers.get(header::AUTHORIZATION) else {
+        return caller_of(ext);
+    };
+    let token = auth
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty())
+        .ok_or(VerifyError::AuthorizationScheme)?;
+    let conn = ext.get::<Arc<ConnInfo>>();
+    if let Some(c) = conn
+        && !matches!(c.identity, Err(VerifyError::ClientCertRequired))
+    {
+        return Err(VerifyError::AmbiguousCredentials);
+    }
+    let source = conn.map(|c| c.peer.ip());
+    bearer
+        .verify(token, source, OffsetDateTime::now_utc())
+        .await
+        .map(|t| t.caller)
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
-        Ok(Caller(caller_of(&parts.extensions)?))
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        if let Some(ResolvedCaller(r)) = parts.extensions.get::<ResolvedCaller>() {
+            return Ok(Caller(r.clone()?));
+        }
+        Ok(Caller(
+            resolve_caller(&parts.extensions, &parts.headers, &st.bearer).await?,
+        ))
     }
 }
 

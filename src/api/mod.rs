@@ -25,13 +25,15 @@ use crate::task::{
     CredentialRequest, LeaseId, ProviderKind, RawCredentialRequest, RawTaskRequest, Task, TaskId,
     TaskRequest, TaskState,
 };
-use error::{ApiError, ErrorCode};
-use extract::{Caller, ConnInfo, FormBody, JsonBody, caller_of};
+use error::{ApiError, ErrorCode, OAuthError};
+use extract::{Caller, ConnInfo, FormBody, JsonBody, ResolvedCaller, resolve_caller};
 
 #[derive(Clone)]
 pub struct AppState {
     pub broker: Arc<Broker>,
     pub max_body_bytes: usize,
+    /// Verifies `Authorization: Bearer` tokens and `/v1/token` subject tokens.
+    pub bearer: Arc<crate::identity::bearer::BearerVerifier>,
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -54,6 +56,7 @@ pub fn router(state: AppState) -> Router {
             post(decide_approval).get(collect_approval),
         )
         .route("/v1/introspect", post(introspect))
+        .route("/v1/token", post(token_exchange))
         .route_layer(middleware::from_fn_with_state(state.clone(), audit_request));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -83,7 +86,8 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     if let Some(conn) = req.extensions().get::<Arc<ConnInfo>>() {
         ev.source = Some(conn.peer.ip().to_string());
     }
-    match caller_of(req.extensions()) {
+    let resolved = resolve_caller(req.extensions(), req.headers(), &st.bearer).await;
+    match &resolved {
         Ok(c) => {
             ev.principal = Some(c.principal().to_string());
             ev.auth_method = Some(c.method().as_str());
@@ -91,6 +95,7 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
         }
         Err(e) => ev.detail = Some(format!("identity: {e}")),
     }
+    req.extensions_mut().insert(ResolvedCaller(resolved));
     let route = ev.route.clone().unwrap_or_default();
     let method = ev.method.clone().unwrap_or_default();
     let scope = AuditScope::new(ev);
@@ -119,7 +124,11 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     let event = scope.snapshot();
     if let Err(err) = st.broker.audit().write(event.clone()).await {
         undo_unrecorded(&st, &event).await;
-        resp = ApiError::Audit(err).into_response();
+        resp = if route == "/v1/token" {
+            OAuthError::from(ApiError::Audit(err)).into_response()
+        } else {
+            ApiError::Audit(err).into_response()
+        };
     }
     metrics::counter!(
         "mayfly_requests_total",
@@ -674,4 +683,136 @@ async fn introspect(
         },
     };
     Ok(Json(body).into_response())
+}
+
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// RFC 8693 request parameters (RFC 6749: each at most once).
+#[derive(Deserialize)]
+struct TokenForm {
+    grant_type: Option<String>,
+    subject_token: Option<String>,
+    subject_token_type: Option<String>,
+    resource: Option<String>,
+    audience: Option<String>,
+    scope: Option<String>,
+    requested_token_type: Option<String>,
+    actor_token: Option<String>,
+}
+
+/// `POST /v1/token`: RFC 8693 token exchange for CI. The subject token (an OIDC
+/// workload token or JWT-SVID) is the caller's proof; no client certificate is needed.
+/// Errors are RFC 6749 §5.2 JSON.
+async fn token_exchange(
+    State(st): State<AppState>,
+    ev: Ev,
+    conn: Option<axum::Extension<Arc<ConnInfo>>>,
+    form: Result<FormBody<TokenForm>, ApiError>,
+) -> Result<Response, OAuthError> {
+    let FormBody(f) = form?;
+    let ev = audit_scope(&ev);
+    if f.grant_type.as_deref() != Some(GRANT_TOKEN_EXCHANGE) {
+        return Err(OAuthError::unsupported_grant_type());
+    }
+    let token = f
+        .subject_token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| OAuthError::invalid_request("subject_token is required"))?;
+    match f.subject_token_type.as_deref() {
+        Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ID_TOKEN) => {}
+        _ => {
+            return Err(OAuthError::invalid_request(format!(
+                "subject_token_type must be {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ID_TOKEN}"
+            )));
+        }
+    }
+    if f.actor_token.is_some() {
+        return Err(OAuthError::invalid_request(
+            "actor_token (delegation) is not supported here",
+        ));
+    }
+    match f.requested_token_type.as_deref() {
+        None | Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ACCESS_TOKEN) => {}
+        Some(other) => {
+            return Err(OAuthError::invalid_request(format!(
+                "requested_token_type {other:?} is not issued; Mayfly issues {TOKEN_TYPE_JWT}"
+            )));
+        }
+    }
+    let target = match (f.resource, f.audience) {
+        (Some(r), None) | (None, Some(r)) => r,
+        (Some(r), Some(a)) if r == a => r,
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::invalid_request(
+                "give one target: resource and audience differ",
+            ));
+        }
+        (None, None) => {
+            return Err(OAuthError::invalid_request(
+                "resource or audience is required",
+            ));
+        }
+    };
+    let actions: Vec<String> = f
+        .scope
+        .as_deref()
+        .unwrap_or_default()
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if actions.is_empty() {
+        return Err(OAuthError::invalid_request(
+            "scope is required: the actions the credential may perform",
+        ));
+    }
+    ev.set(|e| e.credential_fingerprint = Some(crate::secret::fingerprint(token.as_bytes())));
+    let source = conn.map(|c| c.0.peer.ip());
+    let verified = st
+        .bearer
+        .verify(&token, source, time::OffsetDateTime::now_utc())
+        .await
+        .map_err(ApiError::from)?;
+    let caller = verified.caller.clone();
+    ev.set(|e| {
+        e.principal = Some(caller.principal().to_string());
+        e.auth_method = Some(caller.method().as_str());
+        e.credential_not_after = Some(crate::api_time(verified.expires_at));
+        e.detail = None;
+    });
+    let req = crate::broker::ExchangeRequest {
+        target,
+        actions,
+        job: verified.job.clone().unwrap_or_default(),
+        subject_expires_at: verified.expires_at,
+        max_task_ttl: verified.max_exchange_ttl,
+    };
+    let issued = st
+        .broker
+        .exchange(&caller, req, &ev)
+        .await
+        .map_err(ApiError::from)?;
+    let l = &issued.lease;
+    let cred = issued.credential.expose();
+    let expires_in = (l.expires_at - time::OffsetDateTime::now_utc())
+        .whole_seconds()
+        .max(0);
+    let body = json!({
+        "access_token": cred["access_token"],
+        "issued_token_type": TOKEN_TYPE_JWT,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "scope": l.actions.iter().cloned().collect::<Vec<_>>().join(" "),
+        "mayfly_task_id": l.task_id,
+        "mayfly_lease_id": l.id,
+    });
+    let mut resp = Json(body).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
 }

@@ -318,6 +318,7 @@ pub async fn serve(
     let state = AppState {
         broker: app.broker.clone(),
         max_body_bytes: app.config.max_body_bytes,
+        bearer: app.bearer.clone(),
     };
     let router = api::router(state);
     tracing::info!(%addr, node = %app.config.node_id, "mayfly listening (mTLS)");

@@ -1,11 +1,15 @@
 //! Who is calling. Identity is parsed once, at the edge, into a [`VerifiedCaller`] that
 //! only this module can construct; policy, broker and providers accept nothing weaker.
 
+pub mod bearer;
 pub mod bundle;
+pub mod jwks;
 pub mod spiffe_id;
+pub mod strict_json;
 pub mod x509;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use time::OffsetDateTime;
@@ -43,6 +47,62 @@ pub enum VerifyError {
     WrongExtendedKeyUsage,
     #[error("X.509-SVID chain is invalid: {0}")]
     ChainInvalid(String),
+
+    // --- Bearer tokens (JWT-SVID, OIDC). One variant per RFC 8725 / JWT-SVID rule.
+    #[error("a request may carry a client certificate or a bearer token, not both")]
+    AmbiguousCredentials,
+    #[error("the Authorization header must be `Bearer <token>`")]
+    AuthorizationScheme,
+    #[error("bearer token exceeds {0} bytes")]
+    TokenTooLarge(usize),
+    #[error("bearer token is not a compact JWS: {0}")]
+    TokenMalformed(&'static str),
+    #[error("JWT {part} is not valid JSON: {reason}")]
+    JsonMalformed { part: &'static str, reason: String },
+    #[error("JWT {part} has the member {name:?} twice")]
+    DuplicateMember { part: &'static str, name: String },
+    #[error("JWT alg \"none\" is never accepted")]
+    AlgNone,
+    #[error("JWT alg {0} is symmetric; only asymmetric signatures are accepted")]
+    AlgSymmetric(String),
+    #[error("JWT alg {0} is not allowed for this issuer")]
+    AlgNotAllowed(String),
+    #[error("JWT header {0:?} is refused: keys come only from configured sources")]
+    EmbeddedKeyHeader(&'static str),
+    #[error("JWT header lists critical extensions Mayfly does not understand: {0}")]
+    UnsupportedCrit(String),
+    #[error("JWT typ {0:?} is not the type this issuer uses")]
+    TypMismatch(String),
+    #[error("JWT has no kid and the issuer has several keys")]
+    MissingKid,
+    #[error("no key with kid {0:?} for this issuer")]
+    UnknownKid(String),
+    #[error("the issuer's keys cannot be loaded: {0}")]
+    KeysUnavailable(String),
+    #[error("the key does not fit the token's alg")]
+    KeyAlgMismatch,
+    #[error("JWT signature is invalid")]
+    BadSignature,
+    #[error("JWT claim {0:?} is required")]
+    MissingClaim(&'static str),
+    #[error("JWT claim {0:?} has the wrong type")]
+    ClaimType(&'static str),
+    #[error("JWT issuer {0:?} is not trusted")]
+    UnknownIssuer(String),
+    #[error("JWT audience does not include Mayfly's audience")]
+    AudienceMismatch,
+    #[error("JWT-SVID carries {0} audiences; only one is accepted")]
+    MultipleAudiences(usize),
+    #[error("JWT has expired")]
+    TokenExpired,
+    #[error("JWT is not valid yet (nbf)")]
+    TokenNotYetValid,
+    #[error("JWT was issued in the future (iat)")]
+    IssuedInFuture,
+    #[error("JWT is single-use and was already presented (jti)")]
+    Replayed,
+    #[error("the replay cache is full; single-use tokens are refused until it drains")]
+    ReplayCacheFull,
 }
 
 /// How the caller proved its identity.
@@ -50,13 +110,61 @@ pub enum VerifyError {
 #[serde(rename_all = "snake_case")]
 pub enum AuthMethod {
     X509Svid,
+    JwtSvid,
+    Oidc,
 }
 
 impl AuthMethod {
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::X509Svid => "x509_svid",
+            AuthMethod::JwtSvid => "jwt_svid",
+            AuthMethod::Oidc => "oidc",
         }
+    }
+}
+
+/// An OIDC workload identity: the token's `iss` and `sub`. String form `issuer#sub`
+/// (an OIDC issuer URL has no fragment, so the first `#` separates them).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OidcSubject {
+    raw: String,
+    split: usize,
+}
+
+/// Why `issuer#sub` is not an OIDC principal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrincipalError {
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeIdError),
+    #[error("OIDC principal must be `issuer#sub` with an http(s) issuer and a non-empty sub")]
+    Oidc,
+}
+
+impl OidcSubject {
+    pub fn new(issuer: &str, sub: &str) -> Result<Self, PrincipalError> {
+        let ok_issuer = (issuer.starts_with("https://") || issuer.starts_with("http://"))
+            && !issuer.contains('#');
+        if !ok_issuer
+            || sub.is_empty()
+            || issuer.len() + sub.len() > 2048
+            || sub.chars().any(char::is_control)
+        {
+            return Err(PrincipalError::Oidc);
+        }
+        Ok(Self {
+            raw: format!("{issuer}#{sub}"),
+            split: issuer.len(),
+        })
+    }
+    pub fn issuer(&self) -> &str {
+        &self.raw[..self.split]
+    }
+    pub fn sub(&self) -> &str {
+        &self.raw[self.split + 1..]
+    }
+    pub fn as_str(&self) -> &str {
+        &self.raw
     }
 }
 
@@ -64,25 +172,48 @@ impl AuthMethod {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Principal {
     Spiffe(SpiffeId),
+    Oidc(OidcSubject),
 }
 
 impl Principal {
-    pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
-        SpiffeId::parse(s).map(Principal::Spiffe)
+    /// `spiffe://…` is a SPIFFE ID; anything else must be `issuer#sub`.
+    pub fn parse(s: &str) -> Result<Self, PrincipalError> {
+        if s.starts_with("spiffe://") || !s.contains('#') {
+            return Ok(SpiffeId::parse(s).map(Principal::Spiffe)?);
+        }
+        let (iss, sub) = s.split_once('#').ok_or(PrincipalError::Oidc)?;
+        OidcSubject::new(iss, sub).map(Principal::Oidc)
     }
     pub fn as_str(&self) -> &str {
         match self {
             Principal::Spiffe(id) => id.as_str(),
+            Principal::Oidc(o) => o.as_str(),
         }
     }
+    /// The SPIFFE trust domain; empty for an OIDC principal.
     pub fn trust_domain(&self) -> &str {
         match self {
             Principal::Spiffe(id) => id.trust_domain(),
+            Principal::Oidc(_) => "",
         }
     }
+    /// The SPIFFE ID path; empty for an OIDC principal.
     pub fn path(&self) -> &str {
         match self {
             Principal::Spiffe(id) => id.path(),
+            Principal::Oidc(_) => "",
+        }
+    }
+    pub fn issuer(&self) -> Option<&str> {
+        match self {
+            Principal::Spiffe(_) => None,
+            Principal::Oidc(o) => Some(o.issuer()),
+        }
+    }
+    pub fn subject(&self) -> Option<&str> {
+        match self {
+            Principal::Spiffe(_) => None,
+            Principal::Oidc(o) => Some(o.sub()),
         }
     }
 }
@@ -121,8 +252,12 @@ pub struct Posture {
     /// When the presented credential (certificate) stops being valid.
     #[serde(with = "time::serde::rfc3339")]
     pub credential_not_after: OffsetDateTime,
-    /// `sha256:` fingerprint of the leaf certificate.
+    /// `sha256:` fingerprint of the leaf certificate or of the bearer token.
     pub credential_fingerprint: String,
+    /// The `iss` of a bearer token (JWT-SVIDs may carry one; OIDC tokens always do).
+    pub issuer: Option<String>,
+    /// Selected token claims (see `bearer::POSTURE_CLAIMS`), as strings.
+    pub claims: BTreeMap<String, String>,
 }
 
 impl Posture {

@@ -86,6 +86,8 @@ pub fn verify_svid(
         source,
         credential_not_after: not_after,
         credential_fingerprint: fingerprint(leaf_der),
+        issuer: None,
+        claims: Default::default(),
     };
     Ok(VerifiedCaller::new(Principal::Spiffe(id), posture))
 }

@@ -1,0 +1,462 @@
+//! Bearer tokens: JWT-SVIDs and OIDC workload tokens (GitHub Actions, GitLab CI,
+//! Kubernetes projected service-account tokens, any OIDC issuer).
+//!
+//! The checks run in this order, each with its own `VerifyError` (RFC 8725):
+//! size (before any parsing) → three base64url segments → header and claims are JSON
+//! objects without duplicate members → `alg` is not `none`, not HS*, → no
+//! `jku`/`x5u`/`jwk`/`x5c` header (keys come only from configuration) → `crit` is
+//! absent (Mayfly understands no extension) → route: a configured `iss` is an OIDC
+//! issuer; otherwise a SPIFFE `sub` names the JWT-SVID trust domain → `alg` on the
+//! issuer's allow-list → `typ` if the issuer defines one → key by `kid` from the
+//! issuer's key cache → signature → `exp` (required), `nbf`, `iat` with leeway →
+//! `aud` → `sub` → single-use `jti` (last, so a refused token never burns its `jti`).
+//! JOSE library: jsonwebtoken 11 on aws-lc-rs (the crate's one crypto stack); it is
+//! used for key import and signature verification only — every claim rule is here.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+use super::jwks::{KeyCache, Lookup};
+use super::strict_json::{self, StrictJsonError};
+use super::{AuthMethod, OidcSubject, Posture, Principal, SpiffeId, VerifiedCaller, VerifyError};
+
+/// Claims copied into the posture (as strings) when present, so Cedar can read them.
+/// GitHub Actions, GitLab CI, and Kubernetes (`kubernetes.io` is flattened to
+/// `namespace`, `service_account`, `pod`).
+pub const POSTURE_CLAIMS: &[&str] = &[
+    "repository",
+    "repository_id",
+    "repository_owner",
+    "repository_owner_id",
+    "ref",
+    "ref_type",
+    "sha",
+    "workflow",
+    "workflow_ref",
+    "job_workflow_ref",
+    "environment",
+    "event_name",
+    "actor",
+    "run_id",
+    "run_number",
+    "run_attempt",
+    "runner_environment",
+    "project_path",
+    "namespace_path",
+    "pipeline_id",
+    "job_id",
+    "namespace",
+    "service_account",
+    "pod",
+];
+
+/// The only algorithms a verifier may be configured with (asymmetric).
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    match name {
+        "none" => Err("\"none\" is never accepted".into()),
+        n if n.starts_with("HS") => Err(format!("{n} is symmetric; never accepted")),
+        n => n
+            .parse::<Algorithm>()
+            .map_err(|_| format!("unknown algorithm {n:?}")),
+    }
+}
+
+/// Rules for one trusted token source.
+#[derive(Debug, Clone)]
+pub struct IssuerRules {
+    pub audiences: Vec<String>,
+    pub allow_multiple_audiences: bool,
+    pub algorithms: Vec<Algorithm>,
+    /// Accepted `typ` values (compared case-insensitively); `None`: not checked.
+    pub typ: Option<Vec<String>>,
+    pub leeway: Duration,
+    /// `jti` required and accepted once.
+    pub single_use: bool,
+    /// Claims naming one CI job (token exchange); empty: no exchange for this issuer.
+    pub job_claims: Vec<String>,
+    /// Upper bound on the life of an implicit task made by token exchange.
+    pub max_exchange_ttl: Duration,
+}
+
+/// A trusted issuer: its rules and its keys.
+#[derive(Debug)]
+pub struct TrustedIssuer {
+    pub rules: IssuerRules,
+    pub keys: Arc<KeyCache>,
+}
+
+/// Single-use `jti`s seen, until their token's expiry. In-process: replicas do not
+/// share it (see docs/identity.md).
+#[derive(Debug)]
+struct ReplayCache {
+    seen: Mutex<HashMap<(String, String), i64>>,
+    capacity: usize,
+}
+
+impl ReplayCache {
+    fn check_and_insert(
+        &self,
+        issuer: &str,
+        jti: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<(), VerifyError> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (issuer.to_string(), jti.to_string());
+        if seen.get(&key).is_some_and(|&exp| exp >= now) {
+            return Err(VerifyError::Replayed);
+        }
+        if seen.len() >= self.capacity {
+            seen.retain(|_, exp| *exp >= now);
+            if seen.len() >= self.capacity {
+                // Fail closed: forgetting a live jti would allow a replay.
+                return Err(VerifyError::ReplayCacheFull);
+            }
+        }
+        seen.insert(key, until);
+        Ok(())
+    }
+}
+
+/// What a verified bearer token proved, before it becomes a `VerifiedCaller`.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub caller: VerifiedCaller,
+    /// The token's `exp`.
+    pub expires_at: OffsetDateTime,
+    /// The values of the issuer's `job_claims`, in order (empty if not configured or
+    /// any is missing).
+    pub job: Option<Vec<String>>,
+    pub max_exchange_ttl: Duration,
+}
+
+/// Verifies bearer tokens against configured JWT-SVID trust domains and OIDC issuers.
+#[derive(Debug)]
+pub struct BearerVerifier {
+    svid: HashMap<String, TrustedIssuer>,
+    oidc: HashMap<String, TrustedIssuer>,
+    max_token_bytes: usize,
+    replay: ReplayCache,
+}
+
+impl Default for BearerVerifier {
+    fn default() -> Self {
+        Self::new(8 * 1024, 100_000)
+    }
+}
+
+fn b64(seg: &str) -> Result<Vec<u8>, VerifyError> {
+    if seg.is_empty() {
+        return Err(VerifyError::TokenMalformed("empty segment"));
+    }
+    URL_SAFE_NO_PAD
+        .decode(seg)
+        .map_err(|_| VerifyError::TokenMalformed("segment is not base64url"))
+}
+
+fn json_object(part: &'static str, bytes: &[u8]) -> Result<Map<String, Value>, VerifyError> {
+    match strict_json::parse(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(VerifyError::JsonMalformed {
+            part,
+            reason: "not a JSON object".into(),
+        }),
+        Err(StrictJsonError::Duplicate(name)) => Err(VerifyError::DuplicateMember { part, name }),
+        Err(StrictJsonError::Malformed(reason)) => Err(VerifyError::JsonMalformed { part, reason }),
+    }
+}
+
+fn str_claim<'a>(
+    claims: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<&'a str>, VerifyError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(VerifyError::ClaimType(name)),
+    }
+}
+
+fn time_claim(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, VerifyError> {
+    match claims.get(name) {
+        None => Ok(None),
+        // NumericDate may be fractional; whole seconds are what matters here.
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f.floor() as i64))
+            .map(Some)
+            .ok_or(VerifyError::ClaimType(name)),
+        Some(_) => Err(VerifyError::ClaimType(name)),
+    }
+}
+
+fn claim_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn posture_claims(claims: &Map<String, Value>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for name in POSTURE_CLAIMS {
+        if let Some(v) = claims.get(*name).and_then(claim_string) {
+            out.insert((*name).to_string(), v);
+        }
+    }
+    // Kubernetes projected tokens nest their facts.
+    if let Some(k8s) = claims.get("kubernetes.io") {
+        let mut put = |name: &str, v: Option<&Value>| {
+            if let Some(s) = v.and_then(claim_string) {
+                out.insert(name.to_string(), s);
+            }
+        };
+        put("namespace", k8s.get("namespace"));
+        put("service_account", k8s.pointer("/serviceaccount/name"));
+        put("pod", k8s.pointer("/pod/name"));
+    }
+    out
+}
+
+enum Route<'a> {
+    Svid(&'a TrustedIssuer, SpiffeId),
+    Oidc(&'a TrustedIssuer, String),
+}
+
+impl BearerVerifier {
+    pub fn new(max_token_bytes: usize, replay_capacity: usize) -> Self {
+        Self {
+            svid: HashMap::new(),
+            oidc: HashMap::new(),
+            max_token_bytes,
+            replay: ReplayCache {
+                seen: Mutex::new(HashMap::new()),
+                capacity: replay_capacity,
+            },
+        }
+    }
+
+    pub fn add_trust_domain(&mut self, trust_domain: &str, issuer: TrustedIssuer) {
+        self.svid.insert(trust_domain.to_string(), issuer);
+    }
+
+    pub fn add_oidc_issuer(&mut self, iss: &str, issuer: TrustedIssuer) {
+        self.oidc.insert(iss.to_string(), issuer);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.svid.is_empty() && self.oidc.is_empty()
+    }
+
+    /// The key cache of an OIDC issuer (tests, metrics).
+    pub fn oidc_keys(&self, iss: &str) -> Option<&Arc<KeyCache>> {
+        self.oidc.get(iss).map(|i| &i.keys)
+    }
+
+    /// Verifies `token` at `now`; the verified caller carries `source` in its posture.
+    pub async fn verify(
+        &self,
+        token: &str,
+        source: Option<IpAddr>,
+        now: OffsetDateTime,
+    ) -> Result<VerifiedToken, VerifyError> {
+        if token.len() > self.max_token_bytes {
+            return Err(VerifyError::TokenTooLarge(self.max_token_bytes));
+        }
+        let mut parts = token.split('.');
+        let (Some(h64), Some(p64), Some(s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(VerifyError::TokenMalformed("a JWS has three segments"));
+        };
+        let header = json_object("header", &b64(h64)?)?;
+        let claims = json_object("claims", &b64(p64)?)?;
+        b64(s64)?;
+
+        let alg_name = match header.get("alg") {
+            Some(Value::String(a)) => a.as_str(),
+            _ => return Err(VerifyError::TokenMalformed("header has no string alg")),
+        };
+        if alg_name.eq_ignore_ascii_case("none") {
+            return Err(VerifyError::AlgNone);
+        }
+        if alg_name.starts_with("HS") {
+            return Err(VerifyError::AlgSymmetric(alg_name.to_string()));
+        }
+        for name in ["jku", "x5u", "jwk", "x5c"] {
+            if header.contains_key(name) {
+                return Err(VerifyError::EmbeddedKeyHeader(name));
+            }
+        }
+        if let Some(crit) = header.get("crit") {
+            return Err(VerifyError::UnsupportedCrit(crit.to_string()));
+        }
+
+        let route = self.route(&claims)?;
+        let (issuer, method) = match &route {
+            Route::Svid(i, _) => (*i, AuthMethod::JwtSvid),
+            Route::Oidc(i, _) => (*i, AuthMethod::Oidc),
+        };
+        let rules = &issuer.rules;
+        let alg = alg_name
+            .parse::<Algorithm>()
+            .ok()
+            .filter(|a| rules.algorithms.contains(a))
+            .ok_or_else(|| VerifyError::AlgNotAllowed(alg_name.to_string()))?;
+        if let Some(allowed) = &rules.typ {
+            let typ =
+                str_claim(&header, "typ").map_err(|_| VerifyError::TypMismatch(String::new()))?;
+            let ok = typ.is_some_and(|t| allowed.iter().any(|a| a.eq_ignore_ascii_case(t)));
+            if !ok {
+                return Err(VerifyError::TypMismatch(
+                    typ.unwrap_or_default().to_string(),
+                ));
+            }
+        }
+        let kid = match header.get("kid") {
+            None => None,
+            Some(Value::String(k)) => Some(k.as_str()),
+            Some(_) => return Err(VerifyError::TokenMalformed("kid is not a string")),
+        };
+        // JWT-SVID §3.1: kid is required.
+        if kid.is_none() && matches!(route, Route::Svid(..)) {
+            return Err(VerifyError::MissingKid);
+        }
+        let key = match issuer.keys.lookup(kid).await {
+            Lookup::Found(k) => k,
+            Lookup::UnknownKid => return Err(VerifyError::UnknownKid(kid.unwrap_or("").into())),
+            Lookup::Ambiguous => return Err(VerifyError::MissingKid),
+            Lookup::Unavailable(e) => return Err(VerifyError::KeysUnavailable(e.to_string())),
+        };
+        if let Some(pinned) = key.alg
+            && format!("{pinned:?}") != format!("{alg:?}")
+        {
+            return Err(VerifyError::KeyAlgMismatch);
+        }
+        let signed = &token[..h64.len() + 1 + p64.len()];
+        match jsonwebtoken::crypto::verify(s64, signed.as_bytes(), &key.key, alg) {
+            Ok(true) => {}
+            Ok(false) => return Err(VerifyError::BadSignature),
+            Err(e) => {
+                return Err(match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature
+                    | jsonwebtoken::errors::ErrorKind::Base64(_) => VerifyError::BadSignature,
+                    _ => VerifyError::KeyAlgMismatch,
+                });
+            }
+        }
+
+        // Claims. Leeway absorbs clock skew only.
+        let leeway = i64::try_from(rules.leeway.as_secs()).unwrap_or(i64::MAX);
+        let now_s = now.unix_timestamp();
+        let exp = time_claim(&claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
+        if exp.saturating_add(leeway) <= now_s {
+            return Err(VerifyError::TokenExpired);
+        }
+        if let Some(nbf) = time_claim(&claims, "nbf")?
+            && nbf > now_s.saturating_add(leeway)
+        {
+            return Err(VerifyError::TokenNotYetValid);
+        }
+        if let Some(iat) = time_claim(&claims, "iat")?
+            && iat > now_s.saturating_add(leeway)
+        {
+            return Err(VerifyError::IssuedInFuture);
+        }
+        let auds: Vec<&str> = match claims.get("aud") {
+            None => return Err(VerifyError::MissingClaim("aud")),
+            Some(Value::String(a)) => vec![a.as_str()],
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|v| v.as_str().ok_or(VerifyError::ClaimType("aud")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(VerifyError::ClaimType("aud")),
+        };
+        if !auds.iter().any(|a| rules.audiences.iter().any(|m| m == a)) {
+            return Err(VerifyError::AudienceMismatch);
+        }
+        if auds.len() > 1 && !rules.allow_multiple_audiences {
+            return Err(VerifyError::MultipleAudiences(auds.len()));
+        }
+        let iss = str_claim(&claims, "iss")?.map(str::to_string);
+        let principal = match route {
+            Route::Svid(_, id) => Principal::Spiffe(id),
+            Route::Oidc(_, iss) => {
+                let sub = str_claim(&claims, "sub")?.ok_or(VerifyError::MissingClaim("sub"))?;
+                Principal::Oidc(
+                    OidcSubject::new(&iss, sub).map_err(|_| VerifyError::ClaimType("sub"))?,
+                )
+            }
+        };
+        if rules.single_use {
+            let jti = str_claim(&claims, "jti")?.ok_or(VerifyError::MissingClaim("jti"))?;
+            let scope = iss.as_deref().unwrap_or(principal.trust_domain());
+            self.replay
+                .check_and_insert(scope, jti, exp.saturating_add(leeway), now_s)?;
+        }
+
+        let expires_at =
+            OffsetDateTime::from_unix_timestamp(exp).map_err(|_| VerifyError::ClaimType("exp"))?;
+        let posture_claims = posture_claims(&claims);
+        let job = if rules.job_claims.is_empty() {
+            None
+        } else {
+            rules
+                .job_claims
+                .iter()
+                .map(|c| claims.get(c.as_str()).and_then(claim_string))
+                .collect::<Option<Vec<_>>>()
+        };
+        let posture = Posture {
+            method,
+            trust_domain: principal.trust_domain().to_string(),
+            source,
+            credential_not_after: expires_at,
+            credential_fingerprint: crate::secret::fingerprint(token.as_bytes()),
+            issuer: iss,
+            claims: posture_claims,
+        };
+        Ok(VerifiedToken {
+            caller: VerifiedCaller::new(principal, posture),
+            expires_at,
+            job,
+            max_exchange_ttl: rules.max_exchange_ttl,
+        })
+    }
+
+    fn route(&self, claims: &Map<String, Value>) -> Result<Route<'_>, VerifyError> {
+        let iss = str_claim(claims, "iss")?;
+        if let Some(iss) = iss
+            && let Some(i) = self.oidc.get(iss)
+        {
+            return Ok(Route::Oidc(i, iss.to_string()));
+        }
+        let sub = str_claim(claims, "sub")?;
+        match sub {
+            Some(s) if s.starts_with("spiffe://") => {
+                let id = SpiffeId::parse(s)?;
+                match self.svid.get(id.trust_domain()) {
+                    Some(i) => Ok(Route::Svid(i, id)),
+                    None => Err(VerifyError::UnknownTrustDomain(id.trust_domain().into())),
+                }
+            }
+            _ => match iss {
+                Some(i) => Err(VerifyError::UnknownIssuer(i.to_string())),
+                None => Err(VerifyError::MissingClaim("iss")),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "bearer_tests.rs"]
+mod tests;

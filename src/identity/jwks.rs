@@ -1,0 +1,406 @@
+//! Verification keys for bearer tokens: a JWKS from a file (a SPIFFE JWT bundle or any
+//! JWKS), from a URL (a JWKS endpoint or a SPIFFE bundle endpoint), or found through
+//! OIDC discovery. One cache per issuer / trust domain:
+//!
+//! - keys are reused for `ttl`, then refreshed; a failed refresh keeps serving the keys
+//!   already held (an issuer outage must not lock every CI job out);
+//! - an unknown `kid` triggers at most one refetch per `cooldown`, so a flood of tokens
+//!   with random `kid`s cannot turn Mayfly into an amplifier against the issuer;
+//! - at most `max_keys` keys are kept, and a JWKS document above `MAX_JWKS_BYTES` is
+//!   refused;
+//! - keys only ever come from these configured sources — never from a token's
+//!   `jku`/`x5u`/`jwk`/`x5c` headers.
+
+use jsonwebtoken::DecodingKey;
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::strict_json;
+
+/// Largest JWKS / discovery document accepted.
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// Where a key set comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySourceSpec {
+    /// A JWKS (or SPIFFE bundle) file, re-read when its `ttl` lapses.
+    File(PathBuf),
+    /// A JWKS URL (or SPIFFE bundle endpoint; web-PKI authenticated).
+    Url(String),
+    /// `{issuer}/.well-known/openid-configuration` → `jwks_uri`.
+    Discovery { issuer: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub ttl: Duration,
+    pub cooldown: Duration,
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeysError {
+    #[error("cannot fetch keys: {0}")]
+    Fetch(String),
+    #[error("key set is invalid: {0}")]
+    Invalid(String),
+}
+
+/// One usable verification key.
+#[derive(Clone)]
+pub struct VerificationKey {
+    pub kid: Option<String>,
+    /// The `alg` the JWK pins, if any.
+    pub alg: Option<KeyAlgorithm>,
+    pub key: DecodingKey,
+}
+
+/// What a key lookup found.
+pub enum Lookup {
+    Found(VerificationKey),
+    /// No key with this `kid` (after a refetch, if the cooldown allowed one).
+    UnknownKid,
+    /// The token named no `kid` and the set holds more than one key.
+    Ambiguous,
+    /// No key set could ever be loaded.
+    Unavailable(KeysError),
+}
+
+struct State {
+    keys: Option<Arc<Vec<VerificationKey>>>,
+    fetched_at: Option<Instant>,
+    last_attempt: Option<Instant>,
+    jwks_uri: Option<String>,
+    fetches: u64,
+}
+
+/// A cached key set.
+pub struct KeyCache {
+    source: KeySourceSpec,
+    settings: CacheSettings,
+    /// Only `jwt-svid` keys of a SPIFFE bundle (and keys without `use`) are taken.
+    spiffe_bundle: bool,
+    http: reqwest::Client,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Parses a JWKS document into verification keys.
+pub fn parse_jwks(
+    bytes: &[u8],
+    spiffe_bundle: bool,
+    max_keys: usize,
+) -> Result<Vec<VerificationKey>, KeysError> {
+    if bytes.len() > MAX_JWKS_BYTES {
+        return Err(KeysError::Invalid(format!(
+            "document exceeds {MAX_JWKS_BYTES} bytes"
+        )));
+    }
+    let doc = strict_json::parse(bytes).map_err(|e| KeysError::Invalid(format!("{e:?}")))?;
+    let keys = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or_else(|| KeysError::Invalid("no \"keys\" array".into()))?;
+    let mut out = Vec::new();
+    for raw in keys {
+        if spiffe_bundle
+            && raw
+                .get("use")
+                .and_then(|u| u.as_str())
+                .is_some_and(|u| u != "jwt-svid")
+        {
+            continue; // x509-svid roots of the same bundle
+        }
+        let mut raw = raw.clone();
+        if spiffe_bundle && let Some(obj) = raw.as_object_mut() {
+            // "jwt-svid" is not a registered `use`; it has been filtered on above.
+            obj.remove("use");
+        }
+        // A key Mayfly cannot use (an unsupported kty or curve) is skipped, not fatal:
+        // issuers publish keys for other consumers too.
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            continue;
+        };
+        if out.len() == max_keys {
+            tracing::warn!(
+                max_keys,
+                "key set holds more keys than allowed; extra keys ignored"
+            );
+            break;
+        }
+        out.push(VerificationKey {
+            kid: jwk.common.key_id.clone(),
+            alg: jwk.common.key_algorithm,
+            key,
+        });
+    }
+    if out.is_empty() {
+        return Err(KeysError::Invalid("no usable signing key".into()));
+    }
+    Ok(out)
+}
+
+fn pick(keys: &[VerificationKey], kid: Option<&str>) -> Option<Lookup> {
+    match kid {
+        Some(k) => keys
+            .iter()
+            .find(|v| v.kid.as_deref() == Some(k))
+            .map(|v| Lookup::Found(v.clone())),
+        None if keys.len() == 1 => keys.first().map(|v| Lookup::Found(v.clone())),
+        None => Some(Lookup::Ambiguous),
+    }
+}
+
+impl KeyCache {
+    pub fn new(
+        source: KeySourceSpec,
+        settings: CacheSettings,
+        spiffe_bundle: bool,
+        http: reqwest::Client,
+    ) -> Self {
+        Self {
+            source,
+            settings,
+            spiffe_bundle,
+            http,
+            state: tokio::sync::Mutex::new(State {
+                keys: None,
+                fetched_at: None,
+                last_attempt: None,
+                jwks_uri: None,
+                fetches: 0,
+            }),
+        }
+    }
+
+    /// How many times the source was read (tests and metrics).
+    pub async fn fetch_count(&self) -> u64 {
+        self.state.lock().await.fetches
+    }
+
+    async fn get_bytes(&self, url: &str) -> Result<Vec<u8>, KeysError> {
+        let fetch = |e: reqwest::Error| KeysError::Fetch(e.to_string());
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(fetch)?
+            .error_for_status()
+            .map_err(fetch)?;
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
+            return Err(KeysError::Invalid(format!("{url} is too large")));
+        }
+        let bytes = resp.bytes().await.map_err(fetch)?;
+        Ok(bytes.to_vec())
+    }
+
+    async fn fetch(&self, st: &mut State) -> Result<Vec<VerificationKey>, KeysError> {
+        st.fetches += 1;
+        st.last_attempt = Some(Instant::now());
+        metrics::counter!("mayfly_jwks_fetches_total").increment(1);
+        let bytes = match &self.source {
+            KeySourceSpec::File(p) => tokio::fs::read(p)
+                .await
+                .map_err(|e| KeysError::Fetch(format!("{}: {e}", p.display())))?,
+            KeySourceSpec::Url(u) => self.get_bytes(u).await?,
+            KeySourceSpec::Discovery { issuer } => {
+                let uri = match &st.jwks_uri {
+                    Some(u) => u.clone(),
+                    None => {
+                        let url = format!("{issuer}/.well-known/openid-configuration");
+                        let doc = strict_json::parse(&self.get_bytes(&url).await?)
+                            .map_err(|e| KeysError::Invalid(format!("discovery: {e:?}")))?;
+                        if doc.get("issuer").and_then(|i| i.as_str()) != Some(issuer.as_str()) {
+                            return Err(KeysError::Invalid(
+                                "discovery document names another issuer".into(),
+                            ));
+                        }
+                        let uri = doc
+                            .get("jwks_uri")
+                            .and_then(|u| u.as_str())
+                            .ok_or_else(|| KeysError::Invalid("discovery: no jwks_uri".into()))?
+                            .to_string();
+                        st.jwks_uri = Some(uri.clone());
+                        uri
+                    }
+                };
+                self.get_bytes(&uri).await?
+            }
+        };
+        parse_jwks(&bytes, self.spiffe_bundle, self.settings.max_keys)
+    }
+
+    async fn refresh(&self, st: &mut State) -> Result<(), KeysError> {
+        match self.fetch(st).await {
+            Ok(keys) => {
+                st.keys = Some(Arc::new(keys));
+                st.fetched_at = Some(Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(source = ?self.source, error = %e, "key refresh failed; serving cached keys");
+                Err(e)
+            }
+        }
+    }
+
+    fn cooled(&self, st: &State, now: Instant) -> bool {
+        st.last_attempt
+            .is_none_or(|t| now.duration_since(t) >= self.settings.cooldown)
+    }
+
+    /// The key for `kid`, refreshing as the cache rules allow.
+    pub async fn lookup(&self, kid: Option<&str>) -> Lookup {
+        // One lock: concurrent misses wait for the fetch in flight instead of each
+        // starting one.
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        let stale = st
+            .fetched_at
+            .is_none_or(|t| now.duration_since(t) >= self.settings.ttl);
+        if stale && (st.keys.is_none() || self.cooled(&st, now)) {
+            let first = st.keys.is_none();
+            if let Err(e) = self.refresh(&mut st).await
+                && first
+            {
+                return Lookup::Unavailable(e);
+            }
+        }
+        let Some(keys) = st.keys.clone() else {
+            return Lookup::Unavailable(KeysError::Fetch("no key set loaded yet".into()));
+        };
+        if let Some(found) = pick(&keys, kid) {
+            return found;
+        }
+        // Unknown kid: the issuer may have rotated. Refetch, at most once per cooldown.
+        if self.cooled(&st, Instant::now()) && self.refresh(&mut st).await.is_ok() {
+            if let Some(keys) = st.keys.clone()
+                && let Some(found) = pick(&keys, kid)
+            {
+                return found;
+            }
+        }
+        Lookup::UnknownKid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ec_jwk(kid: &str) -> serde_json::Value {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let enc =
+            jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("enc");
+        let mut jwk = serde_json::to_value(
+            Jwk::from_encoding_key(&enc, jsonwebtoken::Algorithm::ES256).expect("jwk"),
+        )
+        .expect("json");
+        jwk["kid"] = kid.into();
+        jwk
+    }
+
+    #[test]
+    fn a_spiffe_bundle_yields_only_its_jwt_svid_keys() {
+        crate::install_crypto_provider();
+        let mut x509 = ec_jwk("x");
+        x509["use"] = "x509-svid".into();
+        let mut jwt = ec_jwk("j");
+        jwt["use"] = "jwt-svid".into();
+        let doc = serde_json::json!({"keys": [x509, jwt], "spiffe_sequence": 1});
+        let keys = parse_jwks(doc.to_string().as_bytes(), true, 8).expect("keys");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("j"));
+    }
+
+    #[test]
+    fn a_key_set_is_bounded() {
+        crate::install_crypto_provider();
+        let doc = serde_json::json!({"keys": [ec_jwk("a"), ec_jwk("b"), ec_jwk("c")]});
+        let keys = parse_jwks(doc.to_string().as_bytes(), false, 2).expect("keys");
+        assert_eq!(keys.len(), 2);
+    }
+
+    #[test]
+    fn a_key_set_with_duplicate_members_is_refused() {
+        let text = br#"{"keys":[],"keys":[]}"#;
+        assert!(matches!(
+            parse_jwks(text, false, 2),
+            Err(KeysError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn unknown_kids_refetch_at_most_once_per_cooldown() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("jwks.json");
+        let doc = serde_json::json!({"keys": [ec_jwk("k1")]});
+        std::fs::write(&path, doc.to_string()).expect("write");
+        let cache = KeyCache::new(
+            KeySourceSpec::File(path),
+            CacheSettings {
+                ttl: Duration::from_secs(3600),
+                cooldown: Duration::from_secs(3600),
+                max_keys: 8,
+            },
+            false,
+            reqwest::Client::new(),
+        );
+        assert!(matches!(cache.lookup(Some("k1")).await, Lookup::Found(_)));
+        assert_eq!(cache.fetch_count().await, 1);
+        for i in 0..100 {
+            assert!(matches!(
+                cache.lookup(Some(&format!("random-{i}"))).await,
+                Lookup::UnknownKid
+            ));
+        }
+        // The first load started the cooldown: no refetch for any of the 100.
+        assert_eq!(cache.fetch_count().await, 1);
+    }
+
+    #[tokio::test]
+    async fn cached_keys_are_served_when_the_source_disappears() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(
+            &path,
+            serde_json::json!({"keys": [ec_jwk("k1")]}).to_string(),
+        )
+        .expect("write");
+        let cache = KeyCache::new(
+            KeySourceSpec::File(path.clone()),
+            CacheSettings {
+                ttl: Duration::ZERO,
+                cooldown: Duration::ZERO,
+                max_keys: 8,
+            },
+            false,
+            reqwest::Client::new(),
+        );
+        assert!(matches!(cache.lookup(Some("k1")).await, Lookup::Found(_)));
+        std::fs::remove_file(&path).expect("rm");
+        assert!(matches!(cache.lookup(Some("k1")).await, Lookup::Found(_)));
+        assert!(cache.fetch_count().await >= 2);
+    }
+}
