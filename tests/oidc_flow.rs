@@ -1,0 +1,308 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
+//! OIDC workload tokens against a real issuer (npm oauth2-mock-server on loopback) and
+//! the real `mayfly` binary: RFC 8693 exchange for a GitHub-Actions-shaped token under a
+//! Cedar policy that allows one repository and ref, bearer tokens on /v1 routes, and
+//! JWKS rotation while the broker runs.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const AUD: &str = "https://mayfly.test";
+const TARGET: &str = "https://deploy.example";
+const COOLDOWN_SECS: u64 = 3;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    pki: Pki,
+    server: Server,
+    oidc: OidcIssuer,
+    audit: std::path::PathBuf,
+}
+
+fn ci_policy(issuer: &str) -> String {
+    let when = format!(
+        r#"principal has issuer && principal.issuer == "{issuer}" &&
+  context.posture.claims has repository && context.posture.claims.repository == "acme/app" &&
+  context.posture.claims has ref && context.posture.claims.ref == "refs/heads/main" &&
+  resource.provider == "jwt" && resource.uri == "{TARGET}""#
+    );
+    format!(
+        "@id(\"ci-declare\")\npermit (principal, action == Mayfly::Action::\"DeclareTask\", resource)\nwhen {{ {when} }};\n\
+         @id(\"ci-mint\")\npermit (principal, action == Mayfly::Action::\"MintCredential\", resource)\nwhen {{ {when} }};\n"
+    )
+}
+
+fn start() -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let oidc = OidcIssuer::start();
+    let extra = format!(
+        r#"
+[[oidc_issuers]]
+issuer = "{iss}"
+audiences = ["{AUD}"]
+algorithms = ["ES256"]
+typ = ["JWT"]
+allow_insecure_http = true
+jwks_ttl = "10m"
+refetch_cooldown = "{COOLDOWN_SECS}s"
+job_claims = ["run_id", "run_attempt"]
+max_exchange_ttl = "30m"
+"#,
+        iss = oidc.issuer
+    );
+    let opts = ConfigOptions {
+        extra,
+        ..ConfigOptions::default()
+    };
+    let config = write_config(dir.path(), &pki, &opts);
+    std::fs::write(
+        dir.path().join("policies/ci.cedar"),
+        ci_policy(&oidc.issuer),
+    )
+    .expect("policy");
+    let server = Server::serve(&config);
+    let audit = dir.path().join("audit.jsonl");
+    Env {
+        _dir: dir,
+        pki,
+        server,
+        oidc,
+        audit,
+    }
+}
+
+fn github_claims(repository: &str, git_ref: &str) -> Value {
+    json!({
+        "aud": AUD,
+        "sub": format!("repo:{repository}:ref:{git_ref}"),
+        "repository": repository,
+        "repository_id": "1234",
+        "ref": git_ref,
+        "workflow_ref": format!("{repository}/.github/workflows/deploy.yml@{git_ref}"),
+        "environment": "production",
+        "run_id": "987654",
+        "run_attempt": "1",
+        "actor": "octocat",
+    })
+}
+
+async fn exchange(env: &Env, form: &[(&str, &str)]) -> (u16, Value, String) {
+    let r = client(&env.pki.bundle_a, None)
+        .post(env.server.url("/v1/token"))
+        .form(form)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (status, r.json().await.unwrap_or(Value::Null), ctype)
+}
+
+fn exchange_form<'a>(token: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", token),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("resource", TARGET),
+        ("scope", "deploy:write"),
+    ]
+}
+
+#[tokio::test]
+async fn a_github_actions_token_is_exchanged_for_a_jwt_credential_for_one_repository_and_ref() {
+    let env = start();
+    let token = env
+        .oidc
+        .mint(github_claims("acme/app", "refs/heads/main"))
+        .await;
+
+    let (s, body, ctype) = exchange(&env, &exchange_form(&token)).await;
+    assert_eq!(s, 200, "{body}\n{}", env.server.logs());
+    assert!(ctype.starts_with("application/json"), "{ctype}");
+    assert_eq!(
+        body["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:jwt"
+    );
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["scope"], "deploy:write");
+    assert!(body["expires_in"].as_i64().expect("expires_in") > 0);
+    let access = jwt_payload(body["access_token"].as_str().expect("access_token"));
+    let principal = format!("{}#repo:acme/app:ref:refs/heads/main", env.oidc.issuer);
+    assert_eq!(access["sub"], principal.as_str());
+    assert_eq!(access["aud"], TARGET);
+    assert_eq!(access["iss"], "https://mayfly.test");
+    assert_eq!(access["jti"], body["mayfly_lease_id"]);
+
+    // The same job exchanging again reuses its implicit task.
+    let (s, again, _) = exchange(&env, &exchange_form(&token)).await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["mayfly_task_id"], body["mayfly_task_id"]);
+    assert_ne!(again["mayfly_lease_id"], body["mayfly_lease_id"]);
+
+    // Another repository, or another ref of the same one: denied by the policy.
+    for (repo, git_ref) in [
+        ("evil/app", "refs/heads/main"),
+        ("acme/app", "refs/heads/feature"),
+    ] {
+        let other = env.oidc.mint(github_claims(repo, git_ref)).await;
+        let (s, err, ctype) = exchange(&env, &exchange_form(&other)).await;
+        assert_eq!(
+            (s, err["error"].as_str()),
+            (400, Some("invalid_target")),
+            "{err}"
+        );
+        assert!(
+            ctype.starts_with("application/json"),
+            "not problem+json: {ctype}"
+        );
+    }
+
+    // RFC 6749 §5.2 errors for malformed requests and bad subject tokens.
+    let mut wrong_grant = exchange_form(&token);
+    wrong_grant[0].1 = "client_credentials";
+    let (s, err, _) = exchange(&env, &wrong_grant).await;
+    assert_eq!(
+        (s, err["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
+    let (s, err, _) = exchange(&env, &exchange_form("not.a.jwt")).await;
+    assert_eq!((s, err["error"].as_str()), (400, Some("invalid_grant")));
+    let mut no_target = exchange_form(&token);
+    no_target.retain(|(k, _)| *k != "resource");
+    let (s, err, _) = exchange(&env, &no_target).await;
+    assert_eq!((s, err["error"].as_str()), (400, Some("invalid_request")));
+    let no_job = env
+        .oidc
+        .mint(json!({"aud": AUD, "sub": "repo:acme/app:ref:refs/heads/main", "repository": "acme/app", "ref": "refs/heads/main"}))
+        .await;
+    let (s, err, _) = exchange(&env, &exchange_form(&no_job)).await;
+    assert_eq!(
+        (s, err["error"].as_str()),
+        (400, Some("unauthorized_client"))
+    );
+
+    // Every exchange is audited, with Mayfly's specific code beside the OAuth error.
+    let records = audit_records(&env.audit);
+    let token_records: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["route"] == "/v1/token")
+        .collect();
+    assert_eq!(token_records.len(), 8, "{token_records:?}");
+    assert!(
+        token_records
+            .iter()
+            .any(|r| r["principal"] == principal.as_str() && r["status"] == 200)
+    );
+    assert!(token_records.iter().any(|r| r["code"] == "token_malformed"));
+}
+
+#[tokio::test]
+async fn oidc_bearer_tokens_work_on_v1_routes_and_jwks_rotation_needs_no_restart() {
+    let env = start();
+    let anon = client(&env.pki.bundle_a, None);
+    let tasks = env.server.url("/v1/tasks");
+    let declare = |token: String| {
+        let anon = anon.clone();
+        let tasks = tasks.clone();
+        async move {
+            let r = anon
+                .post(&tasks)
+                .bearer_auth(token)
+                .json(&json!({
+                    "purpose": "deploy",
+                    "scope": [{"provider": "jwt", "target": TARGET, "actions": ["deploy:write"]}],
+                    "ttl": "10m"
+                }))
+                .send()
+                .await
+                .expect("send");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let claims = github_claims("acme/app", "refs/heads/main");
+    let old_key_token = env.oidc.mint(claims.clone()).await;
+    let (s, body) = declare(old_key_token.clone()).await;
+    assert_eq!(s, 201, "{body}\n{}", env.server.logs());
+    assert!(env.oidc.jwks_fetches().await >= 1);
+
+    // A client certificate and a bearer token together: refused, never merged.
+    let with_cert = client(&env.pki.bundle_a, Some(&env.pki.svid("agent", AGENT)));
+    let r = with_cert
+        .post(&tasks)
+        .bearer_auth(&old_key_token)
+        .json(&task_body("10m"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "ambiguous_credentials"
+    );
+
+    // The issuer rotates; after the cooldown the new kid is fetched on first sight.
+    tokio::time::sleep(Duration::from_millis(COOLDOWN_SECS * 1000 + 200)).await;
+    let new_kid = env.oidc.rotate().await;
+    let new_key_token = env.oidc.mint(claims.clone()).await;
+    let header: Value = {
+        use base64::Engine;
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(new_key_token.split('.').next().expect("h"))
+                .expect("b64"),
+        )
+        .expect("json")
+    };
+    assert_eq!(header["kid"], new_kid.as_str());
+    let (s, body) = declare(new_key_token.clone()).await;
+    assert_eq!(s, 201, "token signed by the rotated-in key: {body}");
+
+    // A flood of random kids: each is refused, and the issuer sees at most one JWKS
+    // request per cooldown.
+    let before = env.oidc.jwks_fetches().await;
+    let started = Instant::now();
+    let (_, rest) = new_key_token.split_once('.').expect("jws");
+    for i in 0..40 {
+        use base64::Engine;
+        let h = json!({"alg": "ES256", "typ": "JWT", "kid": format!("random-{i}")});
+        let forged = format!(
+            "{}.{rest}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.to_string())
+        );
+        let (s, body) = declare(forged).await;
+        assert_eq!((s, body["code"].as_str()), (401, Some("token_unknown_kid")));
+    }
+    let windows = started.elapsed().as_secs() / COOLDOWN_SECS + 1;
+    let fetched = env.oidc.jwks_fetches().await - before;
+    assert!(
+        fetched <= windows,
+        "{fetched} JWKS fetches for 40 random kids in {} windows",
+        windows
+    );
+
+    // The issuer goes down: keys already held keep working.
+    let still_valid = new_key_token;
+    env.oidc.stop();
+    let (s, body) = declare(still_valid).await;
+    assert_eq!(
+        s, 201,
+        "cached keys must be served while the issuer is down: {body}"
+    );
+}
