@@ -111,7 +111,7 @@ async fn exchange(env: &Env, form: &[(&str, &str)]) -> (u16, Value, String) {
     (status, r.json().await.unwrap_or(Value::Null), ctype)
 }
 
-fn exchange_form<'a>(token: &'a str) -> Vec<(&'a str, &'a str)> {
+fn exchange_form(token: &str) -> Vec<(&str, &str)> {
     vec![
         (
             "grant_type",

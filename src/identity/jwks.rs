@@ -292,12 +292,12 @@ impl KeyCache {
             return found;
         }
         // Unknown kid: the issuer may have rotated. Refetch, at most once per cooldown.
-        if self.cooled(&st, Instant::now()) && self.refresh(&mut st).await.is_ok() {
-            if let Some(keys) = st.keys.clone()
-                && let Some(found) = pick(&keys, kid)
-            {
-                return found;
-            }
+        if self.cooled(&st, Instant::now())
+            && self.refresh(&mut st).await.is_ok()
+            && let Some(keys) = st.keys.clone()
+            && let Some(found) = pick(&keys, kid)
+        {
+            return found;
         }
         Lookup::UnknownKid
     }
