@@ -439,7 +439,7 @@ impl Broker {
         caller: &VerifiedCaller,
         req: ExchangeRequest,
         ev: &AuditScope,
-    ) -> Result<Issued, BrokerError> {
+    ) -> Result<Outcome, BrokerError> {
         if req.job.is_empty() {
             return Err(BrokerError::NoJobClaims);
         }

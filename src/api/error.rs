@@ -249,6 +249,17 @@ impl OAuthError {
             description: description.into(),
         }
     }
+    /// The credential needs a human approval first (step-up); retry after it.
+    pub fn authorization_pending(approval_id: &str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: "authorization_pending",
+            code: "approval_required",
+            description: format!(
+                "approval {approval_id} is pending; retry the exchange once it is approved"
+            ),
+        }
+    }
     pub fn unsupported_grant_type() -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,

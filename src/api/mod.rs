@@ -790,11 +790,19 @@ async fn token_exchange(
         subject_expires_at: verified.expires_at,
         max_task_ttl: verified.max_exchange_ttl,
     };
-    let issued = st
+    let issued = match st
         .broker
         .exchange(&caller, req, &ev)
         .await
-        .map_err(ApiError::from)?;
+        .map_err(ApiError::from)?
+    {
+        crate::broker::Outcome::Issued(i) => i,
+        // RFC 8693 has no asynchronous answer: the job may retry after approval (the
+        // implicit task is reused), as with RFC 8628's polling error.
+        crate::broker::Outcome::Pending(a) => {
+            return Err(OAuthError::authorization_pending(&a.id));
+        }
+    };
     let l = &issued.lease;
     let cred = issued.credential.expose();
     let expires_in = (l.expires_at - time::OffsetDateTime::now_utc())
