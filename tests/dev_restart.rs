@@ -160,3 +160,94 @@ async fn dev_mode_restart_keeps_leases_and_reaps_what_expired_while_down() {
         "dev policy caps tasks at 1 h"
     );
 }
+
+#[tokio::test]
+async fn dev_tokens_drive_the_ci_exchange_and_bearer_identities() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("dev");
+    let server = Server::dev(&dir);
+    let d = dir.to_str().expect("utf8");
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).expect("dev.json"))
+            .expect("json");
+    assert_eq!(info["oidc"]["issuer"], "https://oidc.dev.mayfly.local");
+    assert_eq!(info["oidc"]["audience"], "mayfly-dev");
+    for k in ["oidc", "jwt_svid"] {
+        assert!(info[k]["kid"].as_str().is_some_and(|s| !s.is_empty()));
+        assert!(std::path::Path::new(info[k]["jwks"].as_str().expect("path")).exists());
+    }
+    let token = |args: &[&str]| {
+        let mut all = vec!["dev", "token", "--dir", d];
+        all.extend_from_slice(args);
+        let out = run_cli(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_string()
+    };
+    let anon = client(&dir.join("ca.pem"), None);
+    let exchange = |subject: String, resource: &'static str| {
+        let (anon, url) = (anon.clone(), server.url("/v1/token"));
+        async move {
+            let r = anon
+                .post(url)
+                .form(&[
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ),
+                    ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                    ("subject_token", subject.as_str()),
+                    ("resource", resource),
+                    ("scope", "issues:read"),
+                ])
+                .send()
+                .await
+                .expect("send");
+            (r.status().as_u16(), r.json::<Value>().await.expect("json"))
+        }
+    };
+    let ok = token(&[
+        "--oidc",
+        "--claims",
+        r#"{"repository":"acme/app","ref":"refs/heads/main","run_id":"77"}"#,
+    ]);
+    let (s, b) = exchange(ok, "https://api.example.com").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["token_type"], "Bearer");
+    let access = b["access_token"].as_str().expect("token").to_string();
+    let agent = dev_client(&dir, "agent");
+    assert_eq!(
+        introspect(&agent, &server.url("/v1/introspect"), &access).await["active"],
+        true
+    );
+    let other_repo = token(&["--oidc", "--claims", r#"{"repository":"evil/app"}"#]);
+    let (s, b) = exchange(other_repo, "https://api.example.com").await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_target")),
+        "{b}"
+    );
+
+    // A JWT-SVID as a bearer identity, no client certificate.
+    let svid = token(&["--jwt-svid", "spiffe://dev.mayfly.local/agent/demo"]);
+    let body = json!({"purpose": "bearer", "scope": [{"provider": "jwt", "target": "https://x.example", "actions": ["r"]}], "ttl": "5m"});
+    let r = anon
+        .post(server.url("/v1/tasks"))
+        .bearer_auth(&svid)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        r.status().as_u16(),
+        201,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+}

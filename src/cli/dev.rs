@@ -13,17 +13,21 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, RawConfig};
 use crate::pki::{Ca, LeafSpec};
+use crate::provider::jwt::{SigningAlg, SigningKey};
 use crate::secret::write_private_file;
 
 pub const TRUST_DOMAIN: &str = "dev.mayfly.local";
 pub const AGENT_ID: &str = "spiffe://dev.mayfly.local/agent/demo";
 pub const AGENT2_ID: &str = "spiffe://dev.mayfly.local/agent/helper";
 pub const OPERATOR_ID: &str = "spiffe://dev.mayfly.local/operator/admin";
+/// The dev OIDC issuer (a stand-in for e.g. GitHub Actions) and the audience of dev tokens.
+pub const OIDC_ISSUER: &str = "https://oidc.dev.mayfly.local";
+pub const DEV_AUDIENCE: &str = "mayfly-dev";
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// Directory for the dev PKI, store, audit log and dev.json.
-    #[arg(long, default_value = ".mayfly-dev")]
+    #[arg(long, default_value = ".mayfly-dev", global = true)]
     pub dir: PathBuf,
     /// Address to listen on (port 0 picks a free port; dev.json records the real one).
     #[arg(long, default_value = "127.0.0.1:8443")]
@@ -40,6 +44,87 @@ pub struct DevArgs {
     /// write their own audit chain.
     #[arg(long)]
     pub node: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<DevCommand>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DevCommand {
+    /// Print a signed dev token: an OIDC workload token (`--oidc --claims JSON`, e.g.
+    /// GitHub-shaped) or a JWT-SVID (`--jwt-svid SPIFFE_ID`). Uses the keys in --dir.
+    Token {
+        #[arg(long, conflicts_with = "jwt_svid")]
+        oidc: bool,
+        /// Claims to set or override (a JSON object), with --oidc.
+        #[arg(long, requires = "oidc")]
+        claims: Option<String>,
+        #[arg(long)]
+        jwt_svid: Option<String>,
+        /// Lifetime of the token.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+/// Creates (or loads) the dev OIDC issuer key and the dev JWT-SVID key, and writes the
+/// JWKS/bundle files the broker trusts them through.
+fn ensure_bearer_keys(files: &Files) -> Result<(SigningKey, SigningKey), crate::Error> {
+    let oidc =
+        SigningKey::load_or_generate(&files.p("oidc-issuer-key.pem"), Some(SigningAlg::ES256))?;
+    let svid = SigningKey::load_or_generate(&files.p("jwt-svid-key.pem"), Some(SigningAlg::ES256))?;
+    let jwks = json!({"keys": [oidc.jwk()]});
+    let mut svid_jwk = svid.jwk().clone();
+    svid_jwk["use"] = json!("jwt-svid");
+    let bundle = json!({"keys": [svid_jwk]});
+    std::fs::write(files.p("oidc-jwks.json"), jwks.to_string())
+        .map_err(io_err("writing oidc-jwks.json".into()))?;
+    std::fs::write(files.p("jwt-svid-bundle.json"), bundle.to_string())
+        .map_err(io_err("writing jwt-svid-bundle.json".into()))?;
+    Ok((oidc, svid))
+}
+
+/// `mayfly dev token …`
+pub fn token(dir: &Path, command: &DevCommand) -> Result<String, crate::Error> {
+    let DevCommand::Token {
+        oidc,
+        claims,
+        jwt_svid,
+        ttl,
+    } = command;
+    let files = Files {
+        dir: dir.to_path_buf(),
+    };
+    let (oidc_key, svid_key) = ensure_bearer_keys(&files)?;
+    let ttl = crate::duration::parse(ttl).map_err(|e| crate::Error::Tls(format!("--ttl: {e}")))?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let exp = now + i64::try_from(ttl.as_secs()).unwrap_or(600);
+    let usage = || crate::Error::Tls("give --oidc [--claims JSON] or --jwt-svid SPIFFE_ID".into());
+    let signed = if *oidc {
+        let mut c = json!({
+            "iss": OIDC_ISSUER, "aud": DEV_AUDIENCE,
+            "sub": "repo:acme/app:ref:refs/heads/main",
+            "repository": "acme/app", "ref": "refs/heads/main", "run_id": "1", "run_attempt": "1",
+            "iat": now, "nbf": now, "exp": exp, "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        if let Some(extra) = claims {
+            let extra: serde_json::Value = serde_json::from_str(extra)
+                .map_err(|e| crate::Error::Tls(format!("--claims is not JSON: {e}")))?;
+            let obj = extra
+                .as_object()
+                .ok_or_else(|| crate::Error::Tls("--claims must be a JSON object".into()))?;
+            for (k, v) in obj {
+                c[k] = v.clone();
+            }
+        }
+        oidc_key.sign_json(&c, "JWT")?
+    } else {
+        let id = jwt_svid.as_deref().ok_or_else(usage)?;
+        crate::identity::SpiffeId::parse(id)
+            .map_err(|e| crate::Error::Tls(format!("--jwt-svid: {e}")))?;
+        let c = json!({"sub": id, "aud": [DEV_AUDIENCE], "iat": now, "exp": exp});
+        svid_key.sign_json(&c, "JWT")?
+    };
+    Ok(signed)
 }
 
 fn io_err(context: String) -> impl FnOnce(std::io::Error) -> crate::Error {
@@ -162,7 +247,19 @@ path = {audit:?}
 issuer = "{issuer}"
 signing_key_file = {jwt_key:?}
 generate_key = "ES256"
+[[jwt_svid]]
+trust_domain = "{TRUST_DOMAIN}"
+bundle_file = {svid_bundle:?}
+audiences = ["{DEV_AUDIENCE}"]
+[[oidc_issuers]]
+issuer = "{OIDC_ISSUER}"
+audiences = ["{DEV_AUDIENCE}"]
+jwks_file = {oidc_jwks:?}
+algorithms = ["ES256"]
+job_claims = ["run_id", "run_attempt"]
 "#,
+        svid_bundle = d("jwt-svid-bundle.json"),
+        oidc_jwks = d("oidc-jwks.json"),
         server = d("server.pem"),
         server_key = d("server-key.pem"),
         ca = d("ca.pem"),
@@ -232,6 +329,13 @@ Try the whole flow (paste into a shell):
   for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' $AGENT -H 'content-type: application/json' \
     $MF/v1/tasks/$TASK/credentials -d '{{"provider":"jwt","target":"https://api.example.com","actions":["admin"]}}'; done; echo
   curl -s $AGENT $MF/v1/tasks/$TASK | grep -o '"state":"[a-z]*","created_at' | head -1   # -> revoked
+
+  # CI token exchange (RFC 8693) with a GitHub-shaped dev OIDC token, no client certificate:
+  OIDC=$(mayfly dev token --dir $D --oidc --claims '{{"repository":"acme/app","ref":"refs/heads/main"}}')
+  curl -s --cacert $D/ca.pem $MF/v1/token \
+    -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+    -d subject_token_type=urn:ietf:params:oauth:token-type:jwt --data-urlencode "subject_token=$OIDC" \
+    -d resource=https://api.example.com -d scope=issues:read; echo
 "#
     )
 }
@@ -255,12 +359,17 @@ fn dev_issuer(dir: &Path, addr: SocketAddr, shared: bool) -> Result<String, crat
 }
 
 pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
+    if let Some(command) = &args.command {
+        println!("{}", token(&args.dir, command)?);
+        return Ok(());
+    }
     std::fs::create_dir_all(&args.dir)
         .map_err(io_err(format!("creating {}", args.dir.display())))?;
     let files = Files {
         dir: args.dir.clone(),
     };
     ensure_pki(&files, args.listen)?;
+    let (oidc_key, svid_key) = ensure_bearer_keys(&files)?;
     // Bind first: with port 0 the issuer URL and dev.json need the real port.
     let listener = super::bind(args.listen).await?;
     let addr = listener
@@ -296,6 +405,14 @@ pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
         "policies": args.policies.display().to_string(),
         "jwt_issuer": config.jwt_issuer,
         "jwks_uri": format!("{}/.well-known/jwks.json", config.jwt_issuer),
+        "oidc": {
+            "issuer": OIDC_ISSUER, "audience": DEV_AUDIENCE, "kid": oidc_key.kid(),
+            "key": p("oidc-issuer-key.pem"), "jwks": p("oidc-jwks.json"),
+        },
+        "jwt_svid": {
+            "trust_domain": TRUST_DOMAIN, "audience": DEV_AUDIENCE, "kid": svid_key.kid(),
+            "key": p("jwt-svid-key.pem"), "jwks": p("jwt-svid-bundle.json"),
+        },
     });
     let text = serde_json::to_string_pretty(&info).unwrap_or_default();
     std::fs::write(args.dir.join("dev.json"), text).map_err(io_err("writing dev.json".into()))?;

@@ -191,6 +191,20 @@ impl SigningKey {
     pub fn kid(&self) -> &str {
         &self.kid
     }
+
+    /// The public JWK (with `kid`, `use`, `alg`).
+    pub fn jwk(&self) -> &Value {
+        &self.jwk
+    }
+
+    /// Signs arbitrary claims (dev tokens: `mayfly dev token`).
+    pub fn sign_json(&self, claims: &Value, typ: &str) -> Result<String, ProviderError> {
+        let mut header = Header::new(self.algorithm());
+        header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.into());
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .map_err(|e| ProviderError::Mint(e.to_string()))
+    }
 }
 
 /// Why a presented access token is not one of ours.
