@@ -691,16 +691,16 @@ pub const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// RFC 8693 request parameters (RFC 6749: each at most once).
-#[derive(Deserialize)]
-struct TokenForm {
-    grant_type: Option<String>,
-    subject_token: Option<String>,
-    subject_token_type: Option<String>,
-    resource: Option<String>,
-    audience: Option<String>,
-    scope: Option<String>,
-    requested_token_type: Option<String>,
-    actor_token: Option<String>,
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct TokenForm {
+    pub(crate) grant_type: Option<String>,
+    pub(crate) subject_token: Option<String>,
+    pub(crate) subject_token_type: Option<String>,
+    pub(crate) resource: Option<String>,
+    pub(crate) audience: Option<String>,
+    pub(crate) scope: Option<String>,
+    pub(crate) requested_token_type: Option<String>,
+    pub(crate) actor_token: Option<String>,
 }
 
 /// `POST /v1/token`: RFC 8693 token exchange for CI. The subject token (an OIDC

@@ -14,7 +14,7 @@
 use utoipa::OpenApi;
 
 use super::views::*;
-use super::{ApprovalBody, BulkBody, IntrospectForm, RevokeBody, SignalBody};
+use super::{ApprovalBody, BulkBody, IntrospectForm, RevokeBody, SignalBody, TokenForm};
 use crate::task::{RawCredentialRequest, RawDelegateRequest, RawGrant, RawTaskRequest};
 
 #[derive(OpenApi)]
@@ -27,11 +27,11 @@ use crate::task::{RawCredentialRequest, RawDelegateRequest, RawGrant, RawTaskReq
     paths(
         declare_task, list_tasks, get_task, request_credential, delegate_task, complete_task,
         revoke_task, list_leases, get_lease, revoke_lease, bulk_revoke, signal, decide_approval,
-        collect_approval, introspect, jwks, discovery, healthz, readyz, metrics
+        collect_approval, introspect, token, jwks, discovery, healthz, readyz, metrics
     ),
     components(schemas(
         RawTaskRequest, RawGrant, RawCredentialRequest, RawDelegateRequest, RevokeBody, BulkBody,
-        SignalBody, ApprovalBody, IntrospectForm, TaskView, GrantView, LeaseView, TaskPage,
+        SignalBody, ApprovalBody, IntrospectForm, TokenForm, TaskView, GrantView, LeaseView, TaskPage,
         LeasePage, CredentialView, ApprovalView, RevocationView, IntrospectionView, SignalResult,
         FiredRule, Problem
     )),
@@ -39,6 +39,7 @@ use crate::task::{RawCredentialRequest, RawDelegateRequest, RawGrant, RawTaskReq
         (name = "agent", description = "Agents, authenticated by their X.509-SVID"),
         (name = "operator", description = "Operator identities from config only; agents get 403 not_operator"),
         (name = "resource-server", description = "Verifying Mayfly access tokens"),
+        (name = "ci", description = "RFC 8693 token exchange with an OIDC workload token or JWT-SVID"),
         (name = "ops", description = "Health and metrics; no client certificate needed")
     )
 )]
@@ -113,6 +114,11 @@ fn collect_approval() {}
 #[utoipa::path(post, path = "/v1/introspect", tag = "resource-server", request_body(content = IntrospectForm, content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, body = IntrospectionView)))]
 fn introspect() {}
+
+#[utoipa::path(post, path = "/v1/token", tag = "ci", request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "RFC 8693 response: {access_token, issued_token_type, token_type, expires_in, scope}"),
+        (status = 400, description = "RFC 6749 §5.2: invalid_request, invalid_grant, invalid_target, invalid_scope, unsupported_grant_type, unauthorized_client")))]
+fn token() {}
 
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "resource-server", responses((status = 200, description = "JWK set of the token signing keys")))]
 fn jwks() {}
