@@ -15,7 +15,7 @@ use crate::audit::AuditLog;
 use crate::broker::{Broker, BrokerParts, Limits};
 use crate::identity::bearer::{BearerVerifier, IssuerRules, TrustedIssuer, parse_algorithm};
 use crate::identity::jwks::{CacheSettings, KeyCache, KeySourceSpec};
-use crate::identity::{Principal, TrustBundles, TrustDomain};
+use crate::identity::{Principal, TrustDomain};
 use crate::lease::LeaseStore;
 use crate::lease::embedded::EmbeddedStore;
 use crate::lease::redis::{Durability, RedisConfig, RedisStore};
@@ -1001,7 +1001,7 @@ impl Config {
         &self,
         faults: Option<crate::broker::FaultHook>,
     ) -> Result<App, crate::Error> {
-        let bundles = TrustBundles::from_pem_files(&self.trust_domains)?;
+        let bundles = crate::identity::LiveBundles::load(&self.trust_domains)?;
         let policy = Arc::new(PolicyEngine::load(&self.policy_dir)?);
         let store: Arc<dyn LeaseStore> = match &self.store {
             StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
@@ -1036,7 +1036,8 @@ impl Config {
             faults,
             anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(self.anomaly.clone())),
         }));
-        let tls = crate::api::tls::server_config(&self.tls_cert, &self.tls_key)?;
+        let serving = crate::api::tls::ServingCert::load(&self.tls_cert, &self.tls_key)?;
+        let tls = crate::api::tls::server_config(serving.clone())?;
         let bearer = Arc::new(self.bearer_verifier()?);
         Ok(App {
             bearer,
@@ -1046,6 +1047,7 @@ impl Config {
             policy,
             audit,
             bundles: Arc::new(bundles),
+            serving,
             tls,
             config: self.clone(),
         })
@@ -1060,7 +1062,10 @@ pub struct App {
     pub revoker: Arc<Revoker>,
     pub policy: Arc<PolicyEngine>,
     pub audit: AuditLog,
-    pub bundles: Arc<TrustBundles>,
+    /// X.509 trust bundles, re-read while running when their files change.
+    pub bundles: Arc<crate::identity::LiveBundles>,
+    /// The serving certificate, re-read while running when its files change.
+    pub serving: Arc<crate::api::tls::ServingCert>,
     pub tls: Arc<rustls::ServerConfig>,
     pub config: Config,
 }

@@ -655,3 +655,88 @@ async fn tampered_audit_logs_fail_verification_naming_the_line() {
     let ok = run_cli(&["audit", "verify", env.audit.to_str().expect("utf8")]);
     assert!(ok.status.success());
 }
+
+#[tokio::test]
+async fn trust_bundles_are_reloaded_while_running_and_a_bad_file_keeps_the_last_good_set() {
+    let env = start();
+    let url = env.server.url("/v1/tasks");
+    // Trust domain B rotates to a new CA: its SVIDs are refused until the bundle says so.
+    let b2 = mayfly::pki::Ca::generate("CA B2", TD_B).expect("ca");
+    let rotated = env.with_spec("b2", &b2, LeafSpec::svid("spiffe://b.test/agent/x", 1));
+    let (s, body) = post_json(&rotated, &url, task_body("10m")).await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (401, Some("svid_untrusted_chain"))
+    );
+
+    let both = format!("{}{}", env.pki.ca_b.cert_pem(), b2.cert_pem());
+    std::fs::write(&env.pki.bundle_b, both).expect("write bundle");
+    let accepted = eventually(Duration::from_secs(10), || {
+        let (pki_dir, url) = (env.pki.dir.clone(), url.clone());
+        let ca = env.pki.bundle_a.clone();
+        async move {
+            // A new client, hence a new connection, verified against the bundles now in force.
+            let c = client(
+                &ca,
+                Some(&Pair {
+                    cert: pki_dir.join("b2.pem"),
+                    key: pki_dir.join("b2-key.pem"),
+                }),
+            );
+            let (s, _) = post_json(&c, &url, task_body("10m")).await;
+            (s == 201).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        accepted.is_some(),
+        "the rotated CA is trusted without a restart"
+    );
+
+    // A broken bundle file is refused; the last good set stays in force.
+    std::fs::write(&env.pki.bundle_b, "not a certificate").expect("write");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let again = client(
+        &env.pki.bundle_a,
+        Some(&Pair {
+            cert: env.pki.dir.join("b2.pem"),
+            key: env.pki.dir.join("b2-key.pem"),
+        }),
+    );
+    let (s, body) = post_json(&again, &url, task_body("10m")).await;
+    assert_eq!(s, 201, "{body}");
+}
+
+#[tokio::test]
+async fn the_serving_certificate_is_reloaded_when_its_files_change() {
+    let env = start();
+    let health = env.server.url("/healthz");
+    let trusting_b = client(&env.pki.bundle_b, None);
+    assert!(
+        trusting_b.get(&health).send().await.is_err(),
+        "served by CA A's certificate"
+    );
+    // Rotate the broker's certificate to one from CA B (as a new SVID would arrive).
+    let spec = LeafSpec::server(None, &["localhost"], &["127.0.0.1".parse().expect("ip")], 1);
+    let issued = env.pki.ca_b.issue(&spec).expect("issue");
+    std::fs::write(&env.pki.server.key, issued.key_pem.expose()).expect("key");
+    std::fs::write(&env.pki.server.cert, &issued.cert_pem).expect("cert");
+    let switched = eventually(Duration::from_secs(10), || {
+        let (c, url) = (client(&env.pki.bundle_b, None), health.clone());
+        async move {
+            match c.get(&url).send().await {
+                Ok(r) if r.status() == 200 => Some(()),
+                other => {
+                    eprintln!("not yet: {other:?}");
+                    None
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        switched.is_some(),
+        "new connections get the new certificate without a restart\n{}",
+        env.server.logs()
+    );
+}

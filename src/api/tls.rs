@@ -5,6 +5,7 @@
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::future::Future;
@@ -17,10 +18,14 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use super::extract::ConnInfo;
+use crate::identity::VerifyError;
 use crate::identity::x509::{HandshakeVerifier, verify_svid};
-use crate::identity::{TrustBundles, VerifyError};
 
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, crate::Error> {
+fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Arc<CertifiedKey>, crate::Error> {
     let tls_err = |what: &str, p: &Path, e: &dyn std::fmt::Display| {
         crate::Error::Tls(format!("{what} {}: {e}", p.display()))
     };
@@ -33,14 +38,84 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, crate
     }
     let key_der =
         PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err("cannot read key", key, &e))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let signing = provider
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| tls_err("unusable key", key, &e))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| tls_err("key does not match certificate", cert, &e))?;
+    Ok(Arc::new(ck))
+}
+
+/// The broker's own serving certificate, re-read when its files change (SVIDs from the
+/// SPIFFE CSI driver or cert-manager rotate): a new pair that fails to load is refused and
+/// the current one keeps serving.
+pub struct ServingCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+    stamp: std::sync::Mutex<(Option<std::time::SystemTime>, Option<std::time::SystemTime>)>,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+fn modified(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+impl ServingCert {
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, crate::Error> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let ck = load_certified_key(cert, key, &provider)?;
+        Ok(Arc::new(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            provider,
+            current: std::sync::RwLock::new(ck),
+            stamp: std::sync::Mutex::new((modified(cert), modified(key))),
+        }))
+    }
+
+    /// Reloads if either file changed; `Ok(true)` when a new pair is in use.
+    pub fn refresh(&self) -> Result<bool, crate::Error> {
+        let now = (modified(&self.cert), modified(&self.key));
+        if *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) == now {
+            return Ok(false);
+        }
+        let ck = load_certified_key(&self.cert, &self.key, &self.provider)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = ck;
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        Ok(true)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+pub fn server_config(serving: Arc<ServingCert>) -> Result<Arc<ServerConfig>, crate::Error> {
+    let provider = serving.provider.clone();
     let verifier = Arc::new(HandshakeVerifier::new(&provider));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| crate::Error::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key_der)
-        .map_err(|e| crate::Error::Tls(e.to_string()))?;
+        .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -54,7 +129,7 @@ pub struct ServeOptions {
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
-    bundles: Arc<TrustBundles>,
+    bundles: Arc<crate::identity::LiveBundles>,
     app: axum::Router,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -99,7 +174,7 @@ pub async fn serve(
             };
             let identity = match stream.get_ref().1.peer_certificates() {
                 Some(chain) if !chain.is_empty() => {
-                    verify_svid(chain, &bundles, Some(peer.ip()), UnixTime::now())
+                    verify_svid(chain, &bundles.current(), Some(peer.ip()), UnixTime::now())
                 }
                 _ => Err(VerifyError::ClientCertRequired),
             };

@@ -298,6 +298,43 @@ fn spawn_policy_reloader(app: &App) {
     });
 }
 
+/// Re-reads the X.509 trust bundles and the serving certificate when their files change
+/// (SPIRE and cert-manager rotate them); a bad new file is refused and the last good
+/// one stays in force.
+fn spawn_bundle_refresher(app: &App) {
+    let (bundles, serving) = (app.bundles.clone(), app.serving.clone());
+    let every = app.config.policy_reload;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let (b, c) = (bundles.clone(), serving.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                (
+                    b.refresh().map_err(|e| e.to_string()),
+                    c.refresh().map_err(|e| e.to_string()),
+                )
+            })
+            .await;
+            let Ok((bundle, cert)) = done else { continue };
+            match bundle {
+                Ok(true) => tracing::info!("trust bundles reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "trust bundle reload refused; keeping the last good set")
+                }
+            }
+            match cert {
+                Ok(true) => tracing::info!("serving certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "serving certificate reload refused; keeping the current one")
+                }
+            }
+        }
+    });
+}
+
 /// Runs a built broker on `listener` until SIGINT/SIGTERM. `on_ready` sees the bound
 /// address once the reaper and reloader run.
 pub async fn serve(
@@ -314,6 +351,7 @@ pub async fn serve(
     app.audit.write(started).await?;
     crate::metrics::handle();
     let reaper = app.revoker.clone().spawn_reaper();
+    spawn_bundle_refresher(&app);
     spawn_policy_reloader(&app);
     let state = AppState {
         broker: app.broker.clone(),

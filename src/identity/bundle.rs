@@ -102,3 +102,52 @@ impl TrustBundles {
         self.domains.keys().map(String::as_str)
     }
 }
+
+/// The trust bundles in force, replaceable while the broker runs: `refresh` re-reads the
+/// PEM files and swaps them in, or keeps the last good set when a file is missing or bad.
+pub struct LiveBundles {
+    files: Vec<(TrustDomain, PathBuf)>,
+    current: std::sync::RwLock<Arc<TrustBundles>>,
+    stamp: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
+}
+
+impl LiveBundles {
+    pub fn load(files: &[(TrustDomain, PathBuf)]) -> Result<Self, BundleError> {
+        let bundles = TrustBundles::from_pem_files(files)?;
+        Ok(Self {
+            files: files.to_vec(),
+            current: std::sync::RwLock::new(Arc::new(bundles)),
+            stamp: std::sync::Mutex::new(Self::stamp_of(files)),
+        })
+    }
+
+    fn stamp_of(files: &[(TrustDomain, PathBuf)]) -> Vec<Option<std::time::SystemTime>> {
+        files
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    pub fn current(&self) -> Arc<TrustBundles> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the bundles if a file changed. `Ok(true)` when a new set is in force;
+    /// on error the previous set stays.
+    pub fn refresh(&self) -> Result<bool, BundleError> {
+        let now = Self::stamp_of(&self.files);
+        {
+            let last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *last == now {
+                return Ok(false);
+            }
+        }
+        let fresh = TrustBundles::from_pem_files(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        Ok(true)
+    }
+}

@@ -14,7 +14,7 @@ use std::fmt;
 use std::net::IpAddr;
 use time::OffsetDateTime;
 
-pub use bundle::{BundleError, TrustBundles};
+pub use bundle::{BundleError, LiveBundles, TrustBundles};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Why a caller's proof of identity was refused. Each rule has its own variant (and its
