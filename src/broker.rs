@@ -882,6 +882,9 @@ impl Broker {
                 .map(Outcome::Pending);
         }
 
+        // Over the provider's request budget: refuse before anything is written.
+        self.providers.admit(req.provider)?;
+
         // Record: the lease exists, durably, before the credential does.
         let lease = Lease::pending(&task.id, caller.principal(), &wanted, now, after(now, ttl));
         self.store
@@ -915,6 +918,12 @@ impl Broker {
             .await
         {
             Ok(m) => m,
+            Err(err) if err.minted_nothing() => {
+                self.revoker
+                    .discard_pending(&lease.id, "mint refused")
+                    .await?;
+                return Err(err.into());
+            }
             Err(err) => {
                 // The provider may have minted before failing: revoke as if it had.
                 self.revoker.revoke_lease(&lease.id, "mint failed").await?;
@@ -944,6 +953,14 @@ impl Broker {
                 return Err(e.into());
             }
         };
+        // Providers that minted short-lived (crash safety) extend the credential now that
+        // the lease and its handle are durable.
+        if let Err(err) = provider.activated(&active).await {
+            self.revoker
+                .revoke_lease(&active.id, "activation at the provider failed")
+                .await?;
+            return Err(err.into());
+        }
         ev.set(|e| e.credential_fingerprint = Some(minted.fingerprint.clone()));
         metrics::counter!("mayfly_leases_issued_total", "provider" => active.provider.as_str())
             .increment(1);

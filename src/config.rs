@@ -368,6 +368,11 @@ pub struct IssuerConfig {
 /// An http(s) URL Mayfly may fetch keys from: https, or http to a loopback host only
 /// when explicitly allowed (tests, `mayfly dev`).
 fn check_url(key: &'static str, url: &str, allow_http: bool) -> Result<(), ConfigError> {
+    url_allowed(url, allow_http).map_err(|m| invalid(key, m))
+}
+
+/// The same rule as a plain message, for config parsed outside this module.
+pub(crate) fn url_allowed(url: &str, allow_http: bool) -> Result<(), String> {
     if url.starts_with("https://") && url.len() > "https://".len() {
         return Ok(());
     }
@@ -376,12 +381,9 @@ fn check_url(key: &'static str, url: &str, allow_http: bool) -> Result<(), Confi
         if matches!(host, "127.0.0.1" | "localhost" | "[") || rest.starts_with("[::1]") {
             return Ok(());
         }
-        return Err(invalid(
-            key,
-            format!("{url:?}: http:// only to a loopback host"),
-        ));
+        return Err(format!("{url:?}: http:// only to a loopback host"));
     }
-    Err(invalid(key, format!("{url:?} must be an https:// URL")))
+    Err(format!("{url:?} must be an https:// URL"))
 }
 
 struct IssuerCommon<'a> {
@@ -689,6 +691,10 @@ impl Default for RawReaper {
 #[serde(deny_unknown_fields)]
 pub struct RawProviders {
     pub jwt: RawJwt,
+    #[serde(default)]
+    pub vault: Option<crate::provider::vault::RawVault>,
+    #[serde(default)]
+    pub aws: Option<crate::provider::aws::RawAws>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -796,6 +802,8 @@ pub struct Config {
     pub jwt_issuer: String,
     pub jwt_key: PathBuf,
     pub jwt_generate: Option<SigningAlg>,
+    pub vault: Option<crate::provider::vault::VaultConfig>,
+    pub aws: Option<crate::provider::aws::AwsConfig>,
     pub anomaly: AnomalyConfig,
     pub webhook: Option<crate::webhook::WebhookConfig>,
     pub jwt_svid: Vec<(TrustDomain, IssuerConfig)>,
@@ -871,6 +879,7 @@ impl TryFrom<RawConfig> for Config {
             max_page: l.max_page.clamp(1, 10_000),
             max_delegation_depth: l.max_delegation_depth.min(16),
         };
+        let pending_timeout = limits.pending_timeout;
         if limits.default_lease_ttl > limits.max_lease_ttl {
             return Err(invalid(
                 "limits.default_lease_ttl",
@@ -920,6 +929,18 @@ impl TryFrom<RawConfig> for Config {
             jwt_issuer: issuer.trim_end_matches('/').to_string(),
             jwt_key: raw.providers.jwt.signing_key_file,
             jwt_generate: raw.providers.jwt.generate_key,
+            vault: raw
+                .providers
+                .vault
+                .map(|v| crate::provider::vault::VaultConfig::from_raw(v, pending_timeout))
+                .transpose()
+                .map_err(|(k, m)| invalid(k, m))?,
+            aws: raw
+                .providers
+                .aws
+                .map(crate::provider::aws::AwsConfig::from_raw)
+                .transpose()
+                .map_err(|(k, m)| invalid(k, m))?,
             anomaly: anomaly_config(raw.anomaly)?,
             webhook: raw
                 .webhook
@@ -1018,6 +1039,19 @@ impl Config {
         let jwt = Arc::new(JwtIssuer::new(self.jwt_issuer.clone(), key));
         let mut providers = Providers::default();
         providers.insert(Arc::new(JwtProvider::new(jwt.clone())));
+        if let Some(v) = &self.vault {
+            let p = crate::provider::vault::VaultProvider::new(v.clone())
+                .map_err(|e| invalid("providers.vault", e))?;
+            let rate = p.rate();
+            providers.insert_limited(Arc::new(p), rate);
+        }
+        if let Some(a) = &self.aws {
+            let p = crate::provider::aws::AwsProvider::start(a.clone())
+                .await
+                .map_err(|e| invalid("providers.aws", e))?;
+            let rate = p.rate();
+            providers.insert_limited(p, rate);
+        }
         let revoker = Arc::new(Revoker::new(
             store.clone(),
             providers.clone(),

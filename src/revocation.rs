@@ -108,6 +108,27 @@ impl Revoker {
         }
     }
 
+    /// Ends a `pending` lease whose mint the provider refused before anything existed
+    /// upstream (validation, an upstream denial): no provider call, straight to `revoked`.
+    /// Falls back to a full revocation if the lease moved on meanwhile.
+    pub async fn discard_pending(&self, id: &LeaseId, reason: &str) -> Result<Lease, StoreError> {
+        let mut t = Transition::new(
+            id.clone(),
+            &[LeaseState::Pending],
+            LeaseState::Revoked,
+            OffsetDateTime::now_utc(),
+        );
+        t.reason = Some(reason.to_string());
+        match self.store.transition(t).await {
+            Ok(l) => {
+                self.record(lease_event("lease.revoked", &l)).await;
+                Ok(l)
+            }
+            Err(StoreError::InvalidTransition { .. }) => self.revoke_lease(id, reason).await,
+            Err(e) => Err(e),
+        }
+    }
+
     /// Requests revocation of one lease and makes a first attempt. Returns the lease as it
     /// stands afterwards: `revoked`, or `revoking` when the provider failed (the reaper
     /// retries). Terminal leases are returned unchanged.
@@ -274,6 +295,19 @@ impl Revoker {
         now: OffsetDateTime,
     ) -> Result<Option<LeaseState>, StoreError> {
         match lease.state {
+            LeaseState::Active
+                if lease.expires_at <= now
+                    && self
+                        .providers
+                        .get(lease.provider)
+                        .is_ok_and(|p| p.outlives_lease(&lease)) =>
+            {
+                // The credential would outlive its lease (an STS session's 900 s floor,
+                // a longer Vault lease): end it at the provider, not just in the record.
+                Ok(Some(
+                    self.revoke_lease(&lease.id, "ttl_expired").await?.state,
+                ))
+            }
             LeaseState::Active if lease.expires_at <= now => {
                 let t = Transition::new(
                     lease.id.clone(),

@@ -164,6 +164,24 @@ impl ApiError {
                 BrokerError::Provider(ProviderError::Unavailable(_)) => {
                     (S::SERVICE_UNAVAILABLE, "provider_unavailable")
                 }
+                BrokerError::Provider(ProviderError::Denied(_)) => {
+                    (S::BAD_GATEWAY, "upstream_denied")
+                }
+                BrokerError::Provider(ProviderError::Rejected(_)) => {
+                    (S::BAD_GATEWAY, "upstream_rejected")
+                }
+                BrokerError::Provider(ProviderError::NotAllowed(_)) => {
+                    (S::FORBIDDEN, "provider_not_allowed")
+                }
+                BrokerError::Provider(ProviderError::InvalidGrant(_)) => {
+                    (S::BAD_REQUEST, "invalid_provider_grant")
+                }
+                BrokerError::Provider(ProviderError::PolicyTooLarge { .. }) => {
+                    (S::BAD_REQUEST, "policy_too_large")
+                }
+                BrokerError::Provider(ProviderError::RateLimited { .. }) => {
+                    (S::TOO_MANY_REQUESTS, "rate_limited")
+                }
                 BrokerError::Provider(_) => (S::BAD_GATEWAY, "provider_error"),
                 BrokerError::Store(StoreError::Unavailable(_)) => {
                     (S::SERVICE_UNAVAILABLE, "store_unavailable")
@@ -180,6 +198,13 @@ impl ApiError {
             match self {
                 ApiError::Audit(_) => self.to_string(),
                 ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
+                // The upstream's own reason helps the caller and reveals nothing of ours.
+                ApiError::Broker(BrokerError::Provider(
+                    e @ (ProviderError::Denied(_) | ProviderError::Rejected(_)),
+                )) => e.to_string(),
+                ApiError::Broker(BrokerError::Provider(ProviderError::Unavailable(_))) => {
+                    "the credential provider is unreachable".into()
+                }
                 ApiError::Broker(BrokerError::Provider(_)) => {
                     "the credential provider failed".into()
                 }
@@ -224,8 +249,25 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static(challenge),
             );
         }
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp.extensions_mut().insert(ErrorCode(code));
         resp
+    }
+}
+
+impl ApiError {
+    /// Seconds a client should wait before retrying, for errors that say so.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::Broker(BrokerError::Provider(ProviderError::RateLimited {
+                retry_after_secs,
+                ..
+            })) => Some(*retry_after_secs),
+            _ => None,
+        }
     }
 }
 
@@ -235,6 +277,7 @@ impl IntoResponse for ApiError {
 #[derive(Debug)]
 pub struct OAuthError {
     pub status: StatusCode,
+    pub retry_after: Option<u64>,
     pub error: &'static str,
     pub code: &'static str,
     pub description: String,
@@ -244,6 +287,7 @@ impl OAuthError {
     pub fn invalid_request(description: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
+            retry_after: None,
             error: "invalid_request",
             code: "invalid_request",
             description: description.into(),
@@ -253,6 +297,7 @@ impl OAuthError {
     pub fn authorization_pending(approval_id: &str) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
+            retry_after: None,
             error: "authorization_pending",
             code: "approval_required",
             description: format!(
@@ -263,6 +308,7 @@ impl OAuthError {
     pub fn unsupported_grant_type() -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
+            retry_after: None,
             error: "unsupported_grant_type",
             code: "unsupported_grant_type",
             description: "grant_type must be urn:ietf:params:oauth:grant-type:token-exchange"
@@ -290,12 +336,15 @@ impl From<ApiError> for OAuthError {
             | ApiError::Broker(BrokerError::NotTaskOwner(_)) => {
                 (S::BAD_REQUEST, "unauthorized_client")
             }
-            _ if status == S::SERVICE_UNAVAILABLE => (status, "temporarily_unavailable"),
+            _ if status == S::SERVICE_UNAVAILABLE || status == S::TOO_MANY_REQUESTS => {
+                (status, "temporarily_unavailable")
+            }
             _ if status.is_server_error() => (S::INTERNAL_SERVER_ERROR, "server_error"),
             _ => (S::BAD_REQUEST, "invalid_request"),
         };
         Self {
             status,
+            retry_after: e.retry_after(),
             error,
             code,
             description: e.detail(status),
@@ -318,6 +367,9 @@ impl IntoResponse for OAuthError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(secs) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp.extensions_mut().insert(ErrorCode(self.code));
         resp
     }

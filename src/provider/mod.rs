@@ -1,7 +1,13 @@
 //! Credential providers: each mints one kind of credential for a lease and says how that
 //! credential dies. Chosen by config, built once, held as `Arc<dyn CredentialProvider>`.
 
+pub mod aws;
+mod http;
 pub mod jwt;
+mod ratelimit;
+pub mod vault;
+
+pub use ratelimit::{RateLimit, TokenBucket};
 
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -25,6 +31,50 @@ pub enum ProviderError {
     Revoke(String),
     #[error("provider unreachable: {0}")]
     Unavailable(String),
+    /// The upstream refused Mayfly's request (HTTP 403, `AccessDenied`): its reason.
+    #[error("the upstream denied the request: {0}")]
+    Denied(String),
+    /// The upstream rejected the request as invalid (HTTP 4xx other than 403).
+    #[error("the upstream rejected the request: {0}")]
+    Rejected(String),
+    /// The grant does not fit what the provider's configuration allows for the target
+    /// (unknown target, a Vault policy outside the allow-list, …).
+    #[error("not allowed by the provider configuration: {0}")]
+    NotAllowed(String),
+    /// The grant cannot be expressed as this provider's credential.
+    #[error("grant cannot be minted by this provider: {0}")]
+    InvalidGrant(String),
+    /// The generated policy exceeds the upstream's size limit; Mayfly never widens it.
+    #[error("generated {what} is {len} characters; the limit is {max}")]
+    PolicyTooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// The provider's request budget is spent; retry after the given time.
+    #[error("provider {provider} is over its request rate; retry in {retry_after_secs} s")]
+    RateLimited {
+        provider: ProviderKind,
+        retry_after_secs: u64,
+    },
+}
+
+impl ProviderError {
+    /// The error proves no credential exists upstream: the request was refused before
+    /// it was sent, or the upstream refused it outright. Anything ambiguous (a timeout,
+    /// a failure after the upstream answered) is not.
+    pub fn minted_nothing(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::NotConfigured(_)
+                | ProviderError::NotAllowed(_)
+                | ProviderError::InvalidGrant(_)
+                | ProviderError::PolicyTooLarge { .. }
+                | ProviderError::RateLimited { .. }
+                | ProviderError::Denied(_)
+                | ProviderError::Rejected(_)
+        )
+    }
 }
 
 /// What Mayfly knows about how a credential died.
@@ -62,20 +112,77 @@ pub trait CredentialProvider: Send + Sync + 'static {
     /// that stayed `pending` (the credential may or may not exist).
     async fn revoke(&self, lease: &Lease) -> Result<Revocation, ProviderError>;
     async fn ready(&self) -> Result<(), ProviderError>;
+    /// Called once the lease is `active` (durably, with its handle), before the
+    /// credential is returned. Providers that mint short-lived first (so a crash before
+    /// activation leaves a credential that dies within the pending timeout) extend the
+    /// credential to the lease's end here. An error revokes the lease.
+    async fn activated(&self, _lease: &Lease) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    /// Whether the credential of `lease` can outlive the lease's TTL (an STS session's
+    /// 900 s floor, a Vault dynamic-secret lease longer than Mayfly's). If so, the reaper
+    /// revokes it at expiry instead of only marking it expired.
+    fn outlives_lease(&self, _lease: &Lease) -> bool {
+        false
+    }
 }
 
-/// The configured providers, by kind.
+/// An upstream URL: https, or http to a loopback host when explicitly allowed (tests).
+pub(crate) fn check_upstream_url(url: &str, allow_http: bool) -> Result<(), String> {
+    crate::config::url_allowed(url, allow_http)
+}
+
+/// A token bucket from config: `per_second` 0 means no limit.
+pub(crate) fn rate_limit(per_second: f64, burst: f64) -> Result<Option<RateLimit>, String> {
+    if per_second == 0.0 {
+        return Ok(None);
+    }
+    if !(per_second.is_finite() && per_second > 0.0 && burst.is_finite() && burst >= 1.0) {
+        return Err("rate_limit_per_second must be ≥ 0 and rate_limit_burst ≥ 1".into());
+    }
+    Ok(Some(RateLimit { per_second, burst }))
+}
+
+/// The configured providers, by kind, each with its optional request budget.
 #[derive(Clone, Default)]
-pub struct Providers(HashMap<ProviderKind, Arc<dyn CredentialProvider>>);
+pub struct Providers {
+    by_kind: HashMap<ProviderKind, Arc<dyn CredentialProvider>>,
+    budgets: HashMap<ProviderKind, Arc<TokenBucket>>,
+}
 
 impl Providers {
     pub fn insert(&mut self, p: Arc<dyn CredentialProvider>) {
-        self.0.insert(p.kind(), p);
+        self.by_kind.insert(p.kind(), p);
+    }
+    /// Inserts `p` with a token bucket limiting how fast credentials are minted through it.
+    pub fn insert_limited(&mut self, p: Arc<dyn CredentialProvider>, limit: Option<RateLimit>) {
+        if let Some(limit) = limit {
+            self.budgets
+                .insert(p.kind(), Arc::new(TokenBucket::new(limit)));
+        }
+        self.insert(p);
     }
     pub fn get(&self, kind: ProviderKind) -> Result<&Arc<dyn CredentialProvider>, ProviderError> {
-        self.0.get(&kind).ok_or(ProviderError::NotConfigured(kind))
+        self.by_kind
+            .get(&kind)
+            .ok_or(ProviderError::NotConfigured(kind))
+    }
+    /// Takes one request from the provider's budget, or says how long until one is free.
+    /// Called before anything is written, so a refused request leaves nothing behind.
+    pub fn admit(&self, kind: ProviderKind) -> Result<(), ProviderError> {
+        match self.budgets.get(&kind) {
+            None => Ok(()),
+            Some(b) => b.try_take().map_err(|wait| {
+                metrics::counter!("mayfly_provider_rate_limited_total", "provider" => kind.as_str())
+                    .increment(1);
+                ProviderError::RateLimited {
+                    provider: kind,
+                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                }
+            }),
+        }
     }
     pub fn all(&self) -> impl Iterator<Item = &Arc<dyn CredentialProvider>> {
-        self.0.values()
+        self.by_kind.values()
     }
 }
