@@ -444,7 +444,7 @@ async fn assumed_role_session_is_cut_to_the_grant_and_revoked_by_deny_policy() {
 
 #[tokio::test]
 async fn upstream_denial_oversized_policy_and_ttl_floor() {
-    let env = start("deny_policy").await;
+    let mut env = start("deny_policy").await;
     let task = env.declare().await;
 
     // Mayfly's user may not assume the `other` role: STS's AccessDenied → 502.
@@ -503,6 +503,26 @@ async fn upstream_denial_oversized_policy_and_ttl_floor() {
     assert_eq!(l["reason"], "ttl_expired", "{l}");
     let deny = env.deny_policy().await.expect("deny policy");
     assert!(deny_leases(&deny).contains(&lease_id), "{deny}");
+
+    // AWS unreachable: 503, and the lease is not left active (its revocation is retried
+    // through the deny policy, since the session might exist).
+    env.moto.stop();
+    let (s, b) = env
+        .mint(
+            &task,
+            json!({"provider": "aws", "target": "deploy", "actions": ["iam:GetRole"], "resources": [ROLE_ARN]}),
+        )
+        .await;
+    assert_eq!(s, 503, "{b}");
+    assert_eq!(b["code"], "provider_unavailable");
+    let (_, page) = get(
+        &env.operator(),
+        &env.server.url(&format!("/v1/leases?task={task}")),
+    )
+    .await;
+    for l in page["items"].as_array().expect("items") {
+        assert!(l["state"] == "revoked" || l["state"] == "revoking", "{l}");
+    }
 }
 
 #[tokio::test]

@@ -804,6 +804,12 @@ impl Moto {
         }
     }
 
+    /// Kills the emulator (an unreachable AWS).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SDK config for `key`/`secret` against this emulator.
     pub async fn sdk(&self, key: &str, secret: &str, token: Option<&str>) -> aws_config::SdkConfig {
         let creds = aws_sdk_sts::config::Credentials::new(
