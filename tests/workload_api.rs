@@ -161,6 +161,16 @@ async fn x509_bundles_from_the_workload_api_rotate_without_restart_and_survive_a
     );
     let (s, _) = declare_with_svid(&server, &ca, &new).await;
     assert_eq!(s, 401, "B2 left the bundle");
+
+    // The agent stops listing B (federation removed): B is no longer trusted at all.
+    env.stub().set_x509(TD_A, env.pki.ca_a.cert_pem());
+    env.stub().remove_x509(TD_B);
+    let gone = eventually(Duration::from_secs(10), || async {
+        let (s, body) = declare_with_svid(&server, &ca, &newest).await;
+        (s == 401 && body["code"] == "svid_unknown_trust_domain").then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "{}", server.logs());
 }
 
 #[tokio::test]

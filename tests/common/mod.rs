@@ -705,6 +705,11 @@ impl WorkloadApiStub {
         write_atomically(&self.dir.join("x509").join(format!("{td}.pem")), pem);
     }
 
+    /// Stops listing `td` in the X.509 bundle set.
+    pub fn remove_x509(&self, td: &str) {
+        std::fs::remove_file(self.dir.join("x509").join(format!("{td}.pem"))).expect("rm");
+    }
+
     /// Serves `jwks` as the JWT bundle of `td`.
     pub fn set_jwt(&self, td: &str, jwks: &Value) {
         write_atomically(
