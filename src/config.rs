@@ -1366,9 +1366,10 @@ impl Config {
         let mut v = BearerVerifier::new(self.max_token_bytes, self.replay_cache_size);
         let issuer = |c: &IssuerConfig, spiffe: bool| -> Result<TrustedIssuer, crate::Error> {
             let client = match (&c.source, &c.endpoint_auth) {
-                (KeySourceSpec::Url(_), auth @ EndpointAuth::HttpsSpiffe { .. })
-                | (KeySourceSpec::Url(_), auth @ EndpointAuth::HttpsWeb { ca_file: Some(_) }) => {
+                (KeySourceSpec::Url(url), auth @ EndpointAuth::HttpsSpiffe { .. })
+                | (KeySourceSpec::Url(url), auth @ EndpointAuth::HttpsWeb { ca_file: Some(_) }) => {
                     crate::identity::bundle_endpoint::http_client(
+                        url,
                         auth,
                         bundles,
                         self.key_fetch_timeout,

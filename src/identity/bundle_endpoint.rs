@@ -122,6 +122,7 @@ pub fn parse_spiffe_bundle(bytes: &[u8]) -> Result<SpiffeBundleDoc, String> {
 /// The HTTP client for one bundle endpoint: bounded in time, no redirects (the location
 /// is configuration), HTTPS only, authenticated as `auth` says.
 pub fn http_client(
+    url: &str,
     auth: &EndpointAuth,
     live: &Arc<LiveBundles>,
     timeout: Duration,
@@ -160,7 +161,7 @@ pub fn http_client(
             let tls = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| BundleError::Endpoint {
-                    url: id.to_string(),
+                    url: url.to_string(),
                     reason: e.to_string(),
                 })?
                 .dangerous()
@@ -170,7 +171,7 @@ pub fn http_client(
         }
     };
     builder.build().map_err(|e| BundleError::Endpoint {
-        url: String::new(),
+        url: url.to_string(),
         reason: format!("HTTP client: {e}"),
     })
 }
@@ -286,7 +287,7 @@ impl EndpointSource {
         live: Arc<LiveBundles>,
         timeout: Duration,
     ) -> Result<Self, BundleError> {
-        let http = http_client(&spec.auth, &live, timeout)?;
+        let http = http_client(&spec.url, &spec.auth, &live, timeout)?;
         Ok(Self {
             td,
             spec,
