@@ -14,8 +14,10 @@ use crate::anomaly::AnomalyConfig;
 use crate::audit::AuditLog;
 use crate::broker::{Broker, BrokerParts, Limits};
 use crate::identity::bearer::{BearerVerifier, IssuerRules, TrustedIssuer, parse_algorithm};
+use crate::identity::bundle_endpoint::{EndpointAuth, EndpointSource, EndpointSpec};
 use crate::identity::jwks::{CacheSettings, KeyCache, KeySourceSpec};
-use crate::identity::{Principal, TrustDomain};
+use crate::identity::workload_api::{JwtTarget, Targets, WorkloadApiSettings, WorkloadApiSource};
+use crate::identity::{LiveBundles, Principal, SpiffeId, TrustDomain};
 use crate::lease::LeaseStore;
 use crate::lease::embedded::EmbeddedStore;
 use crate::lease::redis::{Durability, RedisConfig, RedisStore};
@@ -58,6 +60,9 @@ pub struct RawConfig {
     pub tls: RawTls,
     #[serde(default)]
     pub trust_domains: Vec<RawTrustDomain>,
+    /// The SPIFFE Workload API, for trust domains with `source = "workload_api"`.
+    #[serde(default)]
+    pub workload_api: Option<RawWorkloadApi>,
     /// Trust domains whose JWT-SVIDs are accepted as bearer tokens.
     #[serde(default)]
     pub jwt_svid: Vec<RawJwtSvid>,
@@ -264,6 +269,15 @@ mod defaults {
         .map(String::from)
         .to_vec()
     }
+    pub fn wapi_initial_timeout() -> String {
+        "10s".into()
+    }
+    pub fn wapi_backoff_min() -> String {
+        "500ms".into()
+    }
+    pub fn wapi_backoff_max() -> String {
+        "30s".into()
+    }
     pub fn oidc_algorithms() -> Vec<String> {
         ["RS256", "ES256"].map(String::from).to_vec()
     }
@@ -277,9 +291,18 @@ pub struct RawJwtSvid {
     /// A SPIFFE bundle (JWKS; only `use: "jwt-svid"` keys are taken) or a plain JWKS.
     #[serde(default)]
     pub bundle_file: Option<PathBuf>,
-    /// A SPIFFE bundle endpoint (https_web profile): the same document over HTTPS.
+    /// A SPIFFE bundle endpoint: the same document over HTTPS.
     #[serde(default)]
     pub bundle_endpoint: Option<String>,
+    /// `"file"`, `"endpoint"` or `"workload_api"`; inferred from the keys when absent.
+    #[serde(default)]
+    pub source: Option<RawBundleSource>,
+    #[serde(default)]
+    pub endpoint_profile: Option<RawEndpointProfile>,
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<String>,
+    #[serde(default)]
+    pub endpoint_ca_file: Option<PathBuf>,
     pub audiences: Vec<String>,
     #[serde(default)]
     pub allow_multiple_audiences: bool,
@@ -363,6 +386,8 @@ pub struct IssuerConfig {
     pub source: KeySourceSpec,
     pub cache: CacheSettings,
     pub rules: IssuerRules,
+    /// How a bundle endpoint (`KeySourceSpec::Url`) is authenticated.
+    pub endpoint_auth: EndpointAuth,
 }
 
 /// An http(s) URL Mayfly may fetch keys from: https, or http to a loopback host only
@@ -441,16 +466,48 @@ fn issuer_rules(c: IssuerCommon<'_>) -> Result<(IssuerRules, CacheSettings), Con
 fn jwt_svid_config(r: RawJwtSvid) -> Result<(TrustDomain, IssuerConfig), ConfigError> {
     let td =
         TrustDomain::parse(&r.trust_domain).map_err(|e| invalid("jwt_svid.trust_domain", e))?;
-    let source = match (r.bundle_file, r.bundle_endpoint) {
-        (Some(f), None) => KeySourceSpec::File(f),
-        (None, Some(u)) => {
+    let source = r.source.unwrap_or(if r.bundle_endpoint.is_some() {
+        RawBundleSource::Endpoint
+    } else {
+        RawBundleSource::File
+    });
+    let fields = SourceFields {
+        bundle_file: r.bundle_file.is_some(),
+        bundle_endpoint: r.bundle_endpoint.is_some(),
+        endpoint_profile: r.endpoint_profile.is_some(),
+        endpoint_spiffe_id: r.endpoint_spiffe_id.is_some(),
+        endpoint_ca_file: r.endpoint_ca_file.is_some(),
+        refresh_bounds: false,
+        allow_insecure_http: r.allow_insecure_http,
+    };
+    fields.check("jwt_svid", &td, source)?;
+    let mut endpoint_auth = EndpointAuth::HttpsWeb { ca_file: None };
+    let source = match (source, r.bundle_file, r.bundle_endpoint) {
+        (RawBundleSource::File, Some(f), _) => KeySourceSpec::File(f),
+        (RawBundleSource::Endpoint, None, Some(u)) => {
             check_url("jwt_svid.bundle_endpoint", &u, r.allow_insecure_http)?;
+            endpoint_auth = endpoint_auth_config(
+                "jwt_svid",
+                &td,
+                r.endpoint_profile,
+                r.endpoint_spiffe_id,
+                r.endpoint_ca_file,
+            )?;
+            if r.allow_insecure_http && matches!(endpoint_auth, EndpointAuth::HttpsSpiffe { .. }) {
+                return Err(invalid(
+                    "jwt_svid.allow_insecure_http",
+                    format!("{td}: not with endpoint_profile = \"https_spiffe\""),
+                ));
+            }
             KeySourceSpec::Url(u)
         }
+        (RawBundleSource::WorkloadApi, None, None) => KeySourceSpec::Pushed,
         _ => {
             return Err(invalid(
                 "jwt_svid",
-                format!("{td}: give exactly one of bundle_file, bundle_endpoint"),
+                format!(
+                    "{td}: give bundle_file (source \"file\") or bundle_endpoint (source \"endpoint\"), or neither with source = \"workload_api\""
+                ),
             ));
         }
     };
@@ -481,6 +538,7 @@ fn jwt_svid_config(r: RawJwtSvid) -> Result<(TrustDomain, IssuerConfig), ConfigE
             source,
             cache,
             rules,
+            endpoint_auth,
         },
     ))
 }
@@ -539,6 +597,7 @@ fn oidc_config(r: RawOidcIssuer) -> Result<(String, IssuerConfig), ConfigError> 
             source,
             cache,
             rules,
+            endpoint_auth: EndpointAuth::HttpsWeb { ca_file: None },
         },
     ))
 }
@@ -554,7 +613,267 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawTrustDomain {
     pub name: String,
-    pub bundle_file: PathBuf,
+    /// Where the X.509 bundle comes from; inferred from the keys when absent.
+    #[serde(default)]
+    pub source: Option<RawBundleSource>,
+    /// PEM bundle (`source = "file"`), or the bootstrap bundle of an endpoint.
+    #[serde(default)]
+    pub bundle_file: Option<PathBuf>,
+    #[serde(default)]
+    pub bundle_endpoint: Option<String>,
+    #[serde(default)]
+    pub endpoint_profile: Option<RawEndpointProfile>,
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<String>,
+    #[serde(default)]
+    pub endpoint_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub refresh_min: Option<String>,
+    #[serde(default)]
+    pub refresh_max: Option<String>,
+}
+
+/// Where a trust domain's bundle comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawBundleSource {
+    File,
+    Endpoint,
+    WorkloadApi,
+}
+
+/// How a SPIFFE bundle endpoint server is authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEndpointProfile {
+    HttpsWeb,
+    HttpsSpiffe,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkloadApi {
+    /// `unix:///path/to/agent.sock` (the SPIRE agent's public socket).
+    pub socket: String,
+    #[serde(default = "defaults::wapi_initial_timeout")]
+    pub initial_timeout: String,
+    #[serde(default = "defaults::wapi_backoff_min")]
+    pub backoff_min: String,
+    #[serde(default = "defaults::wapi_backoff_max")]
+    pub backoff_max: String,
+}
+
+/// Where a trust domain's X.509 bundle comes from, validated.
+#[derive(Debug, Clone)]
+pub enum X509Source {
+    /// A PEM file, re-read when it changes.
+    File(PathBuf),
+    /// A SPIFFE bundle endpoint, refreshed on its `spiffe_refresh_hint`.
+    Endpoint(EndpointSpec),
+    /// Streamed from the SPIFFE Workload API (`[workload_api]`).
+    WorkloadApi,
+}
+
+/// A validated `[[trust_domains]]` entry.
+#[derive(Debug, Clone)]
+pub struct TrustDomainConfig {
+    pub name: TrustDomain,
+    pub source: X509Source,
+}
+
+/// Which source-specific keys a bundle entry set: each source accepts only its own.
+struct SourceFields {
+    bundle_file: bool,
+    bundle_endpoint: bool,
+    endpoint_profile: bool,
+    endpoint_spiffe_id: bool,
+    endpoint_ca_file: bool,
+    refresh_bounds: bool,
+    allow_insecure_http: bool,
+}
+
+impl SourceFields {
+    fn check(
+        &self,
+        table: &'static str,
+        td: &TrustDomain,
+        source: RawBundleSource,
+    ) -> Result<(), ConfigError> {
+        let endpoint_only = [
+            ("bundle_endpoint", self.bundle_endpoint),
+            ("endpoint_profile", self.endpoint_profile),
+            ("endpoint_spiffe_id", self.endpoint_spiffe_id),
+            ("endpoint_ca_file", self.endpoint_ca_file),
+            ("refresh_min/refresh_max", self.refresh_bounds),
+            ("allow_insecure_http", self.allow_insecure_http),
+        ];
+        let (name, forbidden): (&str, Vec<(&str, bool)>) = match source {
+            RawBundleSource::File => ("file", endpoint_only.to_vec()),
+            RawBundleSource::Endpoint => ("endpoint", Vec::new()),
+            RawBundleSource::WorkloadApi => {
+                let mut all = endpoint_only.to_vec();
+                all.push(("bundle_file", self.bundle_file));
+                ("workload_api", all)
+            }
+        };
+        if let Some((key, _)) = forbidden.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                table,
+                format!("{td}: {key} does not apply to source = \"{name}\""),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn endpoint_auth_config(
+    table: &'static str,
+    td: &TrustDomain,
+    profile: Option<RawEndpointProfile>,
+    spiffe_id: Option<String>,
+    ca_file: Option<PathBuf>,
+) -> Result<EndpointAuth, ConfigError> {
+    match (profile.unwrap_or(RawEndpointProfile::HttpsWeb), spiffe_id) {
+        (RawEndpointProfile::HttpsWeb, None) => Ok(EndpointAuth::HttpsWeb { ca_file }),
+        (RawEndpointProfile::HttpsWeb, Some(_)) => Err(invalid(
+            table,
+            format!("{td}: endpoint_spiffe_id needs endpoint_profile = \"https_spiffe\""),
+        )),
+        (RawEndpointProfile::HttpsSpiffe, None) => Err(invalid(
+            table,
+            format!("{td}: endpoint_profile = \"https_spiffe\" needs endpoint_spiffe_id"),
+        )),
+        (RawEndpointProfile::HttpsSpiffe, Some(id)) => {
+            if ca_file.is_some() {
+                return Err(invalid(
+                    table,
+                    format!(
+                        "{td}: endpoint_ca_file is for https_web; https_spiffe trusts the bundle of the endpoint's trust domain"
+                    ),
+                ));
+            }
+            let id = SpiffeId::parse(&id)
+                .map_err(|e| invalid(table, format!("{td}: endpoint_spiffe_id {id:?}: {e}")))?;
+            Ok(EndpointAuth::HttpsSpiffe { id })
+        }
+    }
+}
+
+fn trust_domain_config(r: RawTrustDomain) -> Result<TrustDomainConfig, ConfigError> {
+    let name = TrustDomain::parse(&r.name).map_err(|e| invalid("trust_domains.name", e))?;
+    let source = r.source.unwrap_or(if r.bundle_endpoint.is_some() {
+        RawBundleSource::Endpoint
+    } else {
+        RawBundleSource::File
+    });
+    let fields = SourceFields {
+        bundle_file: r.bundle_file.is_some(),
+        bundle_endpoint: r.bundle_endpoint.is_some(),
+        endpoint_profile: r.endpoint_profile.is_some(),
+        endpoint_spiffe_id: r.endpoint_spiffe_id.is_some(),
+        endpoint_ca_file: r.endpoint_ca_file.is_some(),
+        refresh_bounds: r.refresh_min.is_some() || r.refresh_max.is_some(),
+        allow_insecure_http: false,
+    };
+    fields.check("trust_domains", &name, source)?;
+    let source = match source {
+        RawBundleSource::File => X509Source::File(r.bundle_file.ok_or_else(|| {
+            invalid(
+                "trust_domains",
+                format!("{name}: source = \"file\" needs bundle_file"),
+            )
+        })?),
+        RawBundleSource::WorkloadApi => X509Source::WorkloadApi,
+        RawBundleSource::Endpoint => {
+            let url = r.bundle_endpoint.ok_or_else(|| {
+                invalid(
+                    "trust_domains",
+                    format!("{name}: source = \"endpoint\" needs bundle_endpoint"),
+                )
+            })?;
+            check_url("trust_domains.bundle_endpoint", &url, false)?;
+            let auth = endpoint_auth_config(
+                "trust_domains",
+                &name,
+                r.endpoint_profile,
+                r.endpoint_spiffe_id,
+                r.endpoint_ca_file,
+            )?;
+            if let EndpointAuth::HttpsSpiffe { id } = &auth
+                && id.trust_domain() == name.as_str()
+                && r.bundle_file.is_none()
+            {
+                return Err(invalid(
+                    "trust_domains",
+                    format!(
+                        "{name}: an https_spiffe endpoint of the trust domain itself needs bundle_file, the bootstrap bundle its first SVID is verified with"
+                    ),
+                ));
+            }
+            let refresh_min = dur(
+                "trust_domains.refresh_min",
+                r.refresh_min.as_deref().unwrap_or("30s"),
+            )?;
+            let refresh_max = dur(
+                "trust_domains.refresh_max",
+                r.refresh_max.as_deref().unwrap_or("1h"),
+            )?;
+            if refresh_min < Duration::from_secs(1)
+                || refresh_min > refresh_max
+                || refresh_max > Duration::from_secs(24 * 3600)
+            {
+                return Err(invalid(
+                    "trust_domains.refresh_min",
+                    format!("{name}: need 1s <= refresh_min <= refresh_max <= 24h"),
+                ));
+            }
+            X509Source::Endpoint(EndpointSpec {
+                url,
+                auth,
+                bootstrap: r.bundle_file,
+                refresh_min,
+                refresh_max,
+            })
+        }
+    };
+    Ok(TrustDomainConfig { name, source })
+}
+
+fn workload_api_config(r: RawWorkloadApi) -> Result<WorkloadApiSettings, ConfigError> {
+    // Unix sockets only: the Workload API over TCP has no authentication of either side.
+    let path = r
+        .socket
+        .strip_prefix("unix://")
+        .or_else(|| r.socket.strip_prefix("unix:"))
+        .filter(|p| p.starts_with('/') && p.len() > 1)
+        .ok_or_else(|| {
+            invalid(
+                "workload_api.socket",
+                format!(
+                    "{:?}: must be unix:///absolute/path (unix sockets only)",
+                    r.socket
+                ),
+            )
+        })?;
+    let settings = WorkloadApiSettings {
+        socket: format!("unix://{path}"),
+        initial_timeout: dur("workload_api.initial_timeout", &r.initial_timeout)?,
+        backoff_min: dur("workload_api.backoff_min", &r.backoff_min)?,
+        backoff_max: dur("workload_api.backoff_max", &r.backoff_max)?,
+    };
+    if settings.initial_timeout.is_zero() || settings.initial_timeout > Duration::from_secs(600) {
+        return Err(invalid("workload_api.initial_timeout", "must be 1ms..=10m"));
+    }
+    if settings.backoff_min.is_zero()
+        || settings.backoff_min > settings.backoff_max
+        || settings.backoff_max > Duration::from_secs(600)
+    {
+        return Err(invalid(
+            "workload_api.backoff_min",
+            "need 0 < backoff_min <= backoff_max <= 10m",
+        ));
+    }
+    Ok(settings)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -788,7 +1107,8 @@ pub struct Config {
     pub node_id: String,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
-    pub trust_domains: Vec<(TrustDomain, PathBuf)>,
+    pub trust_domains: Vec<TrustDomainConfig>,
+    pub workload_api: Option<WorkloadApiSettings>,
     pub operators: HashSet<String>,
     pub policy_dir: PathBuf,
     pub policy_reload: Duration,
@@ -829,11 +1149,16 @@ impl TryFrom<RawConfig> for Config {
                 "at least one trust domain is required",
             ));
         }
-        let mut trust_domains = Vec::new();
+        let mut trust_domains: Vec<TrustDomainConfig> = Vec::new();
         for td in raw.trust_domains {
-            let name =
-                TrustDomain::parse(&td.name).map_err(|e| invalid("trust_domains.name", e))?;
-            trust_domains.push((name, td.bundle_file));
+            let td = trust_domain_config(td)?;
+            if trust_domains.iter().any(|t| t.name == td.name) {
+                return Err(invalid(
+                    "trust_domains.name",
+                    format!("{} is configured twice", td.name),
+                ));
+            }
+            trust_domains.push(td);
         }
         let mut jwt_svid = Vec::new();
         for r in raw.jwt_svid {
@@ -845,6 +1170,61 @@ impl TryFrom<RawConfig> for Config {
                 ));
             }
             jwt_svid.push((td, c));
+        }
+        // An https_spiffe endpoint is authenticated with the X.509 bundle of its SPIFFE
+        // ID's trust domain: that trust domain must be one Mayfly trusts.
+        let endpoint_ids = trust_domains
+            .iter()
+            .filter_map(|t| match &t.source {
+                X509Source::Endpoint(EndpointSpec {
+                    auth: EndpointAuth::HttpsSpiffe { id },
+                    ..
+                }) => Some(("trust_domains", &t.name, id)),
+                _ => None,
+            })
+            .chain(
+                jwt_svid
+                    .iter()
+                    .filter_map(|(td, c)| match &c.endpoint_auth {
+                        EndpointAuth::HttpsSpiffe { id } => Some(("jwt_svid", td, id)),
+                        EndpointAuth::HttpsWeb { .. } => None,
+                    }),
+            );
+        for (table, td, id) in endpoint_ids {
+            if !trust_domains
+                .iter()
+                .any(|t| t.name.as_str() == id.trust_domain())
+            {
+                return Err(invalid(
+                    table,
+                    format!(
+                        "{td}: endpoint_spiffe_id {id} names trust domain {}, which is not in [[trust_domains]]",
+                        id.trust_domain()
+                    ),
+                ));
+            }
+        }
+        let uses_workload_api = trust_domains
+            .iter()
+            .any(|t| matches!(t.source, X509Source::WorkloadApi))
+            || jwt_svid
+                .iter()
+                .any(|(_, c)| c.source == KeySourceSpec::Pushed);
+        let workload_api = raw.workload_api.map(workload_api_config).transpose()?;
+        match (&workload_api, uses_workload_api) {
+            (None, true) => {
+                return Err(invalid(
+                    "workload_api",
+                    "source = \"workload_api\" is used but there is no [workload_api] table (socket)",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    "workload_api",
+                    "[workload_api] is set but no trust domain or jwt_svid has source = \"workload_api\"",
+                ));
+            }
+            _ => {}
         }
         let mut oidc_issuers = Vec::new();
         for r in raw.oidc_issuers {
@@ -916,6 +1296,7 @@ impl TryFrom<RawConfig> for Config {
             tls_cert: raw.tls.cert_file,
             tls_key: raw.tls.key_file,
             trust_domains,
+            workload_api,
             operators,
             policy_dir: raw.policy.dir,
             policy_reload: dur("policy.reload_interval", &raw.policy.reload_interval)?,
@@ -990,8 +1371,13 @@ impl Config {
     }
 
     /// The bearer-token verifier: one key cache per trust domain and issuer. Keys are
-    /// fetched lazily (an issuer that is down at start-up does not stop the broker).
-    pub fn bearer_verifier(&self) -> Result<BearerVerifier, crate::Error> {
+    /// fetched lazily (an issuer that is down at start-up does not stop the broker),
+    /// except those the Workload API pushes. `bundles` authenticates `https_spiffe`
+    /// bundle endpoints.
+    pub fn bearer_verifier(
+        &self,
+        bundles: &Arc<LiveBundles>,
+    ) -> Result<BearerVerifier, crate::Error> {
         let http = reqwest::Client::builder()
             .timeout(self.key_fetch_timeout)
             // A JWKS location is configuration; a redirect must not move it elsewhere.
@@ -999,22 +1385,90 @@ impl Config {
             .build()
             .map_err(|e| crate::Error::Tls(format!("key fetch client: {e}")))?;
         let mut v = BearerVerifier::new(self.max_token_bytes, self.replay_cache_size);
-        let issuer = |c: &IssuerConfig, spiffe: bool| TrustedIssuer {
-            rules: c.rules.clone(),
-            keys: Arc::new(KeyCache::new(
-                c.source.clone(),
-                c.cache.clone(),
-                spiffe,
-                http.clone(),
-            )),
+        let issuer = |c: &IssuerConfig, spiffe: bool| -> Result<TrustedIssuer, crate::Error> {
+            let client = match (&c.source, &c.endpoint_auth) {
+                (KeySourceSpec::Url(url), auth @ EndpointAuth::HttpsSpiffe { .. })
+                | (KeySourceSpec::Url(url), auth @ EndpointAuth::HttpsWeb { ca_file: Some(_) }) => {
+                    crate::identity::bundle_endpoint::http_client(
+                        url,
+                        auth,
+                        bundles,
+                        self.key_fetch_timeout,
+                    )?
+                }
+                _ => http.clone(),
+            };
+            Ok(TrustedIssuer {
+                rules: c.rules.clone(),
+                keys: Arc::new(KeyCache::new(
+                    c.source.clone(),
+                    c.cache.clone(),
+                    spiffe,
+                    client,
+                )),
+            })
         };
         for (td, c) in &self.jwt_svid {
-            v.add_trust_domain(td.as_str(), issuer(c, true));
+            v.add_trust_domain(td.as_str(), issuer(c, true)?);
         }
         for (iss, c) in &self.oidc_issuers {
-            v.add_oidc_issuer(iss, issuer(c, false));
+            v.add_oidc_issuer(iss, issuer(c, false)?);
         }
         Ok(v)
+    }
+
+    /// Loads every trust domain's first X.509 bundle (and the Workload API's JWT
+    /// bundles) and starts the tasks that keep them current. Fails — and the broker
+    /// does not start — when a source without a fallback yields nothing.
+    async fn start_bundle_sources(
+        &self,
+        bundles: &Arc<LiveBundles>,
+        bearer: &BearerVerifier,
+    ) -> Result<BundleSources, crate::Error> {
+        let mut sources = BundleSources::default();
+        // The Workload API first: an https_spiffe endpoint may be authenticated with a
+        // bundle it serves.
+        if let Some(settings) = &self.workload_api {
+            let x509 = self
+                .trust_domains
+                .iter()
+                .filter(|t| matches!(t.source, X509Source::WorkloadApi))
+                .map(|t| t.name.clone())
+                .collect();
+            let jwt = self
+                .jwt_svid
+                .iter()
+                .filter(|(_, c)| c.source == KeySourceSpec::Pushed)
+                .filter_map(|(td, c)| {
+                    bearer.svid_keys(td.as_str()).map(|keys| JwtTarget {
+                        trust_domain: td.clone(),
+                        keys: keys.clone(),
+                        max_keys: c.cache.max_keys,
+                    })
+                })
+                .collect();
+            let source = crate::identity::workload_api::start(
+                settings.clone(),
+                Targets { x509, jwt },
+                bundles.clone(),
+            )
+            .await?;
+            sources.workload_api = Some(source);
+        }
+        for t in &self.trust_domains {
+            let X509Source::Endpoint(spec) = &t.source else {
+                continue;
+            };
+            let mut source = EndpointSource::new(
+                t.name.clone(),
+                spec.clone(),
+                bundles.clone(),
+                self.key_fetch_timeout,
+            )?;
+            let next = source.initial().await?;
+            sources.tasks.push(AbortOnDrop(source.spawn(next)));
+        }
+        Ok(sources)
     }
 
     /// `build`, with a fault-injection hook in the broker (crash-safety tests).
@@ -1022,7 +1476,18 @@ impl Config {
         &self,
         faults: Option<crate::broker::FaultHook>,
     ) -> Result<App, crate::Error> {
-        let bundles = crate::identity::LiveBundles::load(&self.trust_domains)?;
+        let files: Vec<(TrustDomain, PathBuf)> = self
+            .trust_domains
+            .iter()
+            .filter_map(|t| match &t.source {
+                X509Source::File(p) => Some((t.name.clone(), p.clone())),
+                _ => None,
+            })
+            .collect();
+        let bundles = Arc::new(LiveBundles::load(&files)?);
+        let bearer = self.bearer_verifier(&bundles)?;
+        let bundle_sources = self.start_bundle_sources(&bundles, &bearer).await?;
+        let bearer = Arc::new(bearer);
         let policy = Arc::new(PolicyEngine::load(&self.policy_dir)?);
         let store: Arc<dyn LeaseStore> = match &self.store {
             StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
@@ -1072,7 +1537,6 @@ impl Config {
         }));
         let serving = crate::api::tls::ServingCert::load(&self.tls_cert, &self.tls_key)?;
         let tls = crate::api::tls::server_config(serving.clone())?;
-        let bearer = Arc::new(self.bearer_verifier()?);
         Ok(App {
             bearer,
             broker,
@@ -1080,7 +1544,8 @@ impl Config {
             revoker,
             policy,
             audit,
-            bundles: Arc::new(bundles),
+            bundles,
+            bundle_sources,
             serving,
             tls,
             config: self.clone(),
@@ -1096,10 +1561,229 @@ pub struct App {
     pub revoker: Arc<Revoker>,
     pub policy: Arc<PolicyEngine>,
     pub audit: AuditLog,
-    /// X.509 trust bundles, re-read while running when their files change.
+    /// X.509 trust bundles, kept current while running by their sources.
     pub bundles: Arc<crate::identity::LiveBundles>,
+    /// The bundle endpoint and Workload API tasks; they stop when the `App` is dropped.
+    pub bundle_sources: BundleSources,
     /// The serving certificate, re-read while running when its files change.
     pub serving: Arc<crate::api::tls::ServingCert>,
     pub tls: Arc<rustls::ServerConfig>,
     pub config: Config,
+}
+
+/// A task aborted when dropped.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The running bundle sources (file-sourced bundles are re-read by `serve`).
+#[derive(Default)]
+pub struct BundleSources {
+    pub workload_api: Option<WorkloadApiSource>,
+    pub tasks: Vec<AbortOnDrop>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal config with trust domain entries `tds` (TOML) and `extra` tables.
+    fn config(tds: &str, extra: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{tds}\n{extra}\n\
+             [providers.jwt]\nissuer = \"https://mayfly.test\"\nsigning_key_file = \"j.pem\"\n"
+        );
+        Config::from_toml(&text, Path::new("test.toml"))
+    }
+
+    fn refused(result: Result<Config, ConfigError>) -> (&'static str, String) {
+        match result {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected an invalid-key error, got {other:?}"),
+        }
+    }
+
+    const WAPI: &str = "[workload_api]\nsocket = \"unix:///run/spire/api.sock\"\n";
+
+    #[test]
+    fn each_bundle_source_is_inferred_or_named() {
+        let c = config(
+            "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n\
+             [[trust_domains]]\nname = \"b.test\"\nbundle_endpoint = \"https://b.test/bundle\"\n\
+             [[trust_domains]]\nname = \"c.test\"\nsource = \"workload_api\"\n",
+            WAPI,
+        )
+        .expect("valid");
+        assert!(matches!(c.trust_domains[0].source, X509Source::File(_)));
+        let X509Source::Endpoint(spec) = &c.trust_domains[1].source else {
+            panic!("endpoint expected");
+        };
+        assert_eq!(spec.auth, EndpointAuth::HttpsWeb { ca_file: None });
+        assert_eq!(
+            (spec.refresh_min, spec.refresh_max),
+            (Duration::from_secs(30), Duration::from_secs(3600))
+        );
+        assert!(matches!(c.trust_domains[2].source, X509Source::WorkloadApi));
+        let w = c.workload_api.expect("workload api");
+        assert_eq!(w.socket, "unix:///run/spire/api.sock");
+        assert_eq!(w.initial_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_key_of_another_source_is_refused() {
+        let (key, msg) = refused(config(
+            "[[trust_domains]]\nname = \"a.test\"\nsource = \"workload_api\"\nbundle_file = \"a.pem\"\n",
+            WAPI,
+        ));
+        assert_eq!(key, "trust_domains");
+        assert!(
+            msg.contains("bundle_file does not apply to source = \"workload_api\""),
+            "{msg}"
+        );
+        let (_, msg) = refused(config(
+            "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\nrefresh_min = \"1s\"\n",
+            "",
+        ));
+        assert!(
+            msg.contains("refresh_min/refresh_max does not apply to source = \"file\""),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_workload_api_table_and_its_users_come_together() {
+        let (key, msg) = refused(config(
+            "[[trust_domains]]\nname = \"a.test\"\nsource = \"workload_api\"\n",
+            "",
+        ));
+        assert_eq!(key, "workload_api");
+        assert!(msg.contains("no [workload_api] table"), "{msg}");
+        let (key, msg) = refused(config(
+            "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n",
+            WAPI,
+        ));
+        assert_eq!(key, "workload_api");
+        assert!(msg.contains("no trust domain or jwt_svid"), "{msg}");
+    }
+
+    #[test]
+    fn the_workload_api_socket_must_be_an_absolute_unix_socket() {
+        for socket in [
+            "tcp://127.0.0.1:8081",
+            "unix://relative.sock",
+            "/run/api.sock",
+            "unix:",
+        ] {
+            let (key, _) = refused(config(
+                "[[trust_domains]]\nname = \"a.test\"\nsource = \"workload_api\"\n",
+                &format!("[workload_api]\nsocket = \"{socket}\"\n"),
+            ));
+            assert_eq!(key, "workload_api.socket", "{socket}");
+        }
+    }
+
+    #[test]
+    fn an_https_spiffe_endpoint_of_its_own_domain_needs_a_bootstrap_bundle() {
+        let td = "[[trust_domains]]\nname = \"b.test\"\nbundle_endpoint = \"https://b.test/bundle\"\n\
+                  endpoint_profile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://b.test/spire\"\n";
+        let (_, msg) = refused(config(td, ""));
+        assert!(msg.contains("needs bundle_file"), "{msg}");
+        let c = config(&format!("{td}bundle_file = \"b.pem\"\n"), "").expect("valid");
+        let X509Source::Endpoint(spec) = &c.trust_domains[0].source else {
+            panic!("endpoint expected");
+        };
+        assert!(
+            matches!(&spec.auth, EndpointAuth::HttpsSpiffe { id } if id.as_str() == "spiffe://b.test/spire")
+        );
+    }
+
+    #[test]
+    fn profile_keys_must_match_the_profile() {
+        let base = "[[trust_domains]]\nname = \"b.test\"\nbundle_endpoint = \"https://b.test/bundle\"\nbundle_file = \"b.pem\"\n";
+        let (_, msg) = refused(config(
+            &format!("{base}endpoint_profile = \"https_spiffe\"\n"),
+            "",
+        ));
+        assert!(msg.contains("needs endpoint_spiffe_id"), "{msg}");
+        let (_, msg) = refused(config(
+            &format!("{base}endpoint_spiffe_id = \"spiffe://b.test/spire\"\n"),
+            "",
+        ));
+        assert!(
+            msg.contains("needs endpoint_profile = \"https_spiffe\""),
+            "{msg}"
+        );
+        let (_, msg) = refused(config(
+            &format!(
+                "{base}endpoint_profile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://b.test/spire\"\nendpoint_ca_file = \"ca.pem\"\n"
+            ),
+            "",
+        ));
+        assert!(msg.contains("endpoint_ca_file is for https_web"), "{msg}");
+        let (key, _) = refused(config(
+            "[[trust_domains]]\nname = \"b.test\"\nbundle_endpoint = \"http://b.test/bundle\"\n",
+            "",
+        ));
+        assert_eq!(key, "trust_domains.bundle_endpoint");
+    }
+
+    #[test]
+    fn an_https_spiffe_endpoint_id_must_name_a_trusted_domain() {
+        let (key, msg) = refused(config(
+            "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n",
+            "[[jwt_svid]]\ntrust_domain = \"b.test\"\nbundle_endpoint = \"https://b.test/bundle\"\n\
+             endpoint_profile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://c.test/spire\"\n\
+             audiences = [\"x\"]\n",
+        ));
+        assert_eq!(key, "jwt_svid");
+        assert!(
+            msg.contains("c.test, which is not in [[trust_domains]]"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn refresh_bounds_are_checked() {
+        let (key, _) = refused(config(
+            "[[trust_domains]]\nname = \"b.test\"\nbundle_endpoint = \"https://b.test/bundle\"\n\
+             refresh_min = \"2h\"\nrefresh_max = \"1h\"\n",
+            "",
+        ));
+        assert_eq!(key, "trust_domains.refresh_min");
+    }
+
+    #[test]
+    fn a_trust_domain_configured_twice_is_refused() {
+        let (key, msg) = refused(config(
+            "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n\
+             [[trust_domains]]\nname = \"a.test\"\nsource = \"workload_api\"\n",
+            WAPI,
+        ));
+        assert_eq!(key, "trust_domains.name");
+        assert!(msg.contains("twice"), "{msg}");
+    }
+
+    #[test]
+    fn jwt_svid_keys_from_the_workload_api_take_no_bundle_key() {
+        let c = config(
+            "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n",
+            &format!(
+                "{WAPI}[[jwt_svid]]\ntrust_domain = \"a.test\"\nsource = \"workload_api\"\naudiences = [\"x\"]\n"
+            ),
+        )
+        .expect("valid");
+        assert_eq!(c.jwt_svid[0].1.source, KeySourceSpec::Pushed);
+        let (key, msg) = refused(config(
+            "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n",
+            &format!(
+                "{WAPI}[[jwt_svid]]\ntrust_domain = \"a.test\"\nsource = \"workload_api\"\nbundle_file = \"j.json\"\naudiences = [\"x\"]\n"
+            ),
+        ));
+        assert_eq!(key, "jwt_svid");
+        assert!(msg.contains("bundle_file does not apply"), "{msg}");
+    }
 }

@@ -7,7 +7,9 @@
 //!            error becomes a status code), the per-request audit middleware.
 //!   └─ broker    the whole flow, top to bottom:
 //!                verify → authorize → record (pending lease) → mint → activate → audit
-//!        ├─ identity    X.509-SVID verification; the only constructor of VerifiedCaller
+//!        ├─ identity    X.509-SVID / JWT-SVID / OIDC verification; the only constructor
+//!        │              of VerifiedCaller; trust bundles from files, SPIFFE bundle
+//!        │              endpoints and the Workload API, swapped in while running
 //!        ├─ task        tasks, grants, scopes and their containment rules
 //!        ├─ policy      Cedar policies + schema, strict validation, hot reload
 //!        ├─ lease       Lease records and the LeaseStore trait (embedded redb store)

@@ -90,4 +90,16 @@ fn describe() {
         "Records per audit group commit"
     );
     describe_counter!("mayfly_policy_reloads_total", "Policy reloads by outcome");
+    describe_counter!(
+        "mayfly_trust_bundle_updates_total",
+        "Trust bundle updates from bundle endpoints and the Workload API, by source, trust domain and outcome (applied, failed, refused, removed)"
+    );
+    describe_counter!(
+        "mayfly_workload_api_stream_failures_total",
+        "SPIFFE Workload API connections or streams that failed or ended (each is retried with backoff)"
+    );
+    describe_gauge!(
+        "mayfly_workload_api_connected",
+        "1 while the SPIFFE Workload API bundle streams are open"
+    );
 }

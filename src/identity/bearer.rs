@@ -257,6 +257,11 @@ impl BearerVerifier {
         self.svid.is_empty() && self.oidc.is_empty()
     }
 
+    /// The key cache of a JWT-SVID trust domain (the Workload API pushes keys into it).
+    pub fn svid_keys(&self, trust_domain: &str) -> Option<&Arc<KeyCache>> {
+        self.svid.get(trust_domain).map(|i| &i.keys)
+    }
+
     /// The key cache of an OIDC issuer (tests, metrics).
     pub fn oidc_keys(&self, iss: &str) -> Option<&Arc<KeyCache>> {
         self.oidc.get(iss).map(|i| &i.keys)

@@ -1,5 +1,9 @@
 //! Trust bundles: the CA certificates of each trust domain, one verifier per domain, so
 //! an SVID is only ever checked against the bundle of the trust domain it names.
+//!
+//! A domain's bundle comes from one source (see `config`): a PEM file, a SPIFFE bundle
+//! endpoint, or the SPIFFE Workload API. Each source replaces only its own domains in
+//! [`LiveBundles`]; a source that fails keeps its domains' last good bundle.
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -9,6 +13,7 @@ use rustls_pki_types::pem::PemObject;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::TrustDomain;
 
@@ -25,10 +30,83 @@ pub enum BundleError {
     BadCertificate { path: PathBuf, reason: String },
     #[error("trust domain {0} is configured twice")]
     Duplicate(String),
+    /// A bundle received from a bundle endpoint or the Workload API was refused.
+    #[error("trust bundle for {trust_domain} from {origin}: {reason}")]
+    Invalid {
+        trust_domain: String,
+        origin: String,
+        reason: String,
+    },
+    /// The SPIFFE bundle endpoint could not be read (or its answer was refused).
+    #[error("bundle endpoint {url}: {reason}")]
+    Endpoint { url: String, reason: String },
+    /// Fail closed at start-up: the Workload API gave no bundle for these trust domains
+    /// within the configured time.
+    #[error(
+        "SPIFFE Workload API {socket}: no bundle for {missing:?} within {waited:?} (last error: {last_error})"
+    )]
+    WorkloadApiStartup {
+        socket: String,
+        /// `"X.509 <trust domain>"` / `"JWT <trust domain>"`.
+        missing: Vec<String>,
+        waited: Duration,
+        last_error: String,
+    },
 }
 
+/// One trust domain's bundle, ready to verify with.
 pub(crate) struct DomainBundle {
+    /// Client-certificate (X.509-SVID) verification against this bundle.
     pub(crate) verifier: Arc<dyn ClientCertVerifier>,
+    /// The same anchors, for verifying a server's SVID (the `https_spiffe` profile).
+    pub(crate) roots: Arc<RootCertStore>,
+}
+
+impl DomainBundle {
+    /// A bundle from DER certificates; `origin` names where they came from in errors.
+    fn from_certs(
+        certs: Vec<CertificateDer<'static>>,
+        bad: impl Fn(String) -> BundleError,
+    ) -> Result<Self, BundleError> {
+        if certs.is_empty() {
+            return Err(bad("no certificate".into()));
+        }
+        let mut roots = RootCertStore::empty();
+        for cert in certs {
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Self { verifier, roots })
+    }
+}
+
+/// Parses a PEM bundle into DER certificates (at least one).
+fn pem_certs(pem: &[u8], origin: &Path) -> Result<Vec<CertificateDer<'static>>, BundleError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BundleError::BadCertificate {
+            path: origin.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(BundleError::Empty {
+            path: origin.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM bundle file into DER certificates (at least one).
+pub fn read_pem_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, BundleError> {
+    let pem = std::fs::read(path).map_err(|source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    pem_certs(&pem, path)
 }
 
 /// The X.509 bundles of every trusted trust domain.
@@ -69,28 +147,12 @@ impl TrustBundles {
         if self.domains.contains_key(td.as_str()) {
             return Err(BundleError::Duplicate(td.to_string()));
         }
-        let bad = |reason: String| BundleError::BadCertificate {
+        let certs = pem_certs(pem, origin)?;
+        let bundle = DomainBundle::from_certs(certs, |reason| BundleError::BadCertificate {
             path: origin.to_path_buf(),
             reason,
-        };
-        let mut roots = RootCertStore::empty();
-        let mut count = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| bad(e.to_string()))?;
-            roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(BundleError::Empty {
-                path: origin.to_path_buf(),
-            });
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
-        self.domains
-            .insert(td.to_string(), Arc::new(DomainBundle { verifier }));
+        })?;
+        self.domains.insert(td.to_string(), Arc::new(bundle));
         Ok(())
     }
 
@@ -103,8 +165,10 @@ impl TrustBundles {
     }
 }
 
-/// The trust bundles in force, replaceable while the broker runs: `refresh` re-reads the
-/// PEM files and swaps them in, or keeps the last good set when a file is missing or bad.
+/// The trust bundles in force, replaceable while the broker runs. Each trust domain is
+/// replaced on its own by its source: `refresh` re-reads the PEM files of file-sourced
+/// domains, the bundle endpoint and Workload API tasks call `replace`. A refused update
+/// leaves the domain's last good bundle in force.
 pub struct LiveBundles {
     files: Vec<(TrustDomain, PathBuf)>,
     current: std::sync::RwLock<Arc<TrustBundles>>,
@@ -112,6 +176,7 @@ pub struct LiveBundles {
 }
 
 impl LiveBundles {
+    /// Every domain from a PEM file.
     pub fn load(files: &[(TrustDomain, PathBuf)]) -> Result<Self, BundleError> {
         let bundles = TrustBundles::from_pem_files(files)?;
         Ok(Self {
@@ -135,8 +200,42 @@ impl LiveBundles {
             .clone()
     }
 
-    /// Re-reads the bundles if a file changed. `Ok(true)` when a new set is in force;
-    /// on error the previous set stays.
+    /// Puts `certs` in force as the bundle of `td` (new connections verify against it).
+    /// On error the domain keeps its previous bundle.
+    pub fn replace(
+        &self,
+        td: &TrustDomain,
+        certs: Vec<CertificateDer<'static>>,
+        origin: &str,
+    ) -> Result<(), BundleError> {
+        let bundle = DomainBundle::from_certs(certs, |reason| BundleError::Invalid {
+            trust_domain: td.to_string(),
+            origin: origin.to_string(),
+            reason,
+        })?;
+        self.swap(|domains| {
+            domains.insert(td.to_string(), Arc::new(bundle));
+        });
+        Ok(())
+    }
+
+    /// Stops trusting `td` (its source no longer lists it). Returns whether it was trusted.
+    pub fn remove(&self, td: &TrustDomain) -> bool {
+        let mut removed = false;
+        self.swap(|domains| removed = domains.remove(td.as_str()).is_some());
+        removed
+    }
+
+    /// Copy-on-write under the write lock, so concurrent sources never lose an update.
+    fn swap(&self, change: impl FnOnce(&mut HashMap<String, Arc<DomainBundle>>)) {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = TrustBundles::clone(&cur);
+        change(&mut next.domains);
+        *cur = Arc::new(next);
+    }
+
+    /// Re-reads the file-sourced bundles if a file changed. `Ok(true)` when new bundles
+    /// are in force; on error every file-sourced domain keeps its previous bundle.
     pub fn refresh(&self) -> Result<bool, BundleError> {
         let now = Self::stamp_of(&self.files);
         {
@@ -146,7 +245,7 @@ impl LiveBundles {
             }
         }
         let fresh = TrustBundles::from_pem_files(&self.files)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        self.swap(|domains| domains.extend(fresh.domains));
         *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
         Ok(true)
     }

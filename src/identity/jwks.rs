@@ -8,6 +8,8 @@
 //!   with random `kid`s cannot turn Mayfly into an amplifier against the issuer;
 //! - at most `max_keys` keys are kept, and a JWKS document above `MAX_JWKS_BYTES` is
 //!   refused;
+//! - keys pushed by the SPIFFE Workload API replace the set as they arrive and are never
+//!   fetched on demand;
 //! - keys only ever come from these configured sources — never from a token's
 //!   `jku`/`x5u`/`jwk`/`x5c` headers.
 
@@ -31,6 +33,8 @@ pub enum KeySourceSpec {
     Url(String),
     /// `{issuer}/.well-known/openid-configuration` → `jwks_uri`.
     Discovery { issuer: String },
+    /// Pushed by the SPIFFE Workload API stream (`KeyCache::replace_keys`); never fetched.
+    Pushed,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +159,58 @@ pub fn parse_jwks(
     Ok(out)
 }
 
+/// Why a bounded GET failed.
+pub(crate) enum FetchError {
+    /// The body exceeds the limit (announced or actually sent).
+    TooLarge,
+    Http(String),
+}
+
+/// The error and its causes (a TLS refusal is nested several levels deep).
+fn error_chain(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        // hyper and rustls errors often repeat their cause in their own text.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// GET `url` and read at most `limit` bytes of a 2xx body: a hostile server cannot make
+/// Mayfly buffer more, with or without a `Content-Length`.
+pub(crate) async fn get_limited(
+    http: &reqwest::Client,
+    url: &str,
+    limit: usize,
+) -> Result<Vec<u8>, FetchError> {
+    let fetch = |e: reqwest::Error| FetchError::Http(error_chain(&e));
+    let mut resp = http
+        .get(url)
+        .send()
+        .await
+        .map_err(fetch)?
+        .error_for_status()
+        .map_err(fetch)?;
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(FetchError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(fetch)? {
+        if body.len() + chunk.len() > limit {
+            return Err(FetchError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 fn pick(keys: &[VerificationKey], kid: Option<&str>) -> Option<Lookup> {
     match kid {
         Some(k) => keys
@@ -194,23 +250,29 @@ impl KeyCache {
     }
 
     async fn get_bytes(&self, url: &str) -> Result<Vec<u8>, KeysError> {
-        let fetch = |e: reqwest::Error| KeysError::Fetch(e.to_string());
-        let resp = self
-            .http
-            .get(url)
-            .send()
+        get_limited(&self.http, url, MAX_JWKS_BYTES)
             .await
-            .map_err(fetch)?
-            .error_for_status()
-            .map_err(fetch)?;
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-        {
-            return Err(KeysError::Invalid(format!("{url} is too large")));
-        }
-        let bytes = resp.bytes().await.map_err(fetch)?;
-        Ok(bytes.to_vec())
+            .map_err(|e| match e {
+                FetchError::TooLarge => KeysError::Invalid(format!("{url} is too large")),
+                FetchError::Http(e) => KeysError::Fetch(e),
+            })
+    }
+
+    /// Puts a key set received from the Workload API in force.
+    pub async fn replace_keys(&self, keys: Vec<VerificationKey>) {
+        let mut st = self.state.lock().await;
+        st.keys = Some(Arc::new(keys));
+        st.fetched_at = Some(Instant::now());
+        st.fetches += 1;
+    }
+
+    /// Drops every key (the Workload API no longer lists the trust domain): tokens are
+    /// refused with `KeysUnavailable` until a new set arrives. Returns whether any key
+    /// was held.
+    pub async fn clear_keys(&self) -> bool {
+        let mut st = self.state.lock().await;
+        st.fetched_at = None;
+        st.keys.take().is_some()
     }
 
     async fn fetch(&self, st: &mut State) -> Result<Vec<VerificationKey>, KeysError> {
@@ -222,6 +284,11 @@ impl KeyCache {
                 .await
                 .map_err(|e| KeysError::Fetch(format!("{}: {e}", p.display())))?,
             KeySourceSpec::Url(u) => self.get_bytes(u).await?,
+            KeySourceSpec::Pushed => {
+                return Err(KeysError::Fetch(
+                    "no JWT bundle received from the SPIFFE Workload API".into(),
+                ));
+            }
             KeySourceSpec::Discovery { issuer } => {
                 let uri = match &st.jwks_uri {
                     Some(u) => u.clone(),
@@ -273,6 +340,14 @@ impl KeyCache {
         // One lock: concurrent misses wait for the fetch in flight instead of each
         // starting one.
         let mut st = self.state.lock().await;
+        if self.source == KeySourceSpec::Pushed {
+            return match &st.keys {
+                Some(keys) => pick(keys, kid).unwrap_or(Lookup::UnknownKid),
+                None => Lookup::Unavailable(KeysError::Fetch(
+                    "no JWT bundle received from the SPIFFE Workload API".into(),
+                )),
+            };
+        }
         let now = Instant::now();
         let stale = st
             .fetched_at

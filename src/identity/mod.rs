@@ -3,9 +3,11 @@
 
 pub mod bearer;
 pub mod bundle;
+pub mod bundle_endpoint;
 pub mod jwks;
 pub mod spiffe_id;
 pub mod strict_json;
+pub mod workload_api;
 pub mod x509;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

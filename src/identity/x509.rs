@@ -32,25 +32,7 @@ pub fn verify_svid(
     let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der)
         .map_err(|e| VerifyError::Malformed(e.to_string()))?;
 
-    let san = leaf
-        .subject_alternative_name()
-        .map_err(|e| VerifyError::Malformed(e.to_string()))?;
-    let uris: Vec<&str> = san
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some(*u),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let [uri] = uris.as_slice() else {
-        return Err(VerifyError::UriSanCount(uris.len()));
-    };
-    let id = SpiffeId::parse(uri)?;
+    let id = svid_spiffe_id(&leaf)?;
 
     let basic = leaf
         .basic_constraints()
@@ -90,6 +72,32 @@ pub fn verify_svid(
         claims: Default::default(),
     };
     Ok(VerifiedCaller::new(Principal::Spiffe(id), posture))
+}
+
+/// The SPIFFE ID of an SVID leaf: its one URI SAN, which must be a valid SPIFFE ID (never
+/// the first of several).
+pub(crate) fn svid_spiffe_id(
+    leaf: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<SpiffeId, VerifyError> {
+    let san = leaf
+        .subject_alternative_name()
+        .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let [uri] = uris.as_slice() else {
+        return Err(VerifyError::UriSanCount(uris.len()));
+    };
+    Ok(SpiffeId::parse(uri)?)
 }
 
 fn chain_error(err: rustls::Error) -> VerifyError {

@@ -110,6 +110,8 @@ pub struct ConfigOptions {
     pub node_id: String,
     pub claim_hold: String,
     pub extra: String,
+    /// Trust domain B's `[[trust_domains]]` keys after `name` (default: its PEM file).
+    pub td_b: Option<String>,
 }
 
 impl Default for ConfigOptions {
@@ -120,6 +122,7 @@ impl Default for ConfigOptions {
             node_id: "test".into(),
             claim_hold: "30s".into(),
             extra: String::new(),
+            td_b: None,
         }
     }
 }
@@ -145,7 +148,7 @@ name = "{TD_A}"
 bundle_file = {ba:?}
 [[trust_domains]]
 name = "{TD_B}"
-bundle_file = {bb:?}
+{td_b}
 [operators]
 spiffe_ids = ["{OPERATOR}"]
 [policy]
@@ -167,7 +170,10 @@ generate_key = "ES256"
         cert = pki.server.cert,
         key = pki.server.key,
         ba = pki.bundle_a,
-        bb = pki.bundle_b,
+        td_b = opts
+            .td_b
+            .clone()
+            .unwrap_or_else(|| format!("bundle_file = {:?}", pki.bundle_b)),
         store = opts.store.clone().unwrap_or_else(|| format!(
             "kind = \"embedded\"\npath = {:?}",
             dir.join("leases.redb")
@@ -759,6 +765,74 @@ impl Bao {
 }
 
 impl Drop for Bao {
+/// A SPIFFE Workload API stand-in (`tests/fixtures/workload_api/server.py`, the real gRPC
+/// protocol through PyPI `spiffe`'s generated stubs) on a unix socket, serving the
+/// bundles written under `dir` (`x509/<td>.pem`, `jwt/<td>.json`). Killed on drop.
+pub struct WorkloadApiStub {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl WorkloadApiStub {
+    pub fn start(socket: &Path, dir: &Path) -> Self {
+        let script = repo().join("tests/fixtures/workload_api/server.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(socket)
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 must be installed");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line == "ready" => {}
+            other => {
+                let _ = child.kill();
+                panic!(
+                    "Workload API stub did not start ({other:?}); it needs `pip install spiffe grpcio` (.ci/run does this)"
+                );
+            }
+        }
+        Self {
+            child,
+            socket: socket.to_path_buf(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Serves `pem` as the X.509 bundle of `td` (streamed to connected clients).
+    pub fn set_x509(&self, td: &str, pem: &str) {
+        write_atomically(&self.dir.join("x509").join(format!("{td}.pem")), pem);
+    }
+
+    /// Stops listing `td` in the X.509 bundle set.
+    pub fn remove_x509(&self, td: &str) {
+        std::fs::remove_file(self.dir.join("x509").join(format!("{td}.pem"))).expect("rm");
+    }
+
+    /// Serves `jwks` as the JWT bundle of `td`.
+    pub fn set_jwt(&self, td: &str, jwks: &Value) {
+        write_atomically(
+            &self.dir.join("jwt").join(format!("{td}.json")),
+            &jwks.to_string(),
+        );
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkloadApiStub {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -867,4 +941,216 @@ pub fn raw_get_status(port: u16, path: &str) -> Option<u16> {
     let mut head = [0u8; 12];
     c.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+/// Writes through a rename, so a reader never sees half a file.
+pub fn write_atomically(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// An ES256 JWT-SVID signing key with its JWK (`use: "jwt-svid"`).
+pub struct JwtSvidKey {
+    key: jsonwebtoken::EncodingKey,
+    pub kid: String,
+    pub jwk: Value,
+}
+
+impl JwtSvidKey {
+    pub fn generate(kid: &str) -> Self {
+        mayfly::install_crypto_provider();
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes())
+            .expect("encoding key");
+        let mut jwk = serde_json::to_value(
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&key, jsonwebtoken::Algorithm::ES256)
+                .expect("jwk"),
+        )
+        .expect("json");
+        jwk["kid"] = kid.into();
+        jwk["use"] = "jwt-svid".into();
+        Self {
+            key,
+            kid: kid.to_string(),
+            jwk,
+        }
+    }
+
+    /// A JWT-SVID for `sub` with audience `aud`, valid for ten minutes.
+    pub fn sign(&self, sub: &str, aud: &str) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        let claims = serde_json::json!({"sub": sub, "aud": [aud], "iat": now, "exp": now + 600});
+        jsonwebtoken::encode(&header, &claims, &self.key).expect("sign")
+    }
+}
+
+/// A SPIFFE bundle document: `cas` as `x509-svid` authorities, `jwt` keys as given.
+pub fn spiffe_bundle_doc(cas: &[&Ca], jwt: &[&Value], sequence: u64, refresh_hint: u64) -> String {
+    use base64::Engine;
+    use rustls_pki_types::pem::PemObject;
+    let mut keys: Vec<Value> = cas
+        .iter()
+        .map(|ca| {
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
+                .expect("der");
+            serde_json::json!({
+                "use": "x509-svid",
+                "kty": "EC",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(der.as_ref())],
+            })
+        })
+        .collect();
+    keys.extend(jwt.iter().map(|j| (*j).clone()));
+    serde_json::json!({
+        "keys": keys,
+        "spiffe_sequence": sequence,
+        "spiffe_refresh_hint": refresh_hint,
+    })
+    .to_string()
+}
+
+/// A real HTTPS server (tokio-rustls + hyper, on its own thread and runtime) serving a
+/// SPIFFE bundle document at any path. Its certificate and document can be swapped
+/// while it runs; it counts the requests it answered. Stopped on drop.
+pub struct BundleServer {
+    pub addr: SocketAddr,
+    doc: std::sync::Arc<std::sync::Mutex<String>>,
+    tls: std::sync::Arc<std::sync::Mutex<std::sync::Arc<rustls::ServerConfig>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn tls_config(pair: &Pair) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(&pair.cert)
+        .expect("cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("der");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&pair.key).expect("key");
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config"),
+    )
+}
+
+impl BundleServer {
+    pub fn start(cert: &Pair, doc: String) -> Self {
+        use std::sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering};
+        mayfly::install_crypto_provider();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let doc = Arc::new(Mutex::new(doc));
+        let tls = Arc::new(Mutex::new(tls_config(cert)));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (d, t, r) = (doc.clone(), tls.clone(), requests.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let accept = async {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let config = t.lock().expect("lock").clone();
+                        let (d, r) = (d.clone(), r.clone());
+                        tokio::spawn(async move {
+                            let Ok(stream) =
+                                tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+                            else {
+                                return;
+                            };
+                            let svc = hyper::service::service_fn(move |_req| {
+                                r.fetch_add(1, Ordering::SeqCst);
+                                let body = d.lock().expect("lock").clone();
+                                async move {
+                                    hyper::Response::builder()
+                                        .header("content-type", "application/json")
+                                        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                                            body,
+                                        )))
+                                }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Self {
+            addr,
+            doc,
+            tls,
+            requests,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}/bundle", self.addr)
+    }
+
+    pub fn set_doc(&self, doc: String) {
+        *self.doc.lock().expect("lock") = doc;
+    }
+
+    /// New connections get this certificate.
+    pub fn set_cert(&self, cert: &Pair) {
+        *self.tls.lock().expect("lock") = tls_config(cert);
+    }
+
+    /// Requests answered (a refused TLS handshake never becomes one).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for BundleServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// POST /v1/tasks with a bearer token (no client certificate); status and `code`.
+pub async fn declare_with_bearer(server: &Server, ca: &Path, token: &str) -> (u16, Value) {
+    let r = client(ca, None)
+        .post(server.url("/v1/tasks"))
+        .bearer_auth(token)
+        .json(&task_body("10m"))
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// POST /v1/tasks over mTLS with `pair`, on a new connection; status and body.
+pub async fn declare_with_svid(server: &Server, ca: &Path, pair: &Pair) -> (u16, Value) {
+    post_json(
+        &client(ca, Some(pair)),
+        &server.url("/v1/tasks"),
+        task_body("10m"),
+    )
+    .await
 }
