@@ -17,7 +17,8 @@
 //!        ├─ revocation  revoke leases / task trees; the reaper for due leases
 //!        └─ audit       hash-chained JSON-lines audit trail with group commit
 //! config     Raw (serde) → validated Config → built components
-//! cli        `mayfly serve | dev | audit verify | policy check`
+//! cli        `mayfly serve | dev | audit verify | policy check`; operator commands;
+//!            agent helpers `exec` and `credential-process`
 //! ```
 //!
 //! Domain modules never import `api` or `cli`.

@@ -1,7 +1,13 @@
 //! The `mayfly` command line. `main.rs` only calls [`run`].
 
+pub mod agent;
+pub mod client;
+pub mod credential;
+pub mod credential_process;
 pub mod dev;
+pub mod exec;
 pub mod operator;
+pub mod taskfile;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -54,6 +60,11 @@ enum Command {
     },
     /// Print the OpenAPI spec of the HTTP API (as checked in at docs/openapi.json).
     Openapi,
+    /// Agent: run CMD with a task's credentials in its environment; complete the task
+    /// (revoking them) when CMD exits, and exit with its status.
+    Exec(exec::ExecArgs),
+    /// Agent: print an AWS `credential_process` document (for ~/.aws/config).
+    CredentialProcess(credential_process::CredentialProcessArgs),
     /// Operator: leases (over mTLS; MAYFLY_ADDR, MAYFLY_CERT, MAYFLY_KEY, MAYFLY_CA).
     Lease {
         #[command(flatten)]
@@ -167,14 +178,17 @@ pub fn run() -> ExitCode {
         Command::Lease { conn, command } => client_then(operator::lease(conn, command)),
         Command::Task { conn, command } => client_then(operator::task(conn, command)),
         Command::Revoke { conn, args } => client_then(operator::bulk(conn, args)),
+        Command::Exec(args) => block_on(false, exec::run(args)),
+        Command::CredentialProcess(args) => client_then(credential_process::run(args)),
     }
 }
 
 /// Runs a command's future on a fresh runtime: multi-threaded for the server, one thread
-/// for client commands. Errors print as `mayfly: …` and exit 1.
-fn block_on<E: std::fmt::Display>(
+/// for client commands. `Ok` exits as the command says (`()` is success); errors print as
+/// `mayfly: …` and exit 1.
+fn block_on<T: std::process::Termination, E: std::fmt::Display>(
     server: bool,
-    fut: impl std::future::Future<Output = Result<(), E>>,
+    fut: impl std::future::Future<Output = Result<T, E>>,
 ) -> ExitCode {
     let mut builder = if server {
         tokio::runtime::Builder::new_multi_thread()
@@ -189,7 +203,7 @@ fn block_on<E: std::fmt::Display>(
         }
     };
     match rt.block_on(fut) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(done) => done.report(),
         Err(e) => {
             eprintln!("mayfly: {e}");
             ExitCode::FAILURE
@@ -201,7 +215,7 @@ fn runtime_then(fut: impl std::future::Future<Output = Result<(), crate::Error>>
     block_on(true, fut)
 }
 
-fn client_then(fut: impl std::future::Future<Output = Result<(), operator::CliError>>) -> ExitCode {
+fn client_then(fut: impl std::future::Future<Output = Result<(), client::CliError>>) -> ExitCode {
     block_on(false, fut)
 }
 
@@ -376,4 +390,17 @@ pub async fn serve(
     reaper.abort();
     tracing::info!("mayfly stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks argument ids, groups and defaults only when a command is built;
+        // this builds every subcommand.
+        Cli::command().debug_assert();
+    }
 }

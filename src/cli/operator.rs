@@ -5,45 +5,18 @@
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use std::io::Write;
-use std::path::PathBuf;
 
+use super::client::{self, CliError, Client};
+
+/// Operator connection flags (default: the dev operator SVID) and the output format.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "MAYFLY_ADDR",
-        default_value = "https://127.0.0.1:8443",
-        global = true
-    )]
-    pub addr: String,
-    /// Client certificate (PEM): an operator SVID (or the agent's, for `task complete`).
-    #[arg(
-        long,
-        env = "MAYFLY_CERT",
-        default_value = ".mayfly-dev/operator.pem",
-        global = true
-    )]
-    pub cert: PathBuf,
-    /// Private key of --cert (PEM).
-    #[arg(
-        long,
-        env = "MAYFLY_KEY",
-        default_value = ".mayfly-dev/operator-key.pem",
-        global = true
-    )]
-    pub key: PathBuf,
-    /// CA bundle to verify the broker (PEM).
-    #[arg(
-        long,
-        env = "MAYFLY_CA",
-        default_value = ".mayfly-dev/ca.pem",
-        global = true
-    )]
-    pub ca: PathBuf,
+    // Before `server`, whose help heading would otherwise also cover it.
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub server: client::Conn<client::Operator>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,107 +79,6 @@ pub struct BulkArgs {
     pub reason: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    #[error("cannot read {path}: {source}")]
-    File {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Usage(&'static str),
-    #[error("TLS setup: {0}")]
-    Tls(String),
-    #[error("cannot reach the broker at {addr}: {reason}")]
-    Transport { addr: String, reason: String },
-    #[error("{status} {code}: {detail}")]
-    Api {
-        status: u16,
-        code: String,
-        detail: String,
-    },
-}
-
-pub struct Client {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Client {
-    pub fn new(c: &Conn) -> Result<Self, CliError> {
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|source| CliError::File {
-                path: p.clone(),
-                source,
-            })
-        };
-        let ca = reqwest::Certificate::from_pem(&read(&c.ca)?)
-            .map_err(|e| CliError::Tls(e.to_string()))?;
-        let mut pem = read(&c.cert)?;
-        pem.extend(read(&c.key)?);
-        let identity =
-            reqwest::Identity::from_pem(&pem).map_err(|e| CliError::Tls(e.to_string()))?;
-        let http = reqwest::Client::builder()
-            .tls_certs_only([ca])
-            .identity(identity)
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-            .map_err(|e| CliError::Tls(e.to_string()))?;
-        Ok(Self {
-            http,
-            base: c.addr.trim_end_matches('/').to_string(),
-        })
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, CliError> {
-        let resp = req.send().await.map_err(|e| CliError::Transport {
-            addr: self.base.clone(),
-            reason: e.to_string(),
-        })?;
-        let status = resp.status().as_u16();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status >= 300 {
-            return Err(CliError::Api {
-                status,
-                code: body["code"].as_str().unwrap_or("unknown").to_string(),
-                detail: body["detail"].as_str().unwrap_or_default().to_string(),
-            });
-        }
-        Ok(body)
-    }
-
-    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
-        self.send(self.http.get(format!("{}{path}", self.base)).query(query))
-            .await
-    }
-
-    pub async fn post(&self, path: &str, body: Value) -> Result<Value, CliError> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
-            .await
-    }
-
-    /// Follows `next` cursors until the last page.
-    async fn all(
-        &self,
-        path: &str,
-        mut query: Vec<(&str, String)>,
-    ) -> Result<Vec<Value>, CliError> {
-        let mut out = Vec::new();
-        query.push(("limit", "500".into()));
-        loop {
-            let page = self.get(path, &query).await?;
-            out.extend(page["items"].as_array().cloned().unwrap_or_default());
-            match page["next"].as_str() {
-                Some(n) => {
-                    query.retain(|(k, _)| *k != "after");
-                    query.push(("after", n.to_string()));
-                }
-                None => return Ok(out),
-            }
-        }
-    }
-}
-
 fn opt(query: &mut Vec<(&'static str, String)>, key: &'static str, v: &Option<String>) {
     if let Some(v) = v {
         query.push((key, v.clone()));
@@ -265,7 +137,7 @@ fn emit(json_out: bool, v: &Value, table: impl FnOnce(&Value)) {
 }
 
 pub async fn lease(conn: Conn, cmd: LeaseCmd) -> Result<(), CliError> {
-    let c = Client::new(&conn)?;
+    let c = Client::new(&conn.server)?;
     match cmd {
         LeaseCmd::Ls {
             task,
@@ -303,7 +175,7 @@ pub async fn lease(conn: Conn, cmd: LeaseCmd) -> Result<(), CliError> {
 }
 
 pub async fn task(conn: Conn, cmd: TaskCmd) -> Result<(), CliError> {
-    let c = Client::new(&conn)?;
+    let c = Client::new(&conn.server)?;
     match cmd {
         TaskCmd::Ls { principal, state } => {
             let mut q = Vec::new();
@@ -359,7 +231,7 @@ pub async fn bulk(conn: Conn, args: BulkArgs) -> Result<(), CliError> {
             "give exactly one of --principal, --provider, --target-prefix",
         ));
     }
-    let c = Client::new(&conn)?;
+    let c = Client::new(&conn.server)?;
     let mut q = Vec::new();
     opt(&mut q, "principal", &args.principal);
     opt(&mut q, "provider", &args.provider);
