@@ -50,6 +50,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the audit trail cannot be written; request refused")]
     Audit(#[from] AuditError),
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
 }
 
 /// The stable code of an error response, kept as a response extension so the audit
@@ -133,6 +135,7 @@ impl ApiError {
             ApiError::NotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Audit(_) => (S::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            ApiError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Broker(b) => match b {
                 BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
                 BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
@@ -178,7 +181,7 @@ impl ApiError {
     fn detail(&self, status: StatusCode) -> String {
         if status.is_server_error() {
             match self {
-                ApiError::Audit(_) => self.to_string(),
+                ApiError::Audit(_) | ApiError::Overloaded => self.to_string(),
                 ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
                 ApiError::Broker(BrokerError::Provider(_)) => {
                     "the credential provider failed".into()
@@ -194,7 +197,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
+        if matches!(self, ApiError::Overloaded) {
+            // Logging each shed request would add work exactly when there is too much.
+        } else if status.is_server_error() {
             tracing::error!(code, error = ?self, "request failed");
         } else {
             tracing::debug!(code, error = %self, "request refused");
@@ -224,10 +229,17 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static(challenge),
             );
         }
+        if code == OVERLOADED {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         resp.extensions_mut().insert(ErrorCode(code));
         resp
     }
 }
+
+/// The code of a shed request; its response says when to come back (`Retry-After`).
+const OVERLOADED: &str = "overloaded";
 
 /// An RFC 6749 §5.2 error, the token endpoint's error format (not problem+json).
 /// `code` is Mayfly's specific code (e.g. `token_expired`), kept for the audit record;
@@ -318,6 +330,9 @@ impl IntoResponse for OAuthError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.code == OVERLOADED {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         resp.extensions_mut().insert(ErrorCode(self.code));
         resp
     }
