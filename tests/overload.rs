@@ -62,7 +62,10 @@ async fn a_burst_past_the_in_flight_limit_is_shed_quickly_and_shed_requests_writ
         "only 201 or 503: {results:?}"
     );
     assert!(!issued.is_empty(), "some requests were served");
-    assert!(!shed.is_empty(), "a burst of 60 past a limit of 2 sheds some");
+    assert!(
+        !shed.is_empty(),
+        "a burst of 60 past a limit of 2 sheds some"
+    );
     for (_, body, retry_after, took) in &shed {
         assert_eq!(body["code"], "overloaded", "{body}");
         assert_eq!(retry_after.as_deref(), Some("1"));

@@ -496,13 +496,24 @@ async fn mint_vs_stored(
     extra_pids: &[u32],
 ) {
     let port = free_port();
-    let cfg = write_config(p, &format!("stored-{}", system.replace(' ', "-")), port, store_cfg);
+    let cfg = write_config(
+        p,
+        &format!("stored-{}", system.replace(' ', "-")),
+        port,
+        store_cfg,
+    );
     let mut pids = extra_pids.to_vec();
     let b = start_broker(bin, &cfg, port);
     pids.push(b.proc.0.id());
     let t = mint_target(p, port, Caller::BearerKeptOpen).await;
     let m0 = closed_loop(&t, 8, WARMUP, RUN, &pids).await;
-    rep.add(system, KEPT, "8 conns, 0 stored leases".into(), m0.clone(), &pids);
+    rep.add(
+        system,
+        KEPT,
+        "8 conns, 0 stored leases".into(),
+        m0.clone(),
+        &pids,
+    );
     drop(b);
     let rate = fill().await;
     let b = start_broker(bin, &cfg, port);
@@ -516,7 +527,13 @@ async fn mint_vs_stored(
         ms(m1.p99),
         m1.p99.as_secs_f64() / m0.p99.as_secs_f64().max(1e-9)
     );
-    rep.add(system, KEPT, format!("8 conns, {STORED} stored leases"), m1, &pids);
+    rep.add(
+        system,
+        KEPT,
+        format!("8 conns, {STORED} stored leases"),
+        m1,
+        &pids,
+    );
     rep.note(note);
 }
 
@@ -588,7 +605,10 @@ async fn main() {
             &p,
             "profile",
             port,
-            &format!("kind = \"embedded\"\npath = {:?}", tmp.path().join("profile.redb")),
+            &format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.path().join("profile.redb")
+            ),
         );
         let b = start_broker(&bin, &cfg, port);
         let pids = [b.proc.0.id()];
@@ -605,7 +625,10 @@ async fn main() {
             &p,
             "embedded",
             port,
-            &format!("kind = \"embedded\"\npath = {:?}", tmp.path().join("embedded.redb")),
+            &format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.path().join("embedded.redb")
+            ),
         );
         let b = start_broker(&bin, &cfg, port);
         mayfly_levels(&mut rep, "Mayfly (embedded)", &p, &b, &[], &LEVELS).await;
@@ -618,16 +641,31 @@ async fn main() {
             &p,
             "baseline",
             port,
-            &format!("kind = \"embedded\"\npath = {:?}", tmp.path().join("baseline.redb")),
+            &format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.path().join("baseline.redb")
+            ),
         );
         let b = start_broker(Path::new(&base), &cfg, port);
         let pids = [b.proc.0.id()];
         let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
         let m = closed_loop(&kept, 50, WARMUP, RUN, &pids).await;
-        rep.add("Mayfly baseline (embedded)", KEPT, "50 conns".into(), m, &pids);
+        rep.add(
+            "Mayfly baseline (embedded)",
+            KEPT,
+            "50 conns".into(),
+            m,
+            &pids,
+        );
         let fresh = mint_target(&p, port, Caller::MtlsFreshHandshake).await;
         let m = closed_loop(&fresh, 50, WARMUP, RUN, &pids).await;
-        rep.add("Mayfly baseline (embedded)", FRESH, "50 conns".into(), m, &pids);
+        rep.add(
+            "Mayfly baseline (embedded)",
+            FRESH,
+            "50 conns".into(),
+            m,
+            &pids,
+        );
     }
     // Mayfly, Redis store.
     let redis_dir = tmp.path().join("redis");
@@ -639,7 +677,9 @@ async fn main() {
             &p,
             "redis",
             port,
-            &format!("kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"bench\""),
+            &format!(
+                "kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"bench\""
+            ),
         );
         let b = start_broker(&bin, &cfg, port);
         mayfly_levels(&mut rep, "Mayfly (Redis)", &p, &b, &[redis.0.id()], &[50]).await;
@@ -685,7 +725,9 @@ async fn main() {
             "Mayfly (Redis)",
             &p,
             &bin,
-            &format!("kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"stored\""),
+            &format!(
+                "kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"stored\""
+            ),
             async move || {
                 let s = store::redis(rport, "stored").await;
                 store::fill(s, STORED, time::Duration::hours(6), 512).await

@@ -47,7 +47,12 @@ async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
 
 /// Writes `n` active leases living `ttl` with `writers` concurrent writers (large groups
 /// per commit); returns leases written per second.
-pub async fn fill(store: Arc<dyn LeaseStore>, n: usize, ttl: time::Duration, writers: usize) -> f64 {
+pub async fn fill(
+    store: Arc<dyn LeaseStore>,
+    n: usize,
+    ttl: time::Duration,
+    writers: usize,
+) -> f64 {
     let task = TaskId::generate();
     let left = Arc::new(AtomicUsize::new(n));
     let t0 = Instant::now();

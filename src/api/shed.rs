@@ -108,7 +108,11 @@ mod tests {
             .expect("body");
         let body: serde_json::Value = serde_json::from_slice(&body).expect("problem json");
         assert_eq!(body["code"], "overloaded");
-        assert_eq!(entered.load(Ordering::SeqCst), 1, "the shed request never ran");
+        assert_eq!(
+            entered.load(Ordering::SeqCst),
+            1,
+            "the shed request never ran"
+        );
 
         // Probes are never shed.
         let health = router

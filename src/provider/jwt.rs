@@ -7,9 +7,9 @@
 //! accepting a revoked token until `exp`: keep these TTLs short.
 
 use async_trait::async_trait;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
 use serde::{Deserialize, Serialize};
