@@ -21,6 +21,7 @@
 )]
 
 mod load;
+mod micro;
 mod store;
 
 use hyper::body::Bytes;
@@ -737,6 +738,19 @@ async fn main() {
         .await;
     }
 
+    // Each hot-path change, old way against new way, in process.
+    {
+        let cfg = p.dir.join("embedded.toml");
+        for r in micro::all(&cfg, &p.jwt_svid).await {
+            rep.note(format!(
+                "{}: {:.1} µs → {:.1} µs per call (x{:.2} faster)",
+                r.what,
+                r.before_us,
+                r.after_us,
+                r.before_us / r.after_us.max(1e-9)
+            ));
+        }
+    }
     // The headline and the thresholds.
     let mayfly = rep
         .find("Mayfly (embedded)", KEPT, "50 conns")
