@@ -22,7 +22,10 @@ fn time_us(n: u32, mut f: impl FnMut()) -> f64 {
     t0.elapsed().as_secs_f64() * 1e6 / f64::from(n)
 }
 
-async fn time_us_async<F: std::future::Future<Output = ()>>(n: u32, mut f: impl FnMut() -> F) -> f64 {
+async fn time_us_async<F: std::future::Future<Output = ()>>(
+    n: u32,
+    mut f: impl FnMut() -> F,
+) -> f64 {
     for _ in 0..n / 10 {
         f().await;
     }
@@ -78,7 +81,10 @@ fn signing() -> Ratio {
 /// Bearer JWT-SVID verification on every request against the verified-token cache.
 async fn bearer(config: &Path, token: &str) -> Ratio {
     let cfg = mayfly::config::Config::load(config).expect("config");
-    let uncached = cfg.bearer_verifier().expect("verifier").with_verified_cache(0);
+    let uncached = cfg
+        .bearer_verifier()
+        .expect("verifier")
+        .with_verified_cache(0);
     let cached = cfg.bearer_verifier().expect("verifier");
     let now = time::OffsetDateTime::now_utc();
     let before = time_us_async(2000, || async {
