@@ -961,6 +961,7 @@ pub struct RawLimits {
     pub pending_timeout: String,
     pub max_body_bytes: usize,
     pub max_connections: usize,
+    pub max_in_flight: usize,
     pub handshake_timeout: String,
     pub max_page: usize,
     pub max_delegation_depth: usize,
@@ -975,6 +976,7 @@ impl Default for RawLimits {
             pending_timeout: "60s".into(),
             max_body_bytes: 64 * 1024,
             max_connections: 4096,
+            max_in_flight: 256,
             handshake_timeout: "10s".into(),
             max_page: 500,
             max_delegation_depth: 3,
@@ -1117,6 +1119,8 @@ pub struct Config {
     pub limits: Limits,
     pub max_body_bytes: usize,
     pub max_connections: usize,
+    /// `/v1` requests served at once; past it a request is shed (503 `overloaded`).
+    pub max_in_flight: usize,
     pub handshake_timeout: Duration,
     pub reaper: ReaperConfig,
     pub jwt_issuer: String,
@@ -1272,6 +1276,9 @@ impl TryFrom<RawConfig> for Config {
         if l.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be positive"));
         }
+        if l.max_in_flight == 0 {
+            return Err(invalid("limits.max_in_flight", "must be positive"));
+        }
         let r = raw.reaper;
         if r.batch == 0 || r.max_attempts == 0 {
             return Err(invalid("reaper", "batch and max_attempts must be positive"));
@@ -1305,6 +1312,7 @@ impl TryFrom<RawConfig> for Config {
             limits,
             max_body_bytes: l.max_body_bytes,
             max_connections: l.max_connections,
+            max_in_flight: l.max_in_flight,
             handshake_timeout: dur("limits.handshake_timeout", &l.handshake_timeout)?,
             reaper,
             jwt_issuer: issuer.trim_end_matches('/').to_string(),

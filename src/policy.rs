@@ -3,11 +3,11 @@
 //! its path and line. Deny by default. Reload keeps the last good set when a new one fails.
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, EntityUid, Policy, PolicyId, PolicySet, Request,
-    Schema, ValidationMode, Validator,
+    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
-use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -76,9 +76,38 @@ struct Loaded {
     stamp: Vec<(PathBuf, SystemTime, u64)>,
 }
 
+/// Entity types and actions of the schema, parsed once.
+struct Names {
+    workload: EntityTypeName,
+    target: EntityTypeName,
+    declare: EntityUid,
+    delegate: EntityUid,
+    mint: EntityUid,
+}
+
+impl Names {
+    fn new() -> Result<Self, PolicyError> {
+        let bad = |e: &dyn std::fmt::Display| PolicyError::Schema(e.to_string());
+        let ty = |n: &str| n.parse::<EntityTypeName>().map_err(|e| bad(&e));
+        let action = |n: &str| {
+            format!(r#"Mayfly::Action::"{n}""#)
+                .parse::<EntityUid>()
+                .map_err(|e| bad(&e))
+        };
+        Ok(Self {
+            workload: ty("Mayfly::Workload")?,
+            target: ty("Mayfly::Target")?,
+            declare: action("DeclareTask")?,
+            delegate: action("DelegateTask")?,
+            mint: action("MintCredential")?,
+        })
+    }
+}
+
 pub struct PolicyEngine {
     dir: PathBuf,
     schema: Schema,
+    names: Names,
     authorizer: Authorizer,
     current: RwLock<Arc<Loaded>>,
 }
@@ -207,22 +236,43 @@ fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
     Ok(Loaded { set, stamp: files })
 }
 
-fn grant_json(g: &Grant) -> Value {
-    json!({
-        "provider": g.provider.as_str(),
-        "target": g.target,
-        "actions": g.actions,
-        "resources": g.resources,
-    })
+// Requests are built as Cedar values directly, not as JSON for Cedar to parse: its JSON
+// path (untagged-enum probing that formats a serde error per attempt, `__extn` values)
+// was a third of the broker's CPU per credential. The schema still checks every request.
+type Re = RestrictedExpression;
+
+fn string(v: impl Into<String>) -> Re {
+    Re::new_string(v.into())
 }
 
-fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Value {
-    Value::Array(
-        labels
-            .iter()
-            .map(|(k, v)| Value::String(format!("{k}={v}")))
-            .collect(),
-    )
+fn long(v: i64) -> Re {
+    Re::new_long(v)
+}
+
+fn count(n: usize) -> Re {
+    long(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+fn strings<'a>(items: impl IntoIterator<Item = &'a String>) -> Re {
+    Re::new_set(items.into_iter().map(|s| string(s.as_str())))
+}
+
+fn record(fields: Vec<(&'static str, Re)>) -> Result<Re, PolicyError> {
+    Re::new_record(fields.into_iter().map(|(k, v)| (k.to_string(), v)))
+        .map_err(|e| PolicyError::Request(e.to_string()))
+}
+
+fn grant_record(g: &Grant) -> Result<Re, PolicyError> {
+    record(vec![
+        ("provider", string(g.provider.as_str())),
+        ("target", string(g.target.as_str())),
+        ("actions", strings(&g.actions)),
+        ("resources", strings(&g.resources)),
+    ])
+}
+
+fn labels_set(labels: &std::collections::BTreeMap<String, String>) -> Re {
+    Re::new_set(labels.iter().map(|(k, v)| string(format!("{k}={v}"))))
 }
 
 fn secs(d: Duration) -> i64 {
@@ -236,6 +286,7 @@ impl PolicyEngine {
         Ok(Self {
             dir: dir.to_path_buf(),
             schema,
+            names: Names::new()?,
             authorizer: Authorizer::new(),
             current: RwLock::new(Arc::new(loaded)),
         })
@@ -269,69 +320,88 @@ impl PolicyEngine {
         Ok(n)
     }
 
-    fn posture_json(caller: &VerifiedCaller, now: OffsetDateTime) -> Value {
+    fn posture(caller: &VerifiedCaller, now: OffsetDateTime) -> Result<Re, PolicyError> {
         let p = caller.posture();
         let ip = p
             .source
             .map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
-        let mut v = json!({
-            "method": p.method.as_str(),
-            "trust_domain": p.trust_domain,
-            "source_ip": {"__extn": {"fn": "ip", "arg": ip}},
-            "credential_remaining_seconds": p.credential_remaining_secs(now),
-            "claims": p.claims,
-        });
+        let claims = Re::new_record(
+            p.claims
+                .iter()
+                .map(|(k, v)| (k.clone(), string(v.as_str()))),
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))?;
+        let mut fields = vec![
+            ("method", string(p.method.as_str())),
+            ("trust_domain", string(p.trust_domain.as_str())),
+            ("source_ip", Re::new_ip(ip)),
+            (
+                "credential_remaining_seconds",
+                long(p.credential_remaining_secs(now)),
+            ),
+            ("claims", claims),
+        ];
         if let Some(iss) = &p.issuer {
-            v["issuer"] = Value::String(iss.clone());
+            fields.push(("issuer", string(iss.as_str())));
         }
-        v
+        record(fields)
     }
 
-    fn workload_json(principal: &crate::identity::Principal) -> Value {
-        let mut v = json!({
-            "uid": {"type": "Mayfly::Workload", "id": principal.as_str()},
-            "attrs": {
-                "id": principal.as_str(),
-                "trust_domain": principal.trust_domain(),
-                "path": principal.path(),
-            },
-            "parents": [],
-        });
+    fn uid(ty: &EntityTypeName, id: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
+    }
+
+    fn workload(&self, principal: &crate::identity::Principal) -> Result<Entity, PolicyError> {
+        let mut attrs = HashMap::from([
+            ("id".to_string(), string(principal.as_str())),
+            ("trust_domain".to_string(), string(principal.trust_domain())),
+            ("path".to_string(), string(principal.path())),
+        ]);
         if let (Some(iss), Some(sub)) = (principal.issuer(), principal.subject()) {
-            v["attrs"]["issuer"] = Value::String(iss.to_string());
-            v["attrs"]["sub"] = Value::String(sub.to_string());
+            attrs.insert("issuer".into(), string(iss));
+            attrs.insert("sub".into(), string(sub));
         }
-        v
+        Entity::new(
+            Self::uid(&self.names.workload, principal.as_str()),
+            attrs,
+            HashSet::new(),
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))
     }
 
-    fn target_json(g: &Grant) -> Value {
-        json!({
-            "uid": {"type": "Mayfly::Target", "id": g.key()},
-            "attrs": {"provider": g.provider.as_str(), "uri": g.target},
-            "parents": [],
-        })
+    fn target(&self, g: &Grant) -> Result<Entity, PolicyError> {
+        let attrs = HashMap::from([
+            ("provider".to_string(), string(g.provider.as_str())),
+            ("uri".to_string(), string(g.target.as_str())),
+        ]);
+        Entity::new(
+            Self::uid(&self.names.target, &g.key()),
+            attrs,
+            HashSet::new(),
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))
     }
 
     fn decide(
         &self,
-        action: &str,
-        principal: Value,
-        resource: Value,
-        context: Value,
+        action: &EntityUid,
+        principal: Entity,
+        resource: Entity,
+        context: Vec<(&'static str, Re)>,
     ) -> Result<PolicyDecision, PolicyError> {
         let req_err = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
-        let uid = |v: &Value| -> Result<EntityUid, PolicyError> {
-            EntityUid::from_json(v["uid"].clone()).map_err(|e| req_err(&e))
+        let (p_uid, r_uid) = (principal.uid(), resource.uid());
+        // A delegation may name the caller as its own delegatee: one entity, not two.
+        let entities = if p_uid == r_uid {
+            vec![principal]
+        } else {
+            vec![principal, resource]
         };
-        let (p_uid, r_uid) = (uid(&principal)?, uid(&resource)?);
-        let a_uid: EntityUid = format!(r#"Mayfly::Action::"{action}""#)
-            .parse()
+        let entities =
+            Entities::from_entities(entities, Some(&self.schema)).map_err(|e| req_err(&e))?;
+        let context = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_string(), v)))
             .map_err(|e| req_err(&e))?;
-        let entities = Entities::from_json_value(json!([principal, resource]), Some(&self.schema))
-            .map_err(|e| req_err(&e))?;
-        let context = Context::from_json_value(context, Some((&self.schema, &a_uid)))
-            .map_err(|e| req_err(&e))?;
-        let request = Request::new(p_uid, a_uid, r_uid, context, Some(&self.schema))
+        let request = Request::new(p_uid, action.clone(), r_uid, context, Some(&self.schema))
             .map_err(|e| req_err(&e))?;
         let current = self.current();
         let response = self
@@ -363,18 +433,18 @@ impl PolicyEngine {
         grant: &Grant,
         now: OffsetDateTime,
     ) -> Result<PolicyDecision, PolicyError> {
-        let context = json!({
-            "purpose": req.purpose,
-            "ttl_seconds": secs(req.ttl),
-            "grant": grant_json(grant),
-            "grant_count": req.scope.grants().len(),
-            "labels": labels_json(&req.labels),
-            "posture": Self::posture_json(caller, now),
-        });
+        let context = vec![
+            ("purpose", string(req.purpose.as_str())),
+            ("ttl_seconds", long(secs(req.ttl))),
+            ("grant", grant_record(grant)?),
+            ("grant_count", count(req.scope.grants().len())),
+            ("labels", labels_set(&req.labels)),
+            ("posture", Self::posture(caller, now)?),
+        ];
         self.decide(
-            "DeclareTask",
-            Self::workload_json(caller.principal()),
-            Self::target_json(grant),
+            &self.names.declare,
+            self.workload(caller.principal())?,
+            self.target(grant)?,
             context,
         )
     }
@@ -388,17 +458,17 @@ impl PolicyEngine {
         depth: usize,
         now: OffsetDateTime,
     ) -> Result<PolicyDecision, PolicyError> {
-        let context = json!({
-            "purpose": req.purpose,
-            "ttl_seconds": secs(req.ttl),
-            "depth": depth,
-            "grant_count": req.scope.grants().len(),
-            "posture": Self::posture_json(caller, now),
-        });
+        let context = vec![
+            ("purpose", string(req.purpose.as_str())),
+            ("ttl_seconds", long(secs(req.ttl))),
+            ("depth", count(depth)),
+            ("grant_count", count(req.scope.grants().len())),
+            ("posture", Self::posture(caller, now)?),
+        ];
         self.decide(
-            "DelegateTask",
-            Self::workload_json(caller.principal()),
-            Self::workload_json(to),
+            &self.names.delegate,
+            self.workload(caller.principal())?,
+            self.workload(to)?,
             context,
         )
     }
@@ -417,21 +487,21 @@ impl PolicyEngine {
             risk,
             signals,
         } = *m;
-        let context = json!({
-            "purpose": task.purpose,
-            "task_id": task.id.as_str(),
-            "ttl_seconds": secs(ttl),
-            "task_remaining_seconds": secs(task.remaining(now)),
-            "request": grant_json(request),
-            "labels": labels_json(&task.labels),
-            "posture": Self::posture_json(caller, now),
-            "risk": risk,
-            "signals": signals,
-        });
+        let context = vec![
+            ("purpose", string(task.purpose.as_str())),
+            ("task_id", string(task.id.as_str())),
+            ("ttl_seconds", long(secs(ttl))),
+            ("task_remaining_seconds", long(secs(task.remaining(now)))),
+            ("request", grant_record(request)?),
+            ("labels", labels_set(&task.labels)),
+            ("posture", Self::posture(caller, now)?),
+            ("risk", long(i64::from(risk))),
+            ("signals", strings(signals)),
+        ];
         self.decide(
-            "MintCredential",
-            Self::workload_json(caller.principal()),
-            Self::target_json(request),
+            &self.names.mint,
+            self.workload(caller.principal())?,
+            self.target(request)?,
             context,
         )
     }

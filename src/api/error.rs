@@ -50,6 +50,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the audit trail cannot be written; request refused")]
     Audit(#[from] AuditError),
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
 }
 
 /// The stable code of an error response, kept as a response extension so the audit
@@ -133,6 +135,7 @@ impl ApiError {
             ApiError::NotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Audit(_) => (S::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            ApiError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Broker(b) => match b {
                 BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
                 BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
@@ -196,7 +199,7 @@ impl ApiError {
     fn detail(&self, status: StatusCode) -> String {
         if status.is_server_error() {
             match self {
-                ApiError::Audit(_) => self.to_string(),
+                ApiError::Audit(_) | ApiError::Overloaded => self.to_string(),
                 ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
                 // The upstream's own reason helps the caller and reveals nothing of ours.
                 ApiError::Broker(BrokerError::Provider(
@@ -219,7 +222,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
+        if matches!(self, ApiError::Overloaded) {
+            // Logging each shed request would add work exactly when there is too much.
+        } else if status.is_server_error() {
             tracing::error!(code, error = ?self, "request failed");
         } else {
             tracing::debug!(code, error = %self, "request refused");
@@ -266,6 +271,8 @@ impl ApiError {
                 retry_after_secs,
                 ..
             })) => Some(*retry_after_secs),
+            // A shed request: the overload is momentary.
+            ApiError::Overloaded => Some(1),
             _ => None,
         }
     }

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod extract;
 pub mod openapi;
+pub mod shed;
 pub mod tls;
 pub mod views;
 

@@ -372,7 +372,7 @@ pub async fn serve(
         max_body_bytes: app.config.max_body_bytes,
         bearer: app.bearer.clone(),
     };
-    let router = api::router(state);
+    let router = api::shed::limit_in_flight(api::router(state), app.config.max_in_flight);
     tracing::info!(%addr, node = %app.config.node_id, "mayfly listening (mTLS)");
     on_ready(addr);
     api::tls::serve(

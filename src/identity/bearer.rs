@@ -125,6 +125,40 @@ impl ReplayCache {
     }
 }
 
+/// Bearer tokens already verified, by SHA-256 of the token, so a workload presenting the
+/// same JWT-SVID or OIDC token on every request pays for parsing and signature checking
+/// once rather than per request (ES256 verification is ~165 µs).
+///
+/// Sound because a hit re-checks everything that can change: the token's `exp` (with the
+/// issuer's leeway) against the current time; that the issuer's key for the token's `kid`
+/// is still found; and that the key set has not been re-read since the token was
+/// verified (`KeyCache::fetch_count`), so a rotated or removed key is never trusted
+/// from memory. Everything else a verification decides (header rules, algorithm, `aud`,
+/// `nbf`/`iat` — which only become truer with time — the principal and posture claims)
+/// is a function of the token bytes and the configuration alone. Single-use tokens are
+/// never cached: each presentation must reach the replay check. The request's source
+/// address is filled in per request, never cached.
+#[derive(Debug)]
+struct VerifiedCache {
+    entries: Mutex<HashMap<[u8; 32], CachedToken>>,
+    capacity: usize,
+}
+
+#[derive(Debug, Clone)]
+struct CachedToken {
+    token: VerifiedToken,
+    /// `exp` plus leeway: the last second this token is accepted.
+    valid_until: i64,
+    kid: Option<String>,
+    /// The key cache's read count before the verifying lookup.
+    fetches: u64,
+    svid: bool,
+    issuer: String,
+}
+
+/// Verified tokens remembered at most (each entry is one token's caller, ~1 KiB).
+pub const VERIFIED_CACHE_SIZE: usize = 10_000;
+
 /// What a verified bearer token proved, before it becomes a `VerifiedCaller`.
 #[derive(Debug, Clone)]
 pub struct VerifiedToken {
@@ -144,6 +178,7 @@ pub struct BearerVerifier {
     oidc: HashMap<String, TrustedIssuer>,
     max_token_bytes: usize,
     replay: ReplayCache,
+    verified: VerifiedCache,
 }
 
 impl Default for BearerVerifier {
@@ -232,6 +267,21 @@ enum Route<'a> {
     Oidc(&'a TrustedIssuer, String),
 }
 
+/// Which configured issuer verified a token (the key of `svid` or `oidc`).
+enum RouteKey {
+    Svid(String),
+    Oidc(String),
+}
+
+fn with_source(t: &VerifiedToken, source: Option<IpAddr>) -> VerifiedToken {
+    let mut posture = t.caller.posture().clone();
+    posture.source = source;
+    VerifiedToken {
+        caller: VerifiedCaller::new(t.caller.principal().clone(), posture),
+        ..t.clone()
+    }
+}
+
 impl BearerVerifier {
     pub fn new(max_token_bytes: usize, replay_capacity: usize) -> Self {
         Self {
@@ -242,7 +292,72 @@ impl BearerVerifier {
                 seen: Mutex::new(HashMap::new()),
                 capacity: replay_capacity,
             },
+            verified: VerifiedCache {
+                entries: Mutex::new(HashMap::new()),
+                capacity: VERIFIED_CACHE_SIZE,
+            },
         }
+    }
+
+    /// Sets how many verified tokens are remembered; 0 verifies every presentation anew.
+    pub fn with_verified_cache(mut self, capacity: usize) -> Self {
+        self.verified.capacity = capacity;
+        self
+    }
+
+    /// A verified token from the cache, if it is still valid now (see `VerifiedCache`).
+    async fn cached(
+        &self,
+        digest: &[u8; 32],
+        source: Option<IpAddr>,
+        now_s: i64,
+    ) -> Option<VerifiedToken> {
+        let hit = {
+            let entries = self
+                .verified
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            entries.get(digest).cloned()
+        }?;
+        let issuer = if hit.svid {
+            self.svid.get(&hit.issuer)
+        } else {
+            self.oidc.get(&hit.issuer)
+        };
+        let fresh = match issuer {
+            Some(i) if hit.valid_until > now_s => {
+                matches!(i.keys.lookup(hit.kid.as_deref()).await, Lookup::Found(_))
+                    && i.keys.fetch_count().await == hit.fetches
+            }
+            _ => false,
+        };
+        if !fresh {
+            // Verify again from scratch: that answers with the precise error, if any.
+            self.verified
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(digest);
+            return None;
+        }
+        Some(with_source(&hit.token, source))
+    }
+
+    fn remember(&self, digest: [u8; 32], entry: CachedToken, now_s: i64) {
+        let mut entries = self
+            .verified
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= self.verified.capacity {
+            entries.retain(|_, e| e.valid_until > now_s);
+            if entries.len() >= self.verified.capacity {
+                // Full of live tokens: verify the newcomer every time instead.
+                return;
+            }
+        }
+        entries.insert(digest, entry);
     }
 
     pub fn add_trust_domain(&mut self, trust_domain: &str, issuer: TrustedIssuer) {
@@ -276,6 +391,15 @@ impl BearerVerifier {
     ) -> Result<VerifiedToken, VerifyError> {
         if token.len() > self.max_token_bytes {
             return Err(VerifyError::TokenTooLarge(self.max_token_bytes));
+        }
+        let digest: Option<[u8; 32]> = (self.verified.capacity > 0).then(|| {
+            use sha2::Digest;
+            sha2::Sha256::digest(token.as_bytes()).into()
+        });
+        if let Some(d) = &digest
+            && let Some(hit) = self.cached(d, source, now.unix_timestamp()).await
+        {
+            return Ok(hit);
         }
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
@@ -311,6 +435,10 @@ impl BearerVerifier {
             Route::Svid(i, _) => (*i, AuthMethod::JwtSvid),
             Route::Oidc(i, _) => (*i, AuthMethod::Oidc),
         };
+        let route_key = match &route {
+            Route::Svid(_, id) => RouteKey::Svid(id.trust_domain().to_string()),
+            Route::Oidc(_, iss) => RouteKey::Oidc(iss.clone()),
+        };
         let rules = &issuer.rules;
         let alg = alg_name
             .parse::<Algorithm>()
@@ -336,6 +464,7 @@ impl BearerVerifier {
         if kid.is_none() && matches!(route, Route::Svid(..)) {
             return Err(VerifyError::MissingKid);
         }
+        let fetches = issuer.keys.fetch_count().await;
         let key = match issuer.keys.lookup(kid).await {
             Lookup::Found(k) => k,
             Lookup::UnknownKid => return Err(VerifyError::UnknownKid(kid.unwrap_or("").into())),
@@ -430,12 +559,30 @@ impl BearerVerifier {
             issuer: iss,
             claims: posture_claims,
         };
-        Ok(VerifiedToken {
+        let verified = VerifiedToken {
             caller: VerifiedCaller::new(principal, posture),
             expires_at,
             job,
             max_exchange_ttl: rules.max_exchange_ttl,
-        })
+        };
+        if let Some(d) = digest
+            && !rules.single_use
+        {
+            let (svid, name) = match &route_key {
+                RouteKey::Svid(td) => (true, td.clone()),
+                RouteKey::Oidc(iss) => (false, iss.clone()),
+            };
+            let entry = CachedToken {
+                token: with_source(&verified, None),
+                valid_until: exp.saturating_add(leeway),
+                kid: kid.map(str::to_string),
+                fetches,
+                svid,
+                issuer: name,
+            };
+            self.remember(d, entry, now_s);
+        }
+        Ok(verified)
     }
 
     fn route(&self, claims: &Map<String, Value>) -> Result<Route<'_>, VerifyError> {

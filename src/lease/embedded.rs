@@ -218,6 +218,15 @@ impl EmbeddedStore {
         rx.await.map_err(|_| stopped())?
     }
 
+    /// A point read (one key), on the calling task. redb reads are MVCC snapshots that
+    /// never wait for the writer and take microseconds with the file in the page cache:
+    /// a hop to the blocking pool (two context switches, twice per credential on the hot
+    /// path) cost more than the read itself.
+    fn get<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        f(&self.db)
+    }
+
+    /// A scan (lists, counts), on the blocking pool: it may walk many records.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -256,14 +265,12 @@ impl LeaseStore for EmbeddedStore {
     }
 
     async fn task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
-        let id = id.clone();
-        self.run(move |db| {
+        self.get(|db| {
             let tx = db.begin_read().map_err(db_err)?;
             let tasks = tx.open_table(TASKS).map_err(db_err)?;
             let got = tasks.get(id.as_str()).map_err(db_err)?;
             got.map(|v| decode(v.value())).transpose()
         })
-        .await
     }
 
     async fn tasks(&self, q: &TaskQuery) -> Result<Page<Task>, StoreError> {
@@ -378,14 +385,12 @@ impl LeaseStore for EmbeddedStore {
     }
 
     async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
-        let id = id.clone();
-        self.run(move |db| {
+        self.get(|db| {
             let tx = db.begin_read().map_err(db_err)?;
             let leases = tx.open_table(LEASES).map_err(db_err)?;
             let got = leases.get(id.as_str()).map_err(db_err)?;
             got.map(|v| decode(v.value())).transpose()
         })
-        .await
     }
 
     async fn leases(&self, q: &LeaseQuery) -> Result<Page<Lease>, StoreError> {

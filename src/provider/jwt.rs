@@ -7,9 +7,10 @@
 //! accepting a revoked token until `exp`: keep these TTLs short.
 
 use async_trait::async_trait;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -59,11 +60,18 @@ pub fn act_chain(delegators: &[crate::identity::Principal]) -> Option<Value> {
     })
 }
 
+/// The private key, parsed once. (jsonwebtoken's `EncodingKey` re-parses and re-checks
+/// its PKCS#8 document on every signature — a point multiplication per token.)
+enum Signer {
+    Es256(EcdsaKeyPair),
+    EdDsa(Ed25519KeyPair),
+}
+
 /// One signing key with its public JWK.
 pub struct SigningKey {
     alg: SigningAlg,
     kid: String,
-    encoding: EncodingKey,
+    signer: Signer,
     decoding: DecodingKey,
     jwk: Value,
 }
@@ -90,13 +98,13 @@ impl SigningKey {
         }
         .map_err(key_err)?;
         let pem = Secret::new(pair.serialize_pem());
-        Ok((Self::from_pair(&pair, pem.expose())?, pem))
+        Ok((Self::from_pair(&pair)?, pem))
     }
 
     /// Loads a PKCS#8 PEM key (P-256 or Ed25519); the algorithm follows the key.
     pub fn from_pem(pem: &str) -> Result<Self, ProviderError> {
         let pair = KeyPair::from_pem(pem).map_err(key_err)?;
-        Self::from_pair(&pair, pem)
+        Self::from_pair(&pair)
     }
 
     /// Loads `path`, or creates it (mode 0600) with a new key if `generate` and it is absent.
@@ -119,7 +127,7 @@ impl SigningKey {
         }
     }
 
-    fn from_pair(pair: &KeyPair, pem: &str) -> Result<Self, ProviderError> {
+    fn from_pair(pair: &KeyPair) -> Result<Self, ProviderError> {
         let raw = pair.public_key_raw();
         let (alg, jwk_core) = if pair.algorithm() == &PKCS_ECDSA_P256_SHA256 {
             if raw.len() != 65 || raw[0] != 4 {
@@ -146,9 +154,13 @@ impl SigningKey {
         // RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order,
         // which is how serde_json serialises this map.
         let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(jwk_core.to_string().as_bytes()));
-        let (encoding, decoding) = match alg {
+        let pkcs8 = pair.serialize_der();
+        let (signer, decoding) = match alg {
             SigningAlg::ES256 => (
-                EncodingKey::from_ec_pem(pem.as_bytes()).map_err(key_err)?,
+                Signer::Es256(
+                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
+                        .map_err(key_err)?,
+                ),
                 DecodingKey::from_ec_components(
                     jwk_core["x"].as_str().unwrap_or_default(),
                     jwk_core["y"].as_str().unwrap_or_default(),
@@ -156,7 +168,7 @@ impl SigningKey {
                 .map_err(key_err)?,
             ),
             SigningAlg::EdDSA => (
-                EncodingKey::from_ed_pem(pem.as_bytes()).map_err(key_err)?,
+                Signer::EdDsa(Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(key_err)?),
                 DecodingKey::from_ed_components(jwk_core["x"].as_str().unwrap_or_default())
                     .map_err(key_err)?,
             ),
@@ -168,7 +180,7 @@ impl SigningKey {
         Ok(Self {
             alg,
             kid,
-            encoding,
+            signer,
             decoding,
             jwk,
         })
@@ -197,13 +209,38 @@ impl SigningKey {
         &self.jwk
     }
 
+    /// The base64url JWS header for `typ`, signed by this key.
+    fn header_b64(&self, typ: &str) -> String {
+        let header = json!({"alg": Self::jose_alg(self.alg), "kid": self.kid, "typ": typ});
+        URL_SAFE_NO_PAD.encode(header.to_string())
+    }
+
+    /// A compact JWS: `header_b64` . base64url(claims) . signature.
+    fn sign_with_header<C: Serialize>(
+        &self,
+        header_b64: &str,
+        claims: &C,
+    ) -> Result<String, ProviderError> {
+        let mint_err = |e: &dyn std::fmt::Display| ProviderError::Mint(e.to_string());
+        let payload = serde_json::to_vec(claims).map_err(|e| mint_err(&e))?;
+        let mut out = String::with_capacity(header_b64.len() + payload.len() * 4 / 3 + 100);
+        out.push_str(header_b64);
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut out);
+        let sig = match &self.signer {
+            Signer::Es256(k) => k
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), out.as_bytes())
+                .map_err(|e| mint_err(&e))?,
+            Signer::EdDsa(k) => k.sign(out.as_bytes()),
+        };
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut out);
+        Ok(out)
+    }
+
     /// Signs arbitrary claims (dev tokens: `mayfly dev token`).
     pub fn sign_json(&self, claims: &Value, typ: &str) -> Result<String, ProviderError> {
-        let mut header = Header::new(self.algorithm());
-        header.kid = Some(self.kid.clone());
-        header.typ = Some(typ.into());
-        jsonwebtoken::encode(&header, claims, &self.encoding)
-            .map_err(|e| ProviderError::Mint(e.to_string()))
+        self.sign_with_header(&self.header_b64(typ), claims)
     }
 }
 
@@ -223,6 +260,8 @@ pub enum TokenError {
 pub struct JwtIssuer {
     issuer: String,
     key: SigningKey,
+    /// The access-token header, encoded once.
+    header_b64: String,
 }
 
 /// Upper bound on a token we will even try to parse at introspection.
@@ -230,7 +269,12 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 impl JwtIssuer {
     pub fn new(issuer: String, key: SigningKey) -> Self {
-        Self { issuer, key }
+        let header_b64 = key.header_b64("at+jwt");
+        Self {
+            issuer,
+            key,
+            header_b64,
+        }
     }
 
     pub fn issuer(&self) -> &str {
@@ -246,11 +290,7 @@ impl JwtIssuer {
     }
 
     pub fn sign(&self, claims: &AccessClaims) -> Result<String, ProviderError> {
-        let mut header = Header::new(self.key.algorithm());
-        header.kid = Some(self.key.kid.clone());
-        header.typ = Some("at+jwt".into());
-        jsonwebtoken::encode(&header, claims, &self.key.encoding)
-            .map_err(|e| ProviderError::Mint(e.to_string()))
+        self.key.sign_with_header(&self.header_b64, claims)
     }
 
     /// Checks signature, algorithm, key id and issuer. Expiry is *not* checked here:

