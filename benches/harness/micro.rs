@@ -81,11 +81,14 @@ fn signing() -> Ratio {
 /// Bearer JWT-SVID verification on every request against the verified-token cache.
 async fn bearer(config: &Path, token: &str) -> Ratio {
     let cfg = mayfly::config::Config::load(config).expect("config");
+    // JWT-SVID keys come from files here: no bundle endpoint needs the X.509 bundles.
+    let bundles =
+        std::sync::Arc::new(mayfly::identity::LiveBundles::load(&[]).expect("empty bundle set"));
     let uncached = cfg
-        .bearer_verifier()
+        .bearer_verifier(&bundles)
         .expect("verifier")
         .with_verified_cache(0);
-    let cached = cfg.bearer_verifier().expect("verifier");
+    let cached = cfg.bearer_verifier(&bundles).expect("verifier");
     let now = time::OffsetDateTime::now_utc();
     let before = time_us_async(2000, || async {
         uncached.verify(token, None, now).await.expect("verify");
