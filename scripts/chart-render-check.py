@@ -8,9 +8,12 @@
     chart-render-check.py check RENDERED.yaml [--expect KIND]... [--absent KIND]...
                                 [--policy-dir DIR]
         Cross-object checks: selectors match the pods, the hardening is in place,
-        probes hit the right endpoints, and every file the rendered mayfly.toml
-        names is actually mounted into the broker container. With --policy-dir,
-        the rendered *.cedar files are written there for `mayfly policy check`.
+        probes hit the right endpoints, every file the rendered mayfly.toml names
+        is actually mounted into the broker container (files the broker re-reads,
+        like the Vault token, without subPath so Secret updates reach them), and a
+        restricted egress NetworkPolicy lets the broker reach its providers. With
+        --policy-dir, the rendered *.cedar files are written there for
+        `mayfly policy check`.
     chart-render-check.py config RENDERED.yaml OUT.toml ROOT
         Write the rendered mayfly.toml with its in-pod paths moved under ROOT and
         `listen` on 127.0.0.1:0, so `mayfly serve -c OUT.toml` can run the broker's
@@ -49,9 +52,26 @@ ALLOWED_KEYS = {
                "max_body_bytes", "max_connections", "handshake_timeout", "max_page",
                "max_delegation_depth"},
     "reaper": {"interval", "batch", "claim_hold", "max_attempts", "backoff_base", "backoff_max"},
-    "providers": {"jwt"},
+    "providers": {"jwt", "vault", "aws"},
     "providers.jwt": {"issuer", "signing_key_file", "generate_key"},
+    # src/provider/vault.rs RawVault, RawAppRole, RawVaultTarget.
+    "providers.vault": {"address", "token_file", "approle", "namespace", "ca_file", "timeout",
+                        "rate_limit_per_second", "rate_limit_burst", "allow_insecure_http",
+                        "targets"},
+    "providers.vault.approle": {"role_id", "secret_id_file", "mount"},
+    "providers.vault.targets/token": {"kind", "token_role", "allowed_policies"},
+    "providers.vault.targets/dynamic": {"kind", "path", "method", "params", "ttl_param",
+                                        "resource_param", "max_ttl"},
+    # src/provider/aws.rs RawAws, RawAwsTarget.
+    "providers.aws": {"region", "endpoint_url", "allow_insecure_http", "revocation",
+                      "deny_policy_name", "prune_interval", "timeout", "rate_limit_per_second",
+                      "rate_limit_burst", "targets"},
+    "providers.aws.targets[]": {"role_arn", "max_session_duration", "external_id"},
 }
+
+# Files the broker re-reads while running: their mount must not use subPath, or an
+# updated Secret never reaches the pod (kubelet does not refresh subPath mounts).
+REREAD_KEYS = {"providers.vault.token_file", "providers.vault.approle.secret_id_file"}
 
 EXPECTED_COMMAND = ["mayfly", "serve", "-c", "/etc/mayfly/mayfly.toml", "--log-format", "json"]
 
@@ -186,6 +206,14 @@ def toml_paths(cfg: dict) -> list[tuple[str, str, bool]]:
         out.append(("store.path", store["path"], True))
     elif "password_file" in store:
         out.append(("store.password_file", store["password_file"], False))
+    vault = cfg["providers"].get("vault")
+    if vault is not None:
+        if "token_file" in vault:
+            out.append(("providers.vault.token_file", vault["token_file"], False))
+        if "approle" in vault:
+            out.append(("providers.vault.approle.secret_id_file", vault["approle"]["secret_id_file"], False))
+        if "ca_file" in vault:
+            out.append(("providers.vault.ca_file", vault["ca_file"], False))
     return out
 
 
@@ -198,7 +226,31 @@ def check_keys(cfg: dict) -> None:
     unknown("", cfg, ALLOWED_KEYS[""])
     for section in ("tls", "operators", "policy", "audit", "limits", "reaper", "providers"):
         unknown(section, cfg.get(section, {}), ALLOWED_KEYS[section])
-    unknown("providers.jwt", cfg.get("providers", {}).get("jwt", {}), ALLOWED_KEYS["providers.jwt"])
+    providers = cfg.get("providers", {})
+    unknown("providers.jwt", providers.get("jwt", {}), ALLOWED_KEYS["providers.jwt"])
+    if "vault" in providers:
+        vault = providers["vault"]
+        unknown("providers.vault", vault, ALLOWED_KEYS["providers.vault"])
+        if ("token_file" in vault) == ("approle" in vault):
+            problem("mayfly.toml [providers.vault]: exactly one of token_file and approle is required")
+        if "approle" in vault:
+            unknown("providers.vault.approle", vault["approle"], ALLOWED_KEYS["providers.vault.approle"])
+        if not vault.get("targets"):
+            problem("mayfly.toml [providers.vault]: no target (the broker refuses to start)")
+        for name, t in vault.get("targets", {}).items():
+            section = f"providers.vault.targets.{name}"
+            allowed = ALLOWED_KEYS.get(f"providers.vault.targets/{t.get('kind')}")
+            if allowed is None:
+                problem(f"mayfly.toml [{section}]: unknown kind {t.get('kind')!r}")
+            else:
+                unknown(section, t, allowed)
+    if "aws" in providers:
+        aws = providers["aws"]
+        unknown("providers.aws", aws, ALLOWED_KEYS["providers.aws"])
+        if not aws.get("targets"):
+            problem("mayfly.toml [providers.aws]: no target (the broker refuses to start)")
+        for name, t in aws.get("targets", {}).items():
+            unknown(f"providers.aws.targets.{name}", t, ALLOWED_KEYS["providers.aws.targets[]"])
     for td in cfg.get("trust_domains", []):
         unknown("trust_domains", td, ALLOWED_KEYS["trust_domains[]"])
     kind = cfg.get("store", {}).get("kind")
@@ -230,6 +282,11 @@ def check_mounts(cfg: dict, broker: dict, pod: dict, cm_data: dict, helper_conf:
             continue
         if writable and best.get("readOnly"):
             problem(f"{key} = {raw}: the broker must write it but {best['mountPath']} is read-only")
+        if not writable and not best.get("readOnly"):
+            problem(f"{key} = {raw}: {best['mountPath']} should be mounted read-only")
+        if key in REREAD_KEYS and "subPath" in best:
+            problem(f"{key} = {raw}: mounted with subPath, so an updated Secret never reaches "
+                    "the pod (the broker re-reads this file); mount the directory instead")
         rel = str(path.relative_to(best["mountPath"]))
         vol = volumes.get(best["name"], {})
         src = vol.get("configMap") or vol.get("secret")
@@ -254,6 +311,36 @@ def check_mounts(cfg: dict, broker: dict, pod: dict, cm_data: dict, helper_conf:
     for k in cm_data:
         if k.endswith(".cedar") and k not in projected:
             problem(f"policy {k} is in the ConfigMap but not mounted")
+
+
+def url_port(url: str) -> int:
+    rest = url.split("://", 1)[1]
+    hostport = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if hostport.startswith("["):
+        hostport = hostport.split("]", 1)[1]
+    if ":" in hostport:
+        return int(hostport.rsplit(":", 1)[1])
+    return 80 if url.startswith("http://") else 443
+
+
+def check_egress(cfg: dict, docs: list[dict]) -> None:
+    """With egress restricted, the broker must still reach each configured provider."""
+    providers = cfg.get("providers", {})
+    needed = []
+    if "vault" in providers:
+        needed.append(("providers.vault.address", url_port(providers["vault"]["address"])))
+    if "aws" in providers:
+        needed.append(("providers.aws (STS, IAM)", 443))
+        if "endpoint_url" in providers["aws"]:
+            needed.append(("providers.aws.endpoint_url", url_port(providers["aws"]["endpoint_url"])))
+    for np in (d for d in docs if d.get("kind") == "NetworkPolicy"):
+        if "Egress" not in np["spec"].get("policyTypes", []):
+            continue
+        rules = np["spec"].get("egress") or []
+        for what, port in needed:
+            if not any(not r.get("ports") or any(p.get("port") == port and p.get("protocol", "TCP") == "TCP"
+                                                  for p in r["ports"]) for r in rules):
+                problem(f"{ident(np)} restricts egress but allows no TCP port {port} for {what}")
 
 
 def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str | None) -> None:
@@ -321,6 +408,7 @@ def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str |
 
     helper_conf = cm["data"].get("spiffe-helper.conf")
     check_mounts(cfg, broker, pod, cm["data"], helper_conf)
+    check_egress(cfg, docs)
 
     if any(v.get("csi") for v in pod.get("volumes", [])):
         helpers = [c for c in pod.get("initContainers", []) if c.get("name") == "spiffe-helper"]

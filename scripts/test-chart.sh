@@ -6,8 +6,9 @@
 # 1. helm lint --strict, with the default values and each charts/mayfly/ci/*.yaml;
 # 2. helm template for the same cases, piped through kubernetes-validate (strict,
 #    Kubernetes 1.30 schemas) and scripts/chart-render-check.py (selectors,
-#    hardening, probes, every file mayfly.toml names is mounted; the ServiceMonitor
-#    CRD, which kubernetes-validate has no schema for);
+#    hardening, probes, every file mayfly.toml names is mounted (the Vault token
+#    without subPath), restricted egress still reaches the providers; the
+#    ServiceMonitor CRD, which kubernetes-validate has no schema for);
 # 3. if a mayfly binary is at $MAYFLY_BIN, target/{debug,release}/mayfly or on PATH
 #    (skipped otherwise): the rendered Cedar policies through `mayfly policy check`,
 #    and the rendered mayfly.toml through the broker's own config parser;
@@ -164,6 +165,14 @@ render secret-identity-values \
     -f "$chart/ci/secret-identity-values.yaml"
 render single-embedded-replica --expect PodDisruptionBudget -- \
     --set replicaCount=1 --set config.store.kind=embedded
+render providers-values --expect NetworkPolicy --expect ServiceAccount -- \
+    -f "$chart/ci/providers-values.yaml"
+# The other Vault login (AppRole, its secret_id from a Secret), the Vault CA from a
+# Secret, and AWS through an endpoint_url on its own port with EKS Pod Identity.
+render providers-approle --expect NetworkPolicy -- \
+    --set networkPolicy.egress.restrict=true --set networkPolicy.egress.aws.podIdentityAgent=true \
+    --set-json 'config.providers.vault={"address":"https://vault.example.org","approle":{"role_id":"mayfly-broker","secret_id_secret":{"name":"mayfly-vault-approle","key":"secret-id"},"mount":"approle/prod"},"ca":{"secret":{"name":"vault-ca","key":"ca.pem"}},"targets":{"db":{"kind":"dynamic","path":"database/creds/readonly","method":"GET","max_ttl":"1h"}}}' \
+    --set-json 'config.providers.aws={"region":"us-east-1","endpoint_url":"https://aws-emulator.example.org:4566","revocation":"expires_only","targets":{"ci":{"role_arn":"arn:aws:iam::123456789012:role/mayfly-ci"}}}'
 
 [[ -n "$mayfly_bin" ]] || echo "skip  mayfly policy check and config parse (no mayfly binary; set MAYFLY_BIN)"
 
@@ -214,6 +223,37 @@ refuse "a trust domain listed twice" "listed twice" \
 refuse "no trust domain" "trust_domains" --set-json 'config.trust_domains=[]'
 refuse "SPIFFE CSI mode before Kubernetes 1.29" "needs Kubernetes >= 1.29" \
     --set identity.mode=spiffeCsi --kube-version 1.28.0
+
+# Providers (on top of ci/providers-values.yaml, which renders).
+providers=(-f "$chart/ci/providers-values.yaml")
+refuse "vault with both token_secret and approle" "oneOf" "${providers[@]}" \
+    --set-json 'config.providers.vault.approle={"role_id":"r","secret_id_secret":{"name":"s","key":"k"}}'
+refuse "vault with neither token_secret nor approle" "oneOf" \
+    --set-json 'config.providers.vault={"address":"https://vault.example.org","targets":{"t":{"kind":"dynamic","path":"kv/creds","max_ttl":"1h"}}}'
+refuse "vault file path set directly (token_file)" "token_file" "${providers[@]}" \
+    --set config.providers.vault.token_file=/run/secrets/token
+refuse "vault target of unknown kind" "kind" "${providers[@]}" \
+    --set config.providers.vault.targets.app-secrets.kind=kv
+refuse "vault token target allowing the root policy" "allowed_policies" "${providers[@]}" \
+    --set-json 'config.providers.vault.targets.app-secrets.allowed_policies=["root"]'
+refuse "vault dynamic target under sys/" "path" "${providers[@]}" \
+    --set config.providers.vault.targets.db-readonly.path=sys/leases/lookup
+refuse "vault GET target with ttl_param" "need method: POST" "${providers[@]}" \
+    --set config.providers.vault.targets.db-readonly.ttl_param=ttl
+refuse "vault without targets" "targets" \
+    --set-json 'config.providers.vault={"address":"https://vault.example.org","token_secret":{"name":"t","key":"k"},"targets":{}}'
+refuse "vault http:// address to a non-loopback host" "address" "${providers[@]}" \
+    --set config.providers.vault.address=http://vault.vault.svc:8200
+refuse "vault http:// loopback address without allow_insecure_http" "allow_insecure_http=true" "${providers[@]}" \
+    --set config.providers.vault.address=http://127.0.0.1:8200
+refuse "aws revocation=revoke_now (not deny_policy|expires_only)" "revocation" "${providers[@]}" \
+    --set config.providers.aws.revocation=revoke_now
+refuse "aws static access key in values" "access_key_id" "${providers[@]}" \
+    --set config.providers.aws.access_key_id=AKIAEXAMPLE
+refuse "aws role_arn naming a user" "role_arn" "${providers[@]}" \
+    --set config.providers.aws.targets.reports-bucket.role_arn=arn:aws:iam::123456789012:user/mayfly
+refuse "aws max_session_duration=13h" "between 1h and 12h" "${providers[@]}" \
+    --set config.providers.aws.targets.reports-bucket.max_session_duration=13h
 
 # A wrong type must also fail `helm lint --strict`, not only install/template.
 if out="$(helm lint --strict "$chart" --set replicaCount=three 2>&1)"; then

@@ -81,6 +81,8 @@ identityDir: /var/run/mayfly/identity
 bundleDir: /var/run/mayfly/bundles
 redisDir: /var/run/mayfly/redis
 jwtDir: /var/run/mayfly/jwt
+vaultAuthDir: /var/run/mayfly/vault
+vaultCaDir: /var/run/mayfly/vault-ca
 dataDir: /var/lib/mayfly
 workloadApiDir: /spiffe-workload-api
 helperConfigDir: /etc/spiffe-helper
@@ -108,4 +110,12 @@ toJson quotes any value safely, including paths and URLs with quotes or backslas
 {{- $unit := regexReplaceAll "^[0-9]+" $s "" }}
 {{- $per := dict "ms" 1 "" 1000 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 }}
 {{- mul $n (get $per $unit) }}
+{{- end }}
+
+{{/* The port of an http(s) URL: the one it names, else 443 (https) or 80 (http). */}}
+{{- define "mayfly.urlPort" -}}
+{{- $rest := regexReplaceAll "^[a-zA-Z][a-zA-Z0-9+.-]*://" . "" }}
+{{- $hostport := regexReplaceAll "[/?#].*$" $rest "" }}
+{{- $port := regexFind ":[0-9]+$" (regexReplaceAll "^\\[[^\\]]*\\]" $hostport "") | trimPrefix ":" }}
+{{- if $port }}{{ $port }}{{ else if hasPrefix "http://" . }}80{{ else }}443{{ end }}
 {{- end }}
