@@ -43,7 +43,8 @@ const DENY_SID_PREFIX: &str = "MayflyRevokedUntil";
 #[serde(deny_unknown_fields)]
 pub struct RawAws {
     pub region: String,
-    /// Override for the STS and IAM endpoints (an emulator, a VPC endpoint).
+    /// One endpoint for both STS and IAM (an emulator). Leave out on AWS: the SDK picks
+    /// the regional STS endpoint and the global IAM one.
     #[serde(default)]
     pub endpoint_url: Option<String>,
     #[serde(default)]
