@@ -8,51 +8,25 @@
     reason = "a benchmark aborts on any failure, loudly"
 )]
 
-use mayfly::audit::AuditLog;
-use mayfly::identity::Principal;
+// The harness's lease-store helpers: one way to write a lease and to time the reaper.
+#[allow(
+    dead_code,
+    reason = "this bench uses only part of the harness's helpers"
+)]
+#[path = "harness/store.rs"]
+mod shared;
+
+use mayfly::lease::LeaseStore;
 use mayfly::lease::embedded::EmbeddedStore;
 use mayfly::lease::redis::{Durability, RedisConfig, RedisStore};
-use mayfly::lease::{Lease, LeaseState, LeaseStore, Transition};
-use mayfly::provider::Providers;
-use mayfly::provider::jwt::{JwtIssuer, JwtProvider, SigningAlg, SigningKey};
-use mayfly::revocation::{ReaperConfig, RetryPolicy, Revoker};
-use mayfly::task::{Grant, ProviderKind, TaskId};
+use mayfly::task::TaskId;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use time::OffsetDateTime;
 
 const CONCURRENCY: usize = 50;
 const WRITE_SECONDS: u64 = 5;
 const DUE: usize = 100_000;
-
-fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
-    let grant = Grant {
-        provider: ProviderKind::Jwt,
-        target: "https://api.example.com".into(),
-        actions: ["read".to_string()].into(),
-        resources: Default::default(),
-    };
-    let who = Principal::parse("spiffe://bench.test/agent").expect("principal");
-    Lease::pending(task, &who, &grant, now, now + ttl)
-}
-
-async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
-    let now = OffsetDateTime::now_utc();
-    let l = lease(task, now, ttl);
-    store
-        .put_pending(&l, now + time::Duration::seconds(60))
-        .await
-        .expect("pending");
-    let mut t = Transition::new(
-        l.id.clone(),
-        &[LeaseState::Pending],
-        LeaseState::Active,
-        now,
-    );
-    t.due_at = Some(l.expires_at);
-    store.transition(t).await.expect("activate");
-}
 
 struct WriteResult {
     per_sec: f64,
@@ -70,7 +44,7 @@ async fn lease_writes(store: Arc<dyn LeaseStore>) -> WriteResult {
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                write_one(store.as_ref(), &task, time::Duration::hours(1)).await;
+                shared::write_one(store.as_ref(), &task, time::Duration::hours(1)).await;
                 lat.push(t0.elapsed());
             }
             lat
@@ -87,62 +61,6 @@ async fn lease_writes(store: Arc<dyn LeaseStore>) -> WriteResult {
         p50: q(0.50),
         p99: q(0.99),
     }
-}
-
-async fn reaper_rate(store: Arc<dyn LeaseStore>, dir: &std::path::Path) -> f64 {
-    let task = TaskId::generate();
-    // Fill: DUE leases, all expiring in 2 s (writes are not what is measured here).
-    let per = DUE / CONCURRENCY;
-    let mut handles = Vec::new();
-    for _ in 0..CONCURRENCY {
-        let (store, task) = (store.clone(), task.clone());
-        handles.push(tokio::spawn(async move {
-            for _ in 0..per {
-                write_one(store.as_ref(), &task, time::Duration::seconds(2)).await;
-            }
-        }));
-    }
-    for h in handles {
-        h.await.expect("join");
-    }
-    let audit = AuditLog::open(
-        &dir.join(format!("audit-{}.jsonl", TaskId::generate())),
-        "bench",
-    )
-    .expect("audit");
-    let (key, _) = SigningKey::generate(SigningAlg::ES256).expect("key");
-    let mut providers = Providers::default();
-    providers.insert(Arc::new(JwtProvider::new(Arc::new(JwtIssuer::new(
-        "https://bench".into(),
-        key,
-    )))));
-    let revoker = Revoker::new(
-        store.clone(),
-        providers,
-        audit,
-        ReaperConfig {
-            interval: Duration::from_millis(100),
-            batch: 1000,
-            claim_hold: Duration::from_secs(30),
-            retry: RetryPolicy {
-                max_attempts: 3,
-                base: Duration::from_secs(1),
-                max: Duration::from_secs(10),
-            },
-        },
-    );
-    let later = OffsetDateTime::now_utc() + time::Duration::seconds(5);
-    let t0 = Instant::now();
-    let mut expired = 0;
-    loop {
-        let s = revoker.reap_once(later).await.expect("reap");
-        expired += s.expired;
-        if s.claimed == 0 {
-            break;
-        }
-    }
-    assert_eq!(expired, per * CONCURRENCY);
-    expired as f64 / t0.elapsed().as_secs_f64()
 }
 
 struct Redis(Child);
@@ -215,7 +133,7 @@ async fn main() {
     let embedded: Arc<dyn LeaseStore> =
         Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb")).expect("redb"));
     let base = lease_writes(embedded.clone()).await;
-    let base_reap = reaper_rate(embedded, dir.path()).await;
+    let base_reap = shared::reaper_rate(embedded, dir.path(), DUE).await;
     let row = |name: &str, w: &WriteResult, r: f64| {
         println!(
             "{name:<34} {:>10.0} {:>10.2?} {:>10.2?} {:>14.0}   (x{:.2} writes, x{:.2} reaping vs embedded)",
@@ -233,7 +151,7 @@ async fn main() {
     let _r1 = start_redis(p1, dir.path(), &["--appendonly", "no"]);
     let s1 = redis_store(p1, "bench").await;
     let w1 = lease_writes(s1.clone()).await;
-    let r1 = reaper_rate(s1, dir.path()).await;
+    let r1 = shared::reaper_rate(s1, dir.path(), DUE).await;
     row("redis (no persistence)", &w1, r1);
 
     let p2 = free_port();

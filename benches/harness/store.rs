@@ -28,7 +28,7 @@ fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
 }
 
 /// One lease as the broker writes it: pending (durable), then active.
-async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
+pub async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
     let now = OffsetDateTime::now_utc();
     let l = lease(task, now, ttl);
     store
