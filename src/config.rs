@@ -466,11 +466,7 @@ fn issuer_rules(c: IssuerCommon<'_>) -> Result<(IssuerRules, CacheSettings), Con
 fn jwt_svid_config(r: RawJwtSvid) -> Result<(TrustDomain, IssuerConfig), ConfigError> {
     let td =
         TrustDomain::parse(&r.trust_domain).map_err(|e| invalid("jwt_svid.trust_domain", e))?;
-    let source = r.source.unwrap_or(if r.bundle_endpoint.is_some() {
-        RawBundleSource::Endpoint
-    } else {
-        RawBundleSource::File
-    });
+    let source = RawBundleSource::resolve(r.source, r.bundle_endpoint.is_some());
     let fields = SourceFields {
         bundle_file: r.bundle_file.is_some(),
         bundle_endpoint: r.bundle_endpoint.is_some(),
@@ -642,6 +638,18 @@ pub enum RawBundleSource {
     WorkloadApi,
 }
 
+impl RawBundleSource {
+    /// The configured source, or the one the keys imply: an endpoint if one is named,
+    /// else a file.
+    fn resolve(explicit: Option<Self>, has_endpoint: bool) -> Self {
+        explicit.unwrap_or(if has_endpoint {
+            Self::Endpoint
+        } else {
+            Self::File
+        })
+    }
+}
+
 /// How a SPIFFE bundle endpoint server is authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -761,11 +769,7 @@ fn endpoint_auth_config(
 
 fn trust_domain_config(r: RawTrustDomain) -> Result<TrustDomainConfig, ConfigError> {
     let name = TrustDomain::parse(&r.name).map_err(|e| invalid("trust_domains.name", e))?;
-    let source = r.source.unwrap_or(if r.bundle_endpoint.is_some() {
-        RawBundleSource::Endpoint
-    } else {
-        RawBundleSource::File
-    });
+    let source = RawBundleSource::resolve(r.source, r.bundle_endpoint.is_some());
     let fields = SourceFields {
         bundle_file: r.bundle_file.is_some(),
         bundle_endpoint: r.bundle_endpoint.is_some(),

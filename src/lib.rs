@@ -13,10 +13,12 @@
 //!        ├─ task        tasks, grants, scopes and their containment rules
 //!        ├─ policy      Cedar policies + schema, strict validation, hot reload
 //!        ├─ lease       Lease records and the LeaseStore trait (embedded redb store)
-//!        ├─ provider    CredentialProvider trait; `jwt` signs Mayfly access tokens
+//!        ├─ provider    CredentialProvider trait; `jwt` signs Mayfly access tokens,
+//!        │              `vault` (Vault/OpenBao tokens, dynamic secrets), `aws` (STS)
 //!        ├─ revocation  revoke leases / task trees; the reaper for due leases
 //!        └─ audit       hash-chained JSON-lines audit trail with group commit
 //! config     Raw (serde) → validated Config → built components
+//! net        HTTP-client helpers: bounded body reads, error chains
 //! cli        `mayfly serve | dev | audit verify | policy check`; operator commands;
 //!            agent helpers `exec` and `credential-process`
 //! ```
@@ -34,6 +36,7 @@ pub mod error;
 pub mod identity;
 pub mod lease;
 pub mod metrics;
+pub mod net;
 pub mod pki;
 pub mod policy;
 pub mod provider;

@@ -166,23 +166,6 @@ pub(crate) enum FetchError {
     Http(String),
 }
 
-/// The error and its causes (a TLS refusal is nested several levels deep).
-fn error_chain(e: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        // hyper and rustls errors often repeat their cause in their own text.
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
-}
-
 /// GET `url` and read at most `limit` bytes of a 2xx body: a hostile server cannot make
 /// Mayfly buffer more, with or without a `Content-Length`.
 pub(crate) async fn get_limited(
@@ -190,25 +173,20 @@ pub(crate) async fn get_limited(
     url: &str,
     limit: usize,
 ) -> Result<Vec<u8>, FetchError> {
-    let fetch = |e: reqwest::Error| FetchError::Http(error_chain(&e));
-    let mut resp = http
+    let fetch = |e: reqwest::Error| FetchError::Http(crate::net::error_chain(&e));
+    let resp = http
         .get(url)
         .send()
         .await
         .map_err(fetch)?
         .error_for_status()
         .map_err(fetch)?;
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(FetchError::TooLarge);
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(fetch)? {
-        if body.len() + chunk.len() > limit {
-            return Err(FetchError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+    crate::net::read_limited(resp, limit)
+        .await
+        .map_err(|e| match e {
+            crate::net::LimitedRead::TooLarge => FetchError::TooLarge,
+            crate::net::LimitedRead::Http(e) => fetch(e),
+        })
 }
 
 fn pick(keys: &[VerificationKey], kid: Option<&str>) -> Option<Lookup> {

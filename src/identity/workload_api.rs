@@ -72,21 +72,6 @@ struct Watcher {
     status: tokio::sync::watch::Sender<Status>,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        // Transport errors repeat their cause in their own text.
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
-}
-
 fn x509_label(td: &TrustDomain) -> String {
     format!("X.509 {td}")
 }
@@ -177,20 +162,30 @@ impl Watcher {
     async fn session(&self) -> (String, bool) {
         let client = match spiffe::WorkloadApiClient::connect_to(&self.settings.socket).await {
             Ok(c) => c,
-            Err(e) => return (format!("connect: {}", chain(&e)), false),
+            Err(e) => return (format!("connect: {}", crate::net::error_chain(&e)), false),
         };
         let mut x509: Option<BoxStream<spiffe::X509BundleSet>> = None;
         if !self.targets.x509.is_empty() {
             match client.stream_x509_bundles().await {
                 Ok(s) => x509 = Some(Box::pin(s)),
-                Err(e) => return (format!("FetchX509Bundles: {}", chain(&e)), false),
+                Err(e) => {
+                    return (
+                        format!("FetchX509Bundles: {}", crate::net::error_chain(&e)),
+                        false,
+                    );
+                }
             }
         }
         let mut jwt: Option<BoxStream<spiffe::JwtBundleSet>> = None;
         if !self.targets.jwt.is_empty() {
             match client.stream_jwt_bundles().await {
                 Ok(s) => jwt = Some(Box::pin(s)),
-                Err(e) => return (format!("FetchJWTBundles: {}", chain(&e)), false),
+                Err(e) => {
+                    return (
+                        format!("FetchJWTBundles: {}", crate::net::error_chain(&e)),
+                        false,
+                    );
+                }
             }
         }
         metrics::gauge!("mayfly_workload_api_connected").set(1.0);
@@ -199,12 +194,12 @@ impl Watcher {
             tokio::select! {
                 m = next(&mut x509) => match m {
                     Some(Ok(set)) => { self.apply_x509(&set); received = true; }
-                    Some(Err(e)) => return (format!("X.509 bundles: {}", chain(&e)), received),
+                    Some(Err(e)) => return (format!("X.509 bundles: {}", crate::net::error_chain(&e)), received),
                     None => return ("X.509 bundle stream ended".into(), received),
                 },
                 m = next(&mut jwt) => match m {
                     Some(Ok(set)) => { self.apply_jwt(&set).await; received = true; }
-                    Some(Err(e)) => return (format!("JWT bundles: {}", chain(&e)), received),
+                    Some(Err(e)) => return (format!("JWT bundles: {}", crate::net::error_chain(&e)), received),
                     None => return ("JWT bundle stream ended".into(), received),
                 },
             }

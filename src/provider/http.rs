@@ -31,39 +31,25 @@ pub(crate) fn unreachable(what: &str, e: &reqwest::Error) -> ProviderError {
     ProviderError::Unavailable(format!("{what}: {}", error_chain(e)))
 }
 
-/// An error and its sources on one line (many clients' Display is only the outermost).
+/// An error and its sources on one line, trimmed for a client-facing reason.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    reason(&s)
+    reason(&crate::net::error_chain(e))
 }
 
 /// Reads at most `max` bytes of body; a larger body is an upstream fault, not parsed.
 pub(crate) async fn read_capped(
     what: &str,
-    mut resp: reqwest::Response,
+    resp: reqwest::Response,
     max: usize,
 ) -> Result<Vec<u8>, ProviderError> {
-    if resp.content_length().is_some_and(|n| n > max as u64) {
-        return Err(ProviderError::Unavailable(format!(
-            "{what}: response exceeds {max} bytes"
-        )));
-    }
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| unreachable(what, &e))? {
-        if out.len() + chunk.len() > max {
-            return Err(ProviderError::Unavailable(format!(
-                "{what}: response exceeds {max} bytes"
-            )));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
+    crate::net::read_limited(resp, max)
+        .await
+        .map_err(|e| match e {
+            crate::net::LimitedRead::TooLarge => {
+                ProviderError::Unavailable(format!("{what}: response exceeds {max} bytes"))
+            }
+            crate::net::LimitedRead::Http(e) => unreachable(what, &e),
+        })
 }
 
 /// Trims an upstream's error text for a client-facing reason.

@@ -127,11 +127,6 @@ pub trait CredentialProvider: Send + Sync + 'static {
     }
 }
 
-/// An upstream URL: https, or http to a loopback host when explicitly allowed (tests).
-pub(crate) fn check_upstream_url(url: &str, allow_http: bool) -> Result<(), String> {
-    crate::config::url_allowed(url, allow_http)
-}
-
 /// A token bucket from config: `per_second` 0 means no limit.
 pub(crate) fn rate_limit(per_second: f64, burst: f64) -> Result<Option<RateLimit>, String> {
     if per_second == 0.0 {

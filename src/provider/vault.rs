@@ -177,7 +177,7 @@ impl VaultConfig {
     pub fn from_raw(raw: RawVault, pending_ttl: Duration) -> Result<Self, CfgErr> {
         let e = |k: &'static str, m: String| (k, m);
         let address = raw.address.trim_end_matches('/').to_string();
-        super::check_upstream_url(&address, raw.allow_insecure_http)
+        crate::config::url_allowed(&address, raw.allow_insecure_http)
             .map_err(|m| e("providers.vault.address", m))?;
         let auth = match (raw.token_file, raw.approle) {
             (Some(f), None) => VaultAuth::TokenFile(f),
@@ -326,7 +326,7 @@ struct AuthBlock {
     lease_duration: u64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct VaultResponse {
     #[serde(default)]
     lease_id: String,
@@ -451,12 +451,7 @@ impl VaultProvider {
         let bytes = read_capped(&what, resp, MAX_RESPONSE_BYTES).await?;
         if status.is_success() {
             if bytes.is_empty() {
-                return Ok(VaultResponse {
-                    lease_id: String::new(),
-                    lease_duration: 0,
-                    data: None,
-                    auth: None,
-                });
+                return Ok(VaultResponse::default());
             }
             return serde_json::from_slice(&bytes).map_err(|e| {
                 ProviderError::Unavailable(format!("{what}: unreadable response: {e}"))
