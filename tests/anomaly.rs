@@ -35,8 +35,8 @@ fn start(extra: &str, extra_policy: &str) -> Env {
     }
     let server = Server::serve(&config);
     Env {
-        agent: client(&pki.bundle_a, Some(&pki.svid("agent", AGENT))),
-        op: client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR))),
+        agent: pki.client_as("agent", AGENT),
+        op: pki.client_as("op", OPERATOR),
         audit: dir.path().join("audit.jsonl"),
         _dir: dir,
         server,

@@ -24,9 +24,9 @@ when { resource.uri == "https://prod.example.com" };"#,
     )
     .expect("policy");
     let server = Server::serve(&config);
-    let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
-    let other = client(&pki.bundle_a, Some(&pki.svid("agent2", AGENT2)));
-    let op = client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR)));
+    let agent = pki.client_as("agent", AGENT);
+    let other = pki.client_as("agent2", AGENT2);
+    let op = pki.client_as("op", OPERATOR);
     let mut body = task_body("30m");
     body["scope"][0]["target"] = json!("https://prod.example.com");
     let (_, task) = post_json(&agent, &server.url("/v1/tasks"), body).await;

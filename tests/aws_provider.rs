@@ -155,13 +155,10 @@ async fn start(revocation: &str) -> Env {
 
 impl Env {
     fn agent(&self) -> reqwest::Client {
-        client(&self.pki.bundle_a, Some(&self.pki.svid("agent", AGENT)))
+        self.pki.client_as("agent", AGENT)
     }
     fn operator(&self) -> reqwest::Client {
-        client(
-            &self.pki.bundle_a,
-            Some(&self.pki.svid("operator", OPERATOR)),
-        )
+        self.pki.client_as("operator", OPERATOR)
     }
     async fn declare(&self) -> String {
         let (s, b) = post_json(

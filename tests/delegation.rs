@@ -30,10 +30,10 @@ async fn delegation_attenuates_carries_the_chain_and_dies_with_the_parent() {
         ..Default::default()
     };
     let server = Server::serve(&write_config(dir.path(), &pki, &opts));
-    let one = client(&pki.bundle_a, Some(&pki.svid("one", AGENT)));
-    let two = client(&pki.bundle_a, Some(&pki.svid("two", AGENT2)));
+    let one = pki.client_as("one", AGENT);
+    let two = pki.client_as("two", AGENT2);
     let three_id = "spiffe://a.test/agent/three";
-    let three = client(&pki.bundle_a, Some(&pki.svid("three", three_id)));
+    let three = pki.client_as("three", three_id);
 
     let (s, parent) = post_json(&one, &server.url("/v1/tasks"), task_body("30m")).await;
     assert_eq!(s, 201);

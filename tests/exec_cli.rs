@@ -38,7 +38,7 @@ when { resource.uri == "https://refused.example" };"#,
         .expect("policy");
         let server = Server::serve(&config);
         let agent = pki.svid("agent", AGENT);
-        let operator = client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR)));
+        let operator = pki.client_as("op", OPERATOR);
         Self {
             tmp,
             pki,

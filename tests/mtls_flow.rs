@@ -41,7 +41,7 @@ fn start() -> Env {
 
 impl Env {
     fn as_id(&self, name: &str, id: &str) -> reqwest::Client {
-        client(&self.pki.bundle_a, Some(&self.pki.svid(name, id)))
+        self.pki.client_as(name, id)
     }
     fn anonymous(&self) -> reqwest::Client {
         client(&self.pki.bundle_a, None)

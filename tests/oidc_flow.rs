@@ -243,7 +243,7 @@ async fn oidc_bearer_tokens_work_on_v1_routes_and_jwks_rotation_needs_no_restart
     assert!(env.oidc.jwks_fetches().await >= 1);
 
     // A client certificate and a bearer token together: refused, never merged.
-    let with_cert = client(&env.pki.bundle_a, Some(&env.pki.svid("agent", AGENT)));
+    let with_cert = env.pki.client_as("agent", AGENT);
     let r = with_cert
         .post(&tasks)
         .bearer_auth(&old_key_token)

@@ -28,7 +28,7 @@ async fn every_documented_operation_is_routed_and_served() {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(dir.path());
     let server = Server::serve(&write_config(dir.path(), &pki, &ConfigOptions::default()));
-    let op = client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR)));
+    let op = pki.client_as("op", OPERATOR);
     let spec = mayfly::api::openapi::spec();
     let (s, served) = get(&op, &server.url("/openapi.json")).await;
     assert_eq!(s, 200);

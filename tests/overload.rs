@@ -21,7 +21,7 @@ async fn a_burst_past_the_in_flight_limit_is_shed_quickly_and_shed_requests_writ
         ..Default::default()
     };
     let server = Server::serve(&write_config(dir.path(), &pki, &opts));
-    let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
+    let agent = pki.client_as("agent", AGENT);
     let (s, body) = post_json(&agent, &server.url("/v1/tasks"), task_body("10m")).await;
     assert_eq!(s, 201, "{body}");
     let task = body["task_id"].as_str().expect("task_id").to_string();
@@ -75,7 +75,7 @@ async fn a_burst_past_the_in_flight_limit_is_shed_quickly_and_shed_requests_writ
 
     // No partial writes: the task holds exactly the leases that were handed out, and the
     // audit trail has one mint record per issued credential and none for shed requests.
-    let operator = client(&pki.bundle_a, Some(&pki.svid("operator", OPERATOR)));
+    let operator = pki.client_as("operator", OPERATOR);
     let (s, view) = get(&operator, &server.url(&format!("/v1/tasks/{task}"))).await;
     assert_eq!(s, 200, "{view}");
     let mut stored: Vec<&str> = view["leases"]

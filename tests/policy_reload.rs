@@ -16,7 +16,7 @@ async fn hot_reload_applies_good_policies_and_keeps_the_last_good_set_on_error()
     let pki = Pki::new(dir.path());
     let config = write_config(dir.path(), &pki, &ConfigOptions::default());
     let server = Server::serve(&config);
-    let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
+    let agent = pki.client_as("agent", AGENT);
     let url = server.url("/v1/tasks");
     let policy_file = dir.path().join("policies/test.cedar");
 

@@ -116,7 +116,7 @@ async fn three_replicas_one_killed_mid_load_every_granted_lease_ends_once() {
         .iter()
         .map(|r| r.as_ref().expect("up").url(""))
         .collect();
-    let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
+    let agent = pki.client_as("agent", AGENT);
     let granted: Arc<Mutex<Vec<Granted>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
@@ -182,7 +182,7 @@ async fn three_replicas_one_killed_mid_load_every_granted_lease_ends_once() {
     );
 
     // Longest TTL 3 s + claim hold 2 s of the dead replica + reaper ticks.
-    let op = client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR)));
+    let op = pki.client_as("op", OPERATOR);
     let survivor = urls[0].clone();
     let all_ended = eventually(Duration::from_secs(20), || {
         let (op, survivor) = (op.clone(), survivor.clone());

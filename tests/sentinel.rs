@@ -112,7 +112,7 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_lease() {
         },
     );
     let server = Server::serve(&config);
-    let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
+    let agent = pki.client_as("agent", AGENT);
     let (s, task) = post_json(&agent, &server.url("/v1/tasks"), task_body("30m")).await;
     assert_eq!(s, 201, "{task}\n{}", server.logs());
     let creds = server.url(&format!(
@@ -214,7 +214,7 @@ async fn sentinel_failover_under_load_loses_no_acknowledged_lease() {
     }
 
     // Every acknowledged lease is in the promoted master.
-    let op = client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR)));
+    let op = pki.client_as("op", OPERATOR);
     for id in &acked {
         // A read may meet the tail of the failover (503 store_unavailable, fail closed):
         // retry those; a 404 would be a lost lease.

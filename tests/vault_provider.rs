@@ -170,13 +170,10 @@ async fn start(extra: &str) -> Env {
 
 impl Env {
     fn agent(&self) -> reqwest::Client {
-        client(&self.pki.bundle_a, Some(&self.pki.svid("agent", AGENT)))
+        self.pki.client_as("agent", AGENT)
     }
     fn operator(&self) -> reqwest::Client {
-        client(
-            &self.pki.bundle_a,
-            Some(&self.pki.svid("operator", OPERATOR)),
-        )
+        self.pki.client_as("operator", OPERATOR)
     }
     async fn declare(&self, scope: Value) -> String {
         let (s, b) = post_json(
@@ -619,7 +616,7 @@ async fn approle_login_and_token_file_rotation() {
     );
     std::fs::write(dir2.path().join("policies/vault.cedar"), VAULT_POLICY).expect("policy");
     let server2 = Server::serve(&config);
-    let agent2 = client(&pki2.bundle_a, Some(&pki2.svid("agent", AGENT)));
+    let agent2 = pki2.client_as("agent", AGENT);
     let (s, b) = post_json(
         &agent2,
         &server2.url("/v1/tasks"),

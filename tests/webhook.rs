@@ -113,8 +113,8 @@ async fn revocations_and_anomalies_are_posted_signed_and_retried() {
             ..Default::default()
         },
     ));
-    let agent = client(&pki.bundle_a, Some(&pki.svid("agent", AGENT)));
-    let op = client(&pki.bundle_a, Some(&pki.svid("op", OPERATOR)));
+    let agent = pki.client_as("agent", AGENT);
+    let op = pki.client_as("op", OPERATOR);
     let (_, task) = post_json(&agent, &server.url("/v1/tasks"), task_body("10m")).await;
     let id = task["task_id"].as_str().expect("id");
     let (_, c) = post_json(

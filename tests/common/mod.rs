@@ -98,6 +98,11 @@ impl Pki {
     }
 
     /// A valid SVID for `id` from trust domain A's CA.
+    /// An mTLS client presenting a fresh SVID for `id`, trusting the server's CA.
+    pub fn client_as(&self, name: &str, id: &str) -> reqwest::Client {
+        client(&self.bundle_a, Some(&self.svid(name, id)))
+    }
+
     pub fn svid(&self, name: &str, id: &str) -> Pair {
         self.issue_with(&self.ca_a, name, &LeafSpec::svid(id, 1))
     }
