@@ -5,6 +5,10 @@
 //! lease, durable) → mint (provider) → activate (lease `active`) → audit (the API layer
 //! writes the request's record before the credential leaves; if it cannot, the lease is
 //! revoked and the request fails).
+//!
+//! A credential minted in process (a JWT Mayfly signs) has no upstream copy a crash could
+//! leave behind, so record and activate are one write: mint → record (`active`, durable)
+//! → audit. Either way nothing leaves the broker without a durable lease.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use crate::lease::{
 };
 use crate::policy::{PolicyDecision, PolicyEngine, PolicyError};
 use crate::provider::jwt::JwtIssuer;
-use crate::provider::{MintRequest, ProviderError, Providers};
+use crate::provider::{CredentialProvider, MintRequest, ProviderError, Providers};
 use crate::revocation::{Revoker, TreeRevocation};
 use crate::secret::Secret;
 use crate::task::{
@@ -885,35 +889,100 @@ impl Broker {
         // Over the provider's request budget: refuse before anything is written.
         self.providers.admit(req.provider)?;
 
-        // Record: the lease exists, durably, before the credential does.
         let lease = Lease::pending(&task.id, caller.principal(), &wanted, now, after(now, ttl));
-        self.store
-            .put_pending(&lease, after(now, self.limits.pending_timeout))
-            .await?;
         ev.set(|e| {
             e.lease_id = Some(lease.id.to_string());
             e.expires_at = Some(crate::api_time(lease.expires_at));
         });
-        self.crash_at(FaultPoint::AfterPendingWrite, &lease.id)?;
+        let delegators = self.delegators(&task).await?;
+        let issued = if provider.mints_in_process() {
+            self.mint_in_process(provider.as_ref(), lease, &task, caller, &delegators)
+                .await?
+        } else {
+            self.mint_upstream(provider.as_ref(), lease, &task, caller, &delegators)
+                .await?
+        };
+        ev.set(|e| e.credential_fingerprint = issued.lease.fingerprint.clone());
+        metrics::counter!("mayfly_leases_issued_total", "provider" => issued.lease.provider.as_str())
+            .increment(1);
+        self.crash_at(FaultPoint::AfterActivate, &issued.lease.id)?;
+        Ok(Outcome::Issued(issued))
+    }
 
-        // A completion that committed before our pending lease would not have seen it:
-        // look again now that the lease is visible to any later completion.
-        let current = self.load_task(task_id).await?;
+    /// A credential that exists only in this process until it is returned (a JWT Mayfly
+    /// signs): mint first, then record the lease once, already `active`. A crash before
+    /// the write loses a credential nobody ever held, so there is nothing to revoke and no
+    /// `pending` record is needed; the caller still gets nothing without a durable lease.
+    async fn mint_in_process(
+        &self,
+        provider: &dyn CredentialProvider,
+        mut lease: Lease,
+        task: &Task,
+        caller: &VerifiedCaller,
+        delegators: &[Principal],
+    ) -> Result<Issued, BrokerError> {
+        let minted = provider
+            .mint(MintRequest {
+                lease: &lease,
+                task,
+                caller,
+                delegation: delegators,
+            })
+            .await?;
+        self.crash_at(FaultPoint::AfterMint, &lease.id)?;
+        lease.state = LeaseState::Active;
+        lease.fingerprint = Some(minted.fingerprint.clone());
+        lease.handle = minted.handle.clone();
+        self.store.put_new(&lease, lease.expires_at).await?;
+        self.require_still_active(&task.id, &lease.id).await?;
+        Ok(Issued {
+            lease,
+            credential: minted.credential,
+        })
+    }
+
+    /// A completion that committed before our lease was written would not have seen it:
+    /// look again now that the lease is visible to any later completion, and revoke it if
+    /// the task has ended meanwhile.
+    async fn require_still_active(
+        &self,
+        task: &TaskId,
+        lease: &LeaseId,
+    ) -> Result<(), BrokerError> {
+        let current = self.load_task(task).await?;
         if let Err(e) = Self::require_active(&current, OffsetDateTime::now_utc()) {
             self.revoker
-                .revoke_lease(&lease.id, "task ended during mint")
+                .revoke_lease(lease, "task ended during mint")
                 .await?;
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// A credential created upstream (Vault, STS): the lease exists, durably and
+    /// `pending`, before the credential does, so a crash at any point leaves a record
+    /// the reaper revokes.
+    async fn mint_upstream(
+        &self,
+        provider: &dyn CredentialProvider,
+        lease: Lease,
+        task: &Task,
+        caller: &VerifiedCaller,
+        delegators: &[Principal],
+    ) -> Result<Issued, BrokerError> {
+        self.store
+            .put_new(&lease, after(lease.issued_at, self.limits.pending_timeout))
+            .await?;
+        self.crash_at(FaultPoint::AfterPendingWrite, &lease.id)?;
+        self.require_still_active(&task.id, &lease.id).await?;
 
         // Mint, carrying the delegation chain into the credential.
-        let delegators = self.delegators(&task).await?;
         let minted = match provider
             .mint(MintRequest {
                 lease: &lease,
-                task: &task,
+                task,
                 caller,
-                delegation: &delegators,
+                delegation: delegators,
             })
             .await
         {
@@ -961,14 +1030,10 @@ impl Broker {
                 .await?;
             return Err(err.into());
         }
-        ev.set(|e| e.credential_fingerprint = Some(minted.fingerprint.clone()));
-        metrics::counter!("mayfly_leases_issued_total", "provider" => active.provider.as_str())
-            .increment(1);
-        self.crash_at(FaultPoint::AfterActivate, &active.id)?;
-        Ok(Outcome::Issued(Issued {
+        Ok(Issued {
             lease: active,
             credential: minted.credential,
-        }))
+        })
     }
 
     /// Owners of the tasks above `task`, nearest first.

@@ -159,7 +159,7 @@ async fn a_lease_left_pending_by_a_crash_is_revoked_by_the_reaper() {
     );
     h.app
         .store
-        .put_pending(&lease, now + time::Duration::seconds(60))
+        .put_new(&lease, now + time::Duration::seconds(60))
         .await
         .expect("pending");
     let early = h

@@ -93,11 +93,11 @@ pub async fn contract(store: Arc<dyn LeaseStore>) {
     // Leases: pending → active, checked transitions, idempotent revocation.
     let a = lease(&parent, now, Duration::minutes(10));
     store
-        .put_pending(&a, now + Duration::seconds(60))
+        .put_new(&a, now + Duration::seconds(60))
         .await
         .expect("pending");
     assert!(matches!(
-        store.put_pending(&a, now).await,
+        store.put_new(&a, now).await,
         Err(StoreError::AlreadyExists(_))
     ));
     let active = store.transition(activate(&a, now)).await.expect("activate");
@@ -162,7 +162,7 @@ pub async fn contract(store: Arc<dyn LeaseStore>) {
     let d = lease(&child, now, Duration::seconds(1));
     for l in [&b, &c, &d] {
         store
-            .put_pending(l, now + Duration::seconds(60))
+            .put_new(l, now + Duration::seconds(60))
             .await
             .expect("pending");
         store.transition(activate(l, now)).await.expect("activate");
@@ -317,7 +317,7 @@ async fn embedded_store_survives_reopen() {
         let store = EmbeddedStore::open(&path).expect("open");
         store.create_task(&t).await.expect("task");
         store
-            .put_pending(&l, now + Duration::seconds(60))
+            .put_new(&l, now + Duration::seconds(60))
             .await
             .expect("lease");
         store.transition(activate(&l, now)).await.expect("activate");

@@ -32,7 +32,7 @@ pub async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duratio
     let now = OffsetDateTime::now_utc();
     let l = lease(task, now, ttl);
     store
-        .put_pending(&l, now + time::Duration::seconds(60))
+        .put_new(&l, now + time::Duration::seconds(60))
         .await
         .expect("pending");
     let mut t = Transition::new(

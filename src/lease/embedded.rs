@@ -359,7 +359,7 @@ impl LeaseStore for EmbeddedStore {
         .await
     }
 
-    async fn put_pending(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError> {
+    async fn put_new(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError> {
         let lease = lease.clone();
         self.write(move |tx| {
             {

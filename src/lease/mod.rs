@@ -1,6 +1,7 @@
 //! Leases: the durable record of every credential Mayfly mints, written *before* the
-//! credential exists (`pending`) so that a crash at any point leaves something the reaper
-//! can revoke. One trait, [`LeaseStore`]; the embedded (redb) implementation lives here.
+//! credential exists upstream (`pending`) so that a crash at any point leaves something
+//! the reaper can revoke, or, for a credential that exists only in the broker's memory
+//! until returned (a Mayfly-signed JWT), written once as `active` before it is returned. One trait, [`LeaseStore`]; the embedded (redb) implementation lives here.
 
 pub mod embedded;
 pub mod redis;
@@ -238,8 +239,10 @@ pub trait LeaseStore: Send + Sync + 'static {
     ) -> Result<Task, StoreError>;
     async fn children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError>;
 
-    /// Records a new `pending` lease, due for the reaper at `due_at` if never activated.
-    async fn put_pending(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError>;
+    /// Records a new lease in the state it carries: `pending` (due for the reaper at
+    /// `due_at` if never activated), or `active` for a credential minted in process and
+    /// not yet returned (due at its expiry).
+    async fn put_new(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError>;
     async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
     async fn leases(&self, query: &LeaseQuery) -> Result<Page<Lease>, StoreError>;
     async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError>;

@@ -123,7 +123,7 @@ return 1",
     )
 });
 
-static PUT_PENDING: LazyLock<Script> = LazyLock::new(|| {
+static PUT_NEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -607,7 +607,7 @@ impl LeaseStore for RedisStore {
             .collect()
     }
 
-    async fn put_pending(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError> {
+    async fn put_new(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError> {
         let json = encode(lease)?;
         let keys = (
             self.key("lease", lease.id.as_str()),
@@ -621,7 +621,7 @@ impl LeaseStore for RedisStore {
         let field = super::count_key(lease.provider, lease.state);
         let created: i64 = self
             .with(|mut c| async move {
-                PUT_PENDING
+                PUT_NEW
                     .key(keys.0)
                     .key(keys.1)
                     .key(keys.2)

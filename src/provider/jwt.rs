@@ -360,6 +360,10 @@ impl CredentialProvider for JwtProvider {
         })
     }
 
+    fn mints_in_process(&self) -> bool {
+        true
+    }
+
     async fn revoke(&self, _lease: &Lease) -> Result<Revocation, ProviderError> {
         // The lease state is the revocation: introspection reads it.
         Ok(Revocation::Revoked)

@@ -86,7 +86,8 @@ pub enum Revocation {
     ExpiresOnly { at: OffsetDateTime },
 }
 
-/// Everything a provider may use to cut a credential. The lease is already durable.
+/// Everything a provider may use to cut a credential. The lease is already durable
+/// (`pending`), except for a provider that mints in process (see `mints_in_process`).
 pub struct MintRequest<'a> {
     pub lease: &'a Lease,
     pub task: &'a Task,
@@ -118,6 +119,13 @@ pub trait CredentialProvider: Send + Sync + 'static {
     /// credential to the lease's end here. An error revokes the lease.
     async fn activated(&self, _lease: &Lease) -> Result<(), ProviderError> {
         Ok(())
+    }
+    /// The credential exists only in this process until the broker returns it (a token
+    /// Mayfly signs itself): nothing upstream to revoke after a crash, so the broker
+    /// records the lease once, `active`, after minting instead of `pending` before it,
+    /// and `activated` is not called.
+    fn mints_in_process(&self) -> bool {
+        false
     }
     /// Whether the credential of `lease` can outlive the lease's TTL (an STS session's
     /// 900 s floor, a Vault dynamic-secret lease longer than Mayfly's). If so, the reaper
