@@ -1,5 +1,5 @@
-//! Lease-store benchmark: lease-write throughput and latency (pending + activate, the two
-//! writes of every credential) and reaper throughput with 100k leases due at once.
+//! Lease-store benchmark: lease-write throughput and latency (one active-lease write, as
+//! the broker records a Mayfly-signed JWT) and reaper throughput with 100k leases due at once.
 //! Embedded (redb) is the baseline; Redis is measured against it in the same run.
 //!
 //! `make bench-store` (or `cargo bench --bench store`). Needs `redis-server` on PATH.

@@ -8,8 +8,9 @@ use cedar_policy::{
 };
 use miette::Diagnostic;
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use time::OffsetDateTime;
 
@@ -110,7 +111,13 @@ pub struct PolicyEngine {
     names: Names,
     authorizer: Authorizer,
     current: RwLock<Arc<Loaded>>,
+    /// `ip(...)` values by address: Cedar parses the extension's name on every
+    /// `new_ip` (its lexer builds a regex cache each time), a few % of a credential.
+    ips: Mutex<HashMap<IpAddr, Re>>,
 }
+
+/// Distinct source addresses kept in `PolicyEngine::ips` before it starts over.
+const IP_CACHE: usize = 4096;
 
 impl std::fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -289,6 +296,7 @@ impl PolicyEngine {
             names: Names::new()?,
             authorizer: Authorizer::new(),
             current: RwLock::new(Arc::new(loaded)),
+            ips: Mutex::default(),
         })
     }
 
@@ -320,11 +328,24 @@ impl PolicyEngine {
         Ok(n)
     }
 
-    fn posture(caller: &VerifiedCaller, now: OffsetDateTime) -> Result<Re, PolicyError> {
+    fn ip(&self, ip: IpAddr) -> Re {
+        let mut ips = self.ips.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = ips.get(&ip) {
+            return v.clone();
+        }
+        if ips.len() >= IP_CACHE {
+            ips.clear();
+        }
+        let v = Re::new_ip(ip.to_string());
+        ips.insert(ip, v.clone());
+        v
+    }
+
+    fn posture(&self, caller: &VerifiedCaller, now: OffsetDateTime) -> Result<Re, PolicyError> {
         let p = caller.posture();
-        let ip = p
+        let ip = self.ip(p
             .source
-            .map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)));
         let claims = Re::new_record(
             p.claims
                 .iter()
@@ -334,7 +355,7 @@ impl PolicyEngine {
         let mut fields = vec![
             ("method", string(p.method.as_str())),
             ("trust_domain", string(p.trust_domain.as_str())),
-            ("source_ip", Re::new_ip(ip)),
+            ("source_ip", ip),
             (
                 "credential_remaining_seconds",
                 long(p.credential_remaining_secs(now)),
@@ -439,7 +460,7 @@ impl PolicyEngine {
             ("grant", grant_record(grant)?),
             ("grant_count", count(req.scope.grants().len())),
             ("labels", labels_set(&req.labels)),
-            ("posture", Self::posture(caller, now)?),
+            ("posture", self.posture(caller, now)?),
         ];
         self.decide(
             &self.names.declare,
@@ -463,7 +484,7 @@ impl PolicyEngine {
             ("ttl_seconds", long(secs(req.ttl))),
             ("depth", count(depth)),
             ("grant_count", count(req.scope.grants().len())),
-            ("posture", Self::posture(caller, now)?),
+            ("posture", self.posture(caller, now)?),
         ];
         self.decide(
             &self.names.delegate,
@@ -494,7 +515,7 @@ impl PolicyEngine {
             ("task_remaining_seconds", long(secs(task.remaining(now)))),
             ("request", grant_record(request)?),
             ("labels", labels_set(&task.labels)),
-            ("posture", Self::posture(caller, now)?),
+            ("posture", self.posture(caller, now)?),
             ("risk", long(i64::from(risk))),
             ("signals", strings(signals)),
         ];
@@ -517,6 +538,25 @@ mod tests {
             std::fs::write(dir.path().join(name), text).expect("write");
         }
         dir
+    }
+
+    #[test]
+    fn cached_ip_values_are_the_address_asked_for_also_after_the_cache_starts_over() {
+        let dir = dir_with(&[("p.cedar", "permit (principal, action, resource);")]);
+        let engine = PolicyEngine::load(dir.path()).expect("load");
+        let fresh = |ip: IpAddr| format!("{:?}", Re::new_ip(ip.to_string()));
+        let a: IpAddr = "10.1.2.3".parse().expect("ip");
+        let b: IpAddr = "2001:db8::1".parse().expect("ip");
+        for _ in 0..2 {
+            assert_eq!(format!("{:?}", engine.ip(a)), fresh(a));
+            assert_eq!(format!("{:?}", engine.ip(b)), fresh(b));
+        }
+        for i in 0..(IP_CACHE as u32 + 10) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(format!("{:?}", engine.ip(ip)), fresh(ip));
+        }
+        assert!(engine.ips.lock().expect("lock").len() <= IP_CACHE);
+        assert_eq!(format!("{:?}", engine.ip(b)), fresh(b));
     }
 
     #[test]

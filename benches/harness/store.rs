@@ -5,7 +5,7 @@ use mayfly::audit::AuditLog;
 use mayfly::identity::Principal;
 use mayfly::lease::embedded::EmbeddedStore;
 use mayfly::lease::redis::{Durability, RedisConfig, RedisStore};
-use mayfly::lease::{Lease, LeaseState, LeaseStore, Transition};
+use mayfly::lease::{Lease, LeaseState, LeaseStore};
 use mayfly::provider::Providers;
 use mayfly::provider::jwt::{JwtIssuer, JwtProvider, SigningAlg, SigningKey};
 use mayfly::revocation::{ReaperConfig, RetryPolicy, Revoker};
@@ -27,22 +27,13 @@ fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
     Lease::pending(task, &who, &grant, now, now + ttl)
 }
 
-/// One lease as the broker writes it: pending (durable), then active.
+/// One lease as the broker writes a Mayfly-signed JWT's: once, already active, due at
+/// its expiry.
 pub async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
     let now = OffsetDateTime::now_utc();
-    let l = lease(task, now, ttl);
-    store
-        .put_new(&l, now + time::Duration::seconds(60))
-        .await
-        .expect("pending");
-    let mut t = Transition::new(
-        l.id.clone(),
-        &[LeaseState::Pending],
-        LeaseState::Active,
-        now,
-    );
-    t.due_at = Some(l.expires_at);
-    store.transition(t).await.expect("activate");
+    let mut l = lease(task, now, ttl);
+    l.state = LeaseState::Active;
+    store.put_new(&l, l.expires_at).await.expect("lease");
 }
 
 /// Writes `n` active leases living `ttl` with `writers` concurrent writers (large groups
