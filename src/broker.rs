@@ -435,7 +435,7 @@ impl Broker {
 
     /// `POST /v1/token` (RFC 8693): a CI job's token becomes a `jwt` credential through
     /// the ordinary path — an implicit task (Cedar `DeclareTask`), then
-    /// `request_credential` (Cedar `MintCredential`, pending lease, mint, activate).
+    /// `request_credential` (Cedar `MintCredential`, sign, durable `active` lease).
     /// The task is keyed by the job's claims and the target, so it is declared once per
     /// job; its life is bounded by config and by the subject token's `exp`.
     pub async fn exchange(

@@ -7,6 +7,7 @@
 //!            error becomes a status code), the per-request audit middleware.
 //!   └─ broker    the whole flow, top to bottom:
 //!                verify → authorize → record (pending lease) → mint → activate → audit
+//!                (a JWT Mayfly signs: sign → record (active lease) → audit)
 //!        ├─ identity    X.509-SVID / JWT-SVID / OIDC verification; the only constructor
 //!        │              of VerifiedCaller; trust bundles from files, SPIFFE bundle
 //!        │              endpoints and the Workload API, swapped in while running
