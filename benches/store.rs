@@ -18,9 +18,8 @@ mod shared;
 
 use mayfly::lease::LeaseStore;
 use mayfly::lease::embedded::EmbeddedStore;
-use mayfly::lease::redis::{Durability, RedisConfig, RedisStore};
+use mayfly::lease::redis::Durability;
 use mayfly::task::TaskId;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,59 +62,11 @@ async fn lease_writes(store: Arc<dyn LeaseStore>) -> WriteResult {
     }
 }
 
-struct Redis(Child);
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis(port: u16, dir: &std::path::Path, extra: &[&str]) -> Redis {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-        ])
-        .arg(dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server on PATH");
-    std::thread::sleep(Duration::from_millis(300));
-    Redis(child)
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("port")
-}
-
-async fn redis_store(port: u16, prefix: &str) -> Arc<dyn LeaseStore> {
-    redis_store_with(port, prefix, Durability::Server).await
-}
-
-async fn redis_store_with(port: u16, prefix: &str, durability: Durability) -> Arc<dyn LeaseStore> {
-    Arc::new(
-        RedisStore::connect(&RedisConfig {
-            url: format!("redis://127.0.0.1:{port}"),
-            key_prefix: prefix.into(),
-            username: None,
-            password_file: None,
-            tls_ca_file: None,
-            durability,
-            op_timeout: Duration::from_secs(5),
-        })
-        .await
-        .expect("connect"),
-    )
 }
 
 #[tokio::main]
@@ -148,8 +99,8 @@ async fn main() {
     row("embedded (redb, fsync per commit)", &base, base_reap);
 
     let p1 = free_port();
-    let _r1 = start_redis(p1, dir.path(), &["--appendonly", "no"]);
-    let s1 = redis_store(p1, "bench").await;
+    let _r1 = shared::redis_server(p1, dir.path(), &["--appendonly", "no"]);
+    let s1 = shared::redis(p1, "bench").await;
     let w1 = lease_writes(s1.clone()).await;
     let r1 = shared::reaper_rate(s1, dir.path(), DUE).await;
     row("redis (no persistence)", &w1, r1);
@@ -157,12 +108,12 @@ async fn main() {
     let p2 = free_port();
     let aof_dir = dir.path().join("aof");
     std::fs::create_dir_all(&aof_dir).expect("dir");
-    let _r2 = start_redis(
+    let _r2 = shared::redis_server(
         p2,
         &aof_dir,
         &["--appendonly", "yes", "--appendfsync", "always"],
     );
-    let s2 = redis_store(p2, "bench").await;
+    let s2 = shared::redis(p2, "bench").await;
     let w2 = lease_writes(s2).await;
     let only_writes = |name: &str, w: &WriteResult| {
         println!(
@@ -181,13 +132,13 @@ async fn main() {
     let (md, rd) = (dir.path().join("m"), dir.path().join("r"));
     std::fs::create_dir_all(&md).expect("dir");
     std::fs::create_dir_all(&rd).expect("dir");
-    let _m = start_redis(
+    let _m = shared::redis_server(
         pm,
         &md,
         &["--repl-diskless-sync-delay", "0", "--appendonly", "no"],
     );
     let pm_s = pm.to_string();
-    let _r = start_redis(
+    let _r = shared::redis_server(
         pr,
         &rd,
         &["--replicaof", "127.0.0.1", &pm_s, "--appendonly", "no"],
@@ -198,7 +149,7 @@ async fn main() {
         replicas: 1,
         timeout: Duration::from_secs(1),
     };
-    let s3 = redis_store_with(pm, "bench", wait).await;
+    let s3 = shared::redis_with(pm, "bench", wait).await;
     let w3 = lease_writes(s3).await;
     only_writes("redis (WAIT 1 replica)", &w3);
 }

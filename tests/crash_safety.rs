@@ -22,12 +22,6 @@ use std::sync::{Arc, Mutex};
 
 const CRASHES: u64 = 1000;
 
-#[derive(Default)]
-struct Seen {
-    /// Every point the flow reached, per lease.
-    points: Vec<(FaultPoint, LeaseId)>,
-}
-
 async fn run(store: Option<String>) {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(dir.path());
@@ -40,14 +34,12 @@ async fn run(store: Option<String>) {
     // Crash plan: attempt i dies at point i % 3 (0 = right after signing, before the
     // lease write; 1 = after the write; 2 = survives). Record every point reached.
     let attempt = Arc::new(AtomicU64::new(0));
-    let seen: Arc<Mutex<Seen>> = Arc::default();
+    // Every point the flow reached, per lease.
+    let seen: Arc<Mutex<Vec<(FaultPoint, LeaseId)>>> = Arc::default();
     let hook: FaultHook = {
         let (attempt, seen) = (attempt.clone(), seen.clone());
         Arc::new(move |point, lease: &LeaseId| {
-            seen.lock()
-                .expect("lock")
-                .points
-                .push((point, lease.clone()));
+            seen.lock().expect("lock").push((point, lease.clone()));
             matches!(
                 (attempt.load(Ordering::SeqCst) % 3, point),
                 (0, FaultPoint::AfterMint) | (1, FaultPoint::AfterActivate)
@@ -98,7 +90,7 @@ async fn run(store: Option<String>) {
     assert_eq!(crashed, by_plan(0) + by_plan(1));
     assert_eq!(returned.len(), by_plan(2));
 
-    let points = std::mem::take(&mut seen.lock().expect("lock").points);
+    let points = std::mem::take(&mut *seen.lock().expect("lock"));
     assert!(
         points
             .iter()

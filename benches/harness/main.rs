@@ -160,28 +160,12 @@ fn start_broker(bin: &Path, config: &Path, port: u16) -> Broker {
     Broker { proc, port }
 }
 
-fn start_redis(dir: &Path) -> (Proc, u16) {
+fn start_redis(dir: &Path) -> (store::RedisServer, u16) {
     let port = free_port();
-    let p = Proc(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-            ])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (apt-get install redis-server)"),
-    );
-    wait_tcp(port);
-    (p, port)
+    (
+        store::redis_server(port, dir, &["--appendonly", "no"]),
+        port,
+    )
 }
 
 fn tls_connector(p: &Pki, client_cert: bool) -> tokio_rustls::TlsConnector {

@@ -113,6 +113,10 @@ pub fn embedded(path: &Path) -> Arc<dyn LeaseStore> {
 }
 
 pub async fn redis(port: u16, prefix: &str) -> Arc<dyn LeaseStore> {
+    redis_with(port, prefix, Durability::Server).await
+}
+
+pub async fn redis_with(port: u16, prefix: &str, durability: Durability) -> Arc<dyn LeaseStore> {
     Arc::new(
         RedisStore::connect(&RedisConfig {
             url: format!("redis://127.0.0.1:{port}"),
@@ -120,10 +124,51 @@ pub async fn redis(port: u16, prefix: &str) -> Arc<dyn LeaseStore> {
             username: None,
             password_file: None,
             tls_ca_file: None,
-            durability: Durability::Server,
+            durability,
             op_timeout: Duration::from_secs(30),
         })
         .await
         .expect("connect"),
     )
+}
+
+/// A loopback `redis-server`, killed on drop.
+pub struct RedisServer(pub std::process::Child);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `redis-server` on `port` with its data in `dir`, no RDB snapshots, plus
+/// `extra` flags; returns once it accepts connections.
+pub fn redis_server(port: u16, dir: &Path, extra: &[&str]) -> RedisServer {
+    let server = RedisServer(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not start on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
 }
