@@ -74,6 +74,9 @@ pub struct MintContext<'a> {
 
 struct Loaded {
     set: PolicySet,
+    /// Policies annotated `@approval("required")`, found once at load: Cedar parses an
+    /// annotation's key on every `Policy::annotation` lookup.
+    approval: HashSet<PolicyId>,
     stamp: Vec<(PathBuf, SystemTime, u64)>,
 }
 
@@ -114,6 +117,13 @@ pub struct PolicyEngine {
     /// `ip(...)` values by address: Cedar parses the extension's name on every
     /// `new_ip` (its lexer builds a regex cache each time), a few % of a credential.
     ips: Mutex<HashMap<IpAddr, Re>>,
+    /// Check each request's entities and context against the schema before deciding.
+    /// Requests are built here from typed values, never from client JSON, so the check
+    /// can only catch a construction bug in this file; it costs 20–30 µs, about half of a
+    /// decision. It runs in debug builds (every integration test drives the debug binary)
+    /// and in `every_request_shape_conforms_to_the_schema` for every action and caller
+    /// kind; release builds skip it.
+    check_requests: bool,
 }
 
 /// Distinct source addresses kept in `PolicyEngine::ips` before it starts over.
@@ -240,12 +250,22 @@ fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
             message: err.to_string(),
         });
     }
-    Ok(Loaded { set, stamp: files })
+    let approval = set
+        .policies()
+        .filter(|p| p.annotation("approval") == Some("required"))
+        .map(|p| p.id().clone())
+        .collect();
+    Ok(Loaded {
+        set,
+        approval,
+        stamp: files,
+    })
 }
 
 // Requests are built as Cedar values directly, not as JSON for Cedar to parse: its JSON
 // path (untagged-enum probing that formats a serde error per attempt, `__extn` values)
-// was a third of the broker's CPU per credential. The schema still checks every request.
+// was a third of the broker's CPU per credential. Whether the schema checks each request:
+// see `PolicyEngine::check_requests`.
 type Re = RestrictedExpression;
 
 fn string(v: impl Into<String>) -> Re {
@@ -297,6 +317,7 @@ impl PolicyEngine {
             authorizer: Authorizer::new(),
             current: RwLock::new(Arc::new(loaded)),
             ips: Mutex::default(),
+            check_requests: cfg!(debug_assertions),
         })
     }
 
@@ -418,26 +439,19 @@ impl PolicyEngine {
         } else {
             vec![principal, resource]
         };
-        let entities =
-            Entities::from_entities(entities, Some(&self.schema)).map_err(|e| req_err(&e))?;
+        let schema = self.check_requests.then_some(&self.schema);
+        let entities = Entities::from_entities(entities, schema).map_err(|e| req_err(&e))?;
         let context = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_string(), v)))
             .map_err(|e| req_err(&e))?;
-        let request = Request::new(p_uid, action.clone(), r_uid, context, Some(&self.schema))
-            .map_err(|e| req_err(&e))?;
+        let request =
+            Request::new(p_uid, action.clone(), r_uid, context, schema).map_err(|e| req_err(&e))?;
         let current = self.current();
         let response = self
             .authorizer
             .is_authorized(&request, &current.set, &entities);
         let diag = response.diagnostics();
         let allowed = response.decision() == Decision::Allow;
-        let needs_approval = allowed
-            && diag.reason().any(|id| {
-                current
-                    .set
-                    .policy(id)
-                    .and_then(|p| p.annotation("approval"))
-                    .is_some_and(|a| a == "required")
-            });
+        let needs_approval = allowed && diag.reason().any(|id| current.approval.contains(id));
         Ok(PolicyDecision {
             allowed,
             policies: diag.reason().map(ToString::to_string).collect(),
@@ -557,6 +571,113 @@ mod tests {
         }
         assert!(engine.ips.lock().expect("lock").len() <= IP_CACHE);
         assert_eq!(format!("{:?}", engine.ip(b)), fresh(b));
+    }
+
+    /// The requests `declare_task`, `delegate` and `mint` build conform to the schema, for
+    /// each kind of caller (an X.509-SVID without issuer or claims, a JWT-SVID with an
+    /// issuer, an OIDC token carrying every posture claim): the guarantee that lets
+    /// release builds skip the per-request check.
+    #[test]
+    fn every_request_shape_conforms_to_the_schema() {
+        use crate::identity::{AuthMethod, Posture, Principal, VerifiedCaller};
+        use crate::task::{Scope, TaskState};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies");
+        let mut engine = PolicyEngine::load(&dir).expect("dev policies load");
+        engine.check_requests = true;
+        let now = OffsetDateTime::now_utc();
+        let posture = |method, issuer: Option<&str>, claims: &[&str]| Posture {
+            method,
+            trust_domain: "dev.mayfly.local".into(),
+            source: Some("192.0.2.7".parse().expect("ip")),
+            credential_not_after: now + time::Duration::minutes(5),
+            credential_fingerprint: "sha256:00".into(),
+            issuer: issuer.map(str::to_string),
+            claims: claims
+                .iter()
+                .map(|c| (c.to_string(), "v".to_string()))
+                .collect(),
+        };
+        let callers = [
+            VerifiedCaller::for_tests(
+                Principal::parse("spiffe://dev.mayfly.local/agent/a").expect("id"),
+                posture(AuthMethod::X509Svid, None, &[]),
+            ),
+            VerifiedCaller::for_tests(
+                Principal::parse("spiffe://dev.mayfly.local/agent/b").expect("id"),
+                posture(AuthMethod::JwtSvid, Some("https://spire.test"), &[]),
+            ),
+            VerifiedCaller::for_tests(
+                Principal::parse(
+                    "https://token.actions.githubusercontent.com#repo:o/r:ref:refs/heads/main",
+                )
+                .expect("id"),
+                posture(
+                    AuthMethod::Oidc,
+                    Some("https://token.actions.githubusercontent.com"),
+                    crate::identity::bearer::POSTURE_CLAIMS,
+                ),
+            ),
+        ];
+        let grant = Grant {
+            provider: crate::task::ProviderKind::Aws,
+            target: "arn:aws:iam::123456789012:role/deploy".into(),
+            actions: ["s3:GetObject".to_string()].into(),
+            resources: ["arn:aws:s3:::b/*".to_string()].into(),
+        };
+        let req = TaskRequest {
+            purpose: "shape".into(),
+            scope: Scope::new(vec![grant.clone()]).expect("scope"),
+            ttl: Duration::from_secs(600),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+        };
+        let to = Principal::parse("spiffe://dev.mayfly.local/agent/sub").expect("id");
+        for caller in &callers {
+            let task = Task {
+                id: crate::task::TaskId::generate(),
+                owner: caller.principal().clone(),
+                purpose: req.purpose.clone(),
+                scope: req.scope.clone(),
+                created_at: now,
+                expires_at: now + time::Duration::minutes(10),
+                parent: None,
+                labels: req.labels.clone(),
+                state: TaskState::Active,
+                ended_at: None,
+                end_reason: None,
+                origin: None,
+            };
+            let signals = ["new_source".to_string()].into();
+            let m = MintContext {
+                task: &task,
+                request: &grant,
+                ttl: Duration::from_secs(60),
+                risk: 40,
+                signals: &signals,
+            };
+            let who = caller.principal().as_str();
+            engine
+                .declare_task(caller, &req, &grant, now)
+                .unwrap_or_else(|e| panic!("declare as {who}: {e}"));
+            engine
+                .delegate(caller, &to, &req, 1, now)
+                .unwrap_or_else(|e| panic!("delegate as {who}: {e}"));
+            engine
+                .mint(caller, &m, now)
+                .unwrap_or_else(|e| panic!("mint as {who}: {e}"));
+            // A delegation to oneself: one entity, not two.
+            engine
+                .delegate(caller, caller.principal(), &req, 1, now)
+                .unwrap_or_else(|e| panic!("self-delegate as {who}: {e}"));
+        }
+        // The check is live: a context the schema does not know is refused.
+        let caller = &callers[0];
+        let bad = engine.decide(
+            &engine.names.mint,
+            engine.workload(caller.principal()).expect("entity"),
+            engine.target(&grant).expect("entity"),
+            vec![("no_such_field", long(1))],
+        );
+        assert!(matches!(bad, Err(PolicyError::Request(_))), "{bad:?}");
     }
 
     #[test]

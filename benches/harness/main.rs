@@ -717,7 +717,7 @@ async fn main() {
     // Each hot-path change, old way against new way, in process.
     {
         let cfg = p.dir.join("embedded.toml");
-        for r in micro::all(&cfg, &p.jwt_svid).await {
+        for r in micro::all(&cfg, &p.jwt_svid, tmp.path()).await {
             rep.note(format!(
                 "{}: {:.1} µs → {:.1} µs per call (x{:.2} faster)",
                 r.what,

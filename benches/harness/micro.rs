@@ -105,13 +105,19 @@ async fn bearer(config: &Path, token: &str) -> Ratio {
     }
 }
 
-/// The MintCredential request: Cedar entities and context parsed from JSON (as before)
-/// against built as Cedar values (as now); both validated by the schema.
-fn cedar() -> Ratio {
+/// The built-in schema and the `MintCredential` action.
+fn mint_schema() -> (Schema, EntityUid) {
     let schema = Schema::from_cedarschema_str(mayfly::policy::SCHEMA_SRC)
         .expect("schema")
         .0;
-    let action: EntityUid = r#"Mayfly::Action::"MintCredential""#.parse().expect("uid");
+    let action = r#"Mayfly::Action::"MintCredential""#.parse().expect("uid");
+    (schema, action)
+}
+
+/// The MintCredential request: Cedar entities and context parsed from JSON (as before)
+/// against built as Cedar values (as now); both validated by the schema.
+fn cedar() -> Ratio {
+    let (schema, action) = mint_schema();
     let p_id = "spiffe://dev.mayfly.local/agent/demo";
     let r_id = "jwt:https://api.example.com";
     let before = time_us(2000, || {
@@ -133,10 +139,53 @@ fn cedar() -> Ratio {
         let c = Context::from_json_value(context, Some((&schema, &action))).expect("ctx");
         let _ = Request::new(p, action.clone(), r, c, Some(&schema)).expect("req");
     });
+    let after = time_us(2000, || values_request(&action, Some(&schema)));
+    Ratio {
+        what: "Cedar MintCredential request (JSON entities/context → Cedar values)",
+        before_us: before,
+        after_us: after,
+    }
+}
+
+/// The per-request schema check that release builds skip (`PolicyEngine::check_requests`):
+/// the request built as Cedar values, checked against the schema and not.
+fn cedar_check() -> Ratio {
+    let (schema, action) = mint_schema();
+    let before = time_us(2000, || values_request(&action, Some(&schema)));
+    let after = time_us(2000, || values_request(&action, None));
+    Ratio {
+        what: "Cedar MintCredential request (schema-checked → built from typed values, unchecked)",
+        before_us: before,
+        after_us: after,
+    }
+}
+
+/// Embedded-store lease writes (50 writers, 20 000 active leases): random UUIDv4 lease
+/// ids, each landing on its own B-tree page, against time-ordered UUIDv7 ids, which
+/// append to the same pages within a commit group. µs of wall time per lease.
+async fn lease_ids(dir: &Path) -> Ratio {
+    const N: usize = 20_000;
+    let mut per_lease = [0.0; 2];
+    for (i, random) in [true, false].into_iter().enumerate() {
+        let s = crate::store::embedded(&dir.join(format!("ids-{random}.redb")));
+        let rate = crate::store::fill_with(s, N, time::Duration::hours(1), 50, random).await;
+        per_lease[i] = 1e6 / rate;
+    }
+    Ratio {
+        what: "embedded store lease write, 50 writers (random UUIDv4 ids → time-ordered UUIDv7)",
+        before_us: per_lease[0],
+        after_us: per_lease[1],
+    }
+}
+
+/// The MintCredential request as `PolicyEngine` builds it: Cedar values, not JSON.
+fn values_request(action: &EntityUid, schema: Option<&Schema>) {
+    let p_id = "spiffe://dev.mayfly.local/agent/demo";
+    let r_id = "jwt:https://api.example.com";
     let workload: EntityTypeName = "Mayfly::Workload".parse().expect("type");
     let target: EntityTypeName = "Mayfly::Target".parse().expect("type");
     let s = |v: &str| Re::new_string(v.to_string());
-    let after = time_us(2000, || {
+    {
         let p = EntityUid::from_type_name_and_id(workload.clone(), EntityId::new(p_id));
         let r = EntityUid::from_type_name_and_id(target.clone(), EntityId::new(r_id));
         let pe = Entity::new(
@@ -158,7 +207,7 @@ fn cedar() -> Ratio {
             HashSet::new(),
         )
         .expect("entity");
-        let _e = Entities::from_entities([pe, re], Some(&schema)).expect("e");
+        let _e = Entities::from_entities([pe, re], schema).expect("e");
         let rec = |f: Vec<(&str, Re)>| {
             Re::new_record(f.into_iter().map(|(k, v)| (k.to_string(), v))).expect("record")
         };
@@ -191,15 +240,16 @@ fn cedar() -> Ratio {
             ),
         ])
         .expect("ctx");
-        let _ = Request::new(p, action.clone(), r, c, Some(&schema)).expect("req");
-    });
-    Ratio {
-        what: "Cedar MintCredential request (JSON entities/context → Cedar values)",
-        before_us: before,
-        after_us: after,
+        let _ = Request::new(p, action.clone(), r, c, schema).expect("req");
     }
 }
 
-pub async fn all(config: &Path, token: &str) -> Vec<Ratio> {
-    vec![signing(), bearer(config, token).await, cedar()]
+pub async fn all(config: &Path, token: &str, dir: &Path) -> Vec<Ratio> {
+    vec![
+        signing(),
+        bearer(config, token).await,
+        cedar(),
+        cedar_check(),
+        lease_ids(dir).await,
+    ]
 }

@@ -30,9 +30,20 @@ fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
 /// One lease as the broker writes a Mayfly-signed JWT's: once, already active, due at
 /// its expiry.
 pub async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
+    write_lease(store, task, ttl, false).await;
+}
+
+/// `write_one`, under a random (UUIDv4) id, as lease ids were before they became
+/// time-ordered, when `random_id`.
+async fn write_lease(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration, random_id: bool) {
     let now = OffsetDateTime::now_utc();
     let mut l = lease(task, now, ttl);
     l.state = LeaseState::Active;
+    if random_id {
+        l.id = format!("lse_{}", uuid::Uuid::new_v4().simple())
+            .parse()
+            .expect("id");
+    }
     store.put_new(&l, l.expires_at).await.expect("lease");
 }
 
@@ -43,6 +54,17 @@ pub async fn fill(
     n: usize,
     ttl: time::Duration,
     writers: usize,
+) -> f64 {
+    fill_with(store, n, ttl, writers, false).await
+}
+
+/// `fill`, under random (UUIDv4) lease ids when `random_ids`.
+pub async fn fill_with(
+    store: Arc<dyn LeaseStore>,
+    n: usize,
+    ttl: time::Duration,
+    writers: usize,
+    random_ids: bool,
 ) -> f64 {
     let task = TaskId::generate();
     let left = Arc::new(AtomicUsize::new(n));
@@ -55,7 +77,11 @@ pub async fn fill(
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
                 .is_ok()
             {
-                write_one(store.as_ref(), &task, ttl).await;
+                if random_ids {
+                    write_lease(store.as_ref(), &task, ttl, true).await;
+                } else {
+                    write_one(store.as_ref(), &task, ttl).await;
+                }
             }
         }));
     }

@@ -279,6 +279,11 @@ impl VerifiedCaller {
     pub(in crate::identity) fn new(principal: Principal, posture: Posture) -> Self {
         Self { principal, posture }
     }
+    /// Tests elsewhere in the crate: a caller with this identity and posture, as if verified.
+    #[cfg(test)]
+    pub(crate) fn for_tests(principal: Principal, posture: Posture) -> Self {
+        Self::new(principal, posture)
+    }
     pub fn principal(&self) -> &Principal {
         &self.principal
     }
