@@ -739,6 +739,14 @@ async fn main() {
         )
         .map_or(0.0, Measured::rps);
     let ratio = mayfly / bao.max(1e-9);
+    if let Some(m) = rep.find("Mayfly (Redis)", KEPT, "50 conns") {
+        // Not the headline: this Redis runs without AOF (no fsync per write), unlike the
+        // embedded store, which fsyncs every commit group.
+        rep.note(format!(
+            "same ratio with the Redis store (appendonly no: no fsync per write): {:.2}",
+            m.rps() / bao.max(1e-9)
+        ));
+    }
     if let Some(r) = rep
         .rows
         .iter()
