@@ -97,16 +97,17 @@ async fn run(store: Option<String>) {
             .all(|(p, _)| *p != FaultPoint::AfterPendingWrite),
         "a signed JWT is never recorded as pending"
     );
-    let signed: HashSet<LeaseId> = points
-        .iter()
-        .filter(|(p, _)| *p == FaultPoint::AfterMint)
-        .map(|(_, l)| l.clone())
-        .collect();
-    let written: HashSet<LeaseId> = points
-        .iter()
-        .filter(|(p, _)| *p == FaultPoint::AfterActivate)
-        .map(|(_, l)| l.clone())
-        .collect();
+    let reached = |point: FaultPoint| -> HashSet<LeaseId> {
+        points
+            .iter()
+            .filter(|(p, _)| *p == point)
+            .map(|(_, l)| l.clone())
+            .collect()
+    };
+    let (signed, written) = (
+        reached(FaultPoint::AfterMint),
+        reached(FaultPoint::AfterActivate),
+    );
     assert_eq!(signed.len() as u64, CRASHES, "every attempt signed a token");
 
     // Immediately: exactly the leases that passed the write exist, all active; a token

@@ -105,93 +105,41 @@ async fn bearer(config: &Path, token: &str) -> Ratio {
     }
 }
 
-/// The built-in schema and the `MintCredential` action.
-fn mint_schema() -> (Schema, EntityUid) {
-    let schema = Schema::from_cedarschema_str(mayfly::policy::SCHEMA_SRC)
-        .expect("schema")
-        .0;
-    let action = r#"Mayfly::Action::"MintCredential""#.parse().expect("uid");
-    (schema, action)
+const P_ID: &str = "spiffe://dev.mayfly.local/agent/demo";
+const R_ID: &str = "jwt:https://api.example.com";
+
+/// The built-in schema and the names of a `MintCredential` request, parsed once (as
+/// `PolicyEngine` does) so that only the per-request work is timed.
+struct Mint {
+    schema: Schema,
+    action: EntityUid,
+    workload: EntityTypeName,
+    target: EntityTypeName,
 }
 
-/// The MintCredential request: Cedar entities and context parsed from JSON (as before)
-/// against built as Cedar values (as now); both validated by the schema.
-fn cedar() -> Ratio {
-    let (schema, action) = mint_schema();
-    let p_id = "spiffe://dev.mayfly.local/agent/demo";
-    let r_id = "jwt:https://api.example.com";
-    let before = time_us(2000, || {
-        let principal = json!({"uid": {"type": "Mayfly::Workload", "id": p_id},
-            "attrs": {"id": p_id, "trust_domain": "dev.mayfly.local", "path": "/agent/demo"}, "parents": []});
-        let resource = json!({"uid": {"type": "Mayfly::Target", "id": r_id},
-            "attrs": {"provider": "jwt", "uri": "https://api.example.com"}, "parents": []});
-        let context = json!({
-            "purpose": "bench", "task_id": "tsk_0123", "ttl_seconds": 300, "task_remaining_seconds": 3000,
-            "request": {"provider": "jwt", "target": "https://api.example.com", "actions": ["read"], "resources": []},
-            "labels": [], "risk": 0, "signals": [],
-            "posture": {"method": "jwt_svid", "trust_domain": "dev.mayfly.local",
-                "source_ip": {"__extn": {"fn": "ip", "arg": "127.0.0.1"}},
-                "credential_remaining_seconds": 3000, "claims": {}},
-        });
-        let p = EntityUid::from_json(principal["uid"].clone()).expect("uid");
-        let r = EntityUid::from_json(resource["uid"].clone()).expect("uid");
-        let _e = Entities::from_json_value(json!([principal, resource]), Some(&schema)).expect("e");
-        let c = Context::from_json_value(context, Some((&schema, &action))).expect("ctx");
-        let _ = Request::new(p, action.clone(), r, c, Some(&schema)).expect("req");
-    });
-    let after = time_us(2000, || values_request(&action, Some(&schema)));
-    Ratio {
-        what: "Cedar MintCredential request (JSON entities/context → Cedar values)",
-        before_us: before,
-        after_us: after,
+impl Mint {
+    fn new() -> Self {
+        Self {
+            schema: Schema::from_cedarschema_str(mayfly::policy::SCHEMA_SRC)
+                .expect("schema")
+                .0,
+            action: r#"Mayfly::Action::"MintCredential""#.parse().expect("uid"),
+            workload: "Mayfly::Workload".parse().expect("type"),
+            target: "Mayfly::Target".parse().expect("type"),
+        }
     }
-}
 
-/// The per-request schema check that release builds skip (`PolicyEngine::check_requests`):
-/// the request built as Cedar values, checked against the schema and not.
-fn cedar_check() -> Ratio {
-    let (schema, action) = mint_schema();
-    let before = time_us(2000, || values_request(&action, Some(&schema)));
-    let after = time_us(2000, || values_request(&action, None));
-    Ratio {
-        what: "Cedar MintCredential request (schema-checked → built from typed values, unchecked)",
-        before_us: before,
-        after_us: after,
-    }
-}
-
-/// Embedded-store lease writes (50 writers, 20 000 active leases): random UUIDv4 lease
-/// ids, each landing on its own B-tree page, against time-ordered UUIDv7 ids, which
-/// append to the same pages within a commit group. µs of wall time per lease.
-async fn lease_ids(dir: &Path) -> Ratio {
-    const N: usize = 20_000;
-    let mut per_lease = [0.0; 2];
-    for (i, random) in [true, false].into_iter().enumerate() {
-        let s = crate::store::embedded(&dir.join(format!("ids-{random}.redb")));
-        let rate = crate::store::fill_with(s, N, time::Duration::hours(1), 50, random).await;
-        per_lease[i] = 1e6 / rate;
-    }
-    Ratio {
-        what: "embedded store lease write, 50 writers (random UUIDv4 ids → time-ordered UUIDv7)",
-        before_us: per_lease[0],
-        after_us: per_lease[1],
-    }
-}
-
-/// The MintCredential request as `PolicyEngine` builds it: Cedar values, not JSON.
-fn values_request(action: &EntityUid, schema: Option<&Schema>) {
-    let p_id = "spiffe://dev.mayfly.local/agent/demo";
-    let r_id = "jwt:https://api.example.com";
-    let workload: EntityTypeName = "Mayfly::Workload".parse().expect("type");
-    let target: EntityTypeName = "Mayfly::Target".parse().expect("type");
-    let s = |v: &str| Re::new_string(v.to_string());
-    {
-        let p = EntityUid::from_type_name_and_id(workload.clone(), EntityId::new(p_id));
-        let r = EntityUid::from_type_name_and_id(target.clone(), EntityId::new(r_id));
+    /// The request as `PolicyEngine` builds it: Cedar values, not JSON; checked against
+    /// the schema when `check`.
+    fn values_request(&self, check: bool) {
+        let schema = check.then_some(&self.schema);
+        let s = |v: &str| Re::new_string(v.to_string());
+        let p = EntityUid::from_type_name_and_id(self.workload.clone(), EntityId::new(P_ID));
+        let r = EntityUid::from_type_name_and_id(self.target.clone(), EntityId::new(R_ID));
         let pe = Entity::new(
             p.clone(),
             HashMap::from([
-                ("id".to_string(), s(p_id)),
+                ("id".to_string(), s(P_ID)),
                 ("trust_domain".to_string(), s("dev.mayfly.local")),
                 ("path".to_string(), s("/agent/demo")),
             ]),
@@ -240,7 +188,70 @@ fn values_request(action: &EntityUid, schema: Option<&Schema>) {
             ),
         ])
         .expect("ctx");
-        let _ = Request::new(p, action.clone(), r, c, schema).expect("req");
+        let _ = Request::new(p, self.action.clone(), r, c, schema).expect("req");
+    }
+}
+
+/// The MintCredential request: Cedar entities and context parsed from JSON (as before)
+/// against built as Cedar values (as now); both validated by the schema.
+fn cedar() -> Ratio {
+    let mint = Mint::new();
+    let (schema, action, p_id, r_id) = (&mint.schema, &mint.action, P_ID, R_ID);
+    let before = time_us(2000, || {
+        let principal = json!({"uid": {"type": "Mayfly::Workload", "id": p_id},
+            "attrs": {"id": p_id, "trust_domain": "dev.mayfly.local", "path": "/agent/demo"}, "parents": []});
+        let resource = json!({"uid": {"type": "Mayfly::Target", "id": r_id},
+            "attrs": {"provider": "jwt", "uri": "https://api.example.com"}, "parents": []});
+        let context = json!({
+            "purpose": "bench", "task_id": "tsk_0123", "ttl_seconds": 300, "task_remaining_seconds": 3000,
+            "request": {"provider": "jwt", "target": "https://api.example.com", "actions": ["read"], "resources": []},
+            "labels": [], "risk": 0, "signals": [],
+            "posture": {"method": "jwt_svid", "trust_domain": "dev.mayfly.local",
+                "source_ip": {"__extn": {"fn": "ip", "arg": "127.0.0.1"}},
+                "credential_remaining_seconds": 3000, "claims": {}},
+        });
+        let p = EntityUid::from_json(principal["uid"].clone()).expect("uid");
+        let r = EntityUid::from_json(resource["uid"].clone()).expect("uid");
+        let _e = Entities::from_json_value(json!([principal, resource]), Some(schema)).expect("e");
+        let c = Context::from_json_value(context, Some((schema, action))).expect("ctx");
+        let _ = Request::new(p, action.clone(), r, c, Some(schema)).expect("req");
+    });
+    let after = time_us(2000, || mint.values_request(true));
+    Ratio {
+        what: "Cedar MintCredential request (JSON entities/context → Cedar values)",
+        before_us: before,
+        after_us: after,
+    }
+}
+
+/// The per-request schema check that release builds skip (`PolicyEngine::check_requests`):
+/// the request built as Cedar values, checked against the schema and not.
+fn cedar_check() -> Ratio {
+    let mint = Mint::new();
+    let before = time_us(2000, || mint.values_request(true));
+    let after = time_us(2000, || mint.values_request(false));
+    Ratio {
+        what: "Cedar MintCredential request (schema-checked → built from typed values, unchecked)",
+        before_us: before,
+        after_us: after,
+    }
+}
+
+/// Embedded-store lease writes (50 writers, 20 000 active leases): random UUIDv4 lease
+/// ids, each landing on its own B-tree page, against time-ordered UUIDv7 ids, which
+/// append to the same pages within a commit group. µs of wall time per lease.
+async fn lease_ids(dir: &Path) -> Ratio {
+    const N: usize = 20_000;
+    let mut per_lease = [0.0; 2];
+    for (i, random) in [true, false].into_iter().enumerate() {
+        let s = crate::store::embedded(&dir.join(format!("ids-{random}.redb")));
+        let rate = crate::store::fill_with(s, N, time::Duration::hours(1), 50, random).await;
+        per_lease[i] = 1e6 / rate;
+    }
+    Ratio {
+        what: "embedded store lease write, 50 writers (random UUIDv4 ids → time-ordered UUIDv7)",
+        before_us: per_lease[0],
+        after_us: per_lease[1],
     }
 }
 

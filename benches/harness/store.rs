@@ -1,6 +1,9 @@
 //! Lease-store measurements in process: reaper throughput with 100k leases due at once,
 //! and filling a store with many live leases (for minting p99 at 1M stored leases).
 
+#[path = "../../tests/common/redis_bin.rs"]
+mod redis_bin;
+
 use mayfly::audit::AuditLog;
 use mayfly::identity::Principal;
 use mayfly::lease::embedded::EmbeddedStore;
@@ -172,29 +175,14 @@ impl Drop for RedisServer {
 /// `extra` flags; returns once it accepts connections.
 pub fn redis_server(port: u16, dir: &Path, extra: &[&str]) -> RedisServer {
     let server = RedisServer(
-        std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir)
+        redis_bin::redis_command(port, dir)
             .args(extra)
-            .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server on PATH (apt-get install redis-server)"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server did not start on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        redis_bin::wait_for_pong(port),
+        "redis-server did not start on {port}"
+    );
     server
 }

@@ -1,7 +1,8 @@
 //! Leases: the durable record of every credential Mayfly mints, written *before* the
 //! credential exists upstream (`pending`) so that a crash at any point leaves something
 //! the reaper can revoke, or, for a credential that exists only in the broker's memory
-//! until returned (a Mayfly-signed JWT), written once as `active` before it is returned. One trait, [`LeaseStore`]; the embedded (redb) implementation lives here.
+//! until returned (a Mayfly-signed JWT), written once as `active` before it is returned.
+//! One trait, [`LeaseStore`]; the embedded (redb) implementation lives here.
 
 pub mod embedded;
 pub mod redis;

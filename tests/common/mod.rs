@@ -6,9 +6,11 @@
 )]
 
 mod bao_bin;
+mod redis_bin;
 
 use bao_bin::bao_binary;
 use mayfly::pki::{Ca, LeafSpec};
+use redis_bin::{redis_command, wait_for_pong};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -437,25 +439,6 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn wait_for_pong(port: u16) -> bool {
-    use std::io::{Read, Write};
-    for _ in 0..100 {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-            let mut buf = [0u8; 16];
-            if s.write_all(b"PING\r\n").is_ok()
-                && s.read(&mut buf).is_ok_and(|n| {
-                    buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")
-                })
-            {
-                return true;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 /// A real `redis-server` on a free loopback port, killed on drop.
 pub struct RedisServer {
     child: Child,
@@ -475,21 +458,9 @@ impl RedisServer {
     /// A server on `port` keeping its data in `dir` (a restart with the same `dir` and
     /// `--appendonly yes` finds its data again).
     pub fn start_in(port: u16, dir: tempfile::TempDir, extra: &[&str]) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--dir", dir.path().to_str().expect("utf8")])
+        let child = redis_command(port, dir.path())
+            .args(["--appendonly", "no"])
             .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect(
                 "redis-server must be installed (apt-get install redis-server; .ci/run does this)",
