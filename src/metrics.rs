@@ -1,7 +1,7 @@
 //! Prometheus metrics. One process-wide recorder, installed on first use; `/metrics`
 //! renders it. Every series is documented in `docs/operations.md`.
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -11,12 +11,22 @@ const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// Buckets for the histograms that count things (writes per group commit, `*_ops` and
+/// `*_records`): up to the writers' group limits (256 store writes, 1024 audit records).
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
 /// Installs the recorder (idempotent) and returns the handle to render it.
 pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets(BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_ops".into()), COUNT_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_records".into()), COUNT_BUCKETS)
+                })
                 .map_err(|e| tracing::error!(error = %e, "metrics buckets"))
                 .ok()?;
             match builder.install_recorder() {
@@ -88,6 +98,18 @@ fn describe() {
     describe_histogram!(
         "mayfly_audit_batch_records",
         "Records per audit group commit"
+    );
+    describe_histogram!(
+        "mayfly_audit_sync_seconds",
+        "Time to append and fsync one audit group commit (every request waits for one)"
+    );
+    describe_histogram!(
+        "mayfly_store_group_commit_ops",
+        "Writes per embedded-store group commit"
+    );
+    describe_histogram!(
+        "mayfly_store_commit_seconds",
+        "Time to commit (and fsync) one embedded-store write group"
     );
     describe_counter!("mayfly_policy_reloads_total", "Policy reloads by outcome");
     describe_counter!(

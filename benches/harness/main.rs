@@ -195,6 +195,34 @@ fn tls_connector(p: &Pki, client_cert: bool) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
+/// The broker's latency histograms of its two durable writers, from `/metrics`.
+async fn print_histograms(p: &Pki, port: u16) {
+    let ca = std::fs::read(p.dir.join("ca.pem")).expect("ca");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca"))
+        .build()
+        .expect("client");
+    let text = client
+        .get(format!("https://localhost:{port}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics");
+    for line in text.lines().filter(|l| {
+        [
+            "mayfly_store_commit_seconds",
+            "mayfly_audit_sync_seconds",
+            "mayfly_request_duration_seconds_bucket{route=\"/v1/tasks/{id}/credentials\"",
+        ]
+        .iter()
+        .any(|m| l.starts_with(m))
+    }) {
+        println!("{line}");
+    }
+}
+
 fn addr(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -591,8 +619,36 @@ async fn main() {
         let pids = [b.proc.0.id()];
         println!("broker pid {}", pids[0]);
         let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
-        let m = closed_loop(&kept, 50, WARMUP, Duration::from_secs(secs), &pids).await;
-        rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
+        let run = Duration::from_secs(secs);
+        // `MAYFLY_BENCH_RATE=N`: an open loop at N/s (64 connections) instead, then the
+        // broker's commit and fsync histograms (where a latency tail comes from).
+        match std::env::var("MAYFLY_BENCH_RATE")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+        {
+            Some(rate) => {
+                if let Some(pre) = std::env::var("MAYFLY_BENCH_PRE")
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    let m = closed_loop(&kept, 50, WARMUP, Duration::from_secs(pre), &pids).await;
+                    rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
+                }
+                let m = open_loop(&kept, rate, 64, WARMUP, run, &pids).await;
+                rep.add(
+                    "Mayfly (embedded)",
+                    KEPT,
+                    format!("open loop {rate}/s"),
+                    m,
+                    &pids,
+                );
+                print_histograms(&p, port).await;
+            }
+            None => {
+                let m = closed_loop(&kept, 50, WARMUP, run, &pids).await;
+                rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
+            }
+        }
         return;
     }
     // Mayfly, embedded store.
