@@ -9,12 +9,16 @@
 )]
 
 // The harness's lease-store helpers: one way to write a lease and to time the reaper.
+#[path = "../tests/common/loopback.rs"]
+mod loopback;
 #[allow(
     dead_code,
     reason = "this bench uses only part of the harness's helpers"
 )]
 #[path = "harness/store.rs"]
 mod shared;
+
+use loopback::free_port;
 
 use mayfly::lease::LeaseStore;
 use mayfly::lease::embedded::EmbeddedStore;
@@ -60,13 +64,6 @@ async fn lease_writes(store: Arc<dyn LeaseStore>) -> WriteResult {
         p50: q(0.50),
         p99: q(0.99),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 #[tokio::main]

@@ -24,10 +24,13 @@
 #[path = "../../tests/common/bao_bin.rs"]
 mod bao_bin;
 mod load;
+#[path = "../../tests/common/loopback.rs"]
+mod loopback;
 mod micro;
 mod store;
 
 use bao_bin::bao_binary;
+use loopback::free_port;
 
 use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, HeaderValue};
@@ -57,13 +60,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 fn wait_tcp(port: u16) {

@@ -6,9 +6,11 @@
 )]
 
 mod bao_bin;
+mod loopback;
 mod redis_bin;
 
 use bao_bin::bao_binary;
+pub use loopback::free_port;
 use mayfly::pki::{Ca, LeafSpec};
 use redis_bin::{redis_command, wait_for_pong};
 use serde_json::Value;
@@ -432,13 +434,6 @@ pub fn audit_records(path: &Path) -> Vec<Value> {
 }
 
 /// A free loopback port (bound then released; the race is harmless on a test machine).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A real `redis-server` on a free loopback port, killed on drop.
 pub struct RedisServer {
     child: Child,
