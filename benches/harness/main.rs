@@ -617,7 +617,8 @@ async fn main() {
         let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
         let run = Duration::from_secs(secs);
         // `MAYFLY_BENCH_RATE=N`: an open loop at N/s (64 connections) instead, then the
-        // broker's commit and fsync histograms (where a latency tail comes from).
+        // broker's commit and fsync histograms (where a latency tail comes from);
+        // `MAYFLY_BENCH_PRE=S` first runs S seconds of the closed loop (a grown store).
         match std::env::var("MAYFLY_BENCH_RATE")
             .ok()
             .and_then(|s| s.parse::<f64>().ok())
