@@ -311,15 +311,10 @@ fn writer(
         let good_len = file.metadata().map(|m| m.len()).ok();
         let result = match render_err {
             Some(e) => Err(AuditError::Write(e)),
-            None => {
-                let t = std::time::Instant::now();
-                let r = file
-                    .write_all(&buf)
-                    .and_then(|()| file.sync_data())
-                    .map_err(|e| AuditError::Write(e.to_string()));
-                metrics::histogram!("mayfly_audit_sync_seconds").record(t.elapsed().as_secs_f64());
-                r
-            }
+            None => crate::metrics::timed("mayfly_audit_sync_seconds", || {
+                file.write_all(&buf).and_then(|()| file.sync_data())
+            })
+            .map_err(|e| AuditError::Write(e.to_string())),
         };
         metrics::histogram!("mayfly_audit_batch_records").record(batch.len() as f64);
         match &result {

@@ -15,6 +15,14 @@ const BUCKETS: &[f64] = &[
 /// `*_records`): up to the writers' group limits (256 store writes, 1024 audit records).
 const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
+/// Runs `f` and records how long it took, in seconds, in the histogram `name`.
+pub fn timed<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let out = f();
+    metrics::histogram!(name).record(started.elapsed().as_secs_f64());
+    out
+}
+
 /// Installs the recorder (idempotent) and returns the handle to render it.
 pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE

@@ -186,10 +186,10 @@ async fn the_cli_lists_and_revokes_and_metrics_show_the_flow() {
         "mayfly_leases_issued_total",
         "mayfly_lease_transitions_total",
         "mayfly_audit_batch_records",
-        // Count histograms get count buckets, not the latency ones.
-        r#"mayfly_audit_batch_records_bucket{le="64"}"#,
         r#"mayfly_audit_sync_seconds_bucket{le="0.0005"}"#,
         r#"mayfly_store_commit_seconds_bucket{le="0.0005"}"#,
+        // Count histograms get count buckets, not the latency ones.
+        r#"mayfly_audit_batch_records_bucket{le="64"}"#,
         r#"mayfly_store_group_commit_ops_bucket{le="256"}"#,
         "mayfly_reaper_backlog",
         "mayfly_leases{",

@@ -219,6 +219,11 @@ async fn print_histograms(p: &Pki, port: u16) {
     }
 }
 
+/// A number from the environment, if set and well formed.
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
 fn addr(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -597,10 +602,7 @@ async fn main() {
 
     // `MAYFLY_BENCH_PROFILE=SECONDS`: only kept-open minting at 50 connections for that
     // long, printing the broker's pid (to attach `perf record -p`); writes no docs.
-    if let Some(secs) = std::env::var("MAYFLY_BENCH_PROFILE")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
+    if let Some(secs) = env_num::<u64>("MAYFLY_BENCH_PROFILE") {
         let port = free_port();
         let cfg = write_config(
             &p,
@@ -615,36 +617,24 @@ async fn main() {
         let pids = [b.proc.0.id()];
         println!("broker pid {}", pids[0]);
         let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
-        let run = Duration::from_secs(secs);
         // `MAYFLY_BENCH_RATE=N`: an open loop at N/s (64 connections) instead, then the
         // broker's commit and fsync histograms (where a latency tail comes from);
         // `MAYFLY_BENCH_PRE=S` first runs S seconds of the closed loop (a grown store).
-        match std::env::var("MAYFLY_BENCH_RATE")
-            .ok()
-            .and_then(|s| s.parse::<f64>().ok())
-        {
-            Some(rate) => {
-                if let Some(pre) = std::env::var("MAYFLY_BENCH_PRE")
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                {
-                    let m = closed_loop(&kept, 50, WARMUP, Duration::from_secs(pre), &pids).await;
-                    rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
-                }
-                let m = open_loop(&kept, rate, 64, WARMUP, run, &pids).await;
-                rep.add(
-                    "Mayfly (embedded)",
-                    KEPT,
-                    format!("open loop {rate}/s"),
-                    m,
-                    &pids,
-                );
-                print_histograms(&p, port).await;
-            }
-            None => {
-                let m = closed_loop(&kept, 50, WARMUP, run, &pids).await;
-                rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
-            }
+        let rate = env_num::<f64>("MAYFLY_BENCH_RATE");
+        let closed = match rate {
+            None => Some(secs),
+            Some(_) => env_num::<u64>("MAYFLY_BENCH_PRE"),
+        };
+        if let Some(s) = closed {
+            let m = closed_loop(&kept, 50, WARMUP, Duration::from_secs(s), &pids).await;
+            rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
+        }
+        if let Some(rate) = rate {
+            let run = Duration::from_secs(secs);
+            let m = open_loop(&kept, rate, 64, WARMUP, run, &pids).await;
+            let load = format!("open loop {rate}/s");
+            rep.add("Mayfly (embedded)", KEPT, load, m, &pids);
+            print_histograms(&p, port).await;
         }
         return;
     }

@@ -196,11 +196,11 @@ impl Mint {
 /// against built as Cedar values (as now); both validated by the schema.
 fn cedar() -> Ratio {
     let mint = Mint::new();
-    let (schema, action, p_id, r_id) = (&mint.schema, &mint.action, P_ID, R_ID);
+    let (schema, action) = (&mint.schema, &mint.action);
     let before = time_us(2000, || {
-        let principal = json!({"uid": {"type": "Mayfly::Workload", "id": p_id},
-            "attrs": {"id": p_id, "trust_domain": "dev.mayfly.local", "path": "/agent/demo"}, "parents": []});
-        let resource = json!({"uid": {"type": "Mayfly::Target", "id": r_id},
+        let principal = json!({"uid": {"type": "Mayfly::Workload", "id": P_ID},
+            "attrs": {"id": P_ID, "trust_domain": "dev.mayfly.local", "path": "/agent/demo"}, "parents": []});
+        let resource = json!({"uid": {"type": "Mayfly::Target", "id": R_ID},
             "attrs": {"provider": "jwt", "uri": "https://api.example.com"}, "parents": []});
         let context = json!({
             "purpose": "bench", "task_id": "tsk_0123", "ttl_seconds": 300, "task_remaining_seconds": 3000,

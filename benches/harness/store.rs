@@ -31,14 +31,14 @@ fn lease(task: &TaskId, now: OffsetDateTime, ttl: time::Duration) -> Lease {
 }
 
 /// One lease as the broker writes a Mayfly-signed JWT's: once, already active, due at
-/// its expiry.
-pub async fn write_one(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration) {
-    write_lease(store, task, ttl, false).await;
-}
-
-/// `write_one`, under a random (UUIDv4) id, as lease ids were before they became
+/// its expiry; under a random (UUIDv4) id, as lease ids were before they became
 /// time-ordered, when `random_id`.
-async fn write_lease(store: &dyn LeaseStore, task: &TaskId, ttl: time::Duration, random_id: bool) {
+pub async fn write_lease(
+    store: &dyn LeaseStore,
+    task: &TaskId,
+    ttl: time::Duration,
+    random_id: bool,
+) {
     let now = OffsetDateTime::now_utc();
     let mut l = lease(task, now, ttl);
     l.state = LeaseState::Active;
@@ -80,11 +80,7 @@ pub async fn fill_with(
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
                 .is_ok()
             {
-                if random_ids {
-                    write_lease(store.as_ref(), &task, ttl, true).await;
-                } else {
-                    write_one(store.as_ref(), &task, ttl).await;
-                }
+                write_lease(store.as_ref(), &task, ttl, random_ids).await;
             }
         }));
     }

@@ -102,10 +102,9 @@ fn writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Op>) {
                 "storage error; write group aborted".into(),
             ))
         } else {
-            let t = std::time::Instant::now();
-            let r = txn.commit().err().map(db_err);
-            metrics::histogram!("mayfly_store_commit_seconds").record(t.elapsed().as_secs_f64());
-            r
+            crate::metrics::timed("mayfly_store_commit_seconds", || txn.commit())
+                .err()
+                .map(db_err)
         };
         metrics::histogram!("mayfly_store_group_commit_ops").record(completions.len() as f64);
         for done in completions {

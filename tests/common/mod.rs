@@ -433,7 +433,6 @@ pub fn audit_records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A free loopback port (bound then released; the race is harmless on a test machine).
 /// A real `redis-server` on a free loopback port, killed on drop.
 pub struct RedisServer {
     child: Child,
