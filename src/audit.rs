@@ -55,7 +55,7 @@ pub struct AuditEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_not_after: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub action: Option<&'static str>,
+    pub action: Option<crate::action::Action>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -93,6 +93,9 @@ pub struct AuditEvent {
     pub risk: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// What would take back this request's state changes; never written to the record.
+    #[serde(skip)]
+    pub undo: Vec<crate::action::Undo>,
 }
 
 impl AuditEvent {
@@ -118,6 +121,11 @@ impl AuditScope {
         // still the best record we have.
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard);
+    }
+    /// Registers what takes back a state change this request just made (see
+    /// `Broker::commit`).
+    pub fn undo_with(&self, undo: crate::action::Undo) {
+        self.set(|e| e.undo.push(undo));
     }
     pub fn snapshot(&self) -> AuditEvent {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()

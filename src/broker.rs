@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-use crate::anomaly::{Action, AnomalyEngine, Mode, Severity, Signal, Verdict};
-use crate::audit::{AuditEvent, AuditLog, AuditScope};
+use crate::action::{Action, Undo};
+use crate::anomaly::{Action as Countermeasure, AnomalyEngine, Mode, Severity, Signal, Verdict};
+use crate::audit::{AuditError, AuditEvent, AuditLog, AuditScope};
 use crate::identity::{Principal, VerifiedCaller};
 use crate::lease::{
     Lease, LeaseQuery, LeaseState, LeaseStore, Page, StoreError, TaskQuery, Transition,
@@ -54,7 +55,7 @@ pub enum BrokerError {
     TtlExceedsLimit { requested: u64, max: u64 },
     #[error("policy denied {action}{}", detail.as_deref().map(|d| format!(" for {d}")).unwrap_or_default())]
     PolicyDenied {
-        action: &'static str,
+        action: Action,
         detail: Option<String>,
     },
     #[error("lease {0} does not exist")]
@@ -267,10 +268,10 @@ fn check_reason(reason: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
-fn note_decision(ev: &AuditScope, action: &'static str, d: &PolicyDecision) {
+fn note_decision(ev: &AuditScope, action: Action, d: &PolicyDecision) {
     metrics::counter!(
         "mayfly_policy_decisions_total",
-        "action" => action,
+        "action" => action.as_str(),
         "decision" => if d.allowed { "allow" } else { "deny" },
     )
     .increment(1);
@@ -312,16 +313,43 @@ impl Broker {
         &self.jwt
     }
 
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
+    /// Writes the request's audit record. If it cannot be written, every state change the
+    /// request registered on its scope is taken back, newest first, and the request
+    /// fails: nothing a request granted outlives a missing record. Revocations are not
+    /// undone — they only take access away.
+    pub async fn commit(&self, scope: &AuditScope) -> Result<(), AuditError> {
+        let event = scope.snapshot();
+        let undo = event.undo.clone();
+        let Err(err) = self.audit.write(event).await else {
+            return Ok(());
+        };
+        for u in undo.iter().rev() {
+            self.undo(u).await;
+        }
+        Err(err)
     }
 
-    pub fn policy(&self) -> &PolicyEngine {
-        &self.policy
-    }
-
-    pub fn revoker(&self) -> &Arc<Revoker> {
-        &self.revoker
+    async fn undo(&self, undo: &Undo) {
+        const REASON: &str = "audit record could not be written";
+        let result = match undo {
+            Undo::RevokeLease(id) => self.revoker.revoke_lease(id, REASON).await.map(drop),
+            Undo::EndTaskTree(id) => self
+                .revoker
+                .end_task_tree(id, TaskState::Revoked, REASON)
+                .await
+                .map(drop),
+            Undo::DenyApproval(id) => {
+                if let Some(a) = self.approvals().get_mut(id.as_str()) {
+                    a.state = ApprovalState::Rejected;
+                    a.reason = Some(REASON.to_string());
+                }
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            // The lease stays revoke-requested or pending; the reaper finishes it.
+            tracing::error!(?undo, error = %e, "cannot undo an unrecorded state change; the reaper will");
+        }
     }
 
     pub fn max_page(&self) -> usize {
@@ -388,7 +416,7 @@ impl Broker {
     ) -> Result<Task, BrokerError> {
         let now = OffsetDateTime::now_utc();
         ev.set(|e| {
-            e.action = Some("DeclareTask");
+            e.action = Some(Action::DeclareTask);
             e.purpose = Some(req.purpose.clone());
         });
         if req.ttl > self.limits.max_task_ttl {
@@ -400,10 +428,10 @@ impl Broker {
         for grant in req.scope.grants() {
             self.providers.get(grant.provider)?;
             let d = self.policy.declare_task(caller, &req, grant, now)?;
-            note_decision(ev, "DeclareTask", &d);
+            note_decision(ev, Action::DeclareTask, &d);
             if !d.allowed {
                 return Err(BrokerError::PolicyDenied {
-                    action: "DeclareTask",
+                    action: Action::DeclareTask,
                     detail: Some(grant.key()),
                 });
             }
@@ -426,6 +454,7 @@ impl Broker {
             }),
         };
         self.store.create_task(&task).await?;
+        ev.undo_with(Undo::EndTaskTree(task.id.clone()));
         ev.set(|e| {
             e.task_id = Some(task.id.to_string());
             e.expires_at = Some(crate::api_time(task.expires_at));
@@ -503,7 +532,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<(Task, Vec<Lease>), BrokerError> {
         ev.set(|e| {
-            e.action = Some("ReadTask");
+            e.action = Some(Action::ReadTask);
             e.task_id = Some(id.to_string());
         });
         let task = self.load_task(id).await?;
@@ -574,6 +603,8 @@ impl Broker {
             reason: None,
         };
         all.insert(approval.id.clone(), approval.clone());
+        // A held request nobody has a record of must not become approvable.
+        ev.undo_with(Undo::DenyApproval(approval.id.clone()));
         ev.set(|e| {
             e.decision = Some("pending_approval");
             e.outcome = Some(format!("held as {}", approval.id));
@@ -591,7 +622,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<Approval, BrokerError> {
         ev.set(|e| {
-            e.action = Some("DecideApproval");
+            e.action = Some(Action::DecideApproval);
             e.outcome = Some(format!(
                 "{id}: {}",
                 if approve { "approve" } else { "reject" }
@@ -620,6 +651,9 @@ impl Broker {
             ApprovalState::Rejected
         };
         a.reason = Some(reason.to_string());
+        if approve {
+            ev.undo_with(Undo::DenyApproval(id.to_string()));
+        }
         Ok(a.clone())
     }
 
@@ -632,6 +666,7 @@ impl Broker {
         id: &str,
         ev: &AuditScope,
     ) -> Result<Outcome, BrokerError> {
+        ev.set(|e| e.action = Some(Action::CollectApproval));
         let approval = {
             let mut all = self.approvals();
             let a = all
@@ -693,17 +728,18 @@ impl Broker {
             }
             let reason = format!("anomaly: rule {}", v.rule);
             let outcome = match (v.action, task) {
-                (Action::Audit, _) => Ok(()),
-                (Action::Deny, Some(t)) => {
+                (Countermeasure::Audit, _) => Ok(()),
+                (Countermeasure::Deny, Some(t)) => {
                     self.anomaly.deny(t);
                     Ok(())
                 }
-                (Action::RevokeTask, Some(t)) => self
+                (Countermeasure::RevokeTask, Some(t)) => self
                     .revoker
                     .end_task_tree(t, TaskState::Revoked, &reason)
                     .await
                     .map(|_| ()),
-                (Action::RevokePrincipal, _) | (Action::RevokeTask | Action::Deny, None) => self
+                (Countermeasure::RevokePrincipal, _)
+                | (Countermeasure::RevokeTask | Countermeasure::Deny, None) => self
                     .revoke_principal(principal.as_str(), &reason)
                     .await
                     .map(|_| ()),
@@ -765,7 +801,7 @@ impl Broker {
             detail,
         } = sig;
         ev.set(|e| {
-            e.action = Some("Signal");
+            e.action = Some(Action::Signal);
             e.task_id = task.as_ref().map(ToString::to_string);
             e.detail = Some(format!("{kind} ({severity:?}): {detail}"));
         });
@@ -796,7 +832,7 @@ impl Broker {
     ) -> Result<Outcome, BrokerError> {
         let now = OffsetDateTime::now_utc();
         ev.set(|e| {
-            e.action = Some("MintCredential");
+            e.action = Some(Action::MintCredential);
             e.task_id = Some(task_id.to_string());
             e.provider = Some(req.provider.as_str());
             e.target = Some(req.target.clone());
@@ -872,10 +908,10 @@ impl Broker {
             },
             now,
         )?;
-        note_decision(ev, "MintCredential", &d);
+        note_decision(ev, Action::MintCredential, &d);
         if !d.allowed {
             return Err(BrokerError::PolicyDenied {
-                action: "MintCredential",
+                action: Action::MintCredential,
                 detail: Some(wanted.key()),
             });
         }
@@ -902,6 +938,7 @@ impl Broker {
             self.mint_upstream(provider.as_ref(), lease, &task, caller, &delegators)
                 .await?
         };
+        ev.undo_with(Undo::RevokeLease(issued.lease.id.clone()));
         ev.set(|e| e.credential_fingerprint = issued.lease.fingerprint.clone());
         metrics::counter!("mayfly_leases_issued_total", "provider" => issued.lease.provider.as_str())
             .increment(1);
@@ -1064,7 +1101,7 @@ impl Broker {
     ) -> Result<Task, BrokerError> {
         let now = OffsetDateTime::now_utc();
         ev.set(|e| {
-            e.action = Some("DelegateTask");
+            e.action = Some(Action::DelegateTask);
             e.task_id = Some(parent_id.to_string());
             e.purpose = Some(req.task.purpose.clone());
             e.detail = Some(format!("to {}", req.principal));
@@ -1101,10 +1138,10 @@ impl Broker {
         let d = self
             .policy
             .delegate(caller, &req.principal, &req.task, depth, now)?;
-        note_decision(ev, "DelegateTask", &d);
+        note_decision(ev, Action::DelegateTask, &d);
         if !d.allowed {
             return Err(BrokerError::PolicyDenied {
-                action: "DelegateTask",
+                action: Action::DelegateTask,
                 detail: Some(req.principal.to_string()),
             });
         }
@@ -1123,6 +1160,7 @@ impl Broker {
             origin: None,
         };
         self.store.create_task(&child).await?;
+        ev.undo_with(Undo::EndTaskTree(child.id.clone()));
         // The parent may have ended while the child was being written: end the child too.
         let current = self.load_task(parent_id).await?;
         if let Err(e) = Self::require_active(&current, OffsetDateTime::now_utc()) {
@@ -1151,7 +1189,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<TreeRevocation, BrokerError> {
         ev.set(|e| {
-            e.action = Some("CompleteTask");
+            e.action = Some(Action::CompleteTask);
             e.task_id = Some(id.to_string());
         });
         let task = self.load_task(id).await?;
@@ -1181,7 +1219,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<TreeRevocation, BrokerError> {
         ev.set(|e| {
-            e.action = Some("RevokeTask");
+            e.action = Some(Action::RevokeTask);
             e.task_id = Some(id.to_string());
             e.reason = Some(reason.to_string());
         });
@@ -1205,7 +1243,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<Lease, BrokerError> {
         ev.set(|e| {
-            e.action = Some("RevokeLease");
+            e.action = Some(Action::RevokeLease);
             e.lease_id = Some(id.to_string());
             e.reason = Some(reason.to_string());
         });
@@ -1229,7 +1267,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<TreeRevocation, BrokerError> {
         ev.set(|e| {
-            e.action = Some("BulkRevoke");
+            e.action = Some(Action::BulkRevoke);
             e.reason = Some(reason.to_string());
             e.detail = Some(format!("{sel:?}"));
         });
@@ -1286,7 +1324,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<Lease, BrokerError> {
         ev.set(|e| {
-            e.action = Some("ReadLease");
+            e.action = Some(Action::ReadLease);
             e.lease_id = Some(id.to_string());
         });
         self.require_operator(caller)?;
@@ -1303,7 +1341,7 @@ impl Broker {
         q: LeaseQuery,
         ev: &AuditScope,
     ) -> Result<Page<Lease>, BrokerError> {
-        ev.set(|e| e.action = Some("ListLeases"));
+        ev.set(|e| e.action = Some(Action::ListLeases));
         self.require_operator(caller)?;
         Ok(self.store.leases(&q).await?)
     }
@@ -1315,7 +1353,7 @@ impl Broker {
         q: TaskQuery,
         ev: &AuditScope,
     ) -> Result<Page<Task>, BrokerError> {
-        ev.set(|e| e.action = Some("ListTasks"));
+        ev.set(|e| e.action = Some(Action::ListTasks));
         self.require_operator(caller)?;
         Ok(self.store.tasks(&q).await?)
     }
@@ -1328,7 +1366,7 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<Introspection, BrokerError> {
         ev.set(|e| {
-            e.action = Some("Introspect");
+            e.action = Some(Action::Introspect);
             e.credential_fingerprint = Some(crate::secret::fingerprint(token.as_bytes()));
         });
         let Ok(claims) = self.jwt.verify(token) else {

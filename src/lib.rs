@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! api        HTTP edge: rustls accept loop, routes, problem+json (the only place an
-//!            error becomes a status code), the per-request audit middleware.
+//!            error becomes a status code), the per-request audit middleware, which
+//!            hands each request's record to `Broker::commit`.
+//! action     the typed `Action` of every request and the `Undo` of each state change
 //!   └─ broker    the whole flow, top to bottom:
 //!                verify → authorize → record (pending lease) → mint → activate → audit
 //!                (a JWT Mayfly signs: sign → record (active lease) → audit)
@@ -26,6 +28,7 @@
 //!
 //! Domain modules never import `api` or `cli`.
 
+pub mod action;
 pub mod anomaly;
 pub mod api;
 pub mod audit;

@@ -224,3 +224,196 @@ mod no_panics {
         );
     }
 }
+
+/// The active tasks and leases in the store: what a request could have granted.
+async fn active_state(app: &App) -> (Vec<String>, Vec<String>) {
+    let tasks = app
+        .store
+        .tasks(&mayfly::lease::TaskQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("tasks");
+    let mut leases = Vec::new();
+    let mut active_tasks = Vec::new();
+    for t in &tasks.items {
+        if t.state == TaskState::Active {
+            active_tasks.push(t.id.to_string());
+        }
+        for l in app.store.task_leases(&t.id).await.expect("leases") {
+            if l.state == LeaseState::Active || l.state == LeaseState::Pending {
+                leases.push(l.id.to_string());
+            }
+        }
+    }
+    active_tasks.sort();
+    leases.sort();
+    (active_tasks, leases)
+}
+
+/// A task (and, when asked, a signed lease under it) written straight to the store, as
+/// if declared before the audit sink failed.
+async fn seeded_task(h: &Harness, with_lease: bool) -> (String, Option<String>) {
+    let now = time::OffsetDateTime::now_utc();
+    let req = mayfly::task::TaskRequest::try_from(
+        serde_json::from_value::<mayfly::task::RawTaskRequest>(task_body("10m")).expect("raw"),
+    )
+    .expect("task request");
+    let owner = h
+        .agent
+        .identity
+        .as_ref()
+        .expect("agent verified")
+        .principal()
+        .clone();
+    let task = mayfly::task::Task {
+        id: mayfly::task::TaskId::generate(),
+        owner: owner.clone(),
+        purpose: req.purpose,
+        scope: req.scope,
+        created_at: now,
+        expires_at: now + time::Duration::minutes(10),
+        parent: None,
+        labels: Default::default(),
+        state: TaskState::Active,
+        ended_at: None,
+        end_reason: None,
+        origin: None,
+    };
+    h.app.store.create_task(&task).await.expect("task");
+    let lease = if with_lease {
+        let grant = task.scope.grants()[0].clone();
+        let mut l = mayfly::lease::Lease::pending(
+            &task.id,
+            &owner,
+            &grant,
+            now,
+            now + time::Duration::minutes(5),
+        );
+        l.state = LeaseState::Active;
+        h.app.store.put_new(&l, l.expires_at).await.expect("lease");
+        Some(l.id.to_string())
+    } else {
+        None
+    };
+    (task.id.to_string(), lease)
+}
+
+#[tokio::test]
+async fn every_state_changing_action_fails_closed_and_grants_nothing_without_a_record() {
+    use mayfly::action::Action;
+    // /dev/full: every audit write fails with ENOSPC.
+    let h = harness(Some(Path::new("/dev/full"))).await;
+    for action in Action::ALL {
+        let (task, lease) = seeded_task(&h, true).await;
+        let lease = lease.expect("lease");
+        let (method, uri, body): (&str, String, Value) = match action {
+            Action::DeclareTask => ("POST", "/v1/tasks".into(), task_body("10m")),
+            Action::MintCredential => (
+                "POST",
+                format!("/v1/tasks/{task}/credentials"),
+                json!({"provider": "jwt", "target": "https://api.example.com"}),
+            ),
+            Action::DelegateTask => (
+                "POST",
+                format!("/v1/tasks/{task}/delegate"),
+                json!({"principal": AGENT2, "purpose": "sub-step",
+                       "scope": task_body("1m")["scope"].clone(), "ttl": "1m"}),
+            ),
+            Action::CompleteTask => ("POST", format!("/v1/tasks/{task}/complete"), json!({})),
+            Action::ReadTask => ("GET", format!("/v1/tasks/{task}"), Value::Null),
+            // Operator actions are refused to an agent before anything changes; the
+            // refusal must still fail closed when it cannot be recorded.
+            Action::RevokeTask => (
+                "POST",
+                format!("/v1/tasks/{task}/revoke"),
+                json!({"reason": "r"}),
+            ),
+            Action::RevokeLease => (
+                "POST",
+                format!("/v1/leases/{lease}/revoke"),
+                json!({"reason": "r"}),
+            ),
+            Action::BulkRevoke => (
+                "POST",
+                "/v1/revoke".into(),
+                json!({"principal": AGENT, "reason": "r"}),
+            ),
+            Action::Signal => (
+                "POST",
+                "/v1/signals".into(),
+                json!({"task_id": task, "kind": "edr", "severity": "high"}),
+            ),
+            Action::DecideApproval => (
+                "POST",
+                "/v1/approvals/apr_nonexistent".into(),
+                json!({"decision": "approve", "reason": "r"}),
+            ),
+            Action::CollectApproval => ("GET", "/v1/approvals/apr_nonexistent".into(), Value::Null),
+            Action::ReadLease => ("GET", format!("/v1/leases/{lease}"), Value::Null),
+            Action::ListLeases => ("GET", "/v1/leases".into(), Value::Null),
+            Action::ListTasks => ("GET", "/v1/tasks".into(), Value::Null),
+            Action::Introspect => ("POST", "/v1/introspect".into(), Value::Null),
+        };
+        let before = active_state(&h.app).await;
+        let (s, b) = if action == Action::Introspect {
+            h.call(
+                method,
+                &uri,
+                Body::from("token=x"),
+                "application/x-www-form-urlencoded",
+            )
+            .await
+        } else if body.is_null() {
+            h.call(method, &uri, Body::empty(), "application/json")
+                .await
+        } else {
+            h.post(&uri, body).await
+        };
+        assert_eq!(
+            (s.as_u16(), b["code"].as_str()),
+            (503, Some("audit_unavailable")),
+            "{action}: {b}"
+        );
+        let after = active_state(&h.app).await;
+        assert!(
+            after.0.iter().all(|t| before.0.contains(t))
+                && after.1.iter().all(|l| before.1.contains(l)),
+            "{action} left something active without a record: before {before:?}, after {after:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_delegation_made_while_the_audit_sink_fails_leaves_no_active_sub_task() {
+    let h = harness(Some(Path::new("/dev/full"))).await;
+    let (parent, _) = seeded_task(&h, false).await;
+    let (s, b) = h
+        .post(
+            &format!("/v1/tasks/{parent}/delegate"),
+            json!({"principal": AGENT2, "purpose": "sub-step",
+                   "scope": task_body("1m")["scope"].clone(), "ttl": "1m"}),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), b["code"].as_str()),
+        (503, Some("audit_unavailable"))
+    );
+    let tasks = h
+        .app
+        .store
+        .tasks(&mayfly::lease::TaskQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("tasks");
+    let children: Vec<_> = tasks
+        .items
+        .iter()
+        .filter(|t| t.parent.as_ref().map(ToString::to_string) == Some(parent.clone()))
+        .collect();
+    assert_eq!(children.len(), 1, "the delegation reached the store");
+    assert_eq!(children[0].state, TaskState::Revoked, "and was undone");
+}

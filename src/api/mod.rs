@@ -122,9 +122,7 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
             e.decision = Some("deny");
         }
     });
-    let event = scope.snapshot();
-    if let Err(err) = st.broker.audit().write(event.clone()).await {
-        undo_unrecorded(&st, &event).await;
+    if let Err(err) = st.broker.commit(&scope).await {
         resp = if route == "/v1/token" {
             OAuthError::from(ApiError::Audit(err)).into_response()
         } else {
@@ -143,39 +141,6 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
-}
-
-/// A request whose record could not be written must leave nothing usable behind:
-/// a minted credential's lease is revoked, a declared task is revoked.
-async fn undo_unrecorded(st: &AppState, event: &AuditEvent) {
-    const REASON: &str = "audit record could not be written";
-    if event.status.is_none_or(|s| s >= 300) {
-        return;
-    }
-    let revoker = st.broker.revoker();
-    match event.action {
-        Some("MintCredential") => {
-            if let Some(id) = event
-                .lease_id
-                .as_deref()
-                .and_then(|l| l.parse::<LeaseId>().ok())
-                && let Err(e) = revoker.revoke_lease(&id, REASON).await
-            {
-                tracing::error!(lease = %id, error = %e, "cannot revoke unaudited lease; the reaper will");
-            }
-        }
-        Some("DeclareTask") => {
-            if let Some(id) = event
-                .task_id
-                .as_deref()
-                .and_then(|t| t.parse::<TaskId>().ok())
-                && let Err(e) = revoker.end_task_tree(&id, TaskState::Revoked, REASON).await
-            {
-                tracing::error!(task = %id, error = %e, "cannot revoke unaudited task");
-            }
-        }
-        _ => {}
-    }
 }
 
 fn audit_scope(req_ext: &Option<axum::Extension<AuditScope>>) -> AuditScope {
