@@ -1523,9 +1523,10 @@ impl Config {
             providers.insert_limited(Arc::new(p), rate);
         }
         if let Some(a) = &self.aws {
-            let p = crate::provider::aws::AwsProvider::start(a.clone())
-                .await
-                .map_err(|e| invalid("providers.aws", e))?;
+            let p =
+                crate::provider::aws::AwsProvider::start(a.clone(), store.clone(), audit.clone())
+                    .await
+                    .map_err(|e| invalid("providers.aws", e))?;
             let rate = p.rate();
             providers.insert_limited(p, rate);
         }

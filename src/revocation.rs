@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::lease::{Lease, LeaseState, LeaseStore, StoreError, Transition};
-use crate::provider::{Providers, Revocation};
+use crate::provider::{ProviderError, Providers, Revocation};
 use crate::task::{LeaseId, TaskId, TaskState};
 
 /// Claimed leases handled at once by one reaper pass.
@@ -195,6 +195,28 @@ impl Revoker {
                     self.record(e).await;
                 }
                 Ok(done)
+            }
+            Err(ProviderError::Deferred {
+                reason,
+                retry_after_secs,
+            }) => {
+                // Back-pressure (no room upstream yet): not a failed attempt, so it can
+                // never run the lease out of attempts into `irrevocable`.
+                let mut t = Transition::new(
+                    lease.id.clone(),
+                    &[LeaseState::Revoking],
+                    LeaseState::Revoking,
+                    now,
+                );
+                t.due_at = Some(after(now, Duration::from_secs(retry_after_secs.max(1))));
+                let l = self.store.transition(t).await?;
+                metrics::counter!("mayfly_revocation_deferred_total", "provider" => l.provider.as_str()).increment(1);
+                tracing::info!(lease = %l.id, retry_after_secs, reason = %reason, "revocation deferred");
+                let mut e = lease_event("lease.revoke_deferred", &l);
+                e.detail = Some(reason);
+                e.outcome = Some(format!("retry in {retry_after_secs} s"));
+                self.record(e).await;
+                Ok(l)
             }
             Err(err) => {
                 let attempts = lease.attempts + 1;

@@ -35,6 +35,10 @@ pub enum ScopeError {
     Item { field: &'static str, value: String },
     #[error("resource pattern {0:?} may only use '*' as its last character")]
     Wildcard(String),
+    /// IAM reads `?` as a wildcard and `${…}` as a policy variable, so an `aws` resource
+    /// holding them would grant more than the scope Mayfly and Cedar checked.
+    #[error("aws resource {0:?} holds an IAM wildcard or policy-variable character (? $ {{ }})")]
+    IamWildcard(String),
     #[error("grant for {provider}:{target} appears twice in the scope")]
     DuplicateGrant { provider: String, target: String },
     #[error("at most {MAX_LABELS} labels, keys and values 1..=64 printable characters")]
@@ -206,6 +210,24 @@ fn check_patterns(resources: &BTreeSet<String>) -> Result<(), ScopeError> {
     Ok(())
 }
 
+/// Characters IAM interprets inside a resource ARN but Mayfly's containment treats as
+/// literals: `?` (one-character wildcard), `$`, `{`, `}` (policy variables `${…}`).
+pub const IAM_RESOURCE_METACHARS: &[char] = &['?', '$', '{', '}'];
+
+fn check_provider_resources(
+    provider: ProviderKind,
+    resources: &BTreeSet<String>,
+) -> Result<(), ScopeError> {
+    if provider == ProviderKind::Aws
+        && let Some(r) = resources
+            .iter()
+            .find(|r| r.contains(IAM_RESOURCE_METACHARS))
+    {
+        return Err(ScopeError::IamWildcard(r.clone()));
+    }
+    Ok(())
+}
+
 fn check_target(target: &str) -> Result<(), ScopeError> {
     if target.is_empty() || target.len() > MAX_TARGET_LEN || !printable(target) {
         return Err(ScopeError::Target);
@@ -221,6 +243,7 @@ impl TryFrom<RawGrant> for Grant {
         let actions = token_set("actions", raw.actions, false)?;
         let resources = token_set("resources", raw.resources, true)?;
         check_patterns(&resources)?;
+        check_provider_resources(provider, &resources)?;
         Ok(Self {
             provider,
             target: raw.target,
@@ -469,6 +492,7 @@ impl TryFrom<RawCredentialRequest> for CredentialRequest {
             .transpose()?;
         if let Some(r) = &resources {
             check_patterns(r)?;
+            check_provider_resources(provider, r)?;
         }
         Ok(Self {
             provider,
@@ -602,6 +626,47 @@ mod tests {
             Grant::try_from(raw),
             Err(ScopeError::Wildcard("a/*/b".into()))
         );
+    }
+
+    #[test]
+    fn iam_wildcards_and_policy_variables_are_refused_in_aws_resources() {
+        for bad in [
+            "arn:aws:s3:::bucket/?",
+            "arn:aws:s3:::home/${aws:username}/*",
+            "arn:aws:s3:::a$b",
+            "arn:aws:s3:::a{b}",
+        ] {
+            let raw = RawGrant {
+                provider: "aws".into(),
+                target: "deploy".into(),
+                actions: vec!["s3:GetObject".into()],
+                resources: vec![bad.into()],
+            };
+            assert_eq!(
+                Grant::try_from(raw),
+                Err(ScopeError::IamWildcard(bad.into())),
+                "{bad}"
+            );
+            let req = RawCredentialRequest {
+                provider: "aws".into(),
+                target: "deploy".into(),
+                actions: None,
+                resources: Some(vec![bad.into()]),
+                ttl: None,
+            };
+            assert!(matches!(
+                CredentialRequest::try_from(req),
+                Err(ScopeError::IamWildcard(r)) if r == bad
+            ));
+        }
+        // The same characters mean nothing special to other providers.
+        let raw = RawGrant {
+            provider: "jwt".into(),
+            target: "https://x".into(),
+            actions: vec!["read".into()],
+            resources: vec!["reports/?".into()],
+        };
+        assert!(Grant::try_from(raw).is_ok());
     }
 
     #[test]

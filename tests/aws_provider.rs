@@ -458,6 +458,28 @@ async fn upstream_denial_oversized_policy_and_ttl_floor() {
         "{b}"
     );
 
+    // IAM wildcards and policy variables are refused with their own code, at declaration
+    // and at credential request (IAM would read them as wider than the checked scope).
+    let (s, b) = post_json(
+        &env.agent(),
+        &env.server.url("/v1/tasks"),
+        json!({"purpose": "wild", "ttl": "5m", "scope": [
+            {"provider": "aws", "target": "deploy", "actions": ["s3:GetObject"],
+             "resources": ["arn:aws:s3:::reports/?"]}]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["code"], "aws_resource_wildcard", "{b}");
+    let (s, b) = env
+        .mint(
+            &task,
+            json!({"provider": "aws", "target": "deploy", "actions": ["s3:GetObject"],
+                   "resources": ["arn:aws:s3:::reports/${aws:username}"]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["code"], "aws_resource_wildcard", "{b}");
+
     // A grant whose session policy would exceed 2048 characters: 400, never widened.
     let many: Vec<String> = (0..60)
         .map(|i| format!("arn:aws:s3:::reports/quarterly/department-{i:03}/summary.csv"))

@@ -297,6 +297,118 @@ pub async fn contract(store: Arc<dyn LeaseStore>) {
             .collect::<Vec<_>>(),
         vec![child.id.clone()]
     );
+    deny_and_lock_contract(&store).await;
+}
+
+/// Deny sets and role locks: what the AWS deny policy is rendered from, and its one
+/// writer per role.
+async fn deny_and_lock_contract(store: &Arc<dyn LeaseStore>) {
+    let now = OffsetDateTime::now_utc();
+    let set = format!("aws-deny:role-{}", uuid_like());
+    store
+        .deny_add(&set, "lse_b", now + Duration::minutes(10))
+        .await
+        .expect("add b");
+    store
+        .deny_add(&set, "lse_a", now + Duration::minutes(5))
+        .await
+        .expect("add a");
+    store
+        .deny_add(&set, "lse_old", now + Duration::seconds(1))
+        .await
+        .expect("add old");
+    // Re-adding keeps the first position and the later expiry.
+    store
+        .deny_add(&set, "lse_b", now + Duration::minutes(1))
+        .await
+        .expect("re-add b");
+    store
+        .deny_add(&set, "lse_a", now + Duration::minutes(20))
+        .await
+        .expect("extend a");
+    let list = store.deny_list(&set, now).await.expect("list");
+    let members: Vec<&str> = list.iter().map(|e| e.member.as_str()).collect();
+    assert_eq!(members, ["lse_b", "lse_a", "lse_old"]);
+    assert_eq!(
+        list[0].until.unix_timestamp(),
+        (now + Duration::minutes(10)).unix_timestamp()
+    );
+    assert_eq!(
+        list[1].until.unix_timestamp(),
+        (now + Duration::minutes(20)).unix_timestamp()
+    );
+    assert!(list[0].seq < list[1].seq && list[1].seq < list[2].seq);
+    // Expired members are not listed, and pruning removes exactly them.
+    let later = now + Duration::seconds(2);
+    let members: Vec<String> = store
+        .deny_list(&set, later)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| e.member)
+        .collect();
+    assert_eq!(members, ["lse_b", "lse_a"]);
+    assert_eq!(store.deny_prune(&set, later).await.expect("prune"), 1);
+    assert_eq!(store.deny_prune(&set, later).await.expect("prune"), 0);
+    assert_eq!(store.deny_list(&set, now).await.expect("list").len(), 2);
+    // A member added after a prune goes to the end of the order.
+    store
+        .deny_add(&set, "lse_c", now + Duration::minutes(3))
+        .await
+        .expect("add c");
+    let last = store.deny_list(&set, now).await.expect("list");
+    assert_eq!(last.last().map(|e| e.member.as_str()), Some("lse_c"));
+    assert!(
+        store
+            .deny_list("aws-deny:no-such-role", now)
+            .await
+            .expect("empty")
+            .is_empty()
+    );
+
+    // Locks: one holder at a time; tokens only grow; a lapsed holder is fenced off.
+    let name = format!("aws-deny:lock-{}", uuid_like());
+    let ttl = std::time::Duration::from_millis(300);
+    let t1 = store
+        .lock_acquire(&name, ttl)
+        .await
+        .expect("acquire")
+        .expect("free");
+    assert_eq!(store.lock_acquire(&name, ttl).await.expect("busy"), None);
+    assert!(store.lock_holds(&name, t1).await.expect("holds"));
+    store.lock_release(&name, t1).await.expect("release");
+    assert!(!store.lock_holds(&name, t1).await.expect("released"));
+    let t2 = store
+        .lock_acquire(&name, ttl)
+        .await
+        .expect("acquire")
+        .expect("free again");
+    assert!(t2 > t1, "{t2} > {t1}");
+    // Let it lapse: the next taker gets a larger token, and the lapsed holder neither
+    // holds the lock any more nor can release the new holder's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let t3 = loop {
+        if let Some(t) = store.lock_acquire(&name, ttl * 10).await.expect("poll") {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock never lapsed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    assert!(t3 > t2);
+    assert!(!store.lock_holds(&name, t2).await.expect("fenced"));
+    store.lock_release(&name, t2).await.expect("stale release");
+    assert!(store.lock_holds(&name, t3).await.expect("still held"));
+    store.lock_release(&name, t3).await.expect("release");
+}
+
+fn uuid_like() -> String {
+    TaskId::generate()
+        .as_str()
+        .trim_start_matches("tsk_")
+        .to_string()
 }
 
 #[tokio::test]

@@ -110,6 +110,7 @@ fn scope_code(e: &ScopeError) -> &'static str {
         ScopeError::UnknownProvider(_) => "unknown_provider",
         ScopeError::Purpose => "invalid_purpose",
         ScopeError::Delegatee(_) => "invalid_principal",
+        ScopeError::IamWildcard(_) => "aws_resource_wildcard",
         _ => "invalid_scope",
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use super::{
-    Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition, apply_transition,
-    lease_matches, task_matches,
+    DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
+    apply_transition, lease_matches, task_matches,
 };
 use crate::task::{LeaseId, Task, TaskId, TaskState};
 
@@ -24,6 +24,10 @@ const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
 const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 const DUE_BY_LEASE: TableDefinition<&str, u64> = TableDefinition::new("due_by_lease");
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+/// Deny sets: `(set, member)` → `(seq, until as unix seconds)`.
+const DENY: TableDefinition<(&str, &str), (u64, i64)> = TableDefinition::new("deny");
+/// The last `seq` given out per deny set.
+const DENY_SEQ: TableDefinition<&str, u64> = TableDefinition::new("deny_seq");
 
 fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreError> {
     let mut t = tx.open_table(COUNTS).map_err(db_err)?;
@@ -41,6 +45,14 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     ops: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Named locks: one process owns the file, so a local lock serialises every writer.
+    locks: std::sync::Mutex<LocalLocks>,
+}
+
+#[derive(Default)]
+struct LocalLocks {
+    next_token: u64,
+    held: std::collections::HashMap<String, (u64, std::time::Instant)>,
 }
 
 impl Drop for EmbeddedStore {
@@ -113,6 +125,10 @@ fn writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Op>) {
     }
 }
 
+fn poisoned() -> StoreError {
+    StoreError::Unavailable("lock table poisoned".into())
+}
+
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Unavailable(e.into().to_string())
 }
@@ -169,6 +185,8 @@ impl EmbeddedStore {
             tx.open_table(DUE).map_err(db_err)?;
             tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
             tx.open_table(COUNTS).map_err(db_err)?;
+            tx.open_table(DENY).map_err(db_err)?;
+            tx.open_table(DENY_SEQ).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -182,6 +200,7 @@ impl EmbeddedStore {
             db,
             ops: std::sync::Mutex::new(Some(ops)),
             writer: Some(writer),
+            locks: std::sync::Mutex::default(),
         })
     }
 
@@ -551,5 +570,127 @@ impl LeaseStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn deny_add(
+        &self,
+        set: &str,
+        member: &str,
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let (set, member, until) = (set.to_string(), member.to_string(), until.unix_timestamp());
+        self.write(move |tx| {
+            let mut deny = tx.open_table(DENY).map_err(db_err)?;
+            let cur = deny
+                .get((set.as_str(), member.as_str()))
+                .map_err(db_err)?
+                .map(|v| v.value());
+            let entry = match cur {
+                Some((seq, old)) => (seq, old.max(until)),
+                None => {
+                    let mut seqs = tx.open_table(DENY_SEQ).map_err(db_err)?;
+                    let seq = seqs
+                        .get(set.as_str())
+                        .map_err(db_err)?
+                        .map_or(0, |v| v.value())
+                        .saturating_add(1);
+                    seqs.insert(set.as_str(), seq).map_err(db_err)?;
+                    (seq, until)
+                }
+            };
+            deny.insert((set.as_str(), member.as_str()), entry)
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deny_list(
+        &self,
+        set: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<DenyEntry>, StoreError> {
+        let set = set.to_string();
+        let now = now.unix_timestamp();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let deny = tx.open_table(DENY).map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in deny.range((set.as_str(), "")..).map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                let (s, member) = k.value();
+                if s != set {
+                    break;
+                }
+                let (seq, until) = v.value();
+                if until > now {
+                    out.push(DenyEntry {
+                        member: member.to_string(),
+                        until: OffsetDateTime::from_unix_timestamp(until)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        seq,
+                    });
+                }
+            }
+            out.sort_by_key(|e| e.seq);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn deny_prune(&self, set: &str, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let set = set.to_string();
+        let now = now.unix_timestamp();
+        self.write(move |tx| {
+            let mut deny = tx.open_table(DENY).map_err(db_err)?;
+            let mut gone = Vec::new();
+            for row in deny.range((set.as_str(), "")..).map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                let (s, member) = k.value();
+                if s != set {
+                    break;
+                }
+                if v.value().1 <= now {
+                    gone.push(member.to_string());
+                }
+            }
+            for m in &gone {
+                deny.remove((set.as_str(), m.as_str())).map_err(db_err)?;
+            }
+            Ok(gone.len())
+        })
+        .await
+    }
+
+    async fn lock_acquire(
+        &self,
+        name: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let now = std::time::Instant::now();
+        let mut l = self.locks.lock().map_err(|_| poisoned())?;
+        if l.held.get(name).is_some_and(|(_, until)| *until > now) {
+            return Ok(None);
+        }
+        l.next_token += 1;
+        let token = l.next_token;
+        l.held.insert(name.to_string(), (token, now + ttl));
+        Ok(Some(token))
+    }
+
+    async fn lock_holds(&self, name: &str, token: u64) -> Result<bool, StoreError> {
+        let now = std::time::Instant::now();
+        let l = self.locks.lock().map_err(|_| poisoned())?;
+        Ok(l.held
+            .get(name)
+            .is_some_and(|(t, until)| *t == token && *until > now))
+    }
+
+    async fn lock_release(&self, name: &str, token: u64) -> Result<(), StoreError> {
+        let mut l = self.locks.lock().map_err(|_| poisoned())?;
+        if l.held.get(name).is_some_and(|(t, _)| *t == token) {
+            l.held.remove(name);
+        }
+        Ok(())
     }
 }

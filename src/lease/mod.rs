@@ -223,6 +223,15 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// One entry of a deny set (see [`LeaseStore::deny_add`]): `member` must stay denied
+/// until `until`; `seq` is the order in which members were first added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyEntry {
+    pub member: String,
+    pub until: OffsetDateTime,
+    pub seq: u64,
+}
+
 /// Durable storage of tasks and leases. Every method is atomic; transitions are checked
 /// against the current state inside the same transaction.
 #[async_trait]
@@ -261,6 +270,35 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Number of leases in the due index with a due time at or before `now`.
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // --- Deny sets and role locks (provider revocation state shared by every replica) ---
+
+    /// Adds `member` to the deny set `set` until `until`, durably. Adding it again keeps
+    /// its place in the set's order and extends `until` if the new one is later.
+    async fn deny_add(
+        &self,
+        set: &str,
+        member: &str,
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+    /// The members of `set` still denied at `now` (`until > now`), in the order they
+    /// were first added.
+    async fn deny_list(&self, set: &str, now: OffsetDateTime)
+    -> Result<Vec<DenyEntry>, StoreError>;
+    /// Drops the members of `set` whose `until` is at or before `now`; returns how many.
+    async fn deny_prune(&self, set: &str, now: OffsetDateTime) -> Result<usize, StoreError>;
+    /// Takes the lock `name` for `ttl` if no one holds it. Returns a fencing token, larger
+    /// than every token issued for `name` before, or `None` when the lock is held.
+    async fn lock_acquire(
+        &self,
+        name: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Whether `token` still holds the lock `name` (it was not released, did not lapse,
+    /// and no later holder took it).
+    async fn lock_holds(&self, name: &str, token: u64) -> Result<bool, StoreError>;
+    /// Releases the lock `name` if `token` still holds it.
+    async fn lock_release(&self, name: &str, token: u64) -> Result<(), StoreError>;
 }
 
 /// Applies a checked transition to a lease value (shared by every store implementation).

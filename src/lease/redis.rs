@@ -7,7 +7,9 @@
 //! Keys: `{p}:task:ID` and `{p}:lease:ID` (JSON), `{p}:tl:TASK` (set: the task's leases),
 //! `{p}:ch:TASK` (set: sub-tasks), `{p}:tasks` and `{p}:leases` (sorted sets by id for
 //! pagination), `{p}:due` (sorted set: lease id by due time in ms — the reaper's O(log n)
-//! expiry index).
+//! expiry index), `{p}:deny:SET` (hash: member → `seq:until`) with `{p}:denyseq:SET` (its
+//! counter), `{p}:lock:NAME` (the holder's fencing token, with a TTL) with
+//! `{p}:fence:NAME` (the last token given out, never reset).
 //!
 //! State transitions are compare-and-set: the new record is computed by the same Rust
 //! code as the embedded store (`apply_transition`) and written by a Lua script only if
@@ -29,8 +31,8 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{
-    Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition, apply_transition,
-    lease_matches, task_matches,
+    DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
+    apply_transition, lease_matches, task_matches,
 };
 use crate::task::{LeaseId, Task, TaskId, TaskState};
 
@@ -133,6 +135,61 @@ redis.call('ZADD', KEYS[3], 0, ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
 redis.call('HINCRBY', KEYS[5], ARGV[4], 1)
 return 1",
+    )
+});
+
+/// Adds a member to a deny set, keeping its first `seq` and the later `until`.
+static DENY_ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local seq, old = string.match(cur, '^(%d+):(%-?%d+)$')
+  if seq and tonumber(ARGV[2]) > tonumber(old) then
+    redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2])
+  end
+  if seq then return 0 end
+end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2])
+return 1",
+    )
+});
+
+/// Drops deny-set members whose `until` is at or before ARGV[1].
+static DENY_PRUNE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local all = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #all, 2 do
+  local _, untl = string.match(all[i + 1], '^(%d+):(%-?%d+)$')
+  if untl and tonumber(untl) <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], all[i])
+    n = n + 1
+  end
+end
+return n",
+    )
+});
+
+/// Takes a lock if free: the token comes from a counter that only grows, so a holder
+/// whose lock lapsed can tell that a later one exists.
+static LOCK_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], t, 'PX', ARGV[1])
+return t",
+    )
+});
+
+static LOCK_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0",
     )
 });
 
@@ -803,6 +860,102 @@ impl LeaseStore for RedisStore {
         } else {
             Err(unavailable(format!("unexpected PING reply {pong}")))
         }
+    }
+
+    async fn deny_add(
+        &self,
+        set: &str,
+        member: &str,
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let keys = (self.key("deny", set), self.key("denyseq", set));
+        let (member, until) = (member.to_string(), until.unix_timestamp());
+        let _: i64 = self
+            .with(|mut c| async move {
+                DENY_ADD
+                    .key(keys.0)
+                    .key(keys.1)
+                    .arg(member)
+                    .arg(until)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        self.durable().await
+    }
+
+    async fn deny_list(
+        &self,
+        set: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<DenyEntry>, StoreError> {
+        let key = self.key("deny", set);
+        let all: std::collections::HashMap<String, String> = self
+            .with(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
+            .await?;
+        let now = now.unix_timestamp();
+        let mut out = Vec::with_capacity(all.len());
+        for (member, v) in all {
+            let parsed = v
+                .split_once(':')
+                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<i64>().ok()?)));
+            let Some((seq, until)) = parsed else {
+                return Err(StoreError::Corrupt(format!("deny entry {member}: {v:?}")));
+            };
+            if until > now {
+                out.push(DenyEntry {
+                    member,
+                    until: OffsetDateTime::from_unix_timestamp(until)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    seq,
+                });
+            }
+        }
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+
+    async fn deny_prune(&self, set: &str, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let key = self.key("deny", set);
+        let now = now.unix_timestamp();
+        let n: i64 = self
+            .with(|mut c| async move { DENY_PRUNE.key(key).arg(now).invoke_async(&mut c).await })
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    async fn lock_acquire(&self, name: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let keys = (self.key("lock", name), self.key("fence", name));
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let token: u64 = self
+            .with(|mut c| async move {
+                LOCK_ACQUIRE
+                    .key(keys.0)
+                    .key(keys.1)
+                    .arg(ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok((token > 0).then_some(token))
+    }
+
+    async fn lock_holds(&self, name: &str, token: u64) -> Result<bool, StoreError> {
+        let key = self.key("lock", name);
+        let cur: Option<u64> = self
+            .with(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        Ok(cur == Some(token))
+    }
+
+    async fn lock_release(&self, name: &str, token: u64) -> Result<(), StoreError> {
+        let key = self.key("lock", name);
+        let _: i64 = self
+            .with(
+                |mut c| async move { LOCK_RELEASE.key(key).arg(token).invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(())
     }
 }
 

@@ -51,6 +51,14 @@ pub enum ProviderError {
         len: usize,
         max: usize,
     },
+    /// The revocation cannot be completed now for lack of room (a full AWS deny policy)
+    /// or a busy role lock: back-pressure, retried after `retry_after_secs` without
+    /// counting as a failed attempt.
+    #[error("revocation deferred: {reason}; retried in {retry_after_secs} s")]
+    Deferred {
+        reason: String,
+        retry_after_secs: u64,
+    },
     /// The provider's request budget is spent; retry after the given time.
     #[error("provider {provider} is over its request rate; retry in {retry_after_secs} s")]
     RateLimited {
