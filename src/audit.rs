@@ -93,6 +93,13 @@ pub struct AuditEvent {
     pub risk: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A credential under a delegated task: the RFC 8693 `sub` of the delegation (its
+    /// root principal) and `act` (the current holder, earlier holders nested deeper), as
+    /// the token and introspection carry them. `principal` stays the caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
 }
 
 impl AuditEvent {
