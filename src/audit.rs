@@ -96,6 +96,13 @@ pub struct AuditEvent {
     /// What would take back this request's state changes; never written to the record.
     #[serde(skip)]
     pub undo: Vec<crate::action::Undo>,
+    /// A credential under a delegated task: the RFC 8693 `sub` of the delegation (its
+    /// root principal) and `act` (the current holder, earlier holders nested deeper), as
+    /// the token and introspection carry them. `principal` stays the caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
 }
 
 impl AuditEvent {

@@ -43,6 +43,8 @@ pub enum BrokerError {
     TaskNotFound(TaskId),
     #[error("task {0} belongs to another principal")]
     NotTaskOwner(TaskId),
+    #[error("task {0} was declared by a CI job whose claims differ from this caller's")]
+    TaskClaimsDiffer(TaskId),
     #[error("task {id} is {state}")]
     TaskNotActive { id: TaskId, state: &'static str },
     #[error("task {0} has expired")]
@@ -189,23 +191,64 @@ pub struct ExchangeRequest {
     pub max_task_ttl: Duration,
 }
 
-/// The implicit task of a CI job: the same job (and target) always maps to the same
-/// task id, so a retried exchange reuses it instead of declaring another.
-pub fn job_task_id(owner: &Principal, job: &[String], target: &str) -> TaskId {
+/// The fingerprint an implicit CI task is bound to: the caller's principal and every
+/// fact about its credential that Cedar can read as `context.posture` and keeps from
+/// one token of a job to the next — method, trust domain, issuer and the whole
+/// `posture.claims` record (all of `bearer::POSTURE_CLAIMS` the token carries). Not a
+/// digest of the claims one policy happens to read: policies are reloaded while tasks
+/// live, so every claim any policy could read is bound. Left out: the per-token claims
+/// (`iat`, `exp`, `jti`; a retried job gets a fresh token) and the per-request facts
+/// (`source_ip`, `credential_remaining_seconds`), which `DeclareTask` judges again
+/// on every use instead.
+pub fn claims_binding(caller: &VerifiedCaller) -> String {
     use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(b"mayfly ci job v1\0");
-    h.update(owner.as_str().as_bytes());
-    for part in job {
-        h.update(b"\0");
-        h.update(part.as_bytes());
+    let p = caller.posture();
+    let doc = serde_json::json!({
+        "v": 1,
+        "principal": caller.principal().as_str(),
+        "method": p.method.as_str(),
+        "trust_domain": p.trust_domain,
+        "issuer": p.issuer,
+        "claims": p.claims,
+    });
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(doc.to_string().as_bytes()))
+    )
+}
+
+/// The implicit task of a CI job: the same job, claims and target always map to the same
+/// task id, so a retried exchange reuses it instead of declaring another. The id is an
+/// HMAC under a broker secret (`key`), so nobody can compute it from the job's public
+/// claims; a job whose claims differ maps to another id.
+pub fn job_task_id(
+    key: &[u8; 32],
+    owner: &Principal,
+    job: &[String],
+    target: &str,
+    binding: &str,
+) -> TaskId {
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+    let mut h = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+    // Length-prefixed parts: no two different inputs share an encoding.
+    let mut part = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_be_bytes());
+        h.update(b);
+    };
+    part(b"mayfly ci job v2");
+    part(owner.as_str().as_bytes());
+    part(&(job.len() as u64).to_be_bytes());
+    for j in job {
+        part(j.as_bytes());
     }
-    h.update(b"\0target\0");
-    h.update(target.as_bytes());
-    let hex = hex::encode(&h.finalize()[..16]);
-    format!("tsk_{hex}")
-        .parse()
-        .unwrap_or_else(|_| TaskId::generate())
+    part(target.as_bytes());
+    part(binding.as_bytes());
+    let digest = h.finalize().into_bytes();
+    let mut bits = [0u8; 16];
+    bits.copy_from_slice(&digest[..16]);
+    TaskId::from_bits(bits)
 }
 
 /// RFC 7662 answer.
@@ -230,6 +273,9 @@ pub struct Broker {
     anomaly: Arc<AnomalyEngine>,
     /// Held requests, in memory on this replica (see docs/operations.md).
     approvals: std::sync::Mutex<std::collections::HashMap<String, Approval>>,
+    /// Keys implicit CI task ids (`job_task_id`); derived from the signing key, so every
+    /// replica sharing that key finds the same job's task.
+    ci_task_key: [u8; 32],
 }
 
 /// How long a held request waits for an operator.
@@ -287,6 +333,7 @@ fn note_decision(ev: &AuditScope, action: Action, d: &PolicyDecision) {
 
 impl Broker {
     pub fn new(p: BrokerParts) -> Self {
+        let ci_task_key = p.jwt.derive_secret("mayfly ci task id v1");
         Self {
             store: p.store,
             policy: p.policy,
@@ -297,8 +344,9 @@ impl Broker {
             operators: p.operators,
             limits: p.limits,
             faults: p.faults,
-            anomaly: p.anomaly,
             approvals: std::sync::Mutex::default(),
+            ci_task_key,
+            anomaly: p.anomaly,
         }
     }
 
@@ -402,7 +450,7 @@ impl Broker {
         req: TaskRequest,
         ev: &AuditScope,
     ) -> Result<Task, BrokerError> {
-        self.declare_task_as(caller, req, TaskId::generate(), ev)
+        self.declare_task_as(caller, req, TaskId::generate(), None, ev)
             .await
     }
 
@@ -412,6 +460,7 @@ impl Broker {
         caller: &VerifiedCaller,
         req: TaskRequest,
         id: TaskId,
+        claims_binding: Option<String>,
         ev: &AuditScope,
     ) -> Result<Task, BrokerError> {
         let now = OffsetDateTime::now_utc();
@@ -425,17 +474,7 @@ impl Broker {
                 max: secs(self.limits.max_task_ttl),
             });
         }
-        for grant in req.scope.grants() {
-            self.providers.get(grant.provider)?;
-            let d = self.policy.declare_task(caller, &req, grant, now)?;
-            note_decision(ev, Action::DeclareTask, &d);
-            if !d.allowed {
-                return Err(BrokerError::PolicyDenied {
-                    action: Action::DeclareTask,
-                    detail: Some(grant.key()),
-                });
-            }
-        }
+        self.authorize_declare(caller, &req, now, ev)?;
         let task = Task {
             id,
             owner: caller.principal().clone(),
@@ -451,6 +490,7 @@ impl Broker {
             origin: Some(crate::task::Origin {
                 source: caller.posture().source,
                 credential_fingerprint: caller.posture().credential_fingerprint.clone(),
+                claims_binding,
             }),
         };
         self.store.create_task(&task).await?;
@@ -460,6 +500,54 @@ impl Broker {
             e.expires_at = Some(crate::api_time(task.expires_at));
         });
         Ok(task)
+    }
+
+    /// Cedar `DeclareTask` for every grant of `req`, for this caller now; all must allow.
+    fn authorize_declare(
+        &self,
+        caller: &VerifiedCaller,
+        req: &TaskRequest,
+        now: OffsetDateTime,
+        ev: &AuditScope,
+    ) -> Result<(), BrokerError> {
+        for grant in req.scope.grants() {
+            self.providers.get(grant.provider)?;
+            let d = self.policy.declare_task(caller, req, grant, now)?;
+            note_decision(ev, Action::DeclareTask, &d);
+            if !d.allowed {
+                return Err(BrokerError::PolicyDenied {
+                    action: Action::DeclareTask,
+                    detail: Some(grant.key()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every use of an implicit CI task (request, complete, collect, delegate, read): the
+    /// caller must carry the claims the task was declared with, and Cedar `DeclareTask`
+    /// must still allow the task for this caller now, as if it were declared again.
+    /// Tasks declared with `POST /v1/tasks` have no binding and pass untouched.
+    fn reauthorize_implicit(
+        &self,
+        caller: &VerifiedCaller,
+        task: &Task,
+        now: OffsetDateTime,
+        ev: &AuditScope,
+    ) -> Result<(), BrokerError> {
+        let Some(bound) = task.origin.as_ref().and_then(|o| o.claims_binding.as_ref()) else {
+            return Ok(());
+        };
+        if *bound != claims_binding(caller) {
+            return Err(BrokerError::TaskClaimsDiffer(task.id.clone()));
+        }
+        let req = TaskRequest {
+            purpose: task.purpose.clone(),
+            scope: task.scope.clone(),
+            ttl: task.remaining(now),
+            labels: task.labels.clone(),
+        };
+        self.authorize_declare(caller, &req, now, ev)
     }
 
     /// `POST /v1/token` (RFC 8693): a CI job's token becomes a `jwt` credential through
@@ -477,7 +565,16 @@ impl Broker {
             return Err(BrokerError::NoJobClaims);
         }
         let now = OffsetDateTime::now_utc();
-        let id = job_task_id(caller.principal(), &req.job, &req.target);
+        let binding = claims_binding(caller);
+        let id = job_task_id(
+            &self.ci_task_key,
+            caller.principal(),
+            &req.job,
+            &req.target,
+            &binding,
+        );
+        // An existing task is re-authorized (binding and `DeclareTask`) by
+        // `request_credential` below, like every other use of it.
         let task = match self.store.task(&id).await? {
             Some(t) => t,
             None => {
@@ -504,7 +601,10 @@ impl Broker {
                     .collect(),
                 };
                 let treq = TaskRequest::try_from(raw)?;
-                match self.declare_task_as(caller, treq, id.clone(), ev).await {
+                match self
+                    .declare_task_as(caller, treq, id.clone(), Some(binding), ev)
+                    .await
+                {
                     Ok(t) => t,
                     // A concurrent exchange for the same job declared it first.
                     Err(BrokerError::Store(StoreError::AlreadyExists(_))) => {
@@ -536,8 +636,11 @@ impl Broker {
             e.task_id = Some(id.to_string());
         });
         let task = self.load_task(id).await?;
-        if &task.owner != caller.principal() && !self.is_operator(caller.principal()) {
-            return Err(BrokerError::NotTaskOwner(id.clone()));
+        if !self.is_operator(caller.principal()) {
+            if &task.owner != caller.principal() {
+                return Err(BrokerError::NotTaskOwner(id.clone()));
+            }
+            self.reauthorize_implicit(caller, &task, OffsetDateTime::now_utc(), ev)?;
         }
         let leases = self.store.task_leases(id).await?;
         Ok((task, leases))
@@ -667,6 +770,23 @@ impl Broker {
         ev: &AuditScope,
     ) -> Result<Outcome, BrokerError> {
         ev.set(|e| e.action = Some(Action::CollectApproval));
+        // Under an implicit CI task, only a caller with the declaring job's claims (and
+        // still allowed to declare it) may see or collect the approval; checked before
+        // the approval is touched, so a refused caller cannot use it up.
+        let held_under = {
+            let all = self.approvals();
+            match all.get(id) {
+                Some(a) if &a.requester == caller.principal() => a.task_id.clone(),
+                _ => return Err(BrokerError::ApprovalNotFound(id.to_string())),
+            }
+        };
+        let task = self.load_task(&held_under).await?;
+        match self.reauthorize_implicit(caller, &task, OffsetDateTime::now_utc(), ev) {
+            Err(BrokerError::TaskClaimsDiffer(_)) => {
+                return Err(BrokerError::ApprovalNotFound(id.to_string()));
+            }
+            other => other?,
+        }
         let approval = {
             let mut all = self.approvals();
             let a = all
@@ -844,6 +964,7 @@ impl Broker {
         if &task.owner != caller.principal() {
             return Err(BrokerError::NotTaskOwner(task_id.clone()));
         }
+        self.reauthorize_implicit(caller, &task, now, ev)?;
         Self::require_active(&task, now)?;
         if self.anomaly.is_denied(task_id) {
             return Err(BrokerError::AnomalyDenied(task_id.clone()));
@@ -931,6 +1052,14 @@ impl Broker {
             e.expires_at = Some(crate::api_time(lease.expires_at));
         });
         let delegators = self.delegators(&task).await?;
+        if !delegators.is_empty() {
+            let (sub, act) =
+                crate::provider::jwt::delegation_claims(caller.principal(), &delegators);
+            ev.set(|e| {
+                e.subject = Some(sub);
+                e.act = act;
+            });
+        }
         let issued = if provider.mints_in_process() {
             self.mint_in_process(provider.as_ref(), lease, &task, caller, &delegators)
                 .await?
@@ -1110,6 +1239,7 @@ impl Broker {
         if &parent.owner != caller.principal() {
             return Err(BrokerError::NotTaskOwner(parent_id.clone()));
         }
+        self.reauthorize_implicit(caller, &parent, now, ev)?;
         Self::require_active(&parent, now)?;
         if !parent.scope.covers(&req.task.scope) {
             let verdicts =
@@ -1196,6 +1326,7 @@ impl Broker {
         if &task.owner != caller.principal() {
             return Err(BrokerError::NotTaskOwner(id.clone()));
         }
+        self.reauthorize_implicit(caller, &task, OffsetDateTime::now_utc(), ev)?;
         if matches!(task.state, TaskState::Revoked) {
             return Err(BrokerError::TaskNotActive {
                 id: id.clone(),
@@ -1382,7 +1513,7 @@ impl Broker {
         };
         let live = lease.is_live(now)
             && lease.provider == ProviderKind::Jwt
-            && lease.principal.as_str() == claims.sub
+            && claims.holder() == Some(lease.principal.as_str())
             && now.unix_timestamp() < claims.exp;
         if !live {
             return Ok(Introspection::Inactive);
@@ -1391,8 +1522,82 @@ impl Broker {
         if task.state_at(now) != TaskState::Active {
             return Ok(Introspection::Inactive);
         }
+        ev.set(|e| {
+            e.subject = Some(claims.sub.clone());
+            e.act = claims.act.clone();
+        });
         Ok(Introspection::Active {
             claims: Box::new(claims),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{AuthMethod, Posture};
+
+    fn ci_caller(token_fp: &str, workflow: &str) -> VerifiedCaller {
+        let principal =
+            Principal::parse("https://token.actions.example#repo:acme/app:ref:refs/heads/main")
+                .expect("principal");
+        let claims = [
+            ("run_id", "79"),
+            ("run_attempt", "1"),
+            ("job_workflow_ref", workflow),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        VerifiedCaller::for_tests(
+            principal,
+            Posture {
+                method: AuthMethod::Oidc,
+                trust_domain: String::new(),
+                source: None,
+                credential_not_after: OffsetDateTime::UNIX_EPOCH,
+                credential_fingerprint: token_fp.to_string(),
+                issuer: Some("https://token.actions.example".into()),
+                claims,
+            },
+        )
+    }
+
+    /// The binding covers the claims Cedar reads, not the token: a fresh token of the
+    /// same job binds the same, another job of the run (same `sub`) does not.
+    #[test]
+    fn the_claims_binding_follows_the_claims_not_the_token() {
+        let deploy = ci_caller("sha256:aa", "deploy.yml");
+        let deploy_fresh_token = ci_caller("sha256:bb", "deploy.yml");
+        let tests = ci_caller("sha256:aa", "tests.yml");
+        assert_eq!(claims_binding(&deploy), claims_binding(&deploy_fresh_token));
+        assert_ne!(claims_binding(&deploy), claims_binding(&tests));
+    }
+
+    /// Implicit task ids are keyed: stable for one key and one job, different under
+    /// another key (nobody without the key computes them) and for other claims.
+    #[test]
+    fn implicit_task_ids_need_the_key_and_follow_the_binding() {
+        let caller = ci_caller("sha256:aa", "deploy.yml");
+        let job = vec!["79".to_string(), "1".to_string()];
+        let b = claims_binding(&caller);
+        let id = |key: [u8; 32], binding: &str| {
+            job_task_id(&key, caller.principal(), &job, "https://t", binding)
+        };
+        assert_eq!(id([1; 32], &b), id([1; 32], &b));
+        assert_ne!(id([1; 32], &b), id([2; 32], &b));
+        assert_ne!(id([1; 32], &b), id([1; 32], "sha256:other"));
+        // Part boundaries are length-prefixed: moving bytes between parts changes the id.
+        let split = |a: &str, b: &str| {
+            job_task_id(
+                &[1; 32],
+                caller.principal(),
+                &[a.into(), b.into()],
+                "t",
+                "x",
+            )
+        };
+        assert_ne!(split("7", "91"), split("79", "1"));
+        assert!(id([1; 32], &b).as_str().parse::<TaskId>().is_ok());
     }
 }

@@ -61,6 +61,12 @@ macro_rules! id_type {
             pub fn generate() -> Self {
                 Self(format!(concat!($prefix, "{}"), Uuid::now_v7().simple()))
             }
+            /// An id whose 128 bits are chosen by the caller (a keyed digest): never a
+            /// value anyone could compute from public inputs alone.
+            #[allow(dead_code, reason = "the macro defines it for every id type")]
+            pub(crate) fn from_bits(bits: [u8; 16]) -> Self {
+                Self(format!(concat!($prefix, "{}"), hex::encode(bits)))
+            }
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -551,6 +557,11 @@ pub struct Task {
 pub struct Origin {
     pub source: Option<std::net::IpAddr>,
     pub credential_fingerprint: String,
+    /// Implicit CI tasks only (RFC 8693 exchange): the fingerprint of the declaring
+    /// caller's identity and every claim Cedar could read (`broker::claims_binding`).
+    /// Only a caller with the same fingerprint may act on the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims_binding: Option<String>,
 }
 
 impl Task {

@@ -107,9 +107,10 @@ async fn delegation_attenuates_carries_the_chain_and_dies_with_the_parent() {
         .as_str()
         .expect("token")
         .to_string();
+    // RFC 8693 §4.1: `sub` is the root of the delegation, `act.sub` the holder.
     let c = claims(&token);
-    assert_eq!(c["sub"], AGENT2);
-    assert_eq!(c["act"], json!({"sub": AGENT}));
+    assert_eq!(c["sub"], AGENT);
+    assert_eq!(c["act"], json!({"sub": AGENT2}));
     assert_eq!(c["scope"], "issues:read");
     // The child cannot exceed its own (narrower) grant.
     let (s, b) = post_json(&two, &server.url(&format!("/v1/tasks/{child_id}/credentials")), json!({"provider": "jwt", "target": "https://api.example.com", "actions": ["issues:comment"]})).await;
@@ -137,10 +138,36 @@ async fn delegation_attenuates_carries_the_chain_and_dies_with_the_parent() {
         .as_str()
         .expect("token")
         .to_string();
-    assert_eq!(
-        claims(&token3)["act"],
-        json!({"sub": AGENT2, "act": {"sub": AGENT}})
-    );
+    // Three levels: root one, then two, now three holds it.
+    let chain3 = json!({"sub": three_id, "act": {"sub": AGENT2}});
+    let c3 = claims(&token3);
+    assert_eq!(c3["sub"], AGENT);
+    assert_eq!(c3["act"], chain3);
+    // Introspection says the same.
+    let introspect_url = server.url("/v1/introspect");
+    let seen = introspect(&one, &introspect_url, &token3).await;
+    assert_eq!(seen["active"], true, "{seen}");
+    assert_eq!(seen["sub"], AGENT);
+    assert_eq!(seen["act"], chain3);
+    // So does the audit record of the mint (`principal` stays the caller).
+    let minted = audit_records(&dir.path().join("audit.jsonl"))
+        .into_iter()
+        .find(|r| r["lease_id"] == c3["jti"] && r["action"] == "MintCredential")
+        .expect("audit record of the mint");
+    assert_eq!(minted["principal"], three_id);
+    assert_eq!(minted["subject"], AGENT);
+    assert_eq!(minted["act"], chain3);
+    // A token outside delegation: sub is the holder, no act.
+    let (s, own) = post_json(
+        &one,
+        &server.url(&format!("/v1/tasks/{parent_id}/credentials")),
+        json!({"provider": "jwt", "target": "https://api.example.com"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{own}");
+    let own = claims(own["credential"]["access_token"].as_str().expect("token"));
+    assert_eq!(own["sub"], AGENT);
+    assert!(own.get("act").is_none(), "{own}");
 
     // Completing the root revokes every descendant's credentials.
     let (s, done) = post_json(
@@ -151,7 +178,6 @@ async fn delegation_attenuates_carries_the_chain_and_dies_with_the_parent() {
     .await;
     assert_eq!(s, 200);
     assert_eq!(done["tasks"].as_array().expect("tasks").len(), 3);
-    let introspect_url = server.url("/v1/introspect");
     assert_eq!(
         introspect(&one, &introspect_url, &token).await["active"],
         false

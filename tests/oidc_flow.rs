@@ -40,6 +40,10 @@ fn ci_policy(issuer: &str) -> String {
 }
 
 fn start() -> Env {
+    start_with(ci_policy)
+}
+
+fn start_with(policy: fn(&str) -> String) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
     let oidc = OidcIssuer::start();
@@ -63,11 +67,7 @@ max_exchange_ttl = "30m"
         ..ConfigOptions::default()
     };
     let config = write_config(dir.path(), &pki, &opts);
-    std::fs::write(
-        dir.path().join("policies/ci.cedar"),
-        ci_policy(&oidc.issuer),
-    )
-    .expect("policy");
+    std::fs::write(dir.path().join("policies/ci.cedar"), policy(&oidc.issuer)).expect("policy");
     let server = Server::serve(&config);
     let audit = dir.path().join("audit.jsonl");
     Env {
@@ -305,4 +305,232 @@ async fn oidc_bearer_tokens_work_on_v1_routes_and_jwks_rotation_needs_no_restart
         s, 201,
         "cached keys must be served while the issuer is down: {body}"
     );
+}
+
+const HELD_TARGET: &str = "https://held.example";
+const DEPLOY_WORKFLOW: &str = "acme/app/.github/workflows/deploy.yml@refs/heads/main";
+const TESTS_WORKFLOW: &str = "acme/app/.github/workflows/tests.yml@refs/heads/main";
+
+/// Only the deploy workflow may declare a task; minting is open to the issuer (one
+/// target held for an operator's approval), so that every refusal below comes from the
+/// task's binding or from `DeclareTask`, never from `MintCredential`.
+fn deploy_only_policy(issuer: &str) -> String {
+    format!(
+        r#"@id("deploy-declare")
+permit (principal, action == Mayfly::Action::"DeclareTask", resource)
+when {{ principal has issuer && principal.issuer == "{issuer}" &&
+  context.posture.claims has job_workflow_ref &&
+  context.posture.claims.job_workflow_ref == "{DEPLOY_WORKFLOW}" &&
+  resource.provider == "jwt" }};
+@id("ci-mint")
+permit (principal, action == Mayfly::Action::"MintCredential", resource)
+when {{ principal has issuer && principal.issuer == "{issuer}" && resource.uri == "{TARGET}" }};
+@id("ci-mint-held") @approval("required")
+permit (principal, action == Mayfly::Action::"MintCredential", resource)
+when {{ principal has issuer && principal.issuer == "{issuer}" && resource.uri == "{HELD_TARGET}" }};
+"#
+    )
+}
+
+/// One job of GitHub run 79: every job of a run shares `sub`, `run_id`, `run_attempt`.
+fn run79_job(workflow: &str, environment: &str) -> Value {
+    let mut c = github_claims("acme/app", "refs/heads/main");
+    c["run_id"] = json!("79");
+    c["job_workflow_ref"] = json!(workflow);
+    c["environment"] = json!(environment);
+    c
+}
+
+fn form_for<'a>(token: &'a str, target: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut f = exchange_form(token);
+    for kv in &mut f {
+        if kv.0 == "resource" {
+            kv.1 = target;
+        }
+    }
+    f
+}
+
+async fn bearer_call(
+    env: &Env,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = client(&env.pki.bundle_a, None)
+        .request(method, env.server.url(path))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("send");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Issue #18: an implicit CI task is bound to the claims of the job that declared it,
+/// and every use asks Cedar `DeclareTask` again for the current caller.
+#[tokio::test]
+async fn an_implicit_ci_task_serves_only_the_job_whose_claims_declared_it() {
+    let env = start_with(deploy_only_policy);
+    let tests_job = env.oidc.mint(run79_job(TESTS_WORKFLOW, "production")).await;
+    let deploy_job = env
+        .oidc
+        .mint(run79_job(DEPLOY_WORKFLOW, "production"))
+        .await;
+    // Same sub, run id and workflow as the deploy job (the policy allows it), but other
+    // claims: another job as far as Mayfly can tell.
+    let sibling = env.oidc.mint(run79_job(DEPLOY_WORKFLOW, "staging")).await;
+
+    // The tests job is refused before the deploy job declared its task…
+    let (s, err, _) = exchange(&env, &exchange_form(&tests_job)).await;
+    assert_eq!(
+        (s, err["error"].as_str()),
+        (400, Some("invalid_target")),
+        "{err}"
+    );
+    assert!(err.get("access_token").is_none());
+
+    let (s, deploy, _) = exchange(&env, &exchange_form(&deploy_job)).await;
+    assert_eq!(s, 200, "{deploy}\n{}", env.server.logs());
+    let task = deploy["mayfly_task_id"].as_str().expect("task").to_string();
+
+    // …and after it: no credential under the deploy job's task.
+    let (s, err, _) = exchange(&env, &exchange_form(&tests_job)).await;
+    assert_eq!(
+        (s, err["error"].as_str()),
+        (400, Some("invalid_target")),
+        "{err}"
+    );
+    assert!(err.get("access_token").is_none());
+
+    // A fresh token of the deploy job (new iat/jti, same claims) finds the same task.
+    let deploy_again = env
+        .oidc
+        .mint(run79_job(DEPLOY_WORKFLOW, "production"))
+        .await;
+    assert_ne!(deploy_again, deploy_job);
+    let (s, again, _) = exchange(&env, &exchange_form(&deploy_again)).await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["mayfly_task_id"], task.as_str());
+
+    // The sibling is allowed to declare, so it gets a task of its own.
+    let (s, own, _) = exchange(&env, &exchange_form(&sibling)).await;
+    assert_eq!(s, 200, "{own}");
+    assert_ne!(
+        own["mayfly_task_id"],
+        task.as_str(),
+        "a job with other claims shares no task"
+    );
+
+    // Neither other token can request under, read, delegate or complete the task.
+    let cred = json!({"provider": "jwt", "target": TARGET});
+    for (who, token) in [("tests job", &tests_job), ("sibling", &sibling)] {
+        let (s, b) = bearer_call(
+            &env,
+            reqwest::Method::POST,
+            &format!("/v1/tasks/{task}/credentials"),
+            token,
+            Some(cred.clone()),
+        )
+        .await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (403, Some("task_claims_differ")),
+            "{who}: {b}"
+        );
+        let (s, b) = bearer_call(
+            &env,
+            reqwest::Method::GET,
+            &format!("/v1/tasks/{task}"),
+            token,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (403, Some("task_claims_differ")),
+            "{who}: {b}"
+        );
+        let (s, b) = bearer_call(
+            &env,
+            reqwest::Method::POST,
+            &format!("/v1/tasks/{task}/complete"),
+            token,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (403, Some("task_claims_differ")),
+            "{who}: {b}"
+        );
+    }
+    // The deploy job itself still can.
+    let (s, b) = bearer_call(
+        &env,
+        reqwest::Method::POST,
+        &format!("/v1/tasks/{task}/credentials"),
+        &deploy_job,
+        Some(cred.clone()),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+
+    // Approvals held under the deploy job's task: visible and collectable by it alone.
+    let (s, held, _) = exchange(&env, &form_for(&deploy_job, HELD_TARGET)).await;
+    assert_eq!(
+        (s, held["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{held}"
+    );
+    let desc = held["error_description"].as_str().expect("description");
+    let approval = desc
+        .split_whitespace()
+        .find(|w| w.starts_with("apr_"))
+        .expect("approval id")
+        .to_string();
+    let url = format!("/v1/approvals/{approval}");
+    for token in [&tests_job, &sibling] {
+        let (s, b) = bearer_call(&env, reqwest::Method::GET, &url, token, None).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (404, Some("approval_not_found")),
+            "{b}"
+        );
+    }
+    let operator = env.pki.client_as("operator", OPERATOR);
+    let (s, b) = post_json(
+        &operator,
+        &env.server.url(&url),
+        json!({"decision": "approve", "reason": "release"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    for token in [&tests_job, &sibling] {
+        let (s, b) = bearer_call(&env, reqwest::Method::GET, &url, token, None).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (404, Some("approval_not_found")),
+            "{b}"
+        );
+    }
+    let (s, b) = bearer_call(&env, reqwest::Method::GET, &url, &deploy_job, None).await;
+    assert_eq!(
+        s, 201,
+        "the refused callers did not use the approval up: {b}"
+    );
+    assert_eq!(b["credential"]["token_type"], "Bearer", "{b}");
+
+    // Completing is the deploy job's to do.
+    let (s, b) = bearer_call(
+        &env,
+        reqwest::Method::POST,
+        &format!("/v1/tasks/{task}/complete"),
+        &deploy_job,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
 }

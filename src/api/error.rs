@@ -65,6 +65,7 @@ pub fn verify_code(e: &VerifyError) -> &'static str {
         VerifyError::Malformed(_) => "svid_malformed",
         VerifyError::UriSanCount(_) => "svid_uri_san_count",
         VerifyError::InvalidSpiffeId(_) => "svid_invalid_spiffe_id",
+        VerifyError::LeafWithoutPath => "svid_leaf_without_path",
         VerifyError::LeafIsCa => "svid_leaf_is_ca",
         VerifyError::MissingDigitalSignature => "svid_missing_digital_signature",
         VerifyError::ForbiddenKeyUsage => "svid_forbidden_key_usage",
@@ -74,6 +75,12 @@ pub fn verify_code(e: &VerifyError) -> &'static str {
         VerifyError::UntrustedChain(_) => "svid_untrusted_chain",
         VerifyError::WrongExtendedKeyUsage => "svid_wrong_extended_key_usage",
         VerifyError::ChainInvalid(_) => "svid_chain_invalid",
+        VerifyError::IntermediateNotCa => "svid_intermediate_not_ca",
+        VerifyError::IssuerNotCertSigner => "svid_issuer_not_cert_signer",
+        VerifyError::PathLenExceeded => "svid_path_len_exceeded",
+        VerifyError::NameConstraintViolated => "svid_name_constraint_violated",
+        VerifyError::IntermediateExpired => "svid_intermediate_expired",
+        VerifyError::IntermediateNotYetValid => "svid_intermediate_not_yet_valid",
         VerifyError::AmbiguousCredentials => "ambiguous_credentials",
         VerifyError::AuthorizationScheme => "authorization_scheme",
         VerifyError::TokenTooLarge(_) => "token_too_large",
@@ -142,6 +149,7 @@ impl ApiError {
                 BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
                 BrokerError::TaskNotFound(_) => (S::NOT_FOUND, "task_not_found"),
                 BrokerError::NotTaskOwner(_) => (S::FORBIDDEN, "not_task_owner"),
+                BrokerError::TaskClaimsDiffer(_) => (S::FORBIDDEN, "task_claims_differ"),
                 BrokerError::TaskNotActive { .. } => (S::CONFLICT, "task_not_active"),
                 BrokerError::TaskExpired(_) => (S::CONFLICT, "task_expired"),
                 BrokerError::OutOfScope(_) => (S::FORBIDDEN, "out_of_scope"),
@@ -341,7 +349,8 @@ impl From<ApiError> for OAuthError {
             ApiError::Broker(BrokerError::PolicyDenied { .. })
             | ApiError::Broker(BrokerError::OutOfScope(_)) => (S::BAD_REQUEST, "invalid_target"),
             ApiError::Broker(BrokerError::NoJobClaims)
-            | ApiError::Broker(BrokerError::NotTaskOwner(_)) => {
+            | ApiError::Broker(BrokerError::NotTaskOwner(_))
+            | ApiError::Broker(BrokerError::TaskClaimsDiffer(_)) => {
                 (S::BAD_REQUEST, "unauthorized_client")
             }
             _ if status == S::SERVICE_UNAVAILABLE || status == S::TOO_MANY_REQUESTS => {

@@ -646,6 +646,7 @@ async fn introspect(
             nbf: Some(claims.nbf),
             jti: Some(claims.jti),
             task_id: Some(claims.task_id),
+            act: claims.act,
         },
     };
     Ok(Json(body).into_response())

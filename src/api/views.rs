@@ -205,6 +205,11 @@ pub struct IntrospectionView {
     pub jti: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
+    /// RFC 8693 §4.1 actor chain of a delegated token: `act.sub` is the current holder,
+    /// earlier holders nested deeper; `sub` is then the root of the delegation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub act: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

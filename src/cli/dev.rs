@@ -319,7 +319,7 @@ Try the whole flow (paste into a shell):
   TASK=$(curl -s $AGENT -H 'content-type: application/json' $MF/v1/tasks \
     -d '{{"purpose":"release notes","scope":[{{"provider":"jwt","target":"https://api.example.com","actions":["issues:read","issues:comment"]}}],"ttl":"30m"}}' \
     | grep -o '"task_id":"[^"]*"' | cut -d'"' -f4)
-  # 7. hand a narrower slice to the helper agent; its tokens carry "act":{{"sub":".../agent/demo"}}
+  # 7. hand a narrower slice to the helper agent; its tokens carry "sub":".../agent/demo","act":{{"sub":".../agent/helper"}}
   SUB=$(curl -s $AGENT -H 'content-type: application/json' $MF/v1/tasks/$TASK/delegate \
     -d '{{"principal":"spiffe://dev.mayfly.local/agent/helper","purpose":"read only","scope":[{{"provider":"jwt","target":"https://api.example.com","actions":["issues:read"]}}],"ttl":"10m"}}' \
     | grep -o '"task_id":"[^"]*"' | cut -d'"' -f4); echo "sub-task $SUB"

@@ -6,8 +6,6 @@
 //! [`LiveBundles`]; a source that fails keeps its domains' last good bundle.
 
 use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use std::collections::HashMap;
@@ -56,9 +54,8 @@ pub enum BundleError {
 
 /// One trust domain's bundle, ready to verify with.
 pub(crate) struct DomainBundle {
-    /// Client-certificate (X.509-SVID) verification against this bundle.
-    pub(crate) verifier: Arc<dyn ClientCertVerifier>,
-    /// The same anchors, for verifying a server's SVID (the `https_spiffe` profile).
+    /// The trust anchors: client X.509-SVIDs are path-validated against them
+    /// (`x509::verify_svid`), and so is a server's SVID (the `https_spiffe` profile).
     pub(crate) roots: Arc<RootCertStore>,
 }
 
@@ -75,12 +72,9 @@ impl DomainBundle {
         for cert in certs {
             roots.add(cert).map_err(|e| bad(e.to_string()))?;
         }
-        let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
-        Ok(Self { verifier, roots })
+        Ok(Self {
+            roots: Arc::new(roots),
+        })
     }
 }
 

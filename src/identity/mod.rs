@@ -31,6 +31,10 @@ pub enum VerifyError {
     UriSanCount(usize),
     #[error("X.509-SVID URI SAN is not a valid SPIFFE ID: {0}")]
     InvalidSpiffeId(#[from] SpiffeIdError),
+    #[error(
+        "X.509-SVID leaf's SPIFFE ID must have a path (a trust domain alone names no workload)"
+    )]
+    LeafWithoutPath,
     #[error("X.509-SVID leaf certificate must not be a CA")]
     LeafIsCa,
     #[error("X.509-SVID leaf must have the digitalSignature key usage")]
@@ -49,6 +53,20 @@ pub enum VerifyError {
     WrongExtendedKeyUsage,
     #[error("X.509-SVID chain is invalid: {0}")]
     ChainInvalid(String),
+    #[error("a certificate that signs in the X.509-SVID chain is not a CA (basicConstraints cA)")]
+    IntermediateNotCa,
+    #[error("a signing certificate in the X.509-SVID chain lacks the keyCertSign key usage")]
+    IssuerNotCertSigner,
+    #[error(
+        "the X.509-SVID chain has more CAs below a certificate than its pathLenConstraint allows"
+    )]
+    PathLenExceeded,
+    #[error("the X.509-SVID chain violates a CA's name constraints")]
+    NameConstraintViolated,
+    #[error("an intermediate CA of the X.509-SVID chain has expired")]
+    IntermediateExpired,
+    #[error("an intermediate CA of the X.509-SVID chain is not valid yet")]
+    IntermediateNotYetValid,
 
     // --- Bearer tokens (JWT-SVID, OIDC). One variant per RFC 8725 / JWT-SVID rule.
     #[error("a request may carry a client certificate or a bearer token, not both")]

@@ -8,13 +8,21 @@
 //!    the bundle of the trust domain its SPIFFE ID names. Only its success yields a
 //!    `VerifiedCaller`; a connection whose SVID failed carries the `VerifyError`, and every
 //!    route that needs an identity answers 401 with that error's code.
+//!
+//! Path validation is rustls-webpki's (signatures, validity of every certificate, CA flag,
+//! pathLenConstraint, name constraints, EKU). webpki 0.103 — the release rustls 0.23
+//! builds on — ignores the key usage of issuers (the check exists only in the 0.104
+//! pre-releases), so [`issuer_rules`] checks keyCertSign on every signing certificate of
+//! each candidate path itself, as RFC 5280 §6.1.4(n) and SPIFFE X509-SVID §4.3 require.
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::cell::RefCell;
 use std::net::IpAddr;
+use std::sync::LazyLock;
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
@@ -33,6 +41,9 @@ pub fn verify_svid(
         .map_err(|e| VerifyError::Malformed(e.to_string()))?;
 
     let id = svid_spiffe_id(&leaf)?;
+    if id.path().is_empty() {
+        return Err(VerifyError::LeafWithoutPath);
+    }
 
     let basic = leaf
         .basic_constraints()
@@ -54,11 +65,16 @@ pub fn verify_svid(
     let domain = bundles
         .domain(id.trust_domain())
         .ok_or_else(|| VerifyError::UnknownTrustDomain(id.trust_domain().to_string()))?;
-    let intermediates: Vec<CertificateDer<'_>> = intermediates.to_vec();
-    domain
-        .verifier
-        .verify_client_cert(leaf_der, &intermediates, now)
-        .map_err(chain_error)?;
+    // The leaf's own validity first, so that a validity failure from path validation
+    // below can only be an intermediate's.
+    let at = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    if at < leaf.validity().not_before.timestamp() {
+        return Err(VerifyError::NotYetValid);
+    }
+    if at > leaf.validity().not_after.timestamp() {
+        return Err(VerifyError::Expired);
+    }
+    verify_path(leaf_der, intermediates, &domain.roots.roots, now)?;
 
     let not_after = OffsetDateTime::from_unix_timestamp(leaf.validity().not_after.timestamp())
         .map_err(|e| VerifyError::Malformed(e.to_string()))?;
@@ -100,24 +116,79 @@ pub(crate) fn svid_spiffe_id(
     Ok(SpiffeId::parse(uri)?)
 }
 
-fn chain_error(err: rustls::Error) -> VerifyError {
+static ALGORITHMS: LazyLock<WebPkiSupportedAlgorithms> = LazyLock::new(|| {
+    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+});
+
+/// RFC 5280 path validation of `leaf` to one of `anchors`, for client authentication,
+/// with [`issuer_rules`] applied to every candidate path webpki finds.
+pub(crate) fn verify_path(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    anchors: &[rustls::pki_types::TrustAnchor<'_>],
+    now: UnixTime,
+) -> Result<(), VerifyError> {
+    let ee = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| VerifyError::Malformed(format!("{e:?}")))?;
+    // webpki's errors cannot carry ours: the rule a candidate path broke is kept here.
+    let broken: RefCell<Option<VerifyError>> = RefCell::new(None);
+    let check = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
+        for cert in path.intermediate_certificates() {
+            if let Err(e) = issuer_rules(cert.der().as_ref()) {
+                *broken.borrow_mut() = Some(e);
+                return Err(webpki::Error::UnknownIssuer);
+            }
+        }
+        Ok(())
+    };
+    let result = ee.verify_for_usage(
+        ALGORITHMS.all,
+        anchors,
+        intermediates,
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        Some(&check),
+    );
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(broken.into_inner().unwrap_or_else(|| chain_error(e))),
+    }
+}
+
+/// What webpki leaves unchecked on a certificate that signs another one on the path:
+/// the key usage extension must be present and assert keyCertSign (SPIFFE X509-SVID
+/// §4.3: "signing certificates MUST set keyCertSign"; RFC 5280 §6.1.4(n)).
+fn issuer_rules(der: &[u8]) -> Result<(), VerifyError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    let usage = cert
+        .key_usage()
+        .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    match usage {
+        Some(ku) if ku.value.key_cert_sign() => Ok(()),
+        _ => Err(VerifyError::IssuerNotCertSigner),
+    }
+}
+
+/// webpki's verdict as a specific refusal. The leaf's validity, CA flag and key usage
+/// were checked before, so validity and CA-flag failures here are an intermediate's.
+fn chain_error(err: webpki::Error) -> VerifyError {
+    use webpki::Error as E;
     match err {
-        rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                VerifyError::Expired
-            }
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                VerifyError::NotYetValid
-            }
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
-                VerifyError::UntrustedChain(format!("{c:?}"))
-            }
-            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-                VerifyError::WrongExtendedKeyUsage
-            }
-            other => VerifyError::ChainInvalid(format!("{other:?}")),
-        },
-        other => VerifyError::ChainInvalid(other.to_string()),
+        E::CertExpired { .. } => VerifyError::IntermediateExpired,
+        E::CertNotValidYet { .. } => VerifyError::IntermediateNotYetValid,
+        E::EndEntityUsedAsCa => VerifyError::IntermediateNotCa,
+        E::CaUsedAsEndEntity => VerifyError::LeafIsCa,
+        E::PathLenConstraintViolated => VerifyError::PathLenExceeded,
+        E::NameConstraintViolation => VerifyError::NameConstraintViolated,
+        E::RequiredEkuNotFoundContext(_) => VerifyError::WrongExtendedKeyUsage,
+        E::UnknownIssuer
+        | E::InvalidSignatureForPublicKey
+        | E::UnsupportedSignatureAlgorithmContext(_)
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+        | E::SignatureAlgorithmMismatch => VerifyError::UntrustedChain(format!("{err:?}")),
+        other => VerifyError::ChainInvalid(format!("{other:?}")),
     }
 }
 
@@ -184,3 +255,7 @@ impl ClientCertVerifier for HandshakeVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+#[path = "x509_tests.rs"]
+mod tests;

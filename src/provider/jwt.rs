@@ -43,21 +43,48 @@ pub struct AccessClaims {
     pub purpose: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<String>,
-    /// RFC 8693 §4.1 actor chain for delegated tasks: the delegator as `act.sub`, the
-    /// one who delegated to it nested inside, and so on.
+    /// RFC 8693 §4.1 actor chain of a delegated task: `act.sub` is the current holder
+    /// (the caller the token was minted for), and each earlier holder is nested one level
+    /// deeper. `sub` is then the principal at the root of the delegation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Value>,
 }
 
-/// `{"sub": d1, "act": {"sub": d2, …}}` for delegators nearest first.
-pub fn act_chain(delegators: &[crate::identity::Principal]) -> Option<Value> {
-    delegators.iter().rev().fold(None, |inner, p| {
-        let mut v = json!({"sub": p.as_str()});
-        if let Some(i) = inner {
-            v["act"] = i;
+impl AccessClaims {
+    /// The principal holding the token: the current actor of a delegated token
+    /// (`act.sub`), else `sub`.
+    pub fn holder(&self) -> Option<&str> {
+        match &self.act {
+            Some(act) => act.get("sub").and_then(Value::as_str),
+            None => Some(self.sub.as_str()),
         }
-        Some(v)
-    })
+    }
+}
+
+/// RFC 8693 §4.1 `sub` and `act` for a token held by `holder` under a task delegated
+/// by `delegators` (owners of the tasks above, nearest first): `sub` is the root of
+/// the delegation (the last delegator), `act` the holder with the earlier holders
+/// nested inside, nearest first. Without delegation: `sub` is the holder, no `act`.
+pub fn delegation_claims(
+    holder: &crate::identity::Principal,
+    delegators: &[crate::identity::Principal],
+) -> (String, Option<Value>) {
+    let Some((root, between)) = delegators.split_last() else {
+        return (holder.to_string(), None);
+    };
+    let actors = std::iter::once(holder).chain(between);
+    let act = actors
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .fold(None, |inner, p| {
+            let mut v = json!({"sub": p.as_str()});
+            if let Some(i) = inner {
+                v["act"] = i;
+            }
+            Some(v)
+        });
+    (root.to_string(), act)
 }
 
 /// The private key, parsed once. (jsonwebtoken's `EncodingKey` re-parses and re-checks
@@ -74,6 +101,8 @@ pub struct SigningKey {
     signer: Signer,
     decoding: DecodingKey,
     jwk: Value,
+    /// SHA-256 of a label and the private key: key material for [`SigningKey::derive`].
+    derivation_seed: [u8; 32],
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -155,6 +184,12 @@ impl SigningKey {
         // which is how serde_json serialises this map.
         let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(jwk_core.to_string().as_bytes()));
         let pkcs8 = pair.serialize_der();
+        let derivation_seed: [u8; 32] = {
+            let mut h = Sha256::new();
+            h.update(b"mayfly key derivation v1\0");
+            h.update(&pkcs8);
+            h.finalize().into()
+        };
         let (signer, decoding) = match alg {
             SigningAlg::ES256 => (
                 Signer::Es256(
@@ -183,7 +218,19 @@ impl SigningKey {
             signer,
             decoding,
             jwk,
+            derivation_seed,
         })
+    }
+
+    /// A 32-byte secret for `purpose`, derived from the private key (HMAC-SHA256 keyed
+    /// by a digest of it): every replica holding this key derives the same value, and
+    /// nobody without the key can. Never a signing key, never leaves the process.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.derivation_seed)
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     fn jose_alg(alg: SigningAlg) -> &'static str {
@@ -285,6 +332,11 @@ impl JwtIssuer {
         json!({"keys": [self.key.jwk]})
     }
 
+    /// See [`SigningKey::derive`]: a secret derived from the current signing key.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        self.key.derive(purpose)
+    }
+
     pub fn algorithms(&self) -> Vec<&'static str> {
         vec![SigningKey::jose_alg(self.key.alg)]
     }
@@ -338,9 +390,10 @@ impl CredentialProvider for JwtProvider {
 
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError> {
         let lease = req.lease;
+        let (sub, act) = delegation_claims(req.caller.principal(), req.delegation);
         let claims = AccessClaims {
             iss: self.issuer.issuer.clone(),
-            sub: req.caller.principal().to_string(),
+            sub,
             aud: lease.target.clone(),
             scope: lease.actions.iter().cloned().collect::<Vec<_>>().join(" "),
             exp: lease.expires_at.unix_timestamp(),
@@ -350,7 +403,7 @@ impl CredentialProvider for JwtProvider {
             task_id: req.task.id.to_string(),
             purpose: req.task.purpose.clone(),
             resources: lease.resources.iter().cloned().collect(),
-            act: act_chain(req.delegation),
+            act,
         };
         let token = self.issuer.sign(&claims)?;
         Ok(Minted {
@@ -438,15 +491,28 @@ mod tests {
         assert_eq!(issuer.verify("not-a-jwt"), Err(TokenError::Malformed));
     }
 
+    /// RFC 8693 §4.1: `sub` is the root of the delegation, `act` the current holder,
+    /// earlier holders nested deeper. Root `a` delegated to `b`, `b` to `c`.
     #[test]
-    fn the_act_chain_nests_delegators_nearest_first() {
-        let a = crate::identity::Principal::parse("spiffe://t/a").expect("id");
-        let b = crate::identity::Principal::parse("spiffe://t/b").expect("id");
-        assert_eq!(act_chain(&[]), None);
+    fn sub_is_the_delegation_root_and_act_the_current_holder() {
+        let p = |s: &str| crate::identity::Principal::parse(s).expect("id");
+        let (a, b, c) = (p("spiffe://t/a"), p("spiffe://t/b"), p("spiffe://t/c"));
+        assert_eq!(delegation_claims(&a, &[]), ("spiffe://t/a".into(), None));
         assert_eq!(
-            act_chain(&[b.clone(), a.clone()]),
-            Some(json!({"sub": "spiffe://t/b", "act": {"sub": "spiffe://t/a"}}))
+            delegation_claims(&b, std::slice::from_ref(&a)),
+            ("spiffe://t/a".into(), Some(json!({"sub": "spiffe://t/b"})))
         );
+        let (sub, act) = delegation_claims(&c, &[b.clone(), a.clone()]);
+        assert_eq!(sub, "spiffe://t/a");
+        assert_eq!(
+            act,
+            Some(json!({"sub": "spiffe://t/c", "act": {"sub": "spiffe://t/b"}}))
+        );
+        let mut token = claims("https://mayfly");
+        token.sub = sub;
+        token.act = act;
+        assert_eq!(token.holder(), Some("spiffe://t/c"));
+        assert_eq!(claims("x").holder(), Some("spiffe://t/a"));
     }
 
     #[test]
