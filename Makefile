@@ -39,9 +39,10 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Issue #8, in one run: Mayfly (embedded, Redis) against OpenBao on this machine, load
-## levels 1/8/50, overload, reaper, 1M stored leases; prints the table, writes it to
-## docs/benchmarks.md, last line `mayfly/openbao throughput ratio: X.XX`. Release build.
+## In one run: Mayfly (embedded, Redis) against OpenBao on this machine (dev server and
+## production shape: raft, file audit device, TLS), load levels 1/8/50, overload, reaper,
+## 1M stored leases, the per-exchange floor; prints the table, writes it to
+## docs/benchmarks.md, last lines the ratio lines (docs/benchmarks.md). Release build.
 bench: bench-deps
 	$(CARGO) bench --locked --bench harness
 

@@ -264,3 +264,113 @@ pub async fn all(config: &Path, token: &str, dir: &Path) -> Vec<Ratio> {
         lease_ids(dir).await,
     ]
 }
+
+/// The per-exchange work no correct design can skip, each measured here in CPU µs: the
+/// access-token signature, the Cedar `MintCredential` decision, and the durable writes
+/// the design needs per credential at 50 concurrent requests (the lease commit and the
+/// audit record, each group-committed with an fsync).
+pub struct Floor {
+    pub sign_us: f64,
+    pub decide_us: f64,
+    pub lease_us: f64,
+    pub audit_us: f64,
+}
+
+impl Floor {
+    pub fn total_us(&self) -> f64 {
+        self.sign_us + self.decide_us + self.lease_us + self.audit_us
+    }
+}
+
+/// CPU µs of this process per unit of `n` units of `work`.
+async fn cpu_us_per<F: std::future::Future<Output = ()>>(n: usize, work: F) -> f64 {
+    let me = [std::process::id()];
+    let c0 = crate::load::cpu_secs(&me);
+    work.await;
+    (crate::load::cpu_secs(&me) - c0) * 1e6 / n as f64
+}
+
+/// `sign_us` is the access-token signature measured by [`all`] in this run.
+pub async fn floor(config: &Path, token: &str, dir: &Path, sign_us: f64) -> Floor {
+    const N: usize = 20_000;
+    const WRITERS: usize = 50;
+
+    // The decision as the broker makes it: a verified caller, a task, the dev policies.
+    let cfg = mayfly::config::Config::load(config).expect("config");
+    let bundles =
+        std::sync::Arc::new(mayfly::identity::LiveBundles::load(&[]).expect("empty bundle set"));
+    let verifier = cfg.bearer_verifier(&bundles).expect("verifier");
+    let now = time::OffsetDateTime::now_utc();
+    let caller = verifier
+        .verify(token, None, now)
+        .await
+        .expect("verify")
+        .caller;
+    let policy = mayfly::policy::PolicyEngine::load(Path::new("config/policies")).expect("policy");
+    let treq = mayfly::task::TaskRequest::try_from(
+        serde_json::from_value::<mayfly::task::RawTaskRequest>(json!({
+            "purpose": "bench",
+            "scope": [{"provider": "jwt", "target": "https://api.example.com", "actions": ["read"]}],
+            "ttl": "1h",
+        }))
+        .expect("raw task"),
+    )
+    .expect("task");
+    let task = mayfly::task::Task {
+        id: mayfly::task::TaskId::generate(),
+        owner: caller.principal().clone(),
+        purpose: treq.purpose,
+        scope: treq.scope,
+        created_at: now,
+        expires_at: now + time::Duration::hours(1),
+        parent: None,
+        labels: Default::default(),
+        state: mayfly::task::TaskState::Active,
+        ended_at: None,
+        end_reason: None,
+        origin: None,
+    };
+    let grant = task.scope.grants()[0].clone();
+    let m = mayfly::policy::MintContext {
+        task: &task,
+        request: &grant,
+        ttl: std::time::Duration::from_secs(300),
+        risk: 0,
+        signals: &std::collections::BTreeSet::new(),
+    };
+    let decide_us = time_us(2000, || {
+        let d = policy.mint(&caller, &m, now).expect("decide");
+        assert!(d.allowed, "the dev policy allows the bench request");
+    });
+
+    let store = crate::store::embedded(&dir.join("floor.redb"));
+    let lease_us = cpu_us_per(N, async {
+        crate::store::fill_with(store, N, time::Duration::hours(1), WRITERS, false).await;
+    })
+    .await;
+
+    let audit =
+        mayfly::audit::AuditLog::open(&dir.join("floor-audit.jsonl"), "bench").expect("audit");
+    let audit_us = cpu_us_per(N, async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..WRITERS {
+            let audit = audit.clone();
+            tasks.spawn(async move {
+                for i in 0..N / WRITERS {
+                    let mut e = mayfly::audit::AuditEvent::new("request");
+                    e.action = Some(mayfly::action::Action::MintCredential);
+                    e.lease_id = Some(format!("lse_{w:04}{i:08}"));
+                    audit.write(e).await.expect("audit");
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Floor {
+        sign_us,
+        decide_us,
+        lease_us,
+        audit_us,
+    }
+}
