@@ -8,8 +8,9 @@
 //! here; it holds the policy documents). The deny policy must never lose an entry, and a
 //! full policy must be back-pressure, never `irrevocable`.
 //!
-//! The two 300-revocation tests take minutes (entries free up only as sessions end,
-//! grouped by minute) and run with `make test-aws-capacity`, not `make test`.
+//! The 300-revocation test with `on_policy_full = "wait"` takes minutes (entries free up
+//! only as sessions end, grouped by minute): it runs with `make test-aws-capacity`, not
+//! `make test`.
 
 mod common;
 
@@ -366,7 +367,7 @@ async fn above_capacity_with_wait_nothing_becomes_irrevocable_and_all_are_denied
     let missing: Vec<_> = long.iter().filter(|l| !kept.contains(*l)).collect();
     eprintln!(
         "300 revocations (260 of 20 s sessions, 40 of 15 min): {first_entries} entries fit at first, \
-         waiting gauge {waiting}, at most {max_revoking} leases seen `revoking`, all revoked after {took:?}; \
+         waiting gauge summed over replicas {waiting}, at most {max_revoking} leases seen `revoking`, all revoked after {took:?}; \
          final policy {} entries, {} characters; deferrals audited: {}",
         kept.len(),
         doc.to_string().len(),
@@ -382,7 +383,6 @@ async fn above_capacity_with_wait_nothing_becomes_irrevocable_and_all_are_denied
 }
 
 #[tokio::test]
-#[ignore = "minutes long: make test-aws-capacity"]
 async fn above_capacity_with_the_issue_time_fallback_the_role_wide_deny_is_written_recorded_and_alerted()
  {
     let c = cluster(
