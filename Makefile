@@ -27,8 +27,8 @@ test-chart:
 	MAYFLY_BIN="$$bin" scripts/test-chart.sh
 
 ## Issue #19: 300 revocations on one AWS role (above the deny policy's capacity), three
-## replicas on one Redis, with on_policy_full = "wait" and "issued_before_deny". Minutes
-## long (entries free up only as sessions end), so not part of `make test`.
+## replicas on one Redis, on_policy_full = "wait". About 1.5 minutes (entries free up
+## only as sessions end), so not part of `make test`.
 test-aws-capacity:
 	$(CARGO) nextest run --locked --test aws_revocation_scale --run-ignored ignored-only --no-capture
 

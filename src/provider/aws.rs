@@ -1226,10 +1226,13 @@ impl AwsProvider {
         if denied {
             return Ok(());
         }
-        // No room: wait for the first statement to expire (or retry soon for a cut-off
-        // that could not cover a lease minted moments ago).
+        // No room: look again when the first statement expires, or after the next
+        // reconcile pass (which admits waiting entries as soon as room frees), whichever
+        // comes first.
+        let reconcile = i64::try_from(self.cfg.reconcile_interval.as_secs()).unwrap_or(60);
         let wait = next
             .map_or(60, |t| t - OffsetDateTime::now_utc().unix_timestamp() + 1)
+            .min(reconcile)
             .clamp(1, 60);
         Err(ProviderError::Deferred {
             reason: format!("deny policy of role {role} is full"),
