@@ -404,7 +404,7 @@ impl Broker {
             if !d.allowed {
                 return Err(BrokerError::PolicyDenied {
                     action: "DeclareTask",
-                    detail: Some(grant.key()),
+                    detail: Some(format!("{}: {}", grant.key(), d.why)),
                 });
             }
         }
@@ -876,7 +876,7 @@ impl Broker {
         if !d.allowed {
             return Err(BrokerError::PolicyDenied {
                 action: "MintCredential",
-                detail: Some(wanted.key()),
+                detail: Some(format!("{}: {}", wanted.key(), d.why)),
             });
         }
         let provider = self.providers.get(req.provider)?.clone();
@@ -1105,7 +1105,7 @@ impl Broker {
         if !d.allowed {
             return Err(BrokerError::PolicyDenied {
                 action: "DelegateTask",
-                detail: Some(req.principal.to_string()),
+                detail: Some(format!("{}: {}", req.principal, d.why)),
             });
         }
         let child = Task {
