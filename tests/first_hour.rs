@@ -257,3 +257,93 @@ fn make_test_preflight_lists_everything_missing_in_one_message() {
     assert_eq!(err.matches("prerequisite(s) missing").count(), 1, "{err}");
     assert!(err.contains("make deps"), "{err}");
 }
+
+/// Logs written to a pipe or file carry no ANSI colour codes.
+#[test]
+fn logs_off_a_terminal_are_plain_text() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["dev", "--dir", tmp.path().to_str().expect("utf8")])
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(repo())
+        .env("MAYFLY_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start mayfly dev");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let done = line.contains("listening");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let all = seen.join("\n");
+    assert!(
+        all.contains("listening"),
+        "mayfly dev did not start:\n{all}"
+    );
+    assert!(!all.contains('\u{1b}'), "ANSI escape in piped logs:\n{all}");
+}
+
+/// `mayfly revoke` off a terminal prints one progress line per lease, no carriage
+/// returns, so a log file reads line by line.
+#[tokio::test]
+async fn revoke_progress_off_a_terminal_is_one_line_per_lease() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("dev");
+    let server = Server::dev(&dir);
+    let agent = dev_client(&dir, "agent");
+    for purpose in ["one", "two"] {
+        let task: Value = agent
+            .post(server.url("/v1/tasks"))
+            .json(&json!({"purpose": purpose, "ttl": "10m",
+                "scope": [{"provider": "jwt", "target": "https://api.example.com", "actions": ["read"]}]}))
+            .send()
+            .await
+            .expect("declare")
+            .json()
+            .await
+            .expect("json");
+        let id = task["task_id"].as_str().expect("task_id");
+        let resp = agent
+            .post(server.url(&format!("/v1/tasks/{id}/credentials")))
+            .json(&json!({"provider": "jwt", "target": "https://api.example.com"}))
+            .send()
+            .await
+            .expect("mint");
+        assert_eq!(resp.status(), 201);
+    }
+    let p = |n: &str| dir.join(n).display().to_string();
+    let out = run_cli_env(
+        &[
+            "revoke",
+            "--principal",
+            "spiffe://dev.mayfly.local/agent/demo",
+            "--reason",
+            "offboarding",
+        ],
+        &[
+            ("MAYFLY_ADDR", server.url("")),
+            ("MAYFLY_CERT", p("operator.pem")),
+            ("MAYFLY_KEY", p("operator-key.pem")),
+            ("MAYFLY_CA", p("ca.pem")),
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains('\r'),
+        "carriage return off a terminal: {err:?}"
+    );
+    assert!(err.contains("revoking [1/2] "), "{err:?}");
+    assert!(err.contains("revoking [2/2] "), "{err:?}");
+    let progress = err.lines().filter(|l| l.starts_with("revoking [")).count();
+    assert_eq!(progress, 2, "{err:?}");
+}
