@@ -517,7 +517,7 @@ impl Broker {
             if !d.allowed {
                 return Err(BrokerError::PolicyDenied {
                     action: Action::DeclareTask,
-                    detail: Some(grant.key()),
+                    detail: Some(format!("{}: {}", grant.key(), d.why)),
                 });
             }
         }
@@ -1033,7 +1033,7 @@ impl Broker {
         if !d.allowed {
             return Err(BrokerError::PolicyDenied {
                 action: Action::MintCredential,
-                detail: Some(wanted.key()),
+                detail: Some(format!("{}: {}", wanted.key(), d.why)),
             });
         }
         let provider = self.providers.get(req.provider)?.clone();
@@ -1272,7 +1272,7 @@ impl Broker {
         if !d.allowed {
             return Err(BrokerError::PolicyDenied {
                 action: Action::DelegateTask,
-                detail: Some(req.principal.to_string()),
+                detail: Some(format!("{}: {}", req.principal, d.why)),
             });
         }
         let child = Task {

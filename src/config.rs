@@ -223,6 +223,9 @@ mod defaults {
     pub fn rule_mode() -> String {
         "enforce".into()
     }
+    pub fn store_path() -> std::path::PathBuf {
+        "mayfly-leases.redb".into()
+    }
     pub fn key_prefix() -> String {
         "mayfly".into()
     }
@@ -887,8 +890,10 @@ pub struct RawOperators {
     pub spiffe_ids: Vec<String>,
 }
 
+// `default` on the struct: a `[policy]` table may give any subset of its keys; each
+// missing one takes the default documented in config/mayfly.full.toml.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawPolicy {
     pub dir: PathBuf,
     pub reload_interval: String,
@@ -907,6 +912,7 @@ impl Default for RawPolicy {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum RawStore {
     Embedded {
+        #[serde(default = "defaults::store_path")]
         path: PathBuf,
     },
     Redis {
@@ -937,13 +943,13 @@ pub enum RawStore {
 impl Default for RawStore {
     fn default() -> Self {
         Self::Embedded {
-            path: "mayfly-leases.redb".into(),
+            path: defaults::store_path(),
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAudit {
     pub path: PathBuf,
 }
@@ -1798,5 +1804,207 @@ mod tests {
         ));
         assert_eq!(key, "jwt_svid");
         assert!(msg.contains("bundle_file does not apply"), "{msg}");
+    }
+
+    /// The value `config/mayfly.full.toml` documents for `key` in `section`: the
+    /// `default "X"` (or `default X`) its comment names, else the value shown (the
+    /// file's convention: a value without a "default" note is the default). Commented-out
+    /// sections and keys (`# [webhook]`, `# timeout = "5s"`) count.
+    fn documented(section: &str, key: &str) -> String {
+        let text = include_str!("../config/mayfly.full.toml");
+        let mut current = String::new();
+        for line in text.lines() {
+            let l = line.trim_start_matches('#').trim();
+            if let Some(h) = l.strip_prefix('[')
+                && let Some(end) = h.find(']')
+            {
+                current = h[..end].trim_start_matches('[').to_string();
+                continue;
+            }
+            if current != section {
+                continue;
+            }
+            let Some((k, rest)) = l.split_once(" = ") else {
+                continue;
+            };
+            if k.trim() != key {
+                continue;
+            }
+            let (value, comment) = rest.split_once('#').unwrap_or((rest, ""));
+            let pick = match comment.split_once("default ") {
+                // `default "a:b" …`: the quoted value; `default 5: …`: up to the punctuation.
+                Some((_, d)) => match d.strip_prefix('"') {
+                    Some(q) => q.split('"').next().unwrap_or(q),
+                    None => d.split([':', ';', ' ', ',']).next().unwrap_or(d),
+                },
+                None => value,
+            };
+            return pick.trim().trim_matches('"').to_string();
+        }
+        panic!("config/mayfly.full.toml documents no {section}.{key}");
+    }
+
+    fn doc_dur(section: &str, key: &str) -> Duration {
+        crate::duration::parse(&documented(section, key)).expect("documented duration")
+    }
+
+    fn doc_num<T: std::str::FromStr>(section: &str, key: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        documented(section, key).parse().expect("documented number")
+    }
+
+    /// Every section given with only its required keys: each missing key takes the
+    /// default mayfly.full.toml documents (a `[policy]` table without reload_interval
+    /// once stopped start-up with `missing field`).
+    #[test]
+    fn required_keys_only_take_the_documented_defaults() {
+        let cfg = config(
+            "[[trust_domains]]\nname = \"example.org\"\nbundle_file = \"b.pem\"\n\
+             [[trust_domains]]\nname = \"wapi.example.org\"\nsource = \"workload_api\"\n",
+            "[policy]\n[store]\nkind = \"embedded\"\n[audit]\n[limits]\n[reaper]\n[bearer]\n\
+             [anomaly]\n[operators]\n\
+             [workload_api]\nsocket = \"unix:///run/spire/api.sock\"\n\
+             [[jwt_svid]]\ntrust_domain = \"example.org\"\nbundle_file = \"j.json\"\naudiences = [\"a\"]\n\
+             [[oidc_issuers]]\nissuer = \"https://issuer.example.org\"\naudiences = [\"a\"]\n\
+             [webhook]\nurl = \"https://hooks.example.org/m\"\nsecret_file = \"s\"\n",
+        )
+        .expect("a config with only the required keys parses");
+        assert_eq!(cfg.listen.to_string(), documented("", "listen"));
+        assert_eq!(cfg.node_id, documented("", "node_id"));
+        assert_eq!(cfg.policy_dir, PathBuf::from(documented("policy", "dir")));
+        assert_eq!(cfg.policy_reload, doc_dur("policy", "reload_interval"));
+        match &cfg.store {
+            StoreConfig::Embedded { path } => {
+                assert_eq!(path, &PathBuf::from(documented("store", "path")));
+            }
+            other => panic!("expected the embedded store, got {other:?}"),
+        }
+        assert_eq!(cfg.audit_path, PathBuf::from(documented("audit", "path")));
+        let l = &cfg.limits;
+        assert_eq!(l.max_task_ttl, doc_dur("limits", "max_task_ttl"));
+        assert_eq!(l.max_lease_ttl, doc_dur("limits", "max_lease_ttl"));
+        assert_eq!(l.default_lease_ttl, doc_dur("limits", "default_lease_ttl"));
+        assert_eq!(l.pending_timeout, doc_dur("limits", "pending_timeout"));
+        assert_eq!(l.max_page, doc_num::<usize>("limits", "max_page"));
+        assert_eq!(
+            l.max_delegation_depth,
+            doc_num::<usize>("limits", "max_delegation_depth")
+        );
+        assert_eq!(
+            cfg.max_body_bytes,
+            doc_num::<usize>("limits", "max_body_bytes")
+        );
+        assert_eq!(
+            cfg.max_connections,
+            doc_num::<usize>("limits", "max_connections")
+        );
+        assert_eq!(
+            cfg.max_in_flight,
+            doc_num::<usize>("limits", "max_in_flight")
+        );
+        assert_eq!(
+            cfg.handshake_timeout,
+            doc_dur("limits", "handshake_timeout")
+        );
+        let r = &cfg.reaper;
+        assert_eq!(r.interval, doc_dur("reaper", "interval"));
+        assert_eq!(r.batch, doc_num::<usize>("reaper", "batch"));
+        assert_eq!(r.claim_hold, doc_dur("reaper", "claim_hold"));
+        assert_eq!(
+            r.retry.max_attempts,
+            doc_num::<u32>("reaper", "max_attempts")
+        );
+        assert_eq!(r.retry.base, doc_dur("reaper", "backoff_base"));
+        assert_eq!(r.retry.max, doc_dur("reaper", "backoff_max"));
+        assert_eq!(
+            cfg.max_token_bytes,
+            doc_num::<usize>("bearer", "max_token_bytes")
+        );
+        assert_eq!(
+            cfg.replay_cache_size,
+            doc_num::<usize>("bearer", "replay_cache_size")
+        );
+        assert_eq!(cfg.key_fetch_timeout, doc_dur("bearer", "fetch_timeout"));
+        assert_eq!(cfg.anomaly.risk_window, doc_dur("anomaly", "risk_window"));
+        assert_eq!(cfg.anomaly.deny_for, doc_dur("anomaly", "deny_for"));
+        let w = cfg.workload_api.as_ref().expect("workload_api");
+        assert_eq!(
+            w.initial_timeout,
+            doc_dur("workload_api", "initial_timeout")
+        );
+        assert_eq!(w.backoff_min, doc_dur("workload_api", "backoff_min"));
+        assert_eq!(w.backoff_max, doc_dur("workload_api", "backoff_max"));
+        let (_, svid) = &cfg.jwt_svid[0];
+        assert_eq!(svid.rules.leeway, doc_dur("jwt_svid", "leeway"));
+        assert_eq!(svid.cache.ttl, doc_dur("jwt_svid", "refresh_interval"));
+        assert_eq!(svid.cache.cooldown, doc_dur("jwt_svid", "refetch_cooldown"));
+        assert_eq!(
+            svid.cache.max_keys,
+            doc_num::<usize>("jwt_svid", "max_keys")
+        );
+        assert_eq!(
+            svid.rules.allow_multiple_audiences,
+            doc_num::<bool>("jwt_svid", "allow_multiple_audiences")
+        );
+        assert_eq!(
+            svid.rules.single_use,
+            doc_num::<bool>("jwt_svid", "single_use")
+        );
+        let (_, oidc) = &cfg.oidc_issuers[0];
+        assert_eq!(oidc.rules.leeway, doc_dur("oidc_issuers", "leeway"));
+        assert_eq!(oidc.cache.ttl, doc_dur("oidc_issuers", "jwks_ttl"));
+        assert_eq!(
+            oidc.cache.cooldown,
+            doc_dur("oidc_issuers", "refetch_cooldown")
+        );
+        assert_eq!(
+            oidc.cache.max_keys,
+            doc_num::<usize>("oidc_issuers", "max_keys")
+        );
+        assert_eq!(
+            oidc.rules.allow_multiple_audiences,
+            doc_num::<bool>("oidc_issuers", "allow_multiple_audiences")
+        );
+        assert_eq!(
+            oidc.rules.single_use,
+            doc_num::<bool>("oidc_issuers", "single_use")
+        );
+        assert_eq!(
+            oidc.rules.max_exchange_ttl,
+            doc_dur("oidc_issuers", "max_exchange_ttl")
+        );
+        assert!(oidc.rules.job_claims.is_empty(), "job_claims default: none");
+        let hook = cfg.webhook.as_ref().expect("webhook");
+        assert_eq!(hook.timeout, doc_dur("webhook", "timeout"));
+        assert_eq!(hook.max_attempts, doc_num::<u32>("webhook", "max_attempts"));
+    }
+
+    /// The providers with only their required keys parse, and take the documented
+    /// defaults.
+    #[test]
+    fn providers_with_required_keys_only_take_the_documented_defaults() {
+        let text = "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+             [[trust_domains]]\nname = \"example.org\"\nbundle_file = \"b.pem\"\n\
+             [providers.jwt]\nissuer = \"https://mayfly.test\"\nsigning_key_file = \"j.pem\"\n\
+             [providers.vault]\naddress = \"https://vault.example.org\"\ntoken_file = \"t\"\n\
+             [providers.vault.targets.db]\nkind = \"dynamic\"\npath = \"database/creds/ro\"\nmax_ttl = \"1h\"\n\
+             [providers.aws]\nregion = \"us-east-1\"\n\
+             [providers.aws.targets.r]\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let cfg = Config::from_toml(text, Path::new("test.toml"))
+            .expect("providers with only the required keys parse");
+        let vault = cfg.vault.as_ref().expect("vault");
+        assert_eq!(vault.timeout, doc_dur("providers.vault", "timeout"));
+        let aws = cfg.aws.as_ref().expect("aws");
+        assert_eq!(aws.timeout, doc_dur("providers.aws", "timeout"));
+        assert_eq!(
+            aws.prune_interval,
+            doc_dur("providers.aws", "prune_interval")
+        );
+        assert_eq!(
+            aws.deny_policy_name,
+            documented("providers.aws", "deny_policy_name")
+        );
     }
 }

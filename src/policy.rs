@@ -3,8 +3,9 @@
 //! its path and line. Deny by default. Reload keeps the last good set when a new one fails.
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
-    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision, Effect, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use std::collections::{HashMap, HashSet};
@@ -60,6 +61,10 @@ pub struct PolicyDecision {
     /// An allowing policy carries `@approval("required")`: an operator must approve
     /// before the credential is minted (step-up).
     pub needs_approval: bool,
+    /// For a denial, why, in words a caller can act on: the forbid policies that
+    /// decided it, or (default deny) that no permit matched and which permit policies
+    /// for the action were considered, with their `@description` rules. Empty when allowed.
+    pub why: String,
 }
 
 /// What `MintCredential` is asked about, beside the caller.
@@ -72,8 +77,18 @@ pub struct MintContext<'a> {
     pub signals: &'a std::collections::BTreeSet<String>,
 }
 
+/// A permit policy as a denial explains it: its id and `@description`, if any.
+#[derive(Debug, Clone)]
+struct Permit {
+    id: String,
+    description: Option<String>,
+    action: ActionConstraint,
+}
+
 struct Loaded {
     set: PolicySet,
+    /// Every permit policy, found once at load, for explaining a default deny.
+    permits: Vec<Permit>,
     /// Policies annotated `@approval("required")`, found once at load: Cedar parses an
     /// annotation's key on every `Policy::annotation` lookup.
     approval: HashSet<PolicyId>,
@@ -255,8 +270,18 @@ fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
         .filter(|p| p.annotation("approval") == Some("required"))
         .map(|p| p.id().clone())
         .collect();
+    let permits = set
+        .policies()
+        .filter(|p| p.effect() == Effect::Permit)
+        .map(|p| Permit {
+            id: p.id().to_string(),
+            description: p.annotation("description").map(str::to_string),
+            action: p.action_constraint(),
+        })
+        .collect();
     Ok(Loaded {
         set,
+        permits,
         approval,
         stamp: files,
     })
@@ -304,6 +329,55 @@ fn labels_set(labels: &std::collections::BTreeMap<String, String>) -> Re {
 
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The action's name (`MintCredential`) from its uid (`Mayfly::Action::"MintCredential"`).
+fn action_name(action: &EntityUid) -> String {
+    action.id().unescaped().to_string()
+}
+
+/// Why a request was denied. `forbids` are the policies that decided it (Cedar's
+/// reasons for a deny are the satisfied forbids); none means a default deny.
+fn explain_denial(
+    permits: &[Permit],
+    action: &EntityUid,
+    forbids: &[String],
+    errors: usize,
+) -> String {
+    let name = action_name(action);
+    let mut why = if forbids.is_empty() {
+        let considered: Vec<&Permit> = permits
+            .iter()
+            .filter(|p| match &p.action {
+                ActionConstraint::Any => true,
+                ActionConstraint::Eq(a) => a == action,
+                ActionConstraint::In(list) => list.contains(action),
+            })
+            .collect();
+        if considered.is_empty() {
+            format!("no permit policy exists for {name} (deny by default)")
+        } else {
+            let ids: Vec<&str> = considered.iter().map(|p| p.id.as_str()).collect();
+            let mut s = format!(
+                "no permit policy matched (deny by default); permit policies for {name} considered: {}",
+                ids.join(", ")
+            );
+            for p in &considered {
+                if let Some(d) = &p.description {
+                    s.push_str(&format!("; {}: {d}", p.id));
+                }
+            }
+            s
+        }
+    } else {
+        format!("forbidden by policy {}", forbids.join(", "))
+    };
+    if errors > 0 {
+        why.push_str(&format!(
+            "; {errors} policies could not be evaluated for this request and were skipped"
+        ));
+    }
+    why
 }
 
 impl PolicyEngine {
@@ -452,11 +526,19 @@ impl PolicyEngine {
         let diag = response.diagnostics();
         let allowed = response.decision() == Decision::Allow;
         let needs_approval = allowed && diag.reason().any(|id| current.approval.contains(id));
+        let policies: Vec<String> = diag.reason().map(ToString::to_string).collect();
+        let errors: Vec<String> = diag.errors().map(ToString::to_string).collect();
+        let why = if allowed {
+            String::new()
+        } else {
+            explain_denial(&current.permits, action, &policies, errors.len())
+        };
         Ok(PolicyDecision {
             allowed,
-            policies: diag.reason().map(ToString::to_string).collect(),
-            errors: diag.errors().map(ToString::to_string).collect(),
+            policies,
+            errors,
             needs_approval,
+            why,
         })
     }
 
@@ -552,6 +634,86 @@ mod tests {
             std::fs::write(dir.path().join(name), text).expect("write");
         }
         dir
+    }
+
+    /// A MintCredential decision for an http:// target, with an empty context (the
+    /// policies below read none; the schema check of the request is off for that).
+    fn decide_mint(mut engine: PolicyEngine) -> PolicyDecision {
+        use crate::identity::{AuthMethod, Posture, Principal, VerifiedCaller};
+        engine.check_requests = false;
+        let now = OffsetDateTime::now_utc();
+        let caller = VerifiedCaller::for_tests(
+            Principal::parse("spiffe://dev.mayfly.local/agent/a").expect("id"),
+            Posture {
+                method: AuthMethod::X509Svid,
+                trust_domain: "dev.mayfly.local".into(),
+                source: None,
+                credential_not_after: now + time::Duration::minutes(5),
+                credential_fingerprint: "sha256:00".into(),
+                issuer: None,
+                claims: Default::default(),
+            },
+        );
+        let target = engine
+            .target(&Grant {
+                provider: crate::task::ProviderKind::Jwt,
+                target: "http://not-https.example".into(),
+                actions: ["read".to_string()].into(),
+                resources: Default::default(),
+            })
+            .expect("target");
+        engine
+            .decide(
+                &engine.names.mint,
+                engine.workload(caller.principal()).expect("workload"),
+                target,
+                vec![],
+            )
+            .expect("decide")
+    }
+
+    #[test]
+    fn a_default_deny_names_the_permits_considered_and_their_rules() {
+        let dir = dir_with(&[(
+            "p.cedar",
+            r#"@id("mint-https") @description("jwt credentials for https:// targets only")
+permit (principal, action == Mayfly::Action::"MintCredential", resource)
+when { resource.uri like "https://*" };
+@id("declare-any") permit (principal, action == Mayfly::Action::"DeclareTask", resource);"#,
+        )]);
+        let d = decide_mint(PolicyEngine::load(dir.path()).expect("load"));
+        assert!(!d.allowed);
+        assert_eq!(
+            d.why,
+            "no permit policy matched (deny by default); permit policies for MintCredential \
+             considered: mint-https; mint-https: jwt credentials for https:// targets only"
+        );
+    }
+
+    #[test]
+    fn a_forbid_names_the_deciding_policy() {
+        let dir = dir_with(&[(
+            "p.cedar",
+            r#"@id("all") permit (principal, action, resource);
+@id("no-plain-http") forbid (principal, action == Mayfly::Action::"MintCredential", resource)
+when { resource.uri like "http://*" };"#,
+        )]);
+        let d = decide_mint(PolicyEngine::load(dir.path()).expect("load"));
+        assert!(!d.allowed);
+        assert_eq!(d.why, "forbidden by policy no-plain-http");
+    }
+
+    #[test]
+    fn a_deny_without_any_permit_for_the_action_says_so() {
+        let dir = dir_with(&[(
+            "p.cedar",
+            r#"@id("declare") permit (principal, action == Mayfly::Action::"DeclareTask", resource);"#,
+        )]);
+        let d = decide_mint(PolicyEngine::load(dir.path()).expect("load"));
+        assert_eq!(
+            d.why,
+            "no permit policy exists for MintCredential (deny by default)"
+        );
     }
 
     #[test]

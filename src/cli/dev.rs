@@ -55,15 +55,59 @@ pub enum DevCommand {
     Token {
         #[arg(long, conflicts_with = "jwt_svid")]
         oidc: bool,
-        /// Claims to set or override (a JSON object), with --oidc.
+        /// Claims to set or override (a JSON object), with --oidc. Unless it sets `sub`
+        /// itself, `sub` is derived from the resulting claims as GitHub Actions does:
+        /// `repository`, `repository_owner`, `repository_owner_id`, `repository_id`, and
+        /// `environment` if set, else `ref`.
         #[arg(long, requires = "oidc")]
         claims: Option<String>,
+        /// Form of the derived `sub`: `legacy` (`repo:OWNER/REPO:ref:REF`) or `immutable`
+        /// (`repo:OWNER@OWNER_ID/REPO@REPO_ID:ref:REF`, GitHub's default since July 2026
+        /// for new or renamed repositories).
+        #[arg(long, value_enum, default_value = "legacy", requires = "oidc")]
+        sub_format: SubFormat,
         #[arg(long)]
         jwt_svid: Option<String>,
         /// Lifetime of the token.
         #[arg(long, default_value = "10m")]
         ttl: String,
     },
+}
+
+/// GitHub Actions' two `sub` forms.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubFormat {
+    Legacy,
+    Immutable,
+}
+
+/// The `sub` GitHub Actions would give a token with these claims: the repository (by
+/// name, or by owner and repository ids), then `environment:NAME` if the job has one,
+/// else `ref:REF`. `None` if a claim it needs is missing or not a string.
+pub fn github_sub(claims: &serde_json::Value, form: SubFormat) -> Option<String> {
+    let text = |k: &str| match &claims[k] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let repository = text("repository")?;
+    let repo = match form {
+        SubFormat::Legacy => repository,
+        SubFormat::Immutable => {
+            let (owner, name) = repository.split_once('/')?;
+            let owner = text("repository_owner").unwrap_or_else(|| owner.to_string());
+            format!(
+                "{owner}@{}/{name}@{}",
+                text("repository_owner_id")?,
+                text("repository_id")?
+            )
+        }
+    };
+    let context = match text("environment") {
+        Some(env) => format!("environment:{env}"),
+        None => format!("ref:{}", text("ref")?),
+    };
+    Some(format!("repo:{repo}:{context}"))
 }
 
 /// Creates (or loads) the dev OIDC issuer key and the dev JWT-SVID key, and writes the
@@ -88,6 +132,7 @@ pub fn token(dir: &Path, command: &DevCommand) -> Result<String, crate::Error> {
     let DevCommand::Token {
         oidc,
         claims,
+        sub_format,
         jwt_svid,
         ttl,
     } = command;
@@ -102,19 +147,37 @@ pub fn token(dir: &Path, command: &DevCommand) -> Result<String, crate::Error> {
     let signed = if *oidc {
         let mut c = json!({
             "iss": OIDC_ISSUER, "aud": DEV_AUDIENCE,
-            "sub": "repo:acme/app:ref:refs/heads/main",
-            "repository": "acme/app", "ref": "refs/heads/main", "run_id": "1", "run_attempt": "1",
+            "repository": "acme/app", "repository_owner": "acme",
+            "repository_id": "100001", "repository_owner_id": "100000",
+            "ref": "refs/heads/main", "run_id": "1", "run_attempt": "1",
             "iat": now, "nbf": now, "exp": exp, "jti": uuid::Uuid::new_v4().to_string(),
         });
+        let mut sub_given = false;
         if let Some(extra) = claims {
             let extra: serde_json::Value = serde_json::from_str(extra)
                 .map_err(|e| crate::Error::Tls(format!("--claims is not JSON: {e}")))?;
             let obj = extra
                 .as_object()
                 .ok_or_else(|| crate::Error::Tls("--claims must be a JSON object".into()))?;
+            // A new repository without a new owner: the owner is the repository's prefix.
+            if !obj.contains_key("repository_owner")
+                && let Some(repo) = obj.get("repository").and_then(|r| r.as_str())
+                && let Some((owner, _)) = repo.split_once('/')
+            {
+                c["repository_owner"] = json!(owner);
+            }
             for (k, v) in obj {
                 c[k] = v.clone();
             }
+            sub_given = obj.contains_key("sub");
+        }
+        if !sub_given {
+            let sub = github_sub(&c, *sub_format).ok_or_else(|| {
+                crate::Error::Tls(
+                    "cannot derive sub: --claims must leave repository (OWNER/REPO), ref or environment, and for --sub-format immutable repository_id and repository_owner_id as strings or numbers; or set sub itself".into(),
+                )
+            })?;
+            c["sub"] = json!(sub);
         }
         oidc_key.sign_json(&c, "JWT")?
     } else {
@@ -278,13 +341,17 @@ job_claims = ["run_id", "run_attempt"]
 
 fn curl_help(dir: &Path, addr: SocketAddr) -> String {
     let d = dir.display();
+    // The binary running now: `mayfly` need not be on PATH (`make install` puts it there).
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "mayfly".into());
     format!(
         r#"
 Mayfly dev broker on https://{addr}  (trust domain {TRUST_DOMAIN}; files in {d}/, described by {d}/dev.json)
 
 Try the whole flow (paste into a shell):
 
-  export MF=https://{addr} D={d}
+  export MF=https://{addr} D={d} MAYFLY={exe}
   AGENT="--cacert $D/ca.pem --cert $D/agent.pem --key $D/agent-key.pem"
   OPER="--cacert $D/ca.pem --cert $D/operator.pem --key $D/operator-key.pem"
 
@@ -311,7 +378,7 @@ Try the whole flow (paste into a shell):
 
   # 6. the token is dead -> "active":false ; the audit chain verifies
   curl -s $AGENT $MF/v1/introspect --data-urlencode "token=$TOKEN"; echo
-  mayfly audit verify $D/audit.jsonl   # or: cargo run -q -- audit verify $D/audit.jsonl
+  $MAYFLY audit verify $D/audit.jsonl
 
   # Delegation and anomaly control:
 
@@ -331,7 +398,7 @@ Try the whole flow (paste into a shell):
   curl -s $AGENT $MF/v1/tasks/$TASK | grep -o '"state":"[a-z]*","created_at' | head -1   # -> revoked
 
   # CI token exchange (RFC 8693) with a GitHub-shaped dev OIDC token, no client certificate:
-  OIDC=$(mayfly dev token --dir $D --oidc --claims '{{"repository":"acme/app","ref":"refs/heads/main"}}')
+  OIDC=$($MAYFLY dev token --dir $D --oidc --claims '{{"repository":"acme/app","ref":"refs/heads/main"}}')
   curl -s --cacert $D/ca.pem $MF/v1/token \
     -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
     -d subject_token_type=urn:ietf:params:oauth:token-type:jwt --data-urlencode "subject_token=$OIDC" \

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod config_check;
 pub mod credential;
 pub mod credential_process;
 pub mod dev;
@@ -96,8 +97,9 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Parse and validate a config file (keys, types, durations, URLs) without opening
-    /// the files it names; exits 1 with the offending key.
+    /// Parse and validate a config file (keys, types, durations, URLs), open every file
+    /// and directory it names and load the policies, without starting; exits 1 listing
+    /// every problem with its key.
     Check { file: PathBuf },
 }
 
@@ -110,8 +112,12 @@ enum PolicyCommand {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAYFLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: log files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -158,9 +164,9 @@ pub fn run() -> ExitCode {
         Command::Dev(args) => runtime_then(dev::run(args)),
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => match Config::load(&file) {
-            Ok(c) => {
-                println!("ok: config valid (listen {}, node {})", c.listen, c.node_id);
+        } => match config_check::check(&file) {
+            Ok(summary) => {
+                println!("{summary}");
                 ExitCode::SUCCESS
             }
             Err(e) => {

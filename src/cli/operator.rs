@@ -249,6 +249,7 @@ pub async fn bulk(conn: Conn, args: BulkArgs) -> Result<(), CliError> {
     let total = matching.len();
     let mut revoked = Vec::new();
     let mut failed = Vec::new();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     for (i, l) in matching.iter().enumerate() {
         let id = s(l, "lease_id");
         match c
@@ -262,11 +263,17 @@ pub async fn bulk(conn: Conn, args: BulkArgs) -> Result<(), CliError> {
             Err(e) => failed.push(json!({"lease_id": id, "error": e.to_string()})),
         }
         if !conn.json {
-            eprint!("\rrevoking [{}/{total}] {id}", i + 1);
-            let _ = std::io::stderr().flush();
+            // One line rewritten in place at a terminal; one line per lease in a file or
+            // pipe, where a carriage return would run them together.
+            if tty {
+                eprint!("\rrevoking [{}/{total}] {id}", i + 1);
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("revoking [{}/{total}] {id}", i + 1);
+            }
         }
     }
-    if !conn.json && total > 0 {
+    if !conn.json && tty && total > 0 {
         eprintln!();
     }
     let body = json!({

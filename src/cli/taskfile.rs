@@ -129,6 +129,16 @@ fn task_field(e: &ScopeError) -> &'static str {
     }
 }
 
+/// The message already starts with the key's last part (`ttl: duration …`): the error
+/// names the key once (`…: credential[0].ttl: duration …`, not `ttl: ttl: …`).
+fn without_key_prefix(key: &str, reason: String) -> String {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    match reason.strip_prefix(last).and_then(|r| r.strip_prefix(": ")) {
+        Some(rest) => rest.to_string(),
+        None => reason,
+    }
+}
+
 fn join(base: String, field: &str) -> String {
     if field.is_empty() {
         base
@@ -149,8 +159,8 @@ impl TaskFile {
     pub fn parse(path: &Path, text: &str) -> Result<Self, TaskFileError> {
         let invalid = |key: String, reason: String| TaskFileError::Invalid {
             path: path.to_path_buf(),
+            reason: without_key_prefix(&key, reason),
             key,
-            reason,
         };
         let raw: RawTaskFile = toml::from_str(text).map_err(|e| TaskFileError::Syntax {
             path: path.to_path_buf(),
@@ -424,6 +434,18 @@ env_prefix = "DEPLOY_"
         ))
         .expect_err("unknown credential key");
         assert!(err.to_string().contains("unknown field `envv`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_ttl_names_its_key_once() {
+        let err = parse(&BASE.replace("\"30m\"", "\"forever\"")).expect_err("bad ttl");
+        let text = err.to_string();
+        assert!(
+            matches!(err, TaskFileError::Invalid { ref key, .. } if key == "ttl"),
+            "{text}"
+        );
+        assert!(!text.contains("ttl: ttl:"), "{text}");
+        assert!(text.contains(": ttl: duration \"forever\""), "{text}");
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub const POSTURE_CLAIMS: &[&str] = &[
     "namespace_path",
     "pipeline_id",
     "job_id",
+    // GitLab's immutable ids: policies should match these, not the renamable paths.
+    "project_id",
+    "namespace_id",
     "namespace",
     "service_account",
     "pod",
