@@ -41,8 +41,34 @@ pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Resu
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
+    // `mode` applies only when the file is created: narrow an existing one too.
+    restrict(&f)?;
     f.write_all(bytes)?;
     f.sync_all()
+}
+
+/// Creates `path` (mode 0600) if absent and narrows an existing file to 0600, without
+/// touching its content: for files other code then opens (the redb store).
+pub fn create_private(path: &std::path::Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    restrict(&opts.open(path)?)
+}
+
+#[cfg(unix)]
+fn restrict(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+}
+
+#[cfg(not(unix))]
+fn restrict(_f: &std::fs::File) -> std::io::Result<()> {
+    Ok(())
 }
 
 #[cfg(test)]
