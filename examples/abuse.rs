@@ -37,6 +37,8 @@ const POLICY: &str = r#"
 permit (principal, action == Mayfly::Action::"DeclareTask", resource)
 when { principal.path like "/agent/*" && resource.provider == "jwt" };
 "#;
+/// The agent probes for at least this long under each attack.
+const MIN_WINDOW: Duration = Duration::from_secs(5);
 /// Concurrent TLS handshakes the attacker runs at once (the client stays bounded).
 const MAX_CONNECTING: usize = 64;
 /// Production defaults (config/mayfly.full.toml), which the broker runs with here.
@@ -105,6 +107,7 @@ name = "a.test"
 bundle_file = {ca:?}
 [policy]
 dir = {pol:?}
+reload_interval = "5s"
 [store]
 kind = "embedded"
 path = {store:?}
@@ -153,21 +156,28 @@ fn start(bin: &Path, cfg: &Path) -> Broker {
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(stderr).lines();
-        for line in lines.by_ref().map_while(Result::ok) {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                seen.push(line);
                 continue;
             };
             if v["fields"]["message"] == "mayfly listening (mTLS)" {
-                let _ = tx.send(v["fields"]["addr"].as_str().unwrap_or_default().to_string());
+                let _ = tx.send(Ok(v["fields"]["addr"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()));
+            } else {
+                seen.push(line);
             }
         }
+        let _ = tx.send(Err(seen.join("\n")));
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("broker did not start")
-        .parse()
-        .expect("addr");
+    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(a)) => a.parse().expect("addr"),
+        Ok(Err(log)) => panic!("broker exited:\n{log}"),
+        Err(_) => panic!("broker did not start in 30 s"),
+    };
     Broker { child, addr }
 }
 
@@ -405,6 +415,7 @@ async fn connection_attack(
             })
         })
         .collect();
+    let started = Instant::now();
     let mut closed: Vec<Duration> = Vec::new();
     let mut still_open = 0;
     let mut by_kind: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
@@ -418,13 +429,14 @@ async fn connection_attack(
             None => {}
         }
     }
+    tokio::time::sleep(MIN_WINDOW.saturating_sub(started.elapsed())).await;
     stop.store(true, Ordering::SeqCst);
     let mut agent = agent.await.expect("agent");
     let rss_peak = rss.join().expect("rss");
     let max = |v: &[Duration]| v.iter().max().copied().unwrap_or_default();
     let note = match kind {
         Attack::Idle => format!(
-            "{} opened; HTTP/1.1 closed by {:.1}s (header timeout {}s), HTTP/2 by {:.1}s (idle timeout {}s); {still_open} still open at the deadline",
+            "{} opened; HTTP/1.1 closed by {:.1}s (header timeout {}s), HTTP/2 by {:.1}s (idle timeout {}s; a peer not answering PING: 20+10s); {still_open} still open at the deadline",
             opened.load(Ordering::SeqCst),
             max(&by_kind[0]).as_secs_f64(),
             HEADER_TIMEOUT.as_secs(),
@@ -475,7 +487,8 @@ async fn junk_attack(f: &Files, bin: &Path, n: usize) -> Row {
     let url = format!("https://{}/v1/tasks", broker.addr);
     let token = junk_token();
     let conns = 8;
-    let per = n.div_ceil(conns);
+    let per = n / conns;
+    let sent = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..conns)
         .map(|_| {
@@ -485,10 +498,11 @@ async fn junk_attack(f: &Files, bin: &Path, n: usize) -> Row {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .expect("client");
-            let (url, token) = (url.clone(), token.clone());
+            let (url, token, sent) = (url.clone(), token.clone(), sent.clone());
             tokio::spawn(async move {
                 for _ in 0..per {
                     if let Ok(r) = c.get(&url).bearer_auth(&token).send().await {
+                        sent.fetch_add(1, Ordering::SeqCst);
                         let _ = r.bytes().await;
                     }
                 }
@@ -499,6 +513,8 @@ async fn junk_attack(f: &Files, bin: &Path, n: usize) -> Row {
         let _ = t.await;
     }
     let took = t0.elapsed();
+    tokio::time::sleep(MIN_WINDOW.saturating_sub(took)).await;
+    let n = sent.load(Ordering::SeqCst) as usize;
     stop.store(true, Ordering::SeqCst);
     let agent = agent.await.expect("agent");
     let rss_peak = rss.join().expect("rss");
@@ -529,7 +545,7 @@ async fn junk_attack(f: &Files, bin: &Path, n: usize) -> Row {
         agent,
         rss_peak,
         note: format!(
-            "{:.0} req/s; audit +{grown} B = {:.1} B per unauthenticated request; {full} written in full, {summarised} in summaries",
+            "{n} answered at {:.0} req/s; audit +{grown} B = {:.1} B per unauthenticated request; {full} written in full, {summarised} in summaries",
             n as f64 / took.as_secs_f64(),
             grown as f64 / n as f64
         ),

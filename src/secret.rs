@@ -91,4 +91,18 @@ mod tests {
         assert!(!a.contains("token"));
         assert_eq!(a.len(), "sha256:".len() + 32);
     }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_is_narrowed_to_0600_even_if_it_existed_wider() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("key.pem");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private_file(&path, b"new").expect("write");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+    }
 }

@@ -23,7 +23,7 @@ const LIMITS: &str = "[limits]
 max_in_flight = 2
 header_read_timeout = \"1s\"
 body_read_timeout = \"1s\"
-idle_timeout = \"2s\"
+idle_timeout = \"4s\"
 handshake_timeout = \"2s\"
 max_connections_per_source = 32
 ";
@@ -145,7 +145,7 @@ async fn idle_and_half_sent_connections_are_closed_within_their_timeouts() {
         .write_all(b"POST /v1/tasks HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
         .await
         .expect("write");
-    // HTTP/2, preface and settings sent, then nothing: the idle timeout (2 s) ends it.
+    // HTTP/2, preface and settings sent, then nothing: the idle timeout (4 s) ends it.
     let h2 = raw_tls(&pki, b"h2");
     let mut h2_idle = connect(&h2, server.addr).await;
     h2_idle
@@ -155,16 +155,17 @@ async fn idle_and_half_sent_connections_are_closed_within_their_timeouts() {
 
     assert_eq!(agent_declares(&pki, &server).await, 201);
 
+    // Both HTTP/1.1 connections end at the header timeout, well before the idle one.
     let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
     let closed = closed.expect("idle HTTP/1.1 connection closed");
-    assert!(closed < Duration::from_secs(3), "{closed:?}");
+    assert!(closed < Duration::from_millis(3500), "{closed:?}");
     let (_, closed) = read_until_closed(&mut partial, Duration::from_secs(10)).await;
     let closed = closed.expect("unterminated headers closed");
-    assert!(closed < Duration::from_secs(3), "{closed:?}");
+    assert!(closed < Duration::from_millis(3500), "{closed:?}");
     let (_, closed) = read_until_closed(&mut h2_idle, Duration::from_secs(15)).await;
     let closed = closed.expect("idle HTTP/2 connection closed");
     assert!(
-        closed >= Duration::from_millis(1500) && closed < Duration::from_secs(6),
+        closed >= Duration::from_secs(2) && closed < Duration::from_secs(9),
         "{closed:?}"
     );
 }
@@ -389,5 +390,45 @@ async fn junk_bearer_floods_cost_little_audit_and_show_up_in_summaries() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn responses_that_carry_credentials_are_never_cached() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (pki, server) = start(dir.path(), "");
+    let agent = pki.client_as("agent", AGENT);
+    let (s, task) = post_json(&agent, &server.url("/v1/tasks"), task_body("10m")).await;
+    assert_eq!(s, 201, "{task}");
+    let id = task["task_id"].as_str().expect("task_id");
+    let r = agent
+        .post(server.url(&format!("/v1/tasks/{id}/credentials")))
+        .json(&serde_json::json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5m"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(
+        r.headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
+    );
+    let minted: serde_json::Value = r.json().await.expect("json");
+    let token = minted["credential"]["access_token"]
+        .as_str()
+        .expect("access_token");
+    let r = agent
+        .post(server.url("/v1/introspect"))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
     );
 }

@@ -344,7 +344,14 @@ pub async fn serve(
                     }
                 })
             };
-            let builder = http_builder(&edge);
+            // The protocol ALPN settled goes straight to its parser: the auto-detecting
+            // reader would otherwise wait, with no timeout but the idle one, for a first
+            // byte that an idle client never sends.
+            let builder = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => http_builder(&edge).http2_only(),
+                Some(b"http/1.1") => http_builder(&edge).http1_only(),
+                _ => http_builder(&edge),
+            };
             let connection = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(connection);
             let ended = tokio::select! {
