@@ -528,16 +528,19 @@ async fn junk_attack(f: &Files, bin: &Path, n: usize) -> Row {
     }
     let grown = std::fs::metadata(&audit).map(|m| m.len()).unwrap_or(0) - before;
     let text = std::fs::read_to_string(&audit).unwrap_or_default();
-    let (mut full, mut summarised) = (0u64, 0u64);
-    for v in text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-    {
+    // Bytes of the records the junk caused (the agent's own records are not its cost).
+    let (mut full, mut summarised, mut junk_bytes) = (0u64, 0u64, 0u64);
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["kind"] == "request" && v["principal"].is_null() {
             full += 1;
+            junk_bytes += line.len() as u64 + 1;
         }
         if v["kind"] == "refusals.summary" {
             summarised += v["count"].as_u64().unwrap_or(0);
+            junk_bytes += line.len() as u64 + 1;
         }
     }
     Row {
@@ -545,9 +548,9 @@ async fn junk_attack(f: &Files, bin: &Path, n: usize) -> Row {
         agent,
         rss_peak,
         note: format!(
-            "{n} answered at {:.0} req/s; audit +{grown} B = {:.1} B per unauthenticated request; {full} written in full, {summarised} in summaries",
+            "{n} answered at {:.0} req/s; their records: {junk_bytes} B = {:.1} B per unauthenticated request (the log grew {grown} B, the agent's records included); {full} written in full, {summarised} in summaries",
             n as f64 / took.as_secs_f64(),
-            grown as f64 / n as f64
+            junk_bytes as f64 / n.max(1) as f64
         ),
     }
 }
