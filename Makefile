@@ -8,7 +8,7 @@ PROFILE ?= debug
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
 .PHONY: run build install deps preflight test test-rust test-chart test-aws-capacity lint fmt image test-image \
-	bench bench-deps bench-store clean
+	bench bench-deps bench-store abuse clean
 
 ## Build and start a dev broker on embedded defaults (https://127.0.0.1:8443).
 run:
@@ -102,6 +102,17 @@ bench-deps:
 ## Lease-store durability options (AOF, WAIT) beside the embedded store; not in `bench`.
 bench-store: bench-deps
 	$(CARGO) bench --locked --bench store
+
+## Issue #17: hostile clients (1 000 slow-body, 1 000 idle, 1 000 header-flood
+## connections; 10 000 junk bearer requests) against a built binary from a bounded
+## loopback-only client; prints the agent's success rate and p99, broker RSS and audit
+## bytes per unauthenticated request. Release build unless MAYFLY_BIN names a binary;
+## MAYFLY_ABUSE_CONNS / MAYFLY_ABUSE_JUNK scale it down. Not part of `make test`.
+abuse:
+	@set -e; bin="$${MAYFLY_BIN:-$(CURDIR)/target/release/mayfly}"; \
+	if [ -z "$$MAYFLY_BIN" ]; then $(CARGO) build --locked --release; fi; \
+	ulimit -n 16384 2>/dev/null || true; \
+	MAYFLY_BIN="$$bin" $(CARGO) run --locked --example abuse
 
 clean:
 	$(CARGO) clean

@@ -952,12 +952,20 @@ impl Default for RawStore {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAudit {
     pub path: PathBuf,
+    pub rotate_bytes: u64,
+    pub retain_files: usize,
+    pub anchor_interval: String,
+    pub summary_interval: String,
 }
 
 impl Default for RawAudit {
     fn default() -> Self {
         Self {
             path: "mayfly-audit.jsonl".into(),
+            rotate_bytes: 64 * 1024 * 1024,
+            retain_files: 0,
+            anchor_interval: "10s".into(),
+            summary_interval: "10s".into(),
         }
     }
 }
@@ -975,6 +983,17 @@ pub struct RawLimits {
     pub handshake_timeout: String,
     pub max_page: usize,
     pub max_delegation_depth: usize,
+    pub header_read_timeout: String,
+    pub body_read_timeout: String,
+    pub idle_timeout: String,
+    pub h2_keepalive_interval: String,
+    pub h2_keepalive_timeout: String,
+    pub max_header_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_bytes: u32,
+    pub max_connections_per_source: usize,
+    pub unauth_rate_per_source: u32,
+    pub unauth_burst_per_source: u32,
 }
 
 impl Default for RawLimits {
@@ -990,6 +1009,17 @@ impl Default for RawLimits {
             handshake_timeout: "10s".into(),
             max_page: 500,
             max_delegation_depth: 3,
+            header_read_timeout: "10s".into(),
+            body_read_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            h2_keepalive_interval: "20s".into(),
+            h2_keepalive_timeout: "10s".into(),
+            max_header_bytes: 16 * 1024,
+            h2_max_concurrent_streams: 64,
+            h2_max_header_list_bytes: 16 * 1024,
+            max_connections_per_source: 64,
+            unauth_rate_per_source: 20,
+            unauth_burst_per_source: 40,
         }
     }
 }
@@ -1043,6 +1073,33 @@ pub struct RawJwt {
 pub enum StoreConfig {
     Embedded { path: PathBuf },
     Redis(RedisConfig),
+}
+
+impl StoreConfig {
+    /// Opens (connects to) the store.
+    pub async fn open(&self) -> Result<Arc<dyn LeaseStore>, crate::lease::StoreError> {
+        Ok(match self {
+            StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
+            StoreConfig::Redis(cfg) => Arc::new(RedisStore::connect(cfg).await?),
+        })
+    }
+
+    /// A store named on the command line: a Redis URL (`redis://`, `rediss://`,
+    /// `redis+sentinel://`, `redis+cluster://`) with `key_prefix`, or an existing redb file.
+    pub fn from_location(location: &str, key_prefix: &str) -> Result<Self, ConfigError> {
+        if location.starts_with("redis") {
+            let raw: RawStore = toml::from_str(&format!(
+                "kind = \"redis\"\nurl = {location:?}\nkey_prefix = {key_prefix:?}"
+            ))
+            .map_err(|e| invalid("store.url", e))?;
+            return store_config(raw);
+        }
+        let path = PathBuf::from(location);
+        if !path.is_file() {
+            return Err(invalid("store", format!("{location}: no such store file")));
+        }
+        Ok(StoreConfig::Embedded { path })
+    }
 }
 
 fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
@@ -1112,6 +1169,89 @@ fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
     })
 }
 
+/// Timeouts and limits of the HTTP edge (`[limits]`): what a slow, idle or flooding
+/// client may hold. Every one has a safe default (config/mayfly.full.toml).
+#[derive(Debug, Clone)]
+pub struct EdgeLimits {
+    /// A request's headers must arrive within this (HTTP/1.1; also closes idle
+    /// keep-alive connections that start a request and stall).
+    pub header_read_timeout: Duration,
+    /// A request's whole body must arrive within this, before any work is admitted.
+    pub body_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    pub h2_keepalive_interval: Duration,
+    pub h2_keepalive_timeout: Duration,
+    /// Largest request head (HTTP/1.1 read buffer).
+    pub max_header_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_bytes: u32,
+    /// Connections open at once from one source address; past it new ones are dropped.
+    pub max_connections_per_source: usize,
+    /// Unauthenticated refusals per second a source may cause before its requests without
+    /// a verified client certificate are refused unverified (`unauthenticated_rate_limited`).
+    pub unauth_rate_per_source: u32,
+    pub unauth_burst_per_source: u32,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        // The documented defaults are valid by construction.
+        edge_limits(&RawLimits::default()).unwrap_or_else(|_| unreachable!())
+    }
+}
+
+fn edge_limits(l: &RawLimits) -> Result<EdgeLimits, ConfigError> {
+    let positive = |key: &'static str, s: &str| -> Result<Duration, ConfigError> {
+        let d = dur(key, s)?;
+        if d.is_zero() {
+            return Err(invalid(key, "must be positive"));
+        }
+        Ok(d)
+    };
+    // hyper refuses a read buffer under 8 KiB.
+    if !(8 * 1024..=1024 * 1024).contains(&l.max_header_bytes) {
+        return Err(invalid("limits.max_header_bytes", "must be 8 KiB..=1 MiB"));
+    }
+    if !(1..=1024).contains(&l.h2_max_concurrent_streams) {
+        return Err(invalid(
+            "limits.h2_max_concurrent_streams",
+            "must be 1..=1024",
+        ));
+    }
+    if !(1024..=1024 * 1024).contains(&l.h2_max_header_list_bytes) {
+        return Err(invalid(
+            "limits.h2_max_header_list_bytes",
+            "must be 1 KiB..=1 MiB",
+        ));
+    }
+    if l.max_connections_per_source == 0 {
+        return Err(invalid(
+            "limits.max_connections_per_source",
+            "must be positive",
+        ));
+    }
+    if l.unauth_rate_per_source == 0 || l.unauth_burst_per_source == 0 {
+        return Err(invalid(
+            "limits.unauth_rate_per_source",
+            "rate and burst must be positive",
+        ));
+    }
+    Ok(EdgeLimits {
+        header_read_timeout: positive("limits.header_read_timeout", &l.header_read_timeout)?,
+        body_read_timeout: positive("limits.body_read_timeout", &l.body_read_timeout)?,
+        idle_timeout: positive("limits.idle_timeout", &l.idle_timeout)?,
+        h2_keepalive_interval: positive("limits.h2_keepalive_interval", &l.h2_keepalive_interval)?,
+        h2_keepalive_timeout: positive("limits.h2_keepalive_timeout", &l.h2_keepalive_timeout)?,
+        max_header_bytes: l.max_header_bytes,
+        h2_max_concurrent_streams: l.h2_max_concurrent_streams,
+        h2_max_header_list_bytes: l.h2_max_header_list_bytes,
+        max_connections_per_source: l.max_connections_per_source,
+        unauth_rate_per_source: l.unauth_rate_per_source,
+        unauth_burst_per_source: l.unauth_burst_per_source,
+    })
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -1132,6 +1272,14 @@ pub struct Config {
     /// `/v1` requests served at once; past it a request is shed (503 `overloaded`).
     pub max_in_flight: usize,
     pub handshake_timeout: Duration,
+    /// Timeouts and limits of the HTTP edge against slow, idle and flooding clients.
+    pub edge: EdgeLimits,
+    /// Rotation and retention of the audit log.
+    pub audit_rotation: crate::audit::Rotation,
+    /// How often the audit chain head is published to the store (off-host anchor).
+    pub anchor_interval: Duration,
+    /// How often repeated unauthenticated refusals are written as summary records.
+    pub summary_interval: Duration,
     pub reaper: ReaperConfig,
     pub jwt_issuer: String,
     pub jwt_key: PathBuf,
@@ -1154,8 +1302,18 @@ impl TryFrom<RawConfig> for Config {
             .listen
             .parse()
             .map_err(|e| invalid("listen", format!("{:?}: {e}", raw.listen)))?;
-        if raw.node_id.is_empty() || raw.node_id.len() > 64 {
-            return Err(invalid("node_id", "must be 1..=64 characters"));
+        if raw.node_id.is_empty()
+            || raw.node_id.len() > 64
+            || !raw
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            // It names audit records and the node's anchor key in the store.
+            return Err(invalid(
+                "node_id",
+                "must be 1..=64 characters of A-Z a-z 0-9 - . _",
+            ));
         }
         if raw.trust_domains.is_empty() {
             return Err(invalid(
@@ -1289,6 +1447,22 @@ impl TryFrom<RawConfig> for Config {
         if l.max_in_flight == 0 {
             return Err(invalid("limits.max_in_flight", "must be positive"));
         }
+        let edge = edge_limits(&l)?;
+        let audit_rotation = crate::audit::Rotation {
+            rotate_bytes: raw.audit.rotate_bytes,
+            retain_files: raw.audit.retain_files,
+        };
+        if raw.audit.rotate_bytes < 64 * 1024 {
+            return Err(invalid("audit.rotate_bytes", "must be at least 65536"));
+        }
+        let anchor_interval = dur("audit.anchor_interval", &raw.audit.anchor_interval)?;
+        let summary_interval = dur("audit.summary_interval", &raw.audit.summary_interval)?;
+        if anchor_interval.is_zero() {
+            return Err(invalid("audit.anchor_interval", "must be positive"));
+        }
+        if summary_interval.is_zero() || summary_interval > Duration::from_secs(3600) {
+            return Err(invalid("audit.summary_interval", "must be 1ms..=1h"));
+        }
         let r = raw.reaper;
         if r.batch == 0 || r.max_attempts == 0 {
             return Err(invalid("reaper", "batch and max_attempts must be positive"));
@@ -1324,6 +1498,10 @@ impl TryFrom<RawConfig> for Config {
             max_connections: l.max_connections,
             max_in_flight: l.max_in_flight,
             handshake_timeout: dur("limits.handshake_timeout", &l.handshake_timeout)?,
+            edge,
+            audit_rotation,
+            anchor_interval,
+            summary_interval,
             reaper,
             jwt_issuer: issuer.trim_end_matches('/').to_string(),
             jwt_key: raw.providers.jwt.signing_key_file,
@@ -1368,19 +1546,37 @@ impl TryFrom<RawConfig> for Config {
 
 impl Config {
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Self::from_toml_with_node_id(text, origin, None)
+    }
+
+    /// `from_toml`, with `node_id` replaced when `node_id` is given (the
+    /// `MAYFLY_NODE_ID` environment variable: a StatefulSet sets it from the pod name, so
+    /// every replica's audit records and anchors carry their own node id).
+    pub fn from_toml_with_node_id(
+        text: &str,
+        origin: &Path,
+        node_id: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
             message: e.to_string(),
         })?;
+        if let Some(id) = node_id {
+            raw.node_id = id;
+        }
         raw.try_into()
     }
 
+    /// Reads and validates `path`; `MAYFLY_NODE_ID`, when set, overrides `node_id`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        let node_id = std::env::var("MAYFLY_NODE_ID")
+            .ok()
+            .filter(|v| !v.is_empty());
+        Self::from_toml_with_node_id(&text, path, node_id)
     }
 
     /// Builds every component. Fails (and nothing starts) if any piece is invalid.
@@ -1507,17 +1703,15 @@ impl Config {
         let bundle_sources = self.start_bundle_sources(&bundles, &bearer).await?;
         let bearer = Arc::new(bearer);
         let policy = Arc::new(PolicyEngine::load(&self.policy_dir)?);
-        let store: Arc<dyn LeaseStore> = match &self.store {
-            StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
-            StoreConfig::Redis(cfg) => Arc::new(RedisStore::connect(cfg).await?),
-        };
+        let store = self.store.open().await?;
         let tap = self
             .webhook
             .as_ref()
             .map(crate::webhook::Webhook::start)
             .transpose()
             .map_err(|e| invalid("webhook", e))?;
-        let audit = AuditLog::open_with_tap(&self.audit_path, &self.node_id, tap)?;
+        let audit =
+            AuditLog::open_rotating(&self.audit_path, &self.node_id, tap, self.audit_rotation)?;
         let key = SigningKey::load_or_generate(&self.jwt_key, self.jwt_generate)?;
         let jwt = Arc::new(JwtIssuer::new(self.jwt_issuer.clone(), key));
         let mut providers = Providers::default();
@@ -1627,6 +1821,82 @@ mod tests {
     }
 
     const WAPI: &str = "[workload_api]\nsocket = \"unix:///run/spire/api.sock\"\n";
+
+    const TD: &str = "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n";
+
+    #[test]
+    fn edge_limits_and_audit_keys_have_their_documented_defaults() {
+        let c = config(TD, "").expect("valid");
+        let e = &c.edge;
+        assert_eq!(e.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(e.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(e.idle_timeout, Duration::from_secs(60));
+        assert_eq!(e.h2_keepalive_interval, Duration::from_secs(20));
+        assert_eq!(e.h2_keepalive_timeout, Duration::from_secs(10));
+        assert_eq!(e.max_header_bytes, 16384);
+        assert_eq!(e.h2_max_concurrent_streams, 64);
+        assert_eq!(e.h2_max_header_list_bytes, 16384);
+        assert_eq!(e.max_connections_per_source, 64);
+        assert_eq!(
+            (e.unauth_rate_per_source, e.unauth_burst_per_source),
+            (20, 40)
+        );
+        assert_eq!(c.audit_rotation.rotate_bytes, 67_108_864);
+        assert_eq!(c.audit_rotation.retain_files, 0);
+        assert_eq!(c.anchor_interval, Duration::from_secs(10));
+        assert_eq!(c.summary_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unsafe_edge_limits_are_refused_by_key() {
+        for (extra, want) in [
+            (
+                "[limits]\nmax_header_bytes = 100",
+                "limits.max_header_bytes",
+            ),
+            (
+                "[limits]\nbody_read_timeout = \"0s\"",
+                "limits.body_read_timeout",
+            ),
+            ("[limits]\nidle_timeout = \"soon\"", "limits.idle_timeout"),
+            (
+                "[limits]\nmax_connections_per_source = 0",
+                "limits.max_connections_per_source",
+            ),
+            (
+                "[limits]\nh2_max_concurrent_streams = 0",
+                "limits.h2_max_concurrent_streams",
+            ),
+            ("[audit]\nrotate_bytes = 10", "audit.rotate_bytes"),
+            (
+                "[audit]\nsummary_interval = \"2h\"",
+                "audit.summary_interval",
+            ),
+        ] {
+            let (key, _) = refused(config(TD, extra));
+            assert_eq!(key, want, "{extra}");
+        }
+    }
+
+    #[test]
+    fn mayfly_node_id_overrides_the_configured_node_id_and_is_validated() {
+        let text = format!(
+            "node_id = \"from-file\"\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{TD}\n\
+             [providers.jwt]\nissuer = \"https://mayfly.test\"\nsigning_key_file = \"j.pem\"\n"
+        );
+        let origin = Path::new("t.toml");
+        let c = Config::from_toml_with_node_id(&text, origin, None).expect("valid");
+        assert_eq!(c.node_id, "from-file");
+        let c =
+            Config::from_toml_with_node_id(&text, origin, Some("mayfly-2".into())).expect("valid");
+        assert_eq!(c.node_id, "mayfly-2");
+        let (key, _) = refused(Config::from_toml_with_node_id(
+            &text,
+            origin,
+            Some("a b".into()),
+        ));
+        assert_eq!(key, "node_id");
+    }
 
     #[test]
     fn each_bundle_source_is_inferred_or_named() {

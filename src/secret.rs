@@ -41,8 +41,34 @@ pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Resu
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
+    // `mode` applies only when the file is created: narrow an existing one too.
+    restrict(&f)?;
     f.write_all(bytes)?;
     f.sync_all()
+}
+
+/// Creates `path` (mode 0600) if absent and narrows an existing file to 0600, without
+/// touching its content: for files other code then opens (the redb store).
+pub fn create_private(path: &std::path::Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    restrict(&opts.open(path)?)
+}
+
+#[cfg(unix)]
+fn restrict(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+}
+
+#[cfg(not(unix))]
+fn restrict(_f: &std::fs::File) -> std::io::Result<()> {
+    Ok(())
 }
 
 #[cfg(test)]
@@ -64,5 +90,19 @@ mod tests {
         assert_ne!(a, fingerprint(b"token-valuf"));
         assert!(!a.contains("token"));
         assert_eq!(a.len(), "sha256:".len() + 32);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_is_narrowed_to_0600_even_if_it_existed_wider() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("key.pem");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private_file(&path, b"new").expect("write");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
     }
 }

@@ -49,11 +49,11 @@ async fn harness(audit: Option<&Path>) -> Harness {
 
 impl Harness {
     fn router(&self) -> axum::Router {
-        router(AppState {
-            broker: self.app.broker.clone(),
-            max_body_bytes: 64 * 1024,
-            bearer: self.app.bearer.clone(),
-        })
+        router(AppState::new(
+            self.app.broker.clone(),
+            self.app.bearer.clone(),
+            64 * 1024,
+        ))
     }
 
     async fn call(&self, method: &str, uri: &str, body: Body, ctype: &str) -> (StatusCode, Value) {

@@ -625,3 +625,83 @@ async fn redis_cluster_store_honours_the_contract() {
         .expect("cluster connect");
     contract(Arc::new(store)).await;
 }
+
+/// Audit anchors: one per node, and they only move forward.
+async fn anchor_contract(store: Arc<dyn LeaseStore>) {
+    use mayfly::lease::AuditAnchor;
+    let at = OffsetDateTime::now_utc();
+    let anchor = |node: &str, seq: u64, hash: &str| AuditAnchor {
+        node: node.into(),
+        seq,
+        hash: hash.into(),
+        at,
+    };
+    assert!(store.anchors().await.expect("none yet").is_empty());
+    assert!(
+        store
+            .put_anchor(&anchor("n1", 10, "aa"))
+            .await
+            .expect("put")
+    );
+    assert!(
+        store
+            .put_anchor(&anchor("n1", 12, "bb"))
+            .await
+            .expect("forward")
+    );
+    assert!(
+        store
+            .put_anchor(&anchor("n1", 12, "bb"))
+            .await
+            .expect("same")
+    );
+    assert!(
+        !store
+            .put_anchor(&anchor("n1", 11, "cc"))
+            .await
+            .expect("back"),
+        "a lower seq is refused"
+    );
+    assert!(
+        !store
+            .put_anchor(&anchor("n1", 12, "dd"))
+            .await
+            .expect("fork"),
+        "the same seq with another hash is refused"
+    );
+    assert!(store.put_anchor(&anchor("n2", 3, "ee")).await.expect("n2"));
+    let mut all = store.anchors().await.expect("anchors");
+    all.sort_by(|a, b| a.node.cmp(&b.node));
+    assert_eq!(all, vec![anchor("n1", 12, "bb"), anchor("n2", 3, "ee")]);
+}
+
+#[tokio::test]
+async fn embedded_store_keeps_audit_anchors_moving_forward() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = EmbeddedStore::open(&dir.path().join("leases.redb")).expect("open");
+    anchor_contract(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_audit_anchors_moving_forward() {
+    let redis = common::RedisServer::start(&[]);
+    let store = mayfly::lease::redis::RedisStore::connect(&redis_config(redis.url(), "anchors"))
+        .await
+        .expect("connect");
+    anchor_contract(Arc::new(store)).await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_embedded_store_file_is_owner_only_even_if_it_existed_wider() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("leases.redb");
+    drop(EmbeddedStore::open(&path).expect("create"));
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600, "created 0600");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    drop(EmbeddedStore::open(&path).expect("reopen"));
+    assert_eq!(mode(&path), 0o600, "narrowed on open");
+}

@@ -14,7 +14,7 @@ use crate::provider::ProviderError;
 use crate::task::ScopeError;
 
 /// Problems with a request body, before it reaches the broker.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BodyError {
     #[error("Content-Type must be {0}")]
     UnsupportedMediaType(&'static str),
@@ -22,6 +22,8 @@ pub enum BodyError {
     TooLarge(usize),
     #[error("request body could not be read: {0}")]
     Read(String),
+    #[error("request body did not arrive within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("request body is not valid JSON: {0}")]
     MalformedJson(String),
     #[error("request body has an unknown field: {0}")]
@@ -52,6 +54,8 @@ pub enum ApiError {
     Audit(#[from] AuditError),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    #[error("too many unauthenticated requests from this source; retry later")]
+    UnauthenticatedRateLimited,
 }
 
 /// The stable code of an error response, kept as a response extension so the audit
@@ -133,6 +137,7 @@ impl ApiError {
                 }
                 BodyError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
                 BodyError::Read(_) => (S::BAD_REQUEST, "body_unreadable"),
+                BodyError::Timeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),
                 BodyError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
                 BodyError::UnknownField(_) => (S::BAD_REQUEST, "unknown_field"),
                 BodyError::InvalidField(_) => (S::BAD_REQUEST, "invalid_field"),
@@ -144,6 +149,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Audit(_) => (S::SERVICE_UNAVAILABLE, "audit_unavailable"),
             ApiError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::UnauthenticatedRateLimited => {
+                (S::TOO_MANY_REQUESTS, "unauthenticated_rate_limited")
+            }
             ApiError::Broker(b) => match b {
                 BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
                 BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
@@ -231,7 +239,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if matches!(self, ApiError::Overloaded) {
+        if matches!(
+            self,
+            ApiError::Overloaded | ApiError::UnauthenticatedRateLimited
+        ) {
             // Logging each shed request would add work exactly when there is too much.
         } else if status.is_server_error() {
             tracing::error!(code, error = ?self, "request failed");
@@ -281,7 +292,7 @@ impl ApiError {
                 ..
             })) => Some(*retry_after_secs),
             // A shed request: the overload is momentary.
-            ApiError::Overloaded => Some(1),
+            ApiError::Overloaded | ApiError::UnauthenticatedRateLimited => Some(1),
             _ => None,
         }
     }
@@ -339,6 +350,8 @@ impl From<ApiError> for OAuthError {
         let (status, code) = e.status_and_code();
         let (status, error) = match &e {
             ApiError::Verify(_) => (S::BAD_REQUEST, "invalid_grant"),
+            // Not the client's grant but its connection: keep the transport's status.
+            ApiError::Body(BodyError::Timeout(_)) => (S::REQUEST_TIMEOUT, "invalid_request"),
             ApiError::Broker(BrokerError::Invalid(ScopeError::Target)) => {
                 (S::BAD_REQUEST, "invalid_target")
             }

@@ -89,21 +89,61 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-async fn read_limited(req: Request, limit: usize) -> Result<axum::body::Bytes, BodyError> {
-    let declared = req
-        .headers()
+/// A body the edge could not read in full (too large, too slow): the request goes on
+/// with an empty body and this marker, so its handler answers with the error and the
+/// request is audited like any other.
+#[derive(Debug, Clone)]
+pub struct BodyRejected(pub Arc<BodyError>);
+
+/// Reads the whole body of `req` (at most `limit` bytes, within `timeout`) before the
+/// request is admitted to work; the request continues with the bytes in memory.
+pub async fn buffer_body(req: Request, limit: usize, timeout: std::time::Duration) -> Request {
+    let (mut parts, body) = req.into_parts();
+    match read_body(&parts.headers, body, limit, timeout).await {
+        Ok(bytes) => Request::from_parts(parts, Body::from(bytes)),
+        Err(e) => {
+            if matches!(e, BodyError::Timeout(_)) {
+                metrics::counter!("mayfly_body_read_timeouts_total").increment(1);
+            }
+            parts.extensions.insert(BodyRejected(Arc::new(e)));
+            Request::from_parts(parts, Body::empty())
+        }
+    }
+}
+
+async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<axum::body::Bytes, BodyError> {
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge(limit));
     }
-    let body: Body = req.into_body();
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(BodyError::TooLarge(limit)),
-        Err(e) => Err(BodyError::Read(e.to_string())),
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(BodyError::Timeout(timeout)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(BodyError::TooLarge(limit))
+        }
+        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
     }
+}
+
+async fn read_limited(
+    req: Request,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<axum::body::Bytes, BodyError> {
+    if let Some(BodyRejected(e)) = req.extensions().get::<BodyRejected>() {
+        return Err(e.as_ref().clone());
+    }
+    let (parts, body) = req.into_parts();
+    read_body(&parts.headers, body, limit, timeout).await
 }
 
 fn media_type_is(req: &Request, want: &str) -> bool {
@@ -123,7 +163,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if !media_type_is(&req, "application/json") {
             return Err(BodyError::UnsupportedMediaType("application/json").into());
         }
-        let bytes = read_limited(req, state.max_body_bytes).await?;
+        let bytes = read_limited(req, state.max_body_bytes, state.body_read_timeout).await?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             use serde_json::error::Category;
             let msg = e.to_string();
@@ -148,7 +188,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for FormBody<T> {
                 BodyError::UnsupportedMediaType("application/x-www-form-urlencoded").into(),
             );
         }
-        let bytes = read_limited(req, state.max_body_bytes).await?;
+        let bytes = read_limited(req, state.max_body_bytes, state.body_read_timeout).await?;
         serde_urlencoded::from_bytes(&bytes)
             .map(FormBody)
             .map_err(|e| BodyError::InvalidForm(e.to_string()).into())

@@ -33,8 +33,49 @@ use extract::{Caller, ConnInfo, FormBody, JsonBody, ResolvedCaller, resolve_call
 pub struct AppState {
     pub broker: Arc<Broker>,
     pub max_body_bytes: usize,
+    /// A body must arrive within this (also enforced before admission, see `shed`).
+    pub body_read_timeout: std::time::Duration,
     /// Verifies `Authorization: Bearer` tokens and `/v1/token` subject tokens.
     pub bearer: Arc<crate::identity::bearer::BearerVerifier>,
+    /// Unauthenticated refusals per source (rate limit).
+    pub unauth: Arc<shed::SourceBuckets>,
+    /// Unauthenticated refusals of the current summary interval.
+    pub refusals: Arc<crate::audit::Refusals>,
+}
+
+impl AppState {
+    /// The state with the edge's default limits (`[limits]` defaults).
+    pub fn new(
+        broker: Arc<Broker>,
+        bearer: Arc<crate::identity::bearer::BearerVerifier>,
+        max_body_bytes: usize,
+    ) -> Self {
+        Self::with_edge(
+            broker,
+            bearer,
+            max_body_bytes,
+            &crate::config::EdgeLimits::default(),
+        )
+    }
+
+    pub fn with_edge(
+        broker: Arc<Broker>,
+        bearer: Arc<crate::identity::bearer::BearerVerifier>,
+        max_body_bytes: usize,
+        edge: &crate::config::EdgeLimits,
+    ) -> Self {
+        Self {
+            broker,
+            max_body_bytes,
+            body_read_timeout: edge.body_read_timeout,
+            bearer,
+            unauth: Arc::new(shed::SourceBuckets::new(
+                edge.unauth_rate_per_source,
+                edge.unauth_burst_per_source,
+            )),
+            refusals: Arc::new(crate::audit::Refusals::new()),
+        }
+    }
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -75,6 +116,12 @@ pub fn router(state: AppState) -> Router {
 /// One audit record per `/v1` request, on every exit path: opened here, filled in by
 /// the broker, written before the response leaves. If it cannot be written, the request
 /// fails — and a credential minted for it is revoked, never handed out.
+///
+/// Unauthenticated refusals are the exception that keeps a flood of junk cheap: the
+/// first of each source and code per summary interval is written (capped), the rest are
+/// counted into a `refusals.summary` record, and each one charges its source's bucket.
+/// A source with an empty bucket has its requests without a verified client
+/// certificate refused before any token is verified.
 async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let request_id = Uuid::new_v4().simple().to_string();
     let mut ev = AuditEvent::new("request");
@@ -84,28 +131,42 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string());
-    if let Some(conn) = req.extensions().get::<Arc<ConnInfo>>() {
-        ev.source = Some(conn.peer.ip().to_string());
-    }
-    let resolved = resolve_caller(req.extensions(), req.headers(), &st.bearer).await;
-    match &resolved {
-        Ok(c) => {
-            ev.principal = Some(c.principal().to_string());
-            ev.auth_method = Some(c.method().as_str());
-            ev.credential_not_after = Some(crate::api_time(c.posture().credential_not_after));
-        }
-        Err(e) => ev.detail = Some(format!("identity: {e}")),
-    }
-    req.extensions_mut().insert(ResolvedCaller(resolved));
+    let conn = req.extensions().get::<Arc<ConnInfo>>().cloned();
+    let source_ip = conn.as_ref().map(|c| c.peer.ip());
+    ev.source = source_ip.map(|ip| ip.to_string());
     let route = ev.route.clone().unwrap_or_default();
     let method = ev.method.clone().unwrap_or_default();
-    let scope = AuditScope::new(ev);
-    req.extensions_mut().insert(scope.clone());
+    let cert_verified = conn.as_ref().is_some_and(|c| c.identity.is_ok());
+    let limited = !cert_verified && source_ip.is_some_and(|ip| st.unauth.exhausted(ip));
 
     let started = std::time::Instant::now();
-    // Every log line of this request carries its id (and the audit record has the same).
-    let span = tracing::info_span!("request", request_id = %request_id, route = %route);
-    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    let scope;
+    let mut resp = if limited {
+        ev.detail = Some("unauthenticated requests from this source are rate-limited".into());
+        scope = AuditScope::new(ev);
+        metrics::counter!("mayfly_unauthenticated_rate_limited_total").increment(1);
+        if route == "/v1/token" {
+            OAuthError::from(ApiError::UnauthenticatedRateLimited).into_response()
+        } else {
+            ApiError::UnauthenticatedRateLimited.into_response()
+        }
+    } else {
+        let resolved = resolve_caller(req.extensions(), req.headers(), &st.bearer).await;
+        match &resolved {
+            Ok(c) => {
+                ev.principal = Some(c.principal().to_string());
+                ev.auth_method = Some(c.method().as_str());
+                ev.credential_not_after = Some(crate::api_time(c.posture().credential_not_after));
+            }
+            Err(e) => ev.detail = Some(format!("identity: {e}")),
+        }
+        req.extensions_mut().insert(ResolvedCaller(resolved));
+        scope = AuditScope::new(ev);
+        req.extensions_mut().insert(scope.clone());
+        // Every log line of this request carries its id (and the audit record has the same).
+        let span = tracing::info_span!("request", request_id = %request_id, route = %route);
+        tracing::Instrument::instrument(next.run(req), span).await
+    };
     metrics::histogram!("mayfly_request_duration_seconds", "route" => route.clone())
         .record(started.elapsed().as_secs_f64());
 
@@ -122,7 +183,22 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
             e.decision = Some("deny");
         }
     });
-    if let Err(err) = st.broker.commit(&scope).await {
+    let event = scope.snapshot();
+    let unauthenticated_refusal = event.principal.is_none() && status.is_client_error();
+    let write_full = if unauthenticated_refusal {
+        if let Some(ip) = source_ip {
+            st.unauth.charge(ip);
+        }
+        metrics::counter!("mayfly_unauthenticated_refusals_total").increment(1);
+        st.refusals.observe(
+            event.source.as_deref().unwrap_or("unknown"),
+            code.unwrap_or("refused"),
+            event.route.as_deref(),
+        )
+    } else {
+        true
+    };
+    if write_full && let Err(err) = st.broker.commit(&scope).await {
         resp = if route == "/v1/token" {
             OAuthError::from(ApiError::Audit(err)).into_response()
         } else {
@@ -140,6 +216,12 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    // Credentials (minted, exchanged, introspected) must never sit in a cache; no /v1
+    // answer is worth caching.
+    resp.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
     resp
 }
 

@@ -6,29 +6,49 @@
 //!
 //! Health, readiness, metrics and key discovery are never shed: a probe that fails under
 //! load would get a busy replica restarted, which is worse than slow.
+//!
+//! The permit covers work, not waiting for a client: a `/v1` request's body is read
+//! first (at most `max_body_bytes`, within `body_read_timeout`), so slow senders hold
+//! only their own connection, never a slot an authenticated agent needs.
+//!
+//! [`SourceBuckets`] rate-limits what one source can make the broker do without proving
+//! who it is: each unauthenticated refusal costs a token; a source with none left gets
+//! its requests without a verified client certificate refused before any verification.
 
 use axum::Router;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::error::{ApiError, OAuthError};
 
-/// Wraps `router` so at most `max_in_flight` `/v1` requests run at once.
-pub fn limit_in_flight(router: Router, max_in_flight: usize) -> Router {
+/// How a `/v1` body is read before the request is admitted.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// Wraps `router` so at most `max_in_flight` `/v1` requests run at once, each with its
+/// body already read.
+pub fn limit_in_flight(router: Router, max_in_flight: usize, body: BodyLimits) -> Router {
     let permits = Arc::new(Semaphore::new(max_in_flight));
     router.layer(middleware::from_fn(move |req: Request, next: Next| {
         let permits = permits.clone();
-        async move { admit(&permits, req, next).await }
+        async move { admit(&permits, body, req, next).await }
     }))
 }
 
-async fn admit(permits: &Semaphore, req: Request, next: Next) -> Response {
+async fn admit(permits: &Semaphore, body: BodyLimits, req: Request, next: Next) -> Response {
     if !req.uri().path().starts_with("/v1/") {
         return next.run(req).await;
     }
+    let req = super::extract::buffer_body(req, body.max_bytes, body.timeout).await;
     // Held until the handler (and the audit write) is done.
     let Ok(_permit) = permits.try_acquire() else {
         metrics::counter!("mayfly_requests_shed_total").increment(1);
@@ -41,6 +61,81 @@ async fn admit(permits: &Semaphore, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Per-source token buckets for unauthenticated refusals.
+#[derive(Debug)]
+pub struct SourceBuckets {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Sources tracked at once; past it, full buckets are forgotten, then new sources share
+/// one bucket (a spread-out flood is limited as one).
+const MAX_SOURCES: usize = 16 * 1024;
+const OVERFLOW: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+impl SourceBuckets {
+    pub fn new(rate_per_second: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate_per_second),
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn refilled(&self, b: Bucket, now: Instant) -> Bucket {
+        let gained = now.duration_since(b.at).as_secs_f64() * self.rate;
+        Bucket {
+            tokens: (b.tokens + gained).min(self.burst),
+            at: now,
+        }
+    }
+
+    fn key(&self, map: &mut HashMap<IpAddr, Bucket>, ip: IpAddr, now: Instant) -> IpAddr {
+        if map.contains_key(&ip) || map.len() < MAX_SOURCES {
+            return ip;
+        }
+        map.retain(|_, b| {
+            let gained = now.duration_since(b.at).as_secs_f64() * self.rate;
+            b.tokens + gained < self.burst
+        });
+        if map.len() < MAX_SOURCES {
+            ip
+        } else {
+            OVERFLOW
+        }
+    }
+
+    /// Whether `ip` has no token left: its unauthenticated requests are refused unread.
+    pub fn exhausted(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let key = self.key(&mut map, ip, now);
+        map.get(&key)
+            .is_some_and(|b| self.refilled(*b, now).tokens < 1.0)
+    }
+
+    /// One unauthenticated refusal from `ip`.
+    pub fn charge(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let key = self.key(&mut map, ip, now);
+        let b = map.get(&key).copied().unwrap_or(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let mut b = self.refilled(b, now);
+        b.tokens = (b.tokens - 1.0).max(0.0);
+        map.insert(key, b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::expect_used, reason = "tests")]
@@ -49,7 +144,6 @@ mod tests {
     use axum::http::StatusCode;
     use axum::routing::{get, post};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::{Duration, Instant};
     use tokio::sync::Notify;
     use tower::ServiceExt;
 
@@ -69,7 +163,14 @@ mod tests {
         let r = Router::new()
             .route("/v1/slow", post(slow))
             .route("/healthz", get(|| async { "ok" }));
-        limit_in_flight(r, limit)
+        limit_in_flight(
+            r,
+            limit,
+            BodyLimits {
+                max_bytes: 1024,
+                timeout: Duration::from_secs(5),
+            },
+        )
     }
 
     fn req(path: &str, method: &str) -> Request {
@@ -133,5 +234,25 @@ mod tests {
         release.notify_one();
         let next = next.await.expect("join").expect("infallible");
         assert_eq!(next.status(), StatusCode::CREATED);
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_limited_after_its_burst_and_others_are_not() {
+        let b = SourceBuckets::new(1, 3);
+        let (bad, good): (IpAddr, IpAddr) = (
+            "192.0.2.1".parse().expect("ip"),
+            "192.0.2.2".parse().expect("ip"),
+        );
+        assert!(!b.exhausted(bad), "a source starts with a full bucket");
+        for _ in 0..3 {
+            b.charge(bad);
+        }
+        assert!(b.exhausted(bad));
+        assert!(!b.exhausted(good));
     }
 }

@@ -2,16 +2,18 @@
 //! connection and attaches the result to every request on it. (axum-server does not hand
 //! peer certificates to handlers; this loop does.)
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::future::Future;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -123,6 +125,138 @@ pub fn server_config(serving: Arc<ServingCert>) -> Result<Arc<ServerConfig>, cra
 pub struct ServeOptions {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// Timeouts and limits against slow, idle and flooding clients.
+    pub edge: crate::config::EdgeLimits,
+}
+
+/// Connections open per source address. A slot is held for the life of a connection
+/// (handshake included) and given back when its guard drops.
+#[derive(Debug)]
+pub struct SourceSlots {
+    max: usize,
+    open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+/// One connection's slot in [`SourceSlots`].
+#[derive(Debug)]
+pub struct SourceSlot {
+    slots: Arc<SourceSlots>,
+    ip: IpAddr,
+}
+
+impl SourceSlots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Default::default(),
+        })
+    }
+
+    /// A slot for `ip`, or `None` when it already holds `max` connections.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open from `ip` now.
+    pub fn open_from(&self, ip: IpAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What a connection is doing, for the idle timeout: requests in flight and when the
+/// last one ended. Bytes do not count as activity (HTTP/2 PING acks would keep an idle
+/// connection open forever); requests do.
+struct Activity {
+    in_flight: AtomicUsize,
+    last: std::sync::Mutex<Instant>,
+}
+
+/// Held while a request is being served.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicUsize::new(0),
+            last: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    fn last(&self) -> Instant {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once no request has been in flight for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let wake = self.last() + idle;
+            if self.in_flight.load(Ordering::SeqCst) == 0 && Instant::now() >= wake {
+                return;
+            }
+            let wake = wake.max(Instant::now() + Duration::from_millis(50));
+            tokio::time::sleep_until(wake.into()).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// After a graceful shutdown (idle timeout), how long a connection may take to close
+/// before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The HTTP/1.1 and HTTP/2 settings of every connection. Without `timer` hyper has no
+/// header-read timeout at all, so a client could hold a connection by never finishing
+/// its headers.
+fn http_builder(edge: &crate::config::EdgeLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(edge.header_read_timeout)
+        // The request head must fit the read buffer: this bounds header bytes.
+        .max_buf_size(edge.max_header_bytes)
+        .max_headers(100);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(edge.h2_keepalive_interval)
+        .keep_alive_timeout(edge.h2_keepalive_timeout)
+        .max_concurrent_streams(edge.h2_max_concurrent_streams)
+        .max_header_list_size(edge.h2_max_header_list_bytes)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256));
+    b
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves.
@@ -136,6 +270,8 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let per_source = SourceSlots::new(opts.edge.max_connections_per_source);
+    let edge = Arc::new(opts.edge);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -152,15 +288,27 @@ pub async fn serve(
         };
         // Over the connection limit: shed the connection now rather than queue it.
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("mayfly_connections_refused_total", "reason" => "max_connections")
+                .increment(1);
             tracing::warn!(%peer, "connection limit reached; dropping connection");
             drop(tcp);
             continue;
         };
+        // One source cannot take every slot.
+        let Some(source_slot) = per_source.try_acquire(peer.ip()) else {
+            metrics::counter!("mayfly_connections_refused_total", "reason" => "per_source")
+                .increment(1);
+            tracing::debug!(%peer, "per-source connection limit reached; dropping connection");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, bundles, app) = (acceptor.clone(), bundles.clone(), app.clone());
+        let (acceptor, bundles, app, edge) =
+            (acceptor.clone(), bundles.clone(), app.clone(), edge.clone());
         let timeout = opts.handshake_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let _source_slot = source_slot;
             let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -182,16 +330,43 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "client identity refused");
             }
             let conn = Arc::new(ConnInfo { peer, identity });
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let activity = Activity::new();
+            let svc = {
+                let activity = activity.clone();
+                hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let busy = activity.begin();
                     req.extensions_mut().insert(conn.clone());
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+                    let served = app.clone().oneshot(req.map(axum::body::Body::new));
+                    async move {
+                        let resp = served.await;
+                        drop(busy);
+                        resp
+                    }
+                })
+            };
+            // The protocol ALPN settled goes straight to its parser: the auto-detecting
+            // reader would otherwise wait, with no timeout but the idle one, for a first
+            // byte that an idle client never sends.
+            let builder = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => http_builder(&edge).http2_only(),
+                Some(b"http/1.1") => http_builder(&edge).http1_only(),
+                _ => http_builder(&edge),
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                r = connection.as_mut() => r,
+                () = activity.idle_for(edge.idle_timeout) => {
+                    metrics::counter!("mayfly_connections_closed_total", "reason" => "idle").increment(1);
+                    tracing::debug!(%peer, "idle connection closed");
+                    connection.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with error");
             }
         });

@@ -92,7 +92,22 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Verify the hash chain of an audit log; exits 1 naming the first bad line.
-    Verify { file: PathBuf },
+    ///
+    /// PATH is the log's base path (its rotated files `PATH.NNNNNN` are verified with it,
+    /// as one chain) or a directory (every `*.jsonl` log in it, each with its rotated
+    /// files).
+    Verify {
+        #[arg(value_name = "PATH")]
+        file: PathBuf,
+        /// Also check the tail against the chain heads the brokers published: a Redis
+        /// URL, a redb store file (broker stopped), or a broker config file (its
+        /// `[store]`). A truncated or rewritten tail fails.
+        #[arg(long, value_name = "STORE")]
+        anchors: Option<String>,
+        /// Key prefix of a Redis store given as a URL.
+        #[arg(long, default_value = "mayfly")]
+        key_prefix: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -132,17 +147,13 @@ pub fn run() -> ExitCode {
     init_logging(&cli.log_format);
     match cli.command {
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => match crate::audit::verify_file(&file) {
-            Ok(n) => {
-                println!("ok: {n} records, chain intact");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("audit verify failed: {}: {e}", file.display());
-                ExitCode::FAILURE
-            }
-        },
+            command:
+                AuditCommand::Verify {
+                    file,
+                    anchors,
+                    key_prefix,
+                },
+        } => block_on(false, verify_audit(file, anchors, key_prefix)),
         Command::Policy {
             command: PolicyCommand::Check { dir },
         } => match crate::policy::PolicyEngine::load(&dir) {
@@ -187,6 +198,94 @@ pub fn run() -> ExitCode {
         Command::Exec(args) => block_on(false, exec::run(args)),
         Command::CredentialProcess(args) => client_then(credential_process::run(args)),
     }
+}
+
+/// The log sets at `path`: the set of a base path, or of every `*.jsonl` in a directory
+/// (a rotated file whose base is gone still counts).
+fn audit_sets(path: &std::path::Path) -> std::io::Result<Vec<(PathBuf, Vec<PathBuf>)>> {
+    if !path.is_dir() {
+        return Ok(vec![(path.to_path_buf(), crate::audit::log_set(path)?)]);
+    }
+    let mut bases = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.ends_with(".jsonl") {
+            bases.insert(p.clone());
+        } else if let Some((base, index)) = name.rsplit_once('.')
+            && base.ends_with(".jsonl")
+            && index.len() == 6
+            && index.bytes().all(|b| b.is_ascii_digit())
+        {
+            bases.insert(path.join(base));
+        }
+    }
+    bases
+        .into_iter()
+        .map(|b| crate::audit::log_set(&b).map(|files| (b, files)))
+        .collect()
+}
+
+async fn verify_audit(
+    path: PathBuf,
+    anchors: Option<String>,
+    key_prefix: String,
+) -> Result<(), String> {
+    let fail = |m: String| m;
+    let anchors = match anchors {
+        None => Vec::new(),
+        Some(location) => {
+            let store = if location.ends_with(".toml") {
+                Config::load(std::path::Path::new(&location))
+                    .map_err(|e| fail(e.to_string()))?
+                    .store
+            } else {
+                crate::config::StoreConfig::from_location(&location, &key_prefix)
+                    .map_err(|e| fail(e.to_string()))?
+            };
+            let store = store
+                .open()
+                .await
+                .map_err(|e| fail(format!("cannot open the anchor store: {e}")))?;
+            store
+                .anchors()
+                .await
+                .map_err(|e| fail(format!("cannot read anchors: {e}")))?
+        }
+    };
+    let sets = audit_sets(&path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    if sets.iter().all(|(_, files)| files.is_empty()) {
+        return Err(fail(format!("{}: no audit log files", path.display())));
+    }
+    for (base, files) in sets {
+        if files.is_empty() {
+            continue;
+        }
+        match crate::audit::verify_set(&files, &anchors) {
+            Ok(v) => println!(
+                "ok: {}: {} records in {} file(s), seq {}..={}, chain intact{}",
+                base.display(),
+                v.records,
+                v.files,
+                v.first_seq,
+                v.head.seq,
+                if v.anchored.is_empty() {
+                    String::new()
+                } else {
+                    format!("; tail matches the anchor of {}", v.anchored.join(", "))
+                }
+            ),
+            Err(e) => {
+                return Err(fail(format!(
+                    "audit verify failed: {}: {e}",
+                    base.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs a command's future on a fresh runtime: multi-threaded for the server, one thread
@@ -373,12 +472,31 @@ pub async fn serve(
     let reaper = app.revoker.clone().spawn_reaper();
     spawn_bundle_refresher(&app);
     spawn_policy_reloader(&app);
-    let state = AppState {
-        broker: app.broker.clone(),
-        max_body_bytes: app.config.max_body_bytes,
-        bearer: app.bearer.clone(),
-    };
-    let router = api::shed::limit_in_flight(api::router(state), app.config.max_in_flight);
+    let state = AppState::with_edge(
+        app.broker.clone(),
+        app.bearer.clone(),
+        app.config.max_body_bytes,
+        &app.config.edge,
+    );
+    let refusals = state.refusals.clone();
+    let summaries = crate::audit::spawn_summary_flusher(
+        refusals.clone(),
+        app.audit.clone(),
+        app.config.summary_interval,
+    );
+    let anchors = crate::audit::spawn_anchor_publisher(
+        app.audit.clone(),
+        app.store.clone(),
+        app.config.anchor_interval,
+    );
+    let router = api::shed::limit_in_flight(
+        api::router(state),
+        app.config.max_in_flight,
+        api::shed::BodyLimits {
+            max_bytes: app.config.max_body_bytes,
+            timeout: app.config.edge.body_read_timeout,
+        },
+    );
     tracing::info!(%addr, node = %app.config.node_id, "mayfly listening (mTLS)");
     on_ready(addr);
     api::tls::serve(
@@ -389,11 +507,19 @@ pub async fn serve(
         api::tls::ServeOptions {
             max_connections: app.config.max_connections,
             handshake_timeout: app.config.handshake_timeout,
+            edge: app.config.edge.clone(),
         },
         shutdown_signal(),
     )
     .await;
     reaper.abort();
+    summaries.abort();
+    anchors.abort();
+    // What the last interval counted, and the final head, are not lost with the process.
+    if let Err(e) = refusals.flush(&app.audit).await {
+        tracing::error!(error = %e, "cannot write the last refusal summaries");
+    }
+    crate::audit::publish_anchor(&app.audit, app.store.as_ref(), 0).await;
     tracing::info!("mayfly stopped");
     Ok(())
 }

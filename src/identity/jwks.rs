@@ -11,7 +11,10 @@
 //! - keys pushed by the SPIFFE Workload API replace the set as they arrive and are never
 //!   fetched on demand;
 //! - keys only ever come from these configured sources — never from a token's
-//!   `jku`/`x5u`/`jwk`/`x5c` headers.
+//!   `jku`/`x5u`/`jwk`/`x5c` headers;
+//! - no lock is held across a fetch: one fetch runs at a time, and while it runs every
+//!   verification goes on with the keys already held (only a lookup that has no usable
+//!   key yet — the first load, an unknown `kid` — waits for it).
 
 use jsonwebtoken::DecodingKey;
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
@@ -87,7 +90,10 @@ pub struct KeyCache {
     /// Only `jwt-svid` keys of a SPIFFE bundle (and keys without `use`) are taken.
     spiffe_bundle: bool,
     http: reqwest::Client,
-    state: tokio::sync::Mutex<State>,
+    /// Held only for short, synchronous reads and updates, never across an await.
+    state: std::sync::Mutex<State>,
+    /// Held by the one fetch in flight.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -212,19 +218,26 @@ impl KeyCache {
             settings,
             spiffe_bundle,
             http,
-            state: tokio::sync::Mutex::new(State {
+            state: std::sync::Mutex::new(State {
                 keys: None,
                 fetched_at: None,
                 last_attempt: None,
                 jwks_uri: None,
                 fetches: 0,
             }),
+            fetching: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the small state half-updated in a
+        // way that weakens a check: keys are replaced whole.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How many times the source was read (tests and metrics).
     pub async fn fetch_count(&self) -> u64 {
-        self.state.lock().await.fetches
+        self.state().fetches
     }
 
     async fn get_bytes(&self, url: &str) -> Result<Vec<u8>, KeysError> {
@@ -238,7 +251,7 @@ impl KeyCache {
 
     /// Puts a key set received from the Workload API in force.
     pub async fn replace_keys(&self, keys: Vec<VerificationKey>) {
-        let mut st = self.state.lock().await;
+        let mut st = self.state();
         st.keys = Some(Arc::new(keys));
         st.fetched_at = Some(Instant::now());
         st.fetches += 1;
@@ -248,14 +261,19 @@ impl KeyCache {
     /// refused with `KeysUnavailable` until a new set arrives. Returns whether any key
     /// was held.
     pub async fn clear_keys(&self) -> bool {
-        let mut st = self.state.lock().await;
+        let mut st = self.state();
         st.fetched_at = None;
         st.keys.take().is_some()
     }
 
-    async fn fetch(&self, st: &mut State) -> Result<Vec<VerificationKey>, KeysError> {
-        st.fetches += 1;
-        st.last_attempt = Some(Instant::now());
+    /// Reads the source. Called with `fetching` held and `state` not held.
+    async fn fetch(&self) -> Result<Vec<VerificationKey>, KeysError> {
+        let jwks_uri = {
+            let mut st = self.state();
+            st.fetches += 1;
+            st.last_attempt = Some(Instant::now());
+            st.jwks_uri.clone()
+        };
         metrics::counter!("mayfly_jwks_fetches_total").increment(1);
         let bytes = match &self.source {
             KeySourceSpec::File(p) => tokio::fs::read(p)
@@ -268,8 +286,8 @@ impl KeyCache {
                 ));
             }
             KeySourceSpec::Discovery { issuer } => {
-                let uri = match &st.jwks_uri {
-                    Some(u) => u.clone(),
+                let uri = match jwks_uri {
+                    Some(u) => u,
                     None => {
                         let url = format!("{issuer}/.well-known/openid-configuration");
                         let doc = strict_json::parse(&self.get_bytes(&url).await?)
@@ -284,7 +302,7 @@ impl KeyCache {
                             .and_then(|u| u.as_str())
                             .ok_or_else(|| KeysError::Invalid("discovery: no jwks_uri".into()))?
                             .to_string();
-                        st.jwks_uri = Some(uri.clone());
+                        self.state().jwks_uri = Some(uri.clone());
                         uri
                     }
                 };
@@ -294,9 +312,11 @@ impl KeyCache {
         parse_jwks(&bytes, self.spiffe_bundle, self.settings.max_keys)
     }
 
-    async fn refresh(&self, st: &mut State) -> Result<(), KeysError> {
-        match self.fetch(st).await {
+    /// Fetches and puts the result in force. Called with `fetching` held.
+    async fn refresh(&self) -> Result<(), KeysError> {
+        match self.fetch().await {
             Ok(keys) => {
+                let mut st = self.state();
                 st.keys = Some(Arc::new(keys));
                 st.fetched_at = Some(Instant::now());
                 Ok(())
@@ -315,10 +335,8 @@ impl KeyCache {
 
     /// The key for `kid`, refreshing as the cache rules allow.
     pub async fn lookup(&self, kid: Option<&str>) -> Lookup {
-        // One lock: concurrent misses wait for the fetch in flight instead of each
-        // starting one.
-        let mut st = self.state.lock().await;
         if self.source == KeySourceSpec::Pushed {
+            let st = self.state();
             return match &st.keys {
                 Some(keys) => pick(keys, kid).unwrap_or(Lookup::UnknownKid),
                 None => Lookup::Unavailable(KeysError::Fetch(
@@ -326,28 +344,68 @@ impl KeyCache {
                 )),
             };
         }
-        let now = Instant::now();
-        let stale = st
-            .fetched_at
-            .is_none_or(|t| now.duration_since(t) >= self.settings.ttl);
-        if stale && (st.keys.is_none() || self.cooled(&st, now)) {
-            let first = st.keys.is_none();
-            if let Err(e) = self.refresh(&mut st).await
-                && first
-            {
-                return Lookup::Unavailable(e);
+        let (keys, due) = {
+            let st = self.state();
+            let now = Instant::now();
+            let stale = st
+                .fetched_at
+                .is_none_or(|t| now.duration_since(t) >= self.settings.ttl);
+            (
+                st.keys.clone(),
+                stale && (st.keys.is_none() || self.cooled(&st, now)),
+            )
+        };
+        let keys = match keys {
+            // Stale but usable: refresh only if no fetch is in flight, and in any case
+            // answer with the keys held (a slow issuer delays nobody).
+            Some(keys) => {
+                if due && let Ok(_fetching) = self.fetching.try_lock() {
+                    let _ = self.refresh().await;
+                    self.state().keys.clone().unwrap_or(keys)
+                } else {
+                    keys
+                }
             }
-        }
-        let Some(keys) = st.keys.clone() else {
-            return Lookup::Unavailable(KeysError::Fetch("no key set loaded yet".into()));
+            // Nothing to verify with yet: wait for the fetch in flight, or make one.
+            None => {
+                let _fetching = self.fetching.lock().await;
+                let held = self.state().keys.clone();
+                match held {
+                    Some(k) => k,
+                    None => {
+                        if let Err(e) = self.refresh().await {
+                            return Lookup::Unavailable(e);
+                        }
+                        match self.state().keys.clone() {
+                            Some(k) => k,
+                            None => {
+                                return Lookup::Unavailable(KeysError::Fetch(
+                                    "no key set loaded yet".into(),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
         };
         if let Some(found) = pick(&keys, kid) {
             return found;
         }
-        // Unknown kid: the issuer may have rotated. Refetch, at most once per cooldown.
-        if self.cooled(&st, Instant::now())
-            && self.refresh(&mut st).await.is_ok()
-            && let Some(keys) = st.keys.clone()
+        // Unknown kid: the issuer may have rotated. Wait for a fetch in flight (it may
+        // bring the key), else refetch at most once per cooldown.
+        let _fetching = self.fetching.lock().await;
+        let (held, cooled) = {
+            let st = self.state();
+            (st.keys.clone(), self.cooled(&st, Instant::now()))
+        };
+        if let Some(keys) = &held
+            && let Some(found) = pick(keys, kid)
+        {
+            return found;
+        }
+        if cooled
+            && self.refresh().await.is_ok()
+            && let Some(keys) = self.state().keys.clone()
             && let Some(found) = pick(&keys, kid)
         {
             return found;
@@ -455,5 +513,76 @@ mod tests {
         std::fs::remove_file(&path).expect("rm");
         assert!(matches!(cache.lookup(Some("k1")).await, Lookup::Found(_)));
         assert!(cache.fetch_count().await >= 2);
+    }
+
+    /// An HTTP server that answers the first request with `jwks` and then accepts
+    /// connections without ever answering (a stalled issuer).
+    async fn stalling_issuer(jwks: String) -> (String, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut first = true;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if first {
+                    first = false;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{jwks}",
+                        jwks.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                } else {
+                    held.push(s);
+                }
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn a_stalled_refresh_does_not_hold_up_lookups_with_cached_keys() {
+        crate::install_crypto_provider();
+        let doc = serde_json::json!({"keys": [ec_jwk("k1")]}).to_string();
+        let (url, server) = stalling_issuer(doc).await;
+        let cache = Arc::new(KeyCache::new(
+            KeySourceSpec::Url(url),
+            CacheSettings {
+                ttl: Duration::ZERO,
+                cooldown: Duration::ZERO,
+                max_keys: 8,
+            },
+            false,
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+        ));
+        assert!(matches!(cache.lookup(Some("k1")).await, Lookup::Found(_)));
+        // The keys are stale at once (ttl 0): the next lookup starts a refresh that the
+        // issuer never answers.
+        let stuck = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.lookup(Some("k1")).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cache.fetch_count().await < 2 {
+            assert!(Instant::now() < deadline, "the refresh never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // While it hangs, verifications go on with the cached key, promptly.
+        for _ in 0..20 {
+            let found = tokio::time::timeout(Duration::from_secs(1), cache.lookup(Some("k1")))
+                .await
+                .expect("not blocked behind the stalled fetch");
+            assert!(matches!(found, Lookup::Found(_)));
+        }
+        assert_eq!(cache.fetch_count().await, 2, "one fetch at a time");
+        stuck.abort();
+        server.abort();
     }
 }

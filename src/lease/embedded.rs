@@ -12,7 +12,7 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use super::{
-    DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
+    AuditAnchor, DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
     apply_transition, lease_matches, task_matches,
 };
 use crate::task::{LeaseId, Task, TaskId, TaskState};
@@ -24,6 +24,7 @@ const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
 const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 const DUE_BY_LEASE: TableDefinition<&str, u64> = TableDefinition::new("due_by_lease");
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+const ANCHORS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_anchors");
 /// Deny sets: `(set, member)` → `(seq, until as unix seconds)`.
 const DENY: TableDefinition<(&str, &str), (u64, i64)> = TableDefinition::new("deny");
 /// The last `seq` given out per deny set.
@@ -173,6 +174,10 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
         }
+        // The store holds revocation handles (e.g. Vault accessors): owner-only, also
+        // when the file already existed with a wider mode.
+        crate::secret::create_private(path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         let db = Database::create(path)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         // Create every table up front so read transactions never meet a missing table.
@@ -185,6 +190,7 @@ impl EmbeddedStore {
             tx.open_table(DUE).map_err(db_err)?;
             tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
             tx.open_table(COUNTS).map_err(db_err)?;
+            tx.open_table(ANCHORS).map_err(db_err)?;
             tx.open_table(DENY).map_err(db_err)?;
             tx.open_table(DENY_SEQ).map_err(db_err)?;
         }
@@ -559,6 +565,40 @@ impl LeaseStore for EmbeddedStore {
                 n += 1;
             }
             Ok(n)
+        })
+        .await
+    }
+
+    async fn put_anchor(&self, anchor: &AuditAnchor) -> Result<bool, StoreError> {
+        let anchor = anchor.clone();
+        self.write(move |tx| {
+            let mut t = tx.open_table(ANCHORS).map_err(db_err)?;
+            let stored: Option<AuditAnchor> = t
+                .get(anchor.node.as_str())
+                .map_err(db_err)?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if !super::anchor_advances(stored.as_ref(), &anchor) {
+                return Ok(false);
+            }
+            let bytes = encode(&anchor)?;
+            t.insert(anchor.node.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn anchors(&self) -> Result<Vec<AuditAnchor>, StoreError> {
+        self.run(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let t = tx.open_table(ANCHORS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(db_err)? {
+                let (_, v) = row.map_err(db_err)?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
         })
         .await
     }

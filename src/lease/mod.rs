@@ -232,6 +232,22 @@ pub struct DenyEntry {
     pub seq: u64,
 }
 
+/// The head of one replica's audit chain, published off-host so that a truncated or
+/// rewritten tail of its log is detected (`mayfly audit verify --anchors`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAnchor {
+    pub node: String,
+    pub seq: u64,
+    pub hash: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// Whether a stored anchor may be replaced by `new`: anchors only move forward.
+pub(crate) fn anchor_advances(stored: Option<&AuditAnchor>, new: &AuditAnchor) -> bool {
+    stored.is_none_or(|s| new.seq > s.seq || (new.seq == s.seq && new.hash == s.hash))
+}
+
 /// Durable storage of tasks and leases. Every method is atomic; transitions are checked
 /// against the current state inside the same transaction.
 #[async_trait]
@@ -270,6 +286,13 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Number of leases in the due index with a due time at or before `now`.
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Publishes `anchor` as its node's audit chain head. Anchors only move forward:
+    /// `Ok(false)` (nothing stored) when the stored anchor has a higher seq, or the same
+    /// seq with another hash — the node's log went back, which is what anchors detect.
+    async fn put_anchor(&self, anchor: &AuditAnchor) -> Result<bool, StoreError>;
+    /// The latest anchor of every node.
+    async fn anchors(&self) -> Result<Vec<AuditAnchor>, StoreError>;
 
     // --- Deny sets and role locks (provider revocation state shared by every replica) ---
 

@@ -31,7 +31,7 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{
-    DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
+    AuditAnchor, DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
     apply_transition, lease_matches, task_matches,
 };
 use crate::task::{LeaseId, Task, TaskId, TaskState};
@@ -539,6 +539,23 @@ impl RedisStore {
     }
 }
 
+/// Stores an audit anchor only if it moves forward (see `LeaseStore::put_anchor`).
+/// KEYS: the node's anchor hash, the set of anchored nodes. ARGV: seq, hash, JSON, node.
+static PUT_ANCHOR: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if seq then
+  local cur, new = tonumber(seq), tonumber(ARGV[1])
+  if cur > new then return 0 end
+  if cur == new and redis.call('HGET', KEYS[1], 'hash') ~= ARGV[2] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'hash', ARGV[2], 'json', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1",
+    )
+});
+
 const SCAN_BATCH: usize = 500;
 
 #[async_trait]
@@ -849,6 +866,54 @@ impl LeaseStore for RedisStore {
                 .await
         })
         .await
+    }
+
+    async fn put_anchor(&self, anchor: &AuditAnchor) -> Result<bool, StoreError> {
+        let json = encode(anchor)?;
+        let keys = (self.key("anchor", &anchor.node), self.index("anchors"));
+        let (seq, hash, node) = (anchor.seq, anchor.hash.clone(), anchor.node.clone());
+        let stored: i64 = self
+            .with(|mut c| async move {
+                PUT_ANCHOR
+                    .key(keys.0)
+                    .key(keys.1)
+                    .arg(seq)
+                    .arg(hash)
+                    .arg(json)
+                    .arg(node)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if stored == 0 {
+            return Ok(false);
+        }
+        self.durable().await?;
+        Ok(true)
+    }
+
+    async fn anchors(&self) -> Result<Vec<AuditAnchor>, StoreError> {
+        let set = self.index("anchors");
+        let nodes: Vec<String> = self
+            .with(|mut c| async move { redis::cmd("SMEMBERS").arg(set).query_async(&mut c).await })
+            .await?;
+        let mut out = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let key = self.key("anchor", &node);
+            let json: Option<String> = self
+                .with(|mut c| async move {
+                    redis::cmd("HGET")
+                        .arg(key)
+                        .arg("json")
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            if let Some(j) = json {
+                out.push(decode(&j)?);
+            }
+        }
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
