@@ -48,6 +48,9 @@ pub enum BrokerError {
     TaskExpired(TaskId),
     #[error("{0}")]
     OutOfScope(String),
+    /// RFC 8707: a `resource` the task holds no fitting grant for.
+    #[error("resource {0:?} is not a target of this task's scope for these actions")]
+    InvalidTarget(String),
     #[error("requested ttl {requested}s exceeds the task's remaining {remaining}s")]
     TtlExceedsTask { requested: u64, remaining: u64 },
     #[error("requested ttl {requested}s exceeds the configured maximum {max}s")]
@@ -186,6 +189,11 @@ pub struct ExchangeRequest {
     pub subject_expires_at: OffsetDateTime,
     /// The issuer's `max_exchange_ttl`.
     pub max_task_ttl: Duration,
+    /// RFC 8707 resources beyond `target` (validated URIs): the implicit task holds a
+    /// grant for each, and the token's `aud` covers them all.
+    pub resources: Vec<String>,
+    /// RFC 7638 thumbprint of the DPoP key proved with the request.
+    pub dpop_jkt: Option<String>,
 }
 
 /// The implicit task of a CI job: the same job (and target) always maps to the same
@@ -227,6 +235,7 @@ pub struct Broker {
     limits: Limits,
     faults: Option<FaultHook>,
     anomaly: Arc<AnomalyEngine>,
+    dpop: Arc<crate::identity::dpop::DpopVerifier>,
     /// Held requests, in memory on this replica (see docs/operations.md).
     approvals: std::sync::Mutex<std::collections::HashMap<String, Approval>>,
 }
@@ -247,6 +256,8 @@ pub struct BrokerParts {
     pub limits: Limits,
     pub faults: Option<FaultHook>,
     pub anomaly: Arc<AnomalyEngine>,
+    /// Checks DPoP proofs (RFC 9449); its `jti` set is in the store.
+    pub dpop: Arc<crate::identity::dpop::DpopVerifier>,
 }
 
 fn secs(d: Duration) -> u64 {
@@ -297,6 +308,7 @@ impl Broker {
             limits: p.limits,
             faults: p.faults,
             anomaly: p.anomaly,
+            dpop: p.dpop,
             approvals: std::sync::Mutex::default(),
         }
     }
@@ -310,6 +322,10 @@ impl Broker {
 
     pub fn jwt(&self) -> &JwtIssuer {
         &self.jwt
+    }
+
+    pub fn dpop(&self) -> &crate::identity::dpop::DpopVerifier {
+        &self.dpop
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -448,7 +464,10 @@ impl Broker {
             return Err(BrokerError::NoJobClaims);
         }
         let now = OffsetDateTime::now_utc();
-        let id = job_task_id(caller.principal(), &req.job, &req.target);
+        // Several resources make one task: its key names them all (a URI has no space).
+        let mut targets = vec![req.target.clone()];
+        targets.extend(req.resources.iter().filter(|r| **r != req.target).cloned());
+        let id = job_task_id(caller.principal(), &req.job, &targets.join(" "));
         let task = match self.store.task(&id).await? {
             Some(t) => t,
             None => {
@@ -460,12 +479,15 @@ impl Broker {
                 let job = req.job.join("/");
                 let raw = crate::task::RawTaskRequest {
                     purpose: format!("CI job {job}"),
-                    scope: vec![crate::task::RawGrant {
-                        provider: ProviderKind::Jwt.as_str().to_string(),
-                        target: req.target.clone(),
-                        actions: req.actions.clone(),
-                        resources: Vec::new(),
-                    }],
+                    scope: targets
+                        .iter()
+                        .map(|t| crate::task::RawGrant {
+                            provider: ProviderKind::Jwt.as_str().to_string(),
+                            target: t.clone(),
+                            actions: req.actions.clone(),
+                            resources: Vec::new(),
+                        })
+                        .collect(),
                     ttl: serde_json::Value::from(ttl.as_secs().max(1)),
                     labels: [
                         ("mayfly.exchange".to_string(), "rfc8693".to_string()),
@@ -491,6 +513,8 @@ impl Broker {
             actions: Some(req.actions.into_iter().collect()),
             resources: None,
             ttl: None,
+            resource: targets,
+            dpop_jkt: req.dpop_jkt,
         };
         self.request_credential(caller, &task.id, creq, ev).await
     }
@@ -843,6 +867,20 @@ impl Broker {
                 held.key()
             )));
         }
+        // RFC 8707: every resource must be a target the task may reach with these
+        // actions; together they become the token's audience.
+        for r in &req.resource {
+            let fits = req.provider == ProviderKind::Jwt
+                && task.scope.grant_for(ProviderKind::Jwt, r).is_some_and(|g| {
+                    g.covers(&Grant {
+                        target: r.clone(),
+                        ..wanted.clone()
+                    })
+                });
+            if !fits {
+                return Err(BrokerError::InvalidTarget(r.clone()));
+            }
+        }
         let remaining = task.remaining(now);
         let ttl = req
             .ttl
@@ -896,10 +934,10 @@ impl Broker {
         });
         let delegators = self.delegators(&task).await?;
         let issued = if provider.mints_in_process() {
-            self.mint_in_process(provider.as_ref(), lease, &task, caller, &delegators)
+            self.mint_in_process(provider.as_ref(), lease, &task, caller, &delegators, &req)
                 .await?
         } else {
-            self.mint_upstream(provider.as_ref(), lease, &task, caller, &delegators)
+            self.mint_upstream(provider.as_ref(), lease, &task, caller, &delegators, &req)
                 .await?
         };
         ev.set(|e| e.credential_fingerprint = issued.lease.fingerprint.clone());
@@ -920,6 +958,7 @@ impl Broker {
         task: &Task,
         caller: &VerifiedCaller,
         delegators: &[Principal],
+        binding: &CredentialRequest,
     ) -> Result<Issued, BrokerError> {
         let minted = provider
             .mint(MintRequest {
@@ -927,6 +966,8 @@ impl Broker {
                 task,
                 caller,
                 delegation: delegators,
+                audience: &binding.resource,
+                dpop_jkt: binding.dpop_jkt.as_deref(),
             })
             .await?;
         self.crash_at(FaultPoint::AfterMint, &lease.id)?;
@@ -969,6 +1010,7 @@ impl Broker {
         task: &Task,
         caller: &VerifiedCaller,
         delegators: &[Principal],
+        binding: &CredentialRequest,
     ) -> Result<Issued, BrokerError> {
         self.store
             .put_new(&lease, after(lease.issued_at, self.limits.pending_timeout))
@@ -983,6 +1025,8 @@ impl Broker {
                 task,
                 caller,
                 delegation: delegators,
+                audience: &binding.resource,
+                dpop_jkt: binding.dpop_jkt.as_deref(),
             })
             .await
         {

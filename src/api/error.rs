@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::audit::AuditError;
 use crate::broker::BrokerError;
 use crate::identity::VerifyError;
+use crate::identity::dpop::DpopError;
 use crate::lease::StoreError;
 use crate::provider::ProviderError;
 use crate::task::ScopeError;
@@ -52,6 +53,8 @@ pub enum ApiError {
     Audit(#[from] AuditError),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    #[error(transparent)]
+    Dpop(#[from] DpopError),
 }
 
 /// The stable code of an error response, kept as a response extension so the audit
@@ -110,6 +113,7 @@ fn scope_code(e: &ScopeError) -> &'static str {
         ScopeError::UnknownProvider(_) => "unknown_provider",
         ScopeError::Purpose => "invalid_purpose",
         ScopeError::Delegatee(_) => "invalid_principal",
+        ScopeError::Resource(_) => "invalid_target",
         _ => "invalid_scope",
     }
 }
@@ -136,6 +140,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Audit(_) => (S::SERVICE_UNAVAILABLE, "audit_unavailable"),
             ApiError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::Dpop(DpopError::Store(_)) => (S::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ApiError::Dpop(e) => (S::BAD_REQUEST, e.code()),
             ApiError::Broker(b) => match b {
                 BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
                 BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
@@ -144,6 +150,7 @@ impl ApiError {
                 BrokerError::TaskNotActive { .. } => (S::CONFLICT, "task_not_active"),
                 BrokerError::TaskExpired(_) => (S::CONFLICT, "task_expired"),
                 BrokerError::OutOfScope(_) => (S::FORBIDDEN, "out_of_scope"),
+                BrokerError::InvalidTarget(_) => (S::BAD_REQUEST, "invalid_target"),
                 BrokerError::TtlExceedsTask { .. } => (S::BAD_REQUEST, "ttl_exceeds_task"),
                 BrokerError::TtlExceedsLimit { .. } => (S::BAD_REQUEST, "ttl_exceeds_limit"),
                 BrokerError::PolicyDenied { .. } => (S::FORBIDDEN, "policy_denied"),
@@ -182,6 +189,9 @@ impl ApiError {
                 BrokerError::Provider(ProviderError::PolicyTooLarge { .. }) => {
                     (S::BAD_REQUEST, "policy_too_large")
                 }
+                BrokerError::Provider(ProviderError::BindingRequired) => {
+                    (S::BAD_REQUEST, "binding_required")
+                }
                 BrokerError::Provider(ProviderError::RateLimited { .. }) => {
                     (S::TOO_MANY_REQUESTS, "rate_limited")
                 }
@@ -200,6 +210,7 @@ impl ApiError {
         if status.is_server_error() {
             match self {
                 ApiError::Audit(_) | ApiError::Overloaded => self.to_string(),
+                ApiError::Dpop(DpopError::Store(_)) => "the lease store is unavailable".into(),
                 ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
                 // The upstream's own reason helps the caller and reveals nothing of ours.
                 ApiError::Broker(BrokerError::Provider(
@@ -330,6 +341,17 @@ impl From<ApiError> for OAuthError {
         let (status, code) = e.status_and_code();
         let (status, error) = match &e {
             ApiError::Verify(_) => (S::BAD_REQUEST, "invalid_grant"),
+            // RFC 9449 §5 and §8.
+            ApiError::Dpop(DpopError::UseNonce) => (S::BAD_REQUEST, "use_dpop_nonce"),
+            ApiError::Dpop(DpopError::Store(_)) => {
+                (S::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+            }
+            ApiError::Dpop(_)
+            | ApiError::Broker(BrokerError::Provider(ProviderError::BindingRequired)) => {
+                (S::BAD_REQUEST, "invalid_dpop_proof")
+            }
+            ApiError::Broker(BrokerError::Invalid(ScopeError::Resource(_)))
+            | ApiError::Broker(BrokerError::InvalidTarget(_)) => (S::BAD_REQUEST, "invalid_target"),
             ApiError::Broker(BrokerError::Invalid(ScopeError::Target)) => {
                 (S::BAD_REQUEST, "invalid_target")
             }

@@ -243,6 +243,7 @@ fn full_grant(g: &Grant) -> Result<CredentialSpec, ScopeError> {
             actions: None,
             resources: None,
             ttl: None,
+            resource: None,
         },
         Naming::Default,
     )
@@ -306,6 +307,7 @@ fn credential_entry(
             actions: c.actions,
             resources: c.resources,
             ttl: c.ttl,
+            resource: None,
         },
         naming,
     )
