@@ -545,6 +545,9 @@ typ = ["JWT"]
 allow_insecure_http = true
 job_claims = ["run_id"]
 max_exchange_ttl = "30m"
+
+[providers.jwt.targets."https://strict.test/mcp"]
+binding = "required"
 "#,
         iss = oidc.issuer
     );
@@ -621,5 +624,71 @@ max_exchange_ttl = "30m"
     assert_eq!(
         (&info["token_type"], &info["cnf"]),
         (&json!("DPoP"), &json!({"jkt": key.thumbprint()}))
+    );
+
+    // A target that requires binding refuses a bearer caller without a proof...
+    let (s, err) = exchange(subject("3").await, vec!["https://strict.test/mcp"], None).await;
+    assert_eq!(
+        (s, err["error"].as_str()),
+        (400, Some("invalid_dpop_proof")),
+        "{err}"
+    );
+    // ...and without one a bearer caller gets a plain bearer token elsewhere.
+    let (s, body) = exchange(subject("4").await, vec![a], None).await;
+    assert_eq!(
+        (s, body["token_type"].as_str()),
+        (200, Some("Bearer")),
+        "{body}"
+    );
+    assert!(jwt_payload(body["access_token"].as_str().expect("token"))["cnf"].is_null());
+
+    // The same CI identity as a bearer caller on the task routes: its proof must carry
+    // the hash of the Authorization token (ath).
+    let bearer = subject("5").await;
+    let r = anon
+        .post(env.server.url("/v1/tasks"))
+        .bearer_auth(&bearer)
+        .json(&json!({"purpose": "p", "scope": [{"provider": "jwt", "target": a, "actions": ["read"]}], "ttl": "10m"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 201);
+    let task: Value = r.json().await.expect("json");
+    let task = task["task_id"].as_str().expect("id");
+    let path = format!("/v1/tasks/{task}/credentials");
+    let mint = |p: String| {
+        anon.post(env.server.url(&path))
+            .bearer_auth(&bearer)
+            .header("DPoP", p)
+            .json(&json!({"provider": "jwt", "target": a}))
+            .send()
+    };
+    let url = format!("{ISSUER}{path}");
+    let r = mint(proof(&key, "POST", &url, None)).await.expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let err: Value = r.json().await.expect("json");
+    assert_eq!(err["code"], "dpop_proof_ath", "{err}");
+    let r = mint(proof(&key, "POST", &url, Some(&bearer)))
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 201);
+    let cred: Value = r.json().await.expect("json");
+    assert_eq!(cred["credential"]["token_type"], "DPoP", "{cred}");
+}
+
+#[tokio::test]
+async fn a_target_with_binding_off_gets_plain_bearer_tokens_even_over_mtls() {
+    let env = start("[providers.jwt.targets.\"https://legacy.test/api\"]\nbinding = \"off\"\n");
+    let agent = env.pki.client_as("agent", AGENT);
+    let task = declare(&agent, &env.server, &["https://legacy.test/api"]).await;
+    let body = json!({"provider": "jwt", "target": "https://legacy.test/api"});
+    let (s, cred) = credential(&agent, &env.server, &task, body, None).await;
+    assert_eq!(s, 201, "{cred}");
+    let token = cred["credential"]["access_token"].as_str().expect("token");
+    assert!(jwt_payload(token)["cnf"].is_null());
+    let info = introspect(&agent, &env.server.url("/v1/introspect"), token).await;
+    assert_eq!(
+        (&info["active"], &info["cnf"]),
+        (&json!(true), &Value::Null)
     );
 }
