@@ -692,3 +692,44 @@ async fn a_target_with_binding_off_gets_plain_bearer_tokens_even_over_mtls() {
         (&json!(true), &Value::Null)
     );
 }
+
+#[tokio::test]
+async fn with_server_nonces_on_a_proof_needs_the_nonce_the_server_announced() {
+    let secret_dir = tempfile::tempdir().expect("tmp");
+    let secret = secret_dir.path().join("nonce.key");
+    std::fs::write(&secret, [42u8; 32]).expect("secret");
+    let env = start(&format!("[dpop]\nnonce_secret_file = {secret:?}\n"));
+    let agent = env.pki.client_as("agent", AGENT);
+    let task = declare(&agent, &env.server, &["https://rs.test/api"]).await;
+    let key = ProofKey::generate(false).expect("key").0;
+    let path = format!("/v1/tasks/{task}/credentials");
+    let url = format!("{ISSUER}{path}");
+    let send = |p: String| {
+        agent
+            .post(env.server.url(&path))
+            .header("DPoP", p)
+            .json(&json!({"provider": "jwt", "target": "https://rs.test/api"}))
+            .send()
+    };
+    let r = send(proof(&key, "POST", &url, None)).await.expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let nonce = r
+        .headers()
+        .get("dpop-nonce")
+        .and_then(|v| v.to_str().ok())
+        .expect("a DPoP-Nonce header")
+        .to_string();
+    let err: Value = r.json().await.expect("json");
+    assert_eq!(err["code"], "use_dpop_nonce", "{err}");
+    let with_nonce = key
+        .proof(&ProofRequest {
+            method: "POST".into(),
+            url: url.clone(),
+            nonce: Some(nonce),
+            ..Default::default()
+        })
+        .expect("proof");
+    let r = send(with_nonce).await.expect("send");
+    assert_eq!(r.status().as_u16(), 201);
+    assert!(r.headers().contains_key("dpop-nonce"));
+}
