@@ -1750,6 +1750,42 @@ mod tests {
     const WAPI: &str = "[workload_api]\nsocket = \"unix:///run/spire/api.sock\"\n";
 
     #[test]
+    fn binding_and_dpop_settings_have_their_documented_defaults_and_bounds() {
+        let td = "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n";
+        let c = config(td, "").expect("valid");
+        assert_eq!(c.jwt_bindings, BindingRules::default());
+        assert_eq!(c.jwt_bindings.default, Binding::Optional);
+        assert_eq!(
+            (c.dpop.max_age, c.dpop.leeway, c.dpop.nonce_lifetime),
+            (
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+                Duration::from_secs(60)
+            )
+        );
+        assert_eq!(c.dpop.nonce_secret_file, None);
+        let c = config(
+            td,
+            "[providers.jwt.targets.\"https://x.test\"]\nbinding = \"required\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.jwt_bindings.for_target("https://x.test"),
+            Binding::Required
+        );
+        assert_eq!(
+            c.jwt_bindings.for_target("https://y.test"),
+            Binding::Optional
+        );
+        for (extra, want) in [
+            ("[dpop]\nmax_age = \"11m\"\n", "dpop.max_age"),
+            ("[dpop]\nleeway = \"2m\"\n", "dpop.leeway"),
+        ] {
+            assert_eq!(refused(config(td, extra)).0, want, "{extra}");
+        }
+    }
+
+    #[test]
     fn each_bundle_source_is_inferred_or_named() {
         let c = config(
             "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n\

@@ -814,8 +814,7 @@ async fn token_exchange(
     let result = async {
         let FormBody(pairs) = form?;
         let f = token_form(pairs)?;
-        let dpop_jkt = dpop_proof(&st, &headers, "POST", uri.path()).await?;
-        token_exchange_inner(&st, ev, conn, f, dpop_jkt).await
+        token_exchange_inner(&st, ev, conn, f, (&headers, uri.path())).await
     }
     .await;
     with_dpop_nonce(&st, result.unwrap_or_else(IntoResponse::into_response))
@@ -854,7 +853,7 @@ async fn token_exchange_inner(
     ev: Ev,
     conn: Option<axum::Extension<Arc<ConnInfo>>>,
     f: TokenForm,
-    dpop_jkt: Option<String>,
+    (headers, path): (&HeaderMap, &str),
 ) -> Result<Response, OAuthError> {
     let ev = audit_scope(&ev);
     if f.grant_type.as_deref() != Some(GRANT_TOKEN_EXCHANGE) {
@@ -931,6 +930,8 @@ async fn token_exchange_inner(
         e.credential_not_after = Some(crate::api_time(verified.expires_at));
         e.detail = None;
     });
+    // After the subject token: an unauthenticated request never writes a jti.
+    let dpop_jkt = dpop_proof(st, headers, "POST", path).await?;
     let req = crate::broker::ExchangeRequest {
         target,
         actions,
