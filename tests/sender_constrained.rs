@@ -469,10 +469,11 @@ async fn exec_refetches_certificate_bound_tokens_when_the_svid_rotates() {
     )
     .expect("task file");
     let (ready, first, second) = (dir.join("ready"), dir.join("first"), dir.join("second"));
+    let mode = dir.join("mode");
     // The command keeps the first token, says it is ready, and waits (up to 30 s) for
     // the file to hold another one.
     let script = format!(
-        "t=\"$MAYFLY_CREDENTIALS_DIR/MAYFLY_TOKEN\"; cp \"$t\" {first:?}; touch {ready:?}; \
+        "t=\"$MAYFLY_CREDENTIALS_DIR/MAYFLY_TOKEN\"; stat -c %a \"$t\" > {mode:?}; cp \"$t\" {first:?}; touch {ready:?}; \
          i=0; while cmp -s \"$t\" {first:?} && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
          cp \"$t\" {second:?}"
     );
@@ -521,13 +522,10 @@ async fn exec_refetches_certificate_bound_tokens_when_the_svid_rotates() {
     assert_ne!(t1, t2, "the token was refetched");
     assert_eq!(jwt_payload(&t1)["cnf"], json!({"x5t#S256": before}));
     assert_eq!(jwt_payload(&t2)["cnf"], json!({"x5t#S256": after}));
-    // The refreshed file is private.
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(creds.join("MAYFLY_TOKEN"))
-        .expect("token file")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    // The files were private while CMD ran, and are gone once the task has ended.
+    assert_eq!(std::fs::read_to_string(&mode).expect("mode").trim(), "600");
+    assert!(!creds.join("MAYFLY_TOKEN").exists());
+    assert!(!creds.join("MAYFLY_TASK_ID").exists());
 }
 
 /// The RFC 8693 exchange with a DPoP proof and several RFC 8707 resources, for a CI job

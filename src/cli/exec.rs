@@ -139,6 +139,8 @@ struct Run<'a> {
     args: &'a ExecArgs,
     file: &'a TaskFile,
     task: &'a TaskId,
+    /// Files written under `--refresh-dir`, removed when the run ends.
+    written: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 impl Run<'_> {
@@ -214,7 +216,7 @@ impl Run<'_> {
         };
         let mut refresh = None;
         if let Some(dir) = &self.args.refresh_dir {
-            if let Err(e) = write_dir(dir, &env) {
+            if let Err(e) = self.write_dir(dir, &env) {
                 return Ended::Failed(e);
             }
             env.push(EnvVar {
@@ -326,22 +328,43 @@ fn cert_digest(path: &std::path::Path) -> Option<[u8; 32]> {
         .map(|b| sha2::Sha256::digest(b).into())
 }
 
-/// Writes each variable to `dir/NAME`, mode 0600, each by an atomic rename so CMD never
-/// reads half a token.
-fn write_dir(dir: &std::path::Path, env: &[EnvVar]) -> Result<(), CliError> {
-    let io = |context: String| move |source| CliError::Io { context, source };
-    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    for v in env {
-        let tmp = dir.join(format!(".{}.tmp", v.name));
-        crate::secret::write_private_file(&tmp, v.value.expose().as_bytes())
-            .map_err(io(format!("cannot write {}", tmp.display())))?;
-        std::fs::rename(&tmp, dir.join(&v.name))
-            .map_err(io(format!("cannot write {}", dir.join(&v.name).display())))?;
-    }
-    Ok(())
-}
-
 impl Run<'_> {
+    /// Writes each variable to `dir/NAME`, mode 0600, each by an atomic rename so CMD
+    /// never reads half a token.
+    fn write_dir(&self, dir: &std::path::Path, env: &[EnvVar]) -> Result<(), CliError> {
+        let io = |context: String| move |source| CliError::Io { context, source };
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        for v in env {
+            let (tmp, path) = (dir.join(format!(".{}.tmp", v.name)), dir.join(&v.name));
+            self.remember(tmp.clone());
+            crate::secret::write_private_file(&tmp, v.value.expose().as_bytes())
+                .map_err(io(format!("cannot write {}", tmp.display())))?;
+            self.remember(path.clone());
+            std::fs::rename(&tmp, &path).map_err(io(format!("cannot write {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    fn remember(&self, path: PathBuf) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path);
+    }
+
+    /// Removes the credential files once the task has ended: their tokens are revoked,
+    /// but an offline verifier would accept one until its `exp`.
+    fn remove_written(&self) {
+        let written = std::mem::take(&mut *self.written.lock().unwrap_or_else(|p| p.into_inner()));
+        for path in written {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("mayfly: cannot remove {}: {e}", path.display()),
+            }
+        }
+    }
+
     /// After an SVID rotation (the --cert file changed), fetches the jwt credentials
     /// again over a connection with the new certificate and rewrites their files. A
     /// half-written rotation (certificate and key not matching yet) fails to connect and
@@ -361,7 +384,7 @@ impl Run<'_> {
         let written = fetched.and_then(|m| {
             let env = self.place(&m)?;
             r.minted = m;
-            write_dir(&r.dir, &env)
+            self.write_dir(&r.dir, &env)
         });
         match written {
             Ok(()) => {
@@ -433,10 +456,12 @@ pub async fn run(args: ExecArgs) -> Result<ExitCode, CliError> {
         args: &args,
         file: &file,
         task: &task,
+        written: Default::default(),
     };
     run.say(format_args!("declared task {task}"));
     let ended = run.after_declaring(&client, &mut signals).await;
     let completed = complete(&args.conn, &task).await;
+    run.remove_written();
     Ok(finish(ended, completed, &run))
 }
 

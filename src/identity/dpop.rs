@@ -199,8 +199,9 @@ impl NonceKey {
     }
 }
 
-/// What a proof must match: the request it came with.
-#[derive(Debug, Clone, Copy)]
+/// What a proof must match: the request it came with. (No `Debug`: it holds the
+/// access token.)
+#[derive(Clone, Copy)]
 pub struct ProofContext<'a> {
     /// The HTTP method, as sent (`POST`).
     pub method: &'a str,
