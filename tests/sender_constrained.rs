@@ -29,6 +29,11 @@ struct ResourceServer {
 
 impl ResourceServer {
     fn start(pki: &Pki, mayfly: &Server, audience: &str) -> Self {
+        Self::start_for(pki, mayfly, audience, ISSUER)
+    }
+
+    /// A resource server trusting tokens of `issuer`.
+    fn start_for(pki: &Pki, mayfly: &Server, audience: &str, issuer: &str) -> Self {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resource_server/server.py");
         let mut child = Command::new("python3")
@@ -38,7 +43,7 @@ impl ResourceServer {
             .args(["--client-ca", pki.bundle_a.to_str().expect("utf8")])
             .args(["--jwks-url", &mayfly.url("/.well-known/jwks.json")])
             .args(["--jwks-ca", pki.bundle_a.to_str().expect("utf8")])
-            .args(["--issuer", ISSUER, "--audience", audience])
+            .args(["--issuer", issuer, "--audience", audience])
             .arg("--require-binding")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -730,4 +735,108 @@ async fn with_server_nonces_on_a_proof_needs_the_nonce_the_server_announced() {
     let r = send(with_nonce).await.expect("send");
     assert_eq!(r.status().as_u16(), 201);
     assert!(r.headers().contains_key("dpop-nonce"));
+}
+
+/// The MCP authorization discovery of docs/mcp-authorization.md, followed by a client:
+/// 401 → the resource's RFC 9728 metadata → its authorization server (Mayfly) → Mayfly's
+/// RFC 8414 metadata fetched from the issuer URL → a token for the resource → 200.
+#[tokio::test]
+async fn a_client_follows_the_mcp_servers_protected_resource_metadata_to_mayfly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(dir.path());
+    // The broker is reachable under its issuer name: its certificate names the host and
+    // the issuer carries the port it listens on.
+    let spec = mayfly::pki::LeafSpec::server(
+        None,
+        &["localhost", "mayfly.test"],
+        &["127.0.0.1".parse().expect("ip")],
+        30,
+    );
+    pki.issue_with(&pki.ca_a, "server", &spec);
+    let port = free_port();
+    let issuer = format!("https://mayfly.test:{port}");
+    let text = std::fs::read_to_string(write_config(dir.path(), &pki, &ConfigOptions::default()))
+        .expect("config")
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        )
+        .replace(
+            "issuer = \"https://mayfly.test\"",
+            &format!("issuer = \"{issuer}\""),
+        );
+    let config = dir.path().join("mayfly-mcp.toml");
+    std::fs::write(&config, text).expect("config");
+    let server = Server::serve(&config);
+    let resource = "https://mcp.test/";
+    let rs = ResourceServer::start_for(&pki, &server, resource, &issuer);
+
+    let agent_pair = pki.svid("agent", AGENT);
+    let agent = {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.bundle_a).expect("ca"))
+            .expect("ca pem");
+        let mut pem = std::fs::read(&agent_pair.cert).expect("cert");
+        pem.extend(std::fs::read(&agent_pair.key).expect("key"));
+        reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .identity(reqwest::Identity::from_pem(&pem).expect("identity"))
+            .resolve("mayfly.test", server.addr)
+            .build()
+            .expect("client")
+    };
+
+    // 1. Without a token the MCP server answers 401 and names its metadata.
+    let r = agent.get(rs.url("/tools")).send().await.expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .expect("challenge")
+        .to_string();
+    let metadata_url = challenge
+        .split("resource_metadata=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("resource_metadata parameter");
+    // 2. RFC 9728 §2: `resource` is REQUIRED; `authorization_servers` names Mayfly.
+    let (s, prm) = get(&agent, metadata_url).await;
+    assert_eq!(s, 200);
+    assert_eq!(prm["resource"], resource, "{prm}");
+    let as_issuer = prm["authorization_servers"][0]
+        .as_str()
+        .expect("authorization server");
+    assert_eq!(as_issuer, issuer);
+    // 3. RFC 8414 §3: the metadata at the issuer's well-known URL, whose `issuer` is
+    // exactly the issuer it was fetched for (§3.3).
+    let (s, asm) = get(
+        &agent,
+        &format!("{as_issuer}/.well-known/oauth-authorization-server"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(asm["issuer"], as_issuer);
+    assert_eq!(asm["tls_client_certificate_bound_access_tokens"], true);
+    let (s, jwks) = get(&agent, asm["jwks_uri"].as_str().expect("jwks_uri")).await;
+    assert_eq!((s, jwks["keys"].is_array()), (200, true));
+    // 4. A token for exactly that resource, bound to the agent's certificate.
+    let task = declare(&agent, &server, &[resource]).await;
+    let (s, cred) = credential(
+        &agent,
+        &server,
+        &task,
+        json!({"provider": "jwt", "target": resource, "resource": resource}),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201, "{cred}");
+    let token = cred["credential"]["access_token"].as_str().expect("token");
+    assert_eq!(jwt_payload(token)["aud"], resource);
+    // 5. The MCP server accepts it from the agent.
+    let (s, body) = call_rs(&agent, &rs.url("/tools"), &format!("Bearer {token}"), None).await;
+    assert_eq!(
+        (s, body["binding"].as_str()),
+        (200, Some("x5t#S256")),
+        "{body}"
+    );
 }
