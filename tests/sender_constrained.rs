@@ -840,3 +840,61 @@ async fn a_client_follows_the_mcp_servers_protected_resource_metadata_to_mayfly(
         "{body}"
     );
 }
+
+/// `mayfly dpop` as a shell script would use it: keygen, thumbprint, proof.
+#[tokio::test]
+async fn the_dpop_cli_makes_keys_and_proofs_the_broker_accepts() {
+    let env = start("");
+    let key = env._dir.path().join("dpop.pem");
+    let path = key.to_str().expect("utf8");
+    let out = run_cli(&["dpop", "keygen", "--out", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jkt = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // An existing key is never overwritten.
+    let again = run_cli(&["dpop", "keygen", "--out", path]);
+    assert!(!again.status.success());
+    let out = run_cli(&["dpop", "thumbprint", "--key", path]);
+    assert_eq!(String::from_utf8(out.stdout).expect("utf8").trim(), jkt);
+
+    let agent = env.pki.client_as("agent", AGENT);
+    let task = declare(&agent, &env.server, &["https://rs.test/api"]).await;
+    let url = format!("{ISSUER}/v1/tasks/{task}/credentials");
+    let out = run_cli(&[
+        "dpop", "proof", "--key", path, "--method", "POST", "--url", &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string();
+    let body = json!({"provider": "jwt", "target": "https://rs.test/api"});
+    let (s, cred) = credential(&agent, &env.server, &task, body, Some(&p)).await;
+    assert_eq!(s, 201, "{cred}");
+    let token = cred["credential"]["access_token"].as_str().expect("token");
+    assert_eq!(jwt_payload(token)["cnf"], json!({"jkt": jkt}));
+
+    for bad in [
+        vec!["--method", "post", "--url", url.as_str()],
+        vec!["--method", "POST", "--url", "/v1/token"],
+    ] {
+        let mut args = vec!["dpop", "proof", "--key", path];
+        args.extend(bad);
+        let out = run_cli(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("mayfly dpop:"));
+    }
+}
