@@ -51,6 +51,9 @@ pub enum BrokerError {
     TaskExpired(TaskId),
     #[error("{0}")]
     OutOfScope(String),
+    /// RFC 8707: a `resource` the task holds no fitting grant for.
+    #[error("resource {0:?} is not a target of this task's scope for these actions")]
+    InvalidTarget(String),
     #[error("requested ttl {requested}s exceeds the task's remaining {remaining}s")]
     TtlExceedsTask { requested: u64, remaining: u64 },
     #[error("requested ttl {requested}s exceeds the configured maximum {max}s")]
@@ -189,6 +192,11 @@ pub struct ExchangeRequest {
     pub subject_expires_at: OffsetDateTime,
     /// The issuer's `max_exchange_ttl`.
     pub max_task_ttl: Duration,
+    /// RFC 8707 resources beyond `target` (validated URIs): the implicit task holds a
+    /// grant for each, and the token's `aud` covers them all.
+    pub resources: Vec<String>,
+    /// RFC 7638 thumbprint of the DPoP key proved with the request.
+    pub dpop_jkt: Option<String>,
 }
 
 /// The fingerprint an implicit CI task is bound to: the caller's principal and every
@@ -271,6 +279,7 @@ pub struct Broker {
     limits: Limits,
     faults: Option<FaultHook>,
     anomaly: Arc<AnomalyEngine>,
+    dpop: Arc<crate::identity::dpop::DpopVerifier>,
     /// Held requests, in memory on this replica (see docs/operations.md).
     approvals: std::sync::Mutex<std::collections::HashMap<String, Approval>>,
     /// Keys implicit CI task ids (`job_task_id`); derived from the signing key, so every
@@ -294,6 +303,8 @@ pub struct BrokerParts {
     pub limits: Limits,
     pub faults: Option<FaultHook>,
     pub anomaly: Arc<AnomalyEngine>,
+    /// Checks DPoP proofs (RFC 9449); its `jti` set is in the store.
+    pub dpop: Arc<crate::identity::dpop::DpopVerifier>,
 }
 
 fn secs(d: Duration) -> u64 {
@@ -344,6 +355,7 @@ impl Broker {
             operators: p.operators,
             limits: p.limits,
             faults: p.faults,
+            dpop: p.dpop,
             approvals: std::sync::Mutex::default(),
             ci_task_key,
             anomaly: p.anomaly,
@@ -359,6 +371,10 @@ impl Broker {
 
     pub fn jwt(&self) -> &JwtIssuer {
         &self.jwt
+    }
+
+    pub fn dpop(&self) -> &crate::identity::dpop::DpopVerifier {
+        &self.dpop
     }
 
     /// Writes the request's audit record. If it cannot be written, every state change the
@@ -565,12 +581,15 @@ impl Broker {
             return Err(BrokerError::NoJobClaims);
         }
         let now = OffsetDateTime::now_utc();
+        // Several resources make one task: its key names them all (a URI has no space).
+        let mut targets = vec![req.target.clone()];
+        targets.extend(req.resources.iter().filter(|r| **r != req.target).cloned());
         let binding = claims_binding(caller);
         let id = job_task_id(
             &self.ci_task_key,
             caller.principal(),
             &req.job,
-            &req.target,
+            &targets.join(" "),
             &binding,
         );
         // An existing task is re-authorized (binding and `DeclareTask`) by
@@ -586,12 +605,15 @@ impl Broker {
                 let job = req.job.join("/");
                 let raw = crate::task::RawTaskRequest {
                     purpose: format!("CI job {job}"),
-                    scope: vec![crate::task::RawGrant {
-                        provider: ProviderKind::Jwt.as_str().to_string(),
-                        target: req.target.clone(),
-                        actions: req.actions.clone(),
-                        resources: Vec::new(),
-                    }],
+                    scope: targets
+                        .iter()
+                        .map(|t| crate::task::RawGrant {
+                            provider: ProviderKind::Jwt.as_str().to_string(),
+                            target: t.clone(),
+                            actions: req.actions.clone(),
+                            resources: Vec::new(),
+                        })
+                        .collect(),
                     ttl: serde_json::Value::from(ttl.as_secs().max(1)),
                     labels: [
                         ("mayfly.exchange".to_string(), "rfc8693".to_string()),
@@ -620,6 +642,8 @@ impl Broker {
             actions: Some(req.actions.into_iter().collect()),
             resources: None,
             ttl: None,
+            resource: targets,
+            dpop_jkt: req.dpop_jkt,
         };
         self.request_credential(caller, &task.id, creq, ev).await
     }
@@ -1000,6 +1024,20 @@ impl Broker {
                 held.key()
             )));
         }
+        // RFC 8707: every resource must be a target the task may reach with these
+        // actions; together they become the token's audience.
+        for r in &req.resource {
+            let fits = req.provider == ProviderKind::Jwt
+                && task.scope.grant_for(ProviderKind::Jwt, r).is_some_and(|g| {
+                    g.covers(&Grant {
+                        target: r.clone(),
+                        ..wanted.clone()
+                    })
+                });
+            if !fits {
+                return Err(BrokerError::InvalidTarget(r.clone()));
+            }
+        }
         let remaining = task.remaining(now);
         let ttl = req
             .ttl
@@ -1061,10 +1099,10 @@ impl Broker {
             });
         }
         let issued = if provider.mints_in_process() {
-            self.mint_in_process(provider.as_ref(), lease, &task, caller, &delegators)
+            self.mint_in_process(provider.as_ref(), lease, &task, caller, &delegators, &req)
                 .await?
         } else {
-            self.mint_upstream(provider.as_ref(), lease, &task, caller, &delegators)
+            self.mint_upstream(provider.as_ref(), lease, &task, caller, &delegators, &req)
                 .await?
         };
         ev.undo_with(Undo::RevokeLease(issued.lease.id.clone()));
@@ -1086,6 +1124,7 @@ impl Broker {
         task: &Task,
         caller: &VerifiedCaller,
         delegators: &[Principal],
+        binding: &CredentialRequest,
     ) -> Result<Issued, BrokerError> {
         let minted = provider
             .mint(MintRequest {
@@ -1093,6 +1132,8 @@ impl Broker {
                 task,
                 caller,
                 delegation: delegators,
+                audience: &binding.resource,
+                dpop_jkt: binding.dpop_jkt.as_deref(),
             })
             .await?;
         self.crash_at(FaultPoint::AfterMint, &lease.id)?;
@@ -1135,6 +1176,7 @@ impl Broker {
         task: &Task,
         caller: &VerifiedCaller,
         delegators: &[Principal],
+        binding: &CredentialRequest,
     ) -> Result<Issued, BrokerError> {
         self.store
             .put_new(&lease, after(lease.issued_at, self.limits.pending_timeout))
@@ -1149,6 +1191,8 @@ impl Broker {
                 task,
                 caller,
                 delegation: delegators,
+                audience: &binding.resource,
+                dpop_jkt: binding.dpop_jkt.as_deref(),
             })
             .await
         {

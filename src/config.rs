@@ -23,7 +23,7 @@ use crate::lease::embedded::EmbeddedStore;
 use crate::lease::redis::{Durability, RedisConfig, RedisStore};
 use crate::policy::PolicyEngine;
 use crate::provider::Providers;
-use crate::provider::jwt::{JwtIssuer, JwtProvider, SigningAlg, SigningKey};
+use crate::provider::jwt::{Binding, BindingRules, JwtIssuer, JwtProvider, SigningAlg, SigningKey};
 use crate::revocation::{ReaperConfig, RetryPolicy, Revoker};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,66 @@ pub struct RawConfig {
     pub anomaly: RawAnomaly,
     #[serde(default)]
     pub webhook: Option<RawWebhook>,
+    #[serde(default)]
+    pub dpop: RawDpop,
+}
+
+/// `[dpop]`: how DPoP proofs (RFC 9449) are checked.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDpop {
+    /// How old (by `iat`) a proof may be.
+    #[serde(default = "defaults::dpop_max_age")]
+    pub max_age: String,
+    /// Clock skew allowed for a proof from the future.
+    #[serde(default = "defaults::dpop_leeway")]
+    pub leeway: String,
+    /// A file of at least 32 random bytes shared by every replica: when set, proofs must
+    /// carry a server nonce (`DPoP-Nonce`).
+    #[serde(default)]
+    pub nonce_secret_file: Option<PathBuf>,
+    /// How long an issued nonce stays fresh (it is accepted for up to twice this).
+    #[serde(default = "defaults::dpop_nonce_lifetime")]
+    pub nonce_lifetime: String,
+}
+
+impl Default for RawDpop {
+    fn default() -> Self {
+        Self {
+            max_age: defaults::dpop_max_age(),
+            leeway: defaults::dpop_leeway(),
+            nonce_secret_file: None,
+            nonce_lifetime: defaults::dpop_nonce_lifetime(),
+        }
+    }
+}
+
+/// `[dpop]`, validated (the nonce key is read at build time).
+#[derive(Debug, Clone)]
+pub struct DpopSettings {
+    pub max_age: Duration,
+    pub leeway: Duration,
+    pub nonce_secret_file: Option<PathBuf>,
+    pub nonce_lifetime: Duration,
+}
+
+fn dpop_settings(raw: RawDpop) -> Result<DpopSettings, ConfigError> {
+    let s = DpopSettings {
+        max_age: dur("dpop.max_age", &raw.max_age)?,
+        leeway: dur("dpop.leeway", &raw.leeway)?,
+        nonce_secret_file: raw.nonce_secret_file,
+        nonce_lifetime: dur("dpop.nonce_lifetime", &raw.nonce_lifetime)?,
+    };
+    if s.max_age.as_secs() == 0 || s.max_age > Duration::from_secs(600) {
+        return Err(invalid("dpop.max_age", "must be 1s..=10m"));
+    }
+    if s.leeway > Duration::from_secs(60) {
+        return Err(invalid("dpop.leeway", "must be at most 60s"));
+    }
+    if s.nonce_lifetime.as_secs() == 0 {
+        return Err(invalid("dpop.nonce_lifetime", "must be at least 1s"));
+    }
+    Ok(s)
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +269,18 @@ fn anomaly_config(raw: RawAnomaly) -> Result<AnomalyConfig, ConfigError> {
 }
 
 mod defaults {
+    pub fn dpop_max_age() -> String {
+        "60s".into()
+    }
+    pub fn dpop_leeway() -> String {
+        "5s".into()
+    }
+    pub fn dpop_nonce_lifetime() -> String {
+        "60s".into()
+    }
+    pub fn jwt_binding() -> crate::provider::jwt::Binding {
+        crate::provider::jwt::Binding::Optional
+    }
     pub fn webhook_timeout() -> String {
         "5s".into()
     }
@@ -1066,6 +1138,20 @@ pub struct RawJwt {
     /// Create the key file with a new key of this algorithm if it does not exist.
     #[serde(default)]
     pub generate_key: Option<SigningAlg>,
+    /// Sender-constrained tokens (RFC 8705 / RFC 9449) for targets without an entry
+    /// in `targets`.
+    #[serde(default = "defaults::jwt_binding")]
+    pub binding: Binding,
+    /// Per-target settings, keyed by target (the token's `aud`).
+    #[serde(default)]
+    pub targets: std::collections::BTreeMap<String, RawJwtTarget>,
+}
+
+/// `[providers.jwt.targets."<target>"]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwtTarget {
+    pub binding: Binding,
 }
 
 /// Where leases live.
@@ -1284,6 +1370,8 @@ pub struct Config {
     pub jwt_issuer: String,
     pub jwt_key: PathBuf,
     pub jwt_generate: Option<SigningAlg>,
+    pub jwt_bindings: BindingRules,
+    pub dpop: DpopSettings,
     pub vault: Option<crate::provider::vault::VaultConfig>,
     pub aws: Option<crate::provider::aws::AwsConfig>,
     pub anomaly: AnomalyConfig,
@@ -1506,6 +1594,17 @@ impl TryFrom<RawConfig> for Config {
             jwt_issuer: issuer.trim_end_matches('/').to_string(),
             jwt_key: raw.providers.jwt.signing_key_file,
             jwt_generate: raw.providers.jwt.generate_key,
+            jwt_bindings: BindingRules {
+                default: raw.providers.jwt.binding,
+                targets: raw
+                    .providers
+                    .jwt
+                    .targets
+                    .into_iter()
+                    .map(|(t, c)| (t, c.binding))
+                    .collect(),
+            },
+            dpop: dpop_settings(raw.dpop)?,
             vault: raw
                 .providers
                 .vault
@@ -1577,6 +1676,27 @@ impl Config {
             .ok()
             .filter(|v| !v.is_empty());
         Self::from_toml_with_node_id(&text, path, node_id)
+    }
+
+    /// The DPoP verifier's settings, with the nonce key read from its file.
+    fn dpop_config(&self) -> Result<crate::identity::dpop::DpopConfig, ConfigError> {
+        let nonce = match &self.dpop.nonce_secret_file {
+            None => None,
+            Some(path) => {
+                let secret = std::fs::read(path).map_err(|e| {
+                    invalid("dpop.nonce_secret_file", format!("{}: {e}", path.display()))
+                })?;
+                Some(
+                    crate::identity::dpop::NonceKey::new(&secret, self.dpop.nonce_lifetime)
+                        .map_err(|e| invalid("dpop.nonce_secret_file", e))?,
+                )
+            }
+        };
+        Ok(crate::identity::dpop::DpopConfig {
+            max_age: self.dpop.max_age,
+            leeway: self.dpop.leeway,
+            nonce,
+        })
     }
 
     /// Builds every component. Fails (and nothing starts) if any piece is invalid.
@@ -1715,7 +1835,14 @@ impl Config {
         let key = SigningKey::load_or_generate(&self.jwt_key, self.jwt_generate)?;
         let jwt = Arc::new(JwtIssuer::new(self.jwt_issuer.clone(), key));
         let mut providers = Providers::default();
-        providers.insert(Arc::new(JwtProvider::new(jwt.clone())));
+        providers.insert(Arc::new(JwtProvider::with_bindings(
+            jwt.clone(),
+            self.jwt_bindings.clone(),
+        )));
+        let dpop = Arc::new(crate::identity::dpop::DpopVerifier::new(
+            self.dpop_config()?,
+            store.clone(),
+        ));
         if let Some(v) = &self.vault {
             let p = crate::provider::vault::VaultProvider::new(v.clone())
                 .map_err(|e| invalid("providers.vault", e))?;
@@ -1747,6 +1874,7 @@ impl Config {
             limits: self.limits.clone(),
             faults,
             anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(self.anomaly.clone())),
+            dpop,
         }));
         let serving = crate::api::tls::ServingCert::load(&self.tls_cert, &self.tls_key)?;
         let tls = crate::api::tls::server_config(serving.clone())?;
@@ -1896,6 +2024,42 @@ mod tests {
             Some("a b".into()),
         ));
         assert_eq!(key, "node_id");
+    }
+
+    #[test]
+    fn binding_and_dpop_settings_have_their_documented_defaults_and_bounds() {
+        let td = "[[trust_domains]]\nname = \"a.test\"\nbundle_file = \"a.pem\"\n";
+        let c = config(td, "").expect("valid");
+        assert_eq!(c.jwt_bindings, BindingRules::default());
+        assert_eq!(c.jwt_bindings.default, Binding::Optional);
+        assert_eq!(
+            (c.dpop.max_age, c.dpop.leeway, c.dpop.nonce_lifetime),
+            (
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+                Duration::from_secs(60)
+            )
+        );
+        assert_eq!(c.dpop.nonce_secret_file, None);
+        let c = config(
+            td,
+            "[providers.jwt.targets.\"https://x.test\"]\nbinding = \"required\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.jwt_bindings.for_target("https://x.test"),
+            Binding::Required
+        );
+        assert_eq!(
+            c.jwt_bindings.for_target("https://y.test"),
+            Binding::Optional
+        );
+        for (extra, want) in [
+            ("[dpop]\nmax_age = \"11m\"\n", "dpop.max_age"),
+            ("[dpop]\nleeway = \"2m\"\n", "dpop.leeway"),
+        ] {
+            assert_eq!(refused(config(td, extra)).0, want, "{extra}");
+        }
     }
 
     #[test]

@@ -47,6 +47,33 @@ pub enum ScopeError {
     Duration(#[from] crate::duration::DurationError),
     #[error("delegatee is not a valid principal: {0}")]
     Delegatee(String),
+    /// RFC 8707 §2: a `resource` must be an absolute URI without a fragment.
+    #[error("resource {0:?} is not an absolute URI without a fragment (RFC 8707)")]
+    Resource(String),
+}
+
+/// Most RFC 8707 `resource` values one request may name.
+pub const MAX_RESOURCES: usize = 8;
+
+/// RFC 8707 §2: each `resource` is an absolute URI (a scheme and what follows) with no
+/// fragment; at most [`MAX_RESOURCES`], duplicates collapse, order is kept.
+pub fn check_resources(values: Vec<String>) -> Result<Vec<String>, ScopeError> {
+    if values.len() > MAX_RESOURCES {
+        return Err(ScopeError::ItemCount { field: "resource" });
+    }
+    let mut out: Vec<String> = Vec::with_capacity(values.len());
+    for v in values {
+        check_target(&v).map_err(|_| ScopeError::Resource(v.clone()))?;
+        // The url crate only parses absolute URIs (a scheme is required).
+        let ok = url::Url::parse(&v).is_ok() && !v.contains('#');
+        if !ok {
+            return Err(ScopeError::Resource(v));
+        }
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    Ok(out)
 }
 
 macro_rules! id_type {
@@ -471,6 +498,11 @@ pub struct RawCredentialRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>, example = "5m")]
     pub ttl: Option<serde_json::Value>,
+    /// RFC 8707 resource indicator(s), `jwt` only: a string or an array of absolute
+    /// URIs, each a target the task holds a grant for; the token's `aud` is all of them.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<String>>, example = json!(["https://mcp.example/"]))]
+    pub resource: Option<serde_json::Value>,
 }
 
 /// A validated credential request, not yet checked against any task.
@@ -481,6 +513,10 @@ pub struct CredentialRequest {
     pub actions: Option<BTreeSet<String>>,
     pub resources: Option<BTreeSet<String>>,
     pub ttl: Option<Duration>,
+    /// RFC 8707 resources (validated URIs); empty when none were given.
+    pub resource: Vec<String>,
+    /// RFC 7638 thumbprint of the DPoP key the request proved possession of.
+    pub dpop_jkt: Option<String>,
 }
 
 impl TryFrom<RawCredentialRequest> for CredentialRequest {
@@ -500,6 +536,19 @@ impl TryFrom<RawCredentialRequest> for CredentialRequest {
             check_patterns(r)?;
             check_provider_resources(provider, r)?;
         }
+        let resource = match raw.resource {
+            None => Vec::new(),
+            Some(serde_json::Value::String(r)) => check_resources(vec![r])?,
+            Some(serde_json::Value::Array(list)) if !list.is_empty() => check_resources(
+                list.into_iter()
+                    .map(|v| match v {
+                        serde_json::Value::String(r) => Ok(r),
+                        other => Err(ScopeError::Resource(other.to_string())),
+                    })
+                    .collect::<Result<_, _>>()?,
+            )?,
+            Some(other) => return Err(ScopeError::Resource(other.to_string())),
+        };
         Ok(Self {
             provider,
             target: raw.target,
@@ -510,6 +559,8 @@ impl TryFrom<RawCredentialRequest> for CredentialRequest {
                 .as_ref()
                 .map(crate::duration::from_json)
                 .transpose()?,
+            resource,
+            dpop_jkt: None,
         })
     }
 }

@@ -411,6 +411,79 @@ fn uuid_like() -> String {
         .to_string()
 }
 
+/// `insert_once`: one winner among concurrent inserts of a key, on every backend; a key
+/// can be inserted again once its expiry has passed.
+async fn insert_once_contract(store: Arc<dyn LeaseStore>) {
+    let now = OffsetDateTime::now_utc();
+    let key = format!("jti:dpop:contract:{}", TaskId::generate());
+    let racers: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, key) = (store.clone(), key.clone());
+            tokio::spawn(async move { store.insert_once(&key, now + Duration::minutes(5)).await })
+        })
+        .collect();
+    let mut won = 0;
+    for r in racers {
+        if r.await.expect("join").expect("insert") {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 1, "exactly one insert of a key wins");
+    assert!(
+        !store
+            .insert_once(&key, now + Duration::minutes(5))
+            .await
+            .expect("again")
+    );
+    assert!(
+        store
+            .insert_once(&format!("{key}-other"), now + Duration::minutes(5))
+            .await
+            .expect("other")
+    );
+
+    let short = format!("jti:dpop:contract:{}", TaskId::generate());
+    assert!(
+        store
+            .insert_once(&short, now + Duration::seconds(1))
+            .await
+            .expect("short")
+    );
+    let again = common::eventually(std::time::Duration::from_secs(5), || {
+        let (store, short) = (store.clone(), short.clone());
+        async move {
+            store
+                .insert_once(&short, OffsetDateTime::now_utc() + Duration::minutes(1))
+                .await
+                .expect("insert")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(again.is_some(), "an expired key can be inserted again");
+}
+
+#[tokio::test]
+async fn embedded_store_insert_once_has_one_winner_and_expires() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = EmbeddedStore::open(&dir.path().join("leases.redb")).expect("open");
+    insert_once_contract(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn redis_store_insert_once_has_one_winner_and_expires() {
+    let redis = common::RedisServer::start(&[]);
+    let store = mayfly::lease::redis::RedisStore::connect(&redis_config(redis.url(), "once"))
+        .await
+        .expect("connect");
+    insert_once_contract(Arc::new(store)).await;
+    let keys = redis.cli(&["--raw", "KEYS", "*"]);
+    assert!(
+        keys.lines().all(|k| k.starts_with("{once}:once:")),
+        "{keys}"
+    );
+}
+
 #[tokio::test]
 async fn embedded_store_honours_the_contract() {
     let dir = tempfile::tempdir().expect("tmp");

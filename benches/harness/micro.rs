@@ -45,13 +45,13 @@ pub struct Ratio {
 /// Access-token signing: jsonwebtoken's `encode` (re-parses the PKCS#8 key per call)
 /// against the cached aws-lc-rs key pair.
 fn signing() -> Ratio {
-    use mayfly::provider::jwt::{AccessClaims, JwtIssuer, SigningAlg, SigningKey};
+    use mayfly::provider::jwt::{AccessClaims, Audience, JwtIssuer, SigningAlg, SigningKey};
     let (key, pem) = SigningKey::generate(SigningAlg::ES256).expect("key");
     let issuer = JwtIssuer::new("https://bench".into(), key);
     let claims = AccessClaims {
         iss: "https://bench".into(),
         sub: "spiffe://dev.mayfly.local/agent/demo".into(),
-        aud: "https://api.example.com".into(),
+        aud: Audience::one("https://api.example.com"),
         scope: "read".into(),
         exp: 2_000_000_000,
         iat: 1_000_000_000,
@@ -61,6 +61,7 @@ fn signing() -> Ratio {
         purpose: "bench".into(),
         resources: vec![],
         act: None,
+        cnf: None,
     };
     let enc = jsonwebtoken::EncodingKey::from_ec_pem(pem.expose().as_bytes()).expect("key");
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);

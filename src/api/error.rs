@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::audit::AuditError;
 use crate::broker::BrokerError;
 use crate::identity::VerifyError;
+use crate::identity::dpop::DpopError;
 use crate::lease::StoreError;
 use crate::provider::ProviderError;
 use crate::task::ScopeError;
@@ -56,6 +57,8 @@ pub enum ApiError {
     Overloaded,
     #[error("too many unauthenticated requests from this source; retry later")]
     UnauthenticatedRateLimited,
+    #[error(transparent)]
+    Dpop(#[from] DpopError),
 }
 
 /// The stable code of an error response, kept as a response extension so the audit
@@ -122,6 +125,7 @@ fn scope_code(e: &ScopeError) -> &'static str {
         ScopeError::Purpose => "invalid_purpose",
         ScopeError::Delegatee(_) => "invalid_principal",
         ScopeError::IamWildcard(_) => "aws_resource_wildcard",
+        ScopeError::Resource(_) => "invalid_target",
         _ => "invalid_scope",
     }
 }
@@ -152,6 +156,8 @@ impl ApiError {
             ApiError::UnauthenticatedRateLimited => {
                 (S::TOO_MANY_REQUESTS, "unauthenticated_rate_limited")
             }
+            ApiError::Dpop(DpopError::Store(_)) => (S::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ApiError::Dpop(e) => (S::BAD_REQUEST, e.code()),
             ApiError::Broker(b) => match b {
                 BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
                 BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
@@ -161,6 +167,7 @@ impl ApiError {
                 BrokerError::TaskNotActive { .. } => (S::CONFLICT, "task_not_active"),
                 BrokerError::TaskExpired(_) => (S::CONFLICT, "task_expired"),
                 BrokerError::OutOfScope(_) => (S::FORBIDDEN, "out_of_scope"),
+                BrokerError::InvalidTarget(_) => (S::BAD_REQUEST, "invalid_target"),
                 BrokerError::TtlExceedsTask { .. } => (S::BAD_REQUEST, "ttl_exceeds_task"),
                 BrokerError::TtlExceedsLimit { .. } => (S::BAD_REQUEST, "ttl_exceeds_limit"),
                 BrokerError::PolicyDenied { .. } => (S::FORBIDDEN, "policy_denied"),
@@ -199,6 +206,9 @@ impl ApiError {
                 BrokerError::Provider(ProviderError::PolicyTooLarge { .. }) => {
                     (S::BAD_REQUEST, "policy_too_large")
                 }
+                BrokerError::Provider(ProviderError::BindingRequired) => {
+                    (S::BAD_REQUEST, "binding_required")
+                }
                 BrokerError::Provider(ProviderError::RateLimited { .. }) => {
                     (S::TOO_MANY_REQUESTS, "rate_limited")
                 }
@@ -217,6 +227,7 @@ impl ApiError {
         if status.is_server_error() {
             match self {
                 ApiError::Audit(_) | ApiError::Overloaded => self.to_string(),
+                ApiError::Dpop(DpopError::Store(_)) => "the lease store is unavailable".into(),
                 ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
                 // The upstream's own reason helps the caller and reveals nothing of ours.
                 ApiError::Broker(BrokerError::Provider(
@@ -352,6 +363,17 @@ impl From<ApiError> for OAuthError {
             ApiError::Verify(_) => (S::BAD_REQUEST, "invalid_grant"),
             // Not the client's grant but its connection: keep the transport's status.
             ApiError::Body(BodyError::Timeout(_)) => (S::REQUEST_TIMEOUT, "invalid_request"),
+            // RFC 9449 §5 and §8.
+            ApiError::Dpop(DpopError::UseNonce) => (S::BAD_REQUEST, "use_dpop_nonce"),
+            ApiError::Dpop(DpopError::Store(_)) => {
+                (S::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+            }
+            ApiError::Dpop(_)
+            | ApiError::Broker(BrokerError::Provider(ProviderError::BindingRequired)) => {
+                (S::BAD_REQUEST, "invalid_dpop_proof")
+            }
+            ApiError::Broker(BrokerError::Invalid(ScopeError::Resource(_)))
+            | ApiError::Broker(BrokerError::InvalidTarget(_)) => (S::BAD_REQUEST, "invalid_target"),
             ApiError::Broker(BrokerError::Invalid(ScopeError::Target)) => {
                 (S::BAD_REQUEST, "invalid_target")
             }

@@ -9,7 +9,7 @@ pub mod tls;
 pub mod views;
 
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -107,6 +107,10 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/openapi.json", get(|| async { Json(openapi::spec()) }))
         .route("/.well-known/openid-configuration", get(discovery))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(authorization_server_metadata),
+        )
         .merge(v1)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -301,6 +305,34 @@ async fn discovery(State(st): State<AppState>) -> Response {
     .into_response()
 }
 
+/// RFC 8414 authorization server metadata: what a resource server (an MCP server) or a
+/// client needs to use Mayfly as its authorization server. Mayfly has no authorization
+/// endpoint (no browser flows): its one grant is token exchange, so
+/// `response_types_supported` is empty and `authorization_endpoint` is absent (RFC 8414
+/// §2 requires it only when a grant type uses it).
+async fn authorization_server_metadata(State(st): State<AppState>) -> Response {
+    let iss = st.broker.jwt().issuer();
+    let mut resp = Json(json!({
+        "issuer": iss,
+        "token_endpoint": format!("{iss}/v1/token"),
+        "token_endpoint_auth_methods_supported": ["none", "tls_client_auth"],
+        "introspection_endpoint": format!("{iss}/v1/introspect"),
+        "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+        "grant_types_supported": [GRANT_TOKEN_EXCHANGE],
+        "response_types_supported": [],
+        "dpop_signing_alg_values_supported": crate::identity::dpop::ALGORITHMS,
+        "tls_client_certificate_bound_access_tokens": true,
+        "access_token_signing_alg_values_supported": st.broker.jwt().algorithms(),
+    }))
+    .into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    resp
+}
+
 async fn declare_task(
     State(st): State<AppState>,
     ev: Ev,
@@ -331,15 +363,70 @@ async fn request_credential(
     ev: Ev,
     Caller(caller): Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
     JsonBody(raw): JsonBody<RawCredentialRequest>,
-) -> ApiResult {
-    let id: TaskId = parse_id(&id, "task")?;
-    let req = CredentialRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
-    let outcome = st
-        .broker
-        .request_credential(&caller, &id, req, &audit_scope(&ev))
-        .await?;
-    Ok(outcome_response(outcome))
+) -> Response {
+    let result = async {
+        let id: TaskId = parse_id(&id, "task")?;
+        let mut req = CredentialRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
+        req.dpop_jkt = dpop_proof(&st, &headers, "POST", uri.path()).await?;
+        let outcome = st
+            .broker
+            .request_credential(&caller, &id, req, &audit_scope(&ev))
+            .await?;
+        Ok::<_, ApiError>(outcome_response(outcome))
+    }
+    .await;
+    with_dpop_nonce(&st, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+/// The request's DPoP proof (RFC 9449), checked against this request (method, Mayfly's
+/// public URL for `path`, the bearer token it carries) and consumed: the thumbprint of
+/// the key it proves, or `None` when the request carries no proof.
+async fn dpop_proof(
+    st: &AppState,
+    headers: &HeaderMap,
+    method: &str,
+    path: &str,
+) -> Result<Option<String>, ApiError> {
+    use crate::identity::dpop::{DpopError, ProofContext};
+    let mut all = headers.get_all("dpop").iter();
+    let Some(first) = all.next() else {
+        return Ok(None);
+    };
+    let more = all.count();
+    if more > 0 {
+        return Err(DpopError::MultipleProofs(more + 1).into());
+    }
+    let proof = first
+        .to_str()
+        .map_err(|_| DpopError::Malformed("the header is not ASCII"))?;
+    let access_token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    let url = format!("{}{path}", st.broker.jwt().issuer());
+    let ctx = ProofContext {
+        method,
+        url: &url,
+        access_token,
+        now: time::OffsetDateTime::now_utc(),
+    };
+    let proof = st.broker.dpop().verify(proof, ctx).await?;
+    Ok(Some(proof.jkt))
+}
+
+/// Announces the current server nonce (`DPoP-Nonce`) when nonces are required.
+fn with_dpop_nonce(st: &AppState, mut resp: Response) -> Response {
+    if let Some(n) = st.broker.dpop().nonce(time::OffsetDateTime::now_utc())
+        && let Ok(v) = HeaderValue::from_str(&n)
+    {
+        resp.headers_mut().insert("dpop-nonce", v);
+    }
+    resp
 }
 
 fn outcome_response(outcome: crate::broker::Outcome) -> Response {
@@ -718,11 +805,19 @@ async fn introspect(
         Introspection::Inactive => views::IntrospectionView::default(),
         Introspection::Active { claims } => views::IntrospectionView {
             active: true,
-            token_type: Some("Bearer".into()),
+            // RFC 9449 §6.2: a DPoP-bound token introspects as token_type DPoP.
+            token_type: Some(
+                match claims.cnf {
+                    Some(crate::provider::jwt::Confirmation::Jkt(_)) => "DPoP",
+                    _ => "Bearer",
+                }
+                .into(),
+            ),
             scope: Some(claims.scope),
             sub: Some(claims.sub),
             aud: Some(claims.aud),
             iss: Some(claims.iss),
+            cnf: claims.cnf,
             exp: Some(claims.exp),
             iat: Some(claims.iat),
             nbf: Some(claims.nbf),
@@ -739,13 +834,14 @@ pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 pub const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-/// RFC 8693 request parameters (RFC 6749: each at most once).
-#[derive(Deserialize, utoipa::ToSchema)]
+/// RFC 8693 request parameters (RFC 6749: each at most once, except RFC 8707's
+/// `resource`, which may repeat).
+#[derive(Deserialize, utoipa::ToSchema, Default)]
 pub(crate) struct TokenForm {
     pub(crate) grant_type: Option<String>,
     pub(crate) subject_token: Option<String>,
     pub(crate) subject_token_type: Option<String>,
-    pub(crate) resource: Option<String>,
+    pub(crate) resource: Vec<String>,
     pub(crate) audience: Option<String>,
     pub(crate) scope: Option<String>,
     pub(crate) requested_token_type: Option<String>,
@@ -759,9 +855,54 @@ async fn token_exchange(
     State(st): State<AppState>,
     ev: Ev,
     conn: Option<axum::Extension<Arc<ConnInfo>>>,
-    form: Result<FormBody<TokenForm>, ApiError>,
+    headers: HeaderMap,
+    uri: Uri,
+    form: Result<FormBody<Vec<(String, String)>>, ApiError>,
+) -> Response {
+    let result = async {
+        let FormBody(pairs) = form?;
+        let f = token_form(pairs)?;
+        token_exchange_inner(&st, ev, conn, f, (&headers, uri.path())).await
+    }
+    .await;
+    with_dpop_nonce(&st, result.unwrap_or_else(IntoResponse::into_response))
+}
+
+/// The form's parameters, each at most once (RFC 6749 §3.2) except `resource`
+/// (RFC 8707 §2); unknown parameters are ignored (RFC 6749 §3.2).
+fn token_form(pairs: Vec<(String, String)>) -> Result<TokenForm, OAuthError> {
+    let mut f = TokenForm::default();
+    for (k, v) in pairs {
+        let slot = match k.as_str() {
+            "resource" => {
+                f.resource.push(v);
+                continue;
+            }
+            "grant_type" => &mut f.grant_type,
+            "subject_token" => &mut f.subject_token,
+            "subject_token_type" => &mut f.subject_token_type,
+            "audience" => &mut f.audience,
+            "scope" => &mut f.scope,
+            "requested_token_type" => &mut f.requested_token_type,
+            "actor_token" => &mut f.actor_token,
+            _ => continue,
+        };
+        if slot.replace(v).is_some() {
+            return Err(OAuthError::invalid_request(format!(
+                "parameter {k} appears more than once"
+            )));
+        }
+    }
+    Ok(f)
+}
+
+async fn token_exchange_inner(
+    st: &AppState,
+    ev: Ev,
+    conn: Option<axum::Extension<Arc<ConnInfo>>>,
+    f: TokenForm,
+    (headers, path): (&HeaderMap, &str),
 ) -> Result<Response, OAuthError> {
-    let FormBody(f) = form?;
     let ev = audit_scope(&ev);
     if f.grant_type.as_deref() != Some(GRANT_TOKEN_EXCHANGE) {
         return Err(OAuthError::unsupported_grant_type());
@@ -791,9 +932,14 @@ async fn token_exchange(
             )));
         }
     }
-    let target = match (f.resource, f.audience) {
-        (Some(r), None) | (None, Some(r)) => r,
-        (Some(r), Some(a)) if r == a => r,
+    // RFC 8707: each resource an absolute URI without fragment (else invalid_target);
+    // together they are the token's audience. `audience` (RFC 8693) names one target.
+    let resources = crate::task::check_resources(f.resource)
+        .map_err(|e| ApiError::from(crate::broker::BrokerError::from(e)))?;
+    let (target, resources) = match (resources.split_first(), f.audience) {
+        (Some((first, _)), None) => (first.clone(), resources.clone()),
+        (None, Some(a)) => (a, Vec::new()),
+        (Some((first, rest)), Some(a)) if rest.is_empty() && *first == a => (a, resources),
         (Some(_), Some(_)) => {
             return Err(OAuthError::invalid_request(
                 "give one target: resource and audience differ",
@@ -832,12 +978,16 @@ async fn token_exchange(
         e.credential_not_after = Some(crate::api_time(verified.expires_at));
         e.detail = None;
     });
+    // After the subject token: an unauthenticated request never writes a jti.
+    let dpop_jkt = dpop_proof(st, headers, "POST", path).await?;
     let req = crate::broker::ExchangeRequest {
         target,
         actions,
         job: verified.job.clone().unwrap_or_default(),
         subject_expires_at: verified.expires_at,
         max_task_ttl: verified.max_exchange_ttl,
+        resources,
+        dpop_jkt,
     };
     let issued = match st
         .broker
@@ -860,7 +1010,7 @@ async fn token_exchange(
     let body = json!({
         "access_token": cred["access_token"],
         "issued_token_type": TOKEN_TYPE_JWT,
-        "token_type": "Bearer",
+        "token_type": cred["token_type"],
         "expires_in": expires_in,
         "scope": l.actions.iter().cloned().collect::<Vec<_>>().join(" "),
         "mayfly_task_id": l.task_id,

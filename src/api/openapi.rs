@@ -27,7 +27,8 @@ use crate::task::{RawCredentialRequest, RawDelegateRequest, RawGrant, RawTaskReq
     paths(
         declare_task, list_tasks, get_task, request_credential, delegate_task, complete_task,
         revoke_task, list_leases, get_lease, revoke_lease, bulk_revoke, signal, decide_approval,
-        collect_approval, introspect, token, jwks, discovery, healthz, readyz, metrics
+        collect_approval, introspect, token, jwks, discovery, authorization_server_metadata,
+        healthz, readyz, metrics
     ),
     components(schemas(
         RawTaskRequest, RawGrant, RawCredentialRequest, RawDelegateRequest, RevokeBody, BulkBody,
@@ -63,9 +64,12 @@ fn list_tasks() {}
     responses((status = 200, description = "The task and its leases (owner or operator)", body = TaskView), (status = 403, body = Problem), (status = 404, body = Problem)))]
 fn get_task() {}
 
-#[utoipa::path(post, path = "/v1/tasks/{id}/credentials", tag = "agent", params(("id" = String, Path)), request_body = RawCredentialRequest,
+#[utoipa::path(post, path = "/v1/tasks/{id}/credentials", tag = "agent",
+    params(("id" = String, Path),
+        ("DPoP" = Option<String>, Header, description = "RFC 9449 proof (htm POST, htu = issuer + this path, ath when an Authorization bearer token is sent): the jwt credential is bound to its key (cnf.jkt, token_type DPoP)")),
+    request_body = RawCredentialRequest,
     responses((status = 201, body = CredentialView), (status = 202, description = "Held for operator approval", body = ApprovalView),
-        (status = 400, body = Problem), (status = 403, description = "out_of_scope, not_task_owner, policy_denied, anomaly_denied", body = Problem),
+        (status = 400, description = "request shape, invalid_target (RFC 8707 resource), binding_required, dpop_proof_* and use_dpop_nonce (with a DPoP-Nonce header)", body = Problem), (status = 403, description = "out_of_scope, not_task_owner, policy_denied, anomaly_denied", body = Problem),
         (status = 409, description = "task_not_active, task_expired", body = Problem), (status = 503, description = "store_unavailable, audit_unavailable", body = Problem)))]
 fn request_credential() {}
 
@@ -115,9 +119,11 @@ fn collect_approval() {}
     responses((status = 200, body = IntrospectionView)))]
 fn introspect() {}
 
-#[utoipa::path(post, path = "/v1/token", tag = "ci", request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, description = "RFC 8693 response: {access_token, issued_token_type, token_type, expires_in, scope}"),
-        (status = 400, description = "RFC 6749 §5.2: invalid_request, invalid_grant, invalid_target, invalid_scope, unsupported_grant_type, unauthorized_client")))]
+#[utoipa::path(post, path = "/v1/token", tag = "ci",
+    params(("DPoP" = Option<String>, Header, description = "RFC 9449 proof (htm POST, htu = issuer + /v1/token): the token is bound to its key (cnf.jkt) and token_type is DPoP")),
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "RFC 8693 response: {access_token, issued_token_type, token_type (Bearer or DPoP), expires_in, scope}"),
+        (status = 400, description = "RFC 6749 §5.2: invalid_request, invalid_grant, invalid_target (RFC 8707), invalid_scope, unsupported_grant_type, unauthorized_client, invalid_dpop_proof and use_dpop_nonce (RFC 9449)")))]
 fn token() {}
 
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "resource-server", responses((status = 200, description = "JWK set of the token signing keys")))]
@@ -125,6 +131,9 @@ fn jwks() {}
 
 #[utoipa::path(get, path = "/.well-known/openid-configuration", tag = "resource-server", responses((status = 200, description = "Issuer metadata (RFC 8414)")))]
 fn discovery() {}
+
+#[utoipa::path(get, path = "/.well-known/oauth-authorization-server", tag = "resource-server", responses((status = 200, description = "RFC 8414 authorization server metadata: issuer, token and introspection endpoints, jwks_uri, grant types, dpop_signing_alg_values_supported, tls_client_certificate_bound_access_tokens")))]
+fn authorization_server_metadata() {}
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "Process up")))]
 fn healthz() {}

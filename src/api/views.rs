@@ -191,10 +191,17 @@ pub struct IntrospectionView {
     pub scope: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
+    /// A string, or an array when the token was minted for several RFC 8707 resources.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub aud: Option<crate::provider::jwt::Audience>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// RFC 7800 confirmation of a sender-constrained token: `{"x5t#S256": …}` (RFC 8705)
+    /// or `{"jkt": …}` (RFC 9449). Absent for a bearer token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub cnf: Option<crate::provider::jwt::Confirmation>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exp: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]

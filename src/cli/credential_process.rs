@@ -56,6 +56,7 @@ fn spec(args: &CredentialProcessArgs, target: String) -> Result<CredentialSpec, 
             actions: args.actions.clone(),
             resources: args.resources.clone(),
             ttl: args.ttl.clone().map(Value::String),
+            resource: None,
         },
         Naming::Default,
     )

@@ -40,6 +40,13 @@ pub struct ExecArgs {
     /// Print the task id, lease ids and variable names (never values) on stderr.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Also write each variable to DIR/NAME (mode 0600; CMD finds DIR in
+    /// {P}CREDENTIALS_DIR), and when the client certificate (--cert) rotates, fetch the
+    /// jwt credentials again with the new one and rewrite their files: a token is bound
+    /// to the certificate it was minted for (RFC 8705), so after a rotation only a new
+    /// token works.
+    #[arg(long, value_name = "DIR")]
+    pub refresh_dir: Option<PathBuf>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -132,6 +139,8 @@ struct Run<'a> {
     args: &'a ExecArgs,
     file: &'a TaskFile,
     task: &'a TaskId,
+    /// Files written under `--refresh-dir`, removed when the run ends.
+    written: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 impl Run<'_> {
@@ -141,9 +150,23 @@ impl Run<'_> {
         }
     }
 
-    async fn fetch_env(&self, client: &Client) -> Result<Vec<EnvVar>, CliError> {
+    /// Fetches every credential of the task file, or, with `keep`, only the jwt ones
+    /// (bound to the client certificate) and keeps the others.
+    async fn fetch(
+        &self,
+        client: &Client,
+        keep: Option<Vec<(String, Minted)>>,
+    ) -> Result<Vec<(String, Minted)>, CliError> {
+        let mut kept = keep.map(Vec::into_iter);
         let mut minted = Vec::with_capacity(self.file.credentials.len());
         for spec in &self.file.credentials {
+            let previous = kept.as_mut().and_then(Iterator::next);
+            if let Some(p) = previous
+                && spec.request.provider != ProviderKind::Jwt
+            {
+                minted.push(p);
+                continue;
+            }
             let view = agent::request(client, self.task, spec).await?;
             let m = Minted::from_view(&view, spec.request.provider)?;
             let lease = view["lease_id"].as_str().unwrap_or("?");
@@ -151,11 +174,15 @@ impl Run<'_> {
             self.say(format_args!("got {label}"));
             minted.push((label, m));
         }
+        Ok(minted)
+    }
+
+    fn place(&self, minted: &[(String, Minted)]) -> Result<Vec<EnvVar>, CliError> {
         let placed: Vec<(Entry, &Minted)> = self
             .file
             .credentials
             .iter()
-            .zip(&minted)
+            .zip(minted)
             .map(|(spec, (label, m))| {
                 let entry = Entry {
                     label,
@@ -174,14 +201,38 @@ impl Run<'_> {
     }
 
     async fn after_declaring(&self, client: &Client, signals: &mut Signals) -> Ended {
-        let env = tokio::select! {
-            env = self.fetch_env(client) => env,
+        let cert_seen = cert_digest(&self.args.conn.cert);
+        let minted = tokio::select! {
+            m = self.fetch(client, None) => m,
             sig = signals.forwarded() => return Ended::Interrupted(sig),
         };
-        let env = match env {
+        let minted = match minted {
+            Ok(m) => m,
+            Err(e) => return Ended::Failed(e),
+        };
+        let mut env = match self.place(&minted) {
             Ok(env) => env,
             Err(e) => return Ended::Failed(e),
         };
+        let mut refresh = None;
+        if let Some(dir) = &self.args.refresh_dir {
+            if let Err(e) = self.write_dir(dir, &env) {
+                return Ended::Failed(e);
+            }
+            env.push(EnvVar {
+                name: format!("{}CREDENTIALS_DIR", self.args.env_prefix),
+                value: crate::secret::Secret::new(dir.to_string_lossy().into_owned()),
+                from: "--refresh-dir".into(),
+            });
+            // A bearer-token caller has no certificate to rotate.
+            if self.args.conn.token_file.is_none() {
+                refresh = Some(Refresh {
+                    dir: dir.clone(),
+                    cert_seen,
+                    minted,
+                });
+            }
+        }
         for v in &env {
             self.say(format_args!("set {} from {}", v.name, v.from));
         }
@@ -201,7 +252,7 @@ impl Run<'_> {
                 });
             }
         };
-        match self.supervise(child, signals).await {
+        match self.supervise(child, signals, refresh).await {
             Ok(status) => Ended::Exited(status),
             Err(e) => Ended::Failed(e),
         }
@@ -213,7 +264,10 @@ impl Run<'_> {
         &self,
         mut child: Child,
         signals: &mut Signals,
+        mut refresh: Option<Refresh>,
     ) -> Result<ExitStatus, CliError> {
+        let mut tick = tokio::time::interval(ROTATION_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let pid = Pid::from_child(&child);
         let mut reap = move || {
             child.try_wait().map_err(|source| CliError::Io {
@@ -227,6 +281,12 @@ impl Run<'_> {
             }
             let sig = tokio::select! {
                 _ = signals.child.recv() => continue,
+                _ = tick.tick(), if refresh.is_some() => {
+                    if let Some(r) = refresh.as_mut() {
+                        self.refresh_if_rotated(r).await;
+                    }
+                    continue;
+                }
                 sig = Signals::next(&mut signals.int, &mut signals.term, &mut signals.hup, &mut signals.quit) => sig,
             };
             if let Some(status) = reap()? {
@@ -246,6 +306,97 @@ impl Run<'_> {
                     signal_name(sig)
                 ),
             }
+        }
+    }
+}
+
+/// How often `--refresh-dir` looks at the client certificate file.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
+
+/// `--refresh-dir` state: the certificate the current tokens are bound to, and them.
+struct Refresh {
+    dir: PathBuf,
+    cert_seen: Option<[u8; 32]>,
+    minted: Vec<(String, Minted)>,
+}
+
+/// SHA-256 of the certificate file's bytes (`None` while it cannot be read).
+fn cert_digest(path: &std::path::Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .map(|b| sha2::Sha256::digest(b).into())
+}
+
+impl Run<'_> {
+    /// Writes each variable to `dir/NAME`, mode 0600, each by an atomic rename so CMD
+    /// never reads half a token.
+    fn write_dir(&self, dir: &std::path::Path, env: &[EnvVar]) -> Result<(), CliError> {
+        let io = |context: String| move |source| CliError::Io { context, source };
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        for v in env {
+            let (tmp, path) = (dir.join(format!(".{}.tmp", v.name)), dir.join(&v.name));
+            self.remember(tmp.clone());
+            crate::secret::write_private_file(&tmp, v.value.expose().as_bytes())
+                .map_err(io(format!("cannot write {}", tmp.display())))?;
+            self.remember(path.clone());
+            std::fs::rename(&tmp, &path).map_err(io(format!("cannot write {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    fn remember(&self, path: PathBuf) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path);
+    }
+
+    /// Removes the credential files once the task has ended: their tokens are revoked,
+    /// but an offline verifier would accept one until its `exp`.
+    fn remove_written(&self) {
+        let written = std::mem::take(&mut *self.written.lock().unwrap_or_else(|p| p.into_inner()));
+        for path in written {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("mayfly: cannot remove {}: {e}", path.display()),
+            }
+        }
+    }
+
+    /// After an SVID rotation (the --cert file changed), fetches the jwt credentials
+    /// again over a connection with the new certificate and rewrites their files. A
+    /// half-written rotation (certificate and key not matching yet) fails to connect and
+    /// is retried at the next check.
+    async fn refresh_if_rotated(&self, r: &mut Refresh) {
+        let now = cert_digest(&self.args.conn.cert);
+        if now.is_none() || now == r.cert_seen {
+            return;
+        }
+        let fetched = match Client::new(&self.args.conn) {
+            Ok(client) => {
+                self.fetch(&client, Some(std::mem::take(&mut r.minted)))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let written = fetched.and_then(|m| {
+            let env = self.place(&m)?;
+            r.minted = m;
+            self.write_dir(&r.dir, &env)
+        });
+        match written {
+            Ok(()) => {
+                r.cert_seen = now;
+                self.say(format_args!(
+                    "the client certificate rotated; credentials refetched into {}",
+                    r.dir.display()
+                ));
+            }
+            Err(e) => eprintln!(
+                "mayfly: the client certificate rotated but refetching credentials failed: {e}; retrying"
+            ),
         }
     }
 }
@@ -305,10 +456,12 @@ pub async fn run(args: ExecArgs) -> Result<ExitCode, CliError> {
         args: &args,
         file: &file,
         task: &task,
+        written: Default::default(),
     };
     run.say(format_args!("declared task {task}"));
     let ended = run.after_declaring(&client, &mut signals).await;
     let completed = complete(&args.conn, &task).await;
+    run.remove_written();
     Ok(finish(ended, completed, &run))
 }
 

@@ -6,6 +6,7 @@ pub mod config_check;
 pub mod credential;
 pub mod credential_process;
 pub mod dev;
+pub mod dpop;
 pub mod exec;
 pub mod operator;
 pub mod taskfile;
@@ -66,6 +67,11 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Agent: print an AWS `credential_process` document (for ~/.aws/config).
     CredentialProcess(credential_process::CredentialProcessArgs),
+    /// Agent: DPoP keys and proofs (RFC 9449) for sender-constrained tokens.
+    Dpop {
+        #[command(subcommand)]
+        command: dpop::DpopCmd,
+    },
     /// Operator: leases (over mTLS; MAYFLY_ADDR, MAYFLY_CERT, MAYFLY_KEY, MAYFLY_CA).
     Lease {
         #[command(flatten)]
@@ -197,6 +203,13 @@ pub fn run() -> ExitCode {
         Command::Revoke { conn, args } => client_then(operator::bulk(conn, args)),
         Command::Exec(args) => block_on(false, exec::run(args)),
         Command::CredentialProcess(args) => client_then(credential_process::run(args)),
+        Command::Dpop { command } => match dpop::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mayfly dpop: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

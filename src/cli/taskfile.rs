@@ -253,6 +253,7 @@ fn full_grant(g: &Grant) -> Result<CredentialSpec, ScopeError> {
             actions: None,
             resources: None,
             ttl: None,
+            resource: None,
         },
         Naming::Default,
     )
@@ -316,6 +317,7 @@ fn credential_entry(
             actions: c.actions,
             resources: c.resources,
             ttl: c.ttl,
+            resource: None,
         },
         naming,
     )

@@ -4,6 +4,7 @@
 pub mod bearer;
 pub mod bundle;
 pub mod bundle_endpoint;
+pub mod dpop;
 pub mod jwks;
 pub mod spiffe_id;
 pub mod strict_json;
@@ -286,16 +287,39 @@ impl Posture {
     }
 }
 
+/// RFC 8705 §3.1: base64url (no padding) of the SHA-256 of a certificate's DER.
+pub fn x5t_s256(der: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der))
+}
+
 /// A caller whose identity was verified cryptographically. Only `identity` constructs it.
 #[derive(Debug, Clone)]
 pub struct VerifiedCaller {
     principal: Principal,
     posture: Posture,
+    /// RFC 8705 `x5t#S256` of the client certificate the caller presented (X.509-SVID
+    /// callers only): what a certificate-bound token is bound to.
+    cert_thumbprint: Option<String>,
 }
 
 impl VerifiedCaller {
     pub(in crate::identity) fn new(principal: Principal, posture: Posture) -> Self {
-        Self { principal, posture }
+        Self {
+            principal,
+            posture,
+            cert_thumbprint: None,
+        }
+    }
+    /// The caller proved possession of this certificate (its DER) in the TLS handshake.
+    pub(in crate::identity) fn with_certificate(mut self, leaf_der: &[u8]) -> Self {
+        self.cert_thumbprint = Some(x5t_s256(leaf_der));
+        self
+    }
+    /// RFC 8705 §3.1 `x5t#S256` of the presented client certificate, if any.
+    pub fn cert_thumbprint(&self) -> Option<&str> {
+        self.cert_thumbprint.as_deref()
     }
     /// Tests elsewhere in the crate: a caller with this identity and posture, as if verified.
     #[cfg(test)]

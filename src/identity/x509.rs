@@ -87,7 +87,7 @@ pub fn verify_svid(
         issuer: None,
         claims: Default::default(),
     };
-    Ok(VerifiedCaller::new(Principal::Spiffe(id), posture))
+    Ok(VerifiedCaller::new(Principal::Spiffe(id), posture).with_certificate(leaf_der))
 }
 
 /// The SPIFFE ID of an SVID leaf: its one URI SAN, which must be a valid SPIFFE ID (never

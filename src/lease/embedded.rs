@@ -24,6 +24,13 @@ const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
 const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 const DUE_BY_LEASE: TableDefinition<&str, u64> = TableDefinition::new("due_by_lease");
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+/// `insert_once` keys → expiry (unix nanos), with `ONCE_DUE` ordering them by expiry so
+/// expired keys are swept a few at a time by later inserts.
+const ONCE: TableDefinition<&str, u64> = TableDefinition::new("once");
+const ONCE_DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("once_due");
+/// Expired `insert_once` keys removed per insert: more than one, so the table shrinks
+/// whenever inserts keep coming.
+const ONCE_SWEEP: usize = 8;
 const ANCHORS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_anchors");
 /// Deny sets: `(set, member)` → `(seq, until as unix seconds)`.
 const DENY: TableDefinition<(&str, &str), (u64, i64)> = TableDefinition::new("deny");
@@ -190,6 +197,8 @@ impl EmbeddedStore {
             tx.open_table(DUE).map_err(db_err)?;
             tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
             tx.open_table(COUNTS).map_err(db_err)?;
+            tx.open_table(ONCE).map_err(db_err)?;
+            tx.open_table(ONCE_DUE).map_err(db_err)?;
             tx.open_table(ANCHORS).map_err(db_err)?;
             tx.open_table(DENY).map_err(db_err)?;
             tx.open_table(DENY_SEQ).map_err(db_err)?;
@@ -599,6 +608,38 @@ impl LeaseStore for EmbeddedStore {
                 out.push(decode(v.value())?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        let now = nanos(OffsetDateTime::now_utc());
+        let until = nanos(expires_at);
+        self.write(move |tx| {
+            let mut once = tx.open_table(ONCE).map_err(db_err)?;
+            let mut due = tx.open_table(ONCE_DUE).map_err(db_err)?;
+            let current = once.get(key.as_str()).map_err(db_err)?.map(|v| v.value());
+            if current.is_some_and(|exp| exp > now) {
+                return Ok(false);
+            }
+            if let Some(old) = current {
+                due.remove((old, key.as_str())).map_err(db_err)?;
+            }
+            let expired: Vec<(u64, String)> = due
+                .range(..(now, ""))
+                .map_err(db_err)?
+                .take(ONCE_SWEEP)
+                .map(|e| e.map(|(k, _)| (k.value().0, k.value().1.to_string())))
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?;
+            for (at, k) in expired {
+                due.remove((at, k.as_str())).map_err(db_err)?;
+                once.remove(k.as_str()).map_err(db_err)?;
+            }
+            once.insert(key.as_str(), until).map_err(db_err)?;
+            due.insert((until, key.as_str()), ()).map_err(db_err)?;
+            Ok(true)
         })
         .await
     }

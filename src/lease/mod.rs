@@ -286,6 +286,11 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Number of leases in the due index with a due time at or before `now`.
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Records `key` until `expires_at` unless it is already recorded and unexpired:
+    /// `true` if it was inserted now, `false` if it was already present. Atomic across
+    /// every replica sharing the store (single-use `jti`s: the caller namespaces the key,
+    /// e.g. `jti:dpop:<jkt>:<jti>`).
+    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError>;
 
     /// Publishes `anchor` as its node's audit chain head. Anchors only move forward:
     /// `Ok(false)` (nothing stored) when the stored anchor has a higher seq, or the same

@@ -916,6 +916,33 @@ impl LeaseStore for RedisStore {
         Ok(out)
     }
 
+    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError> {
+        let key = self.key("once", key);
+        let at_ms = u64::try_from(expires_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(1);
+        // SET NX PXAT: one atomic command; Redis expires the key itself. A time already
+        // past would make the key vanish at once, so it is kept at least a second.
+        let now_ms = u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(0);
+        let at_ms = at_ms.max(now_ms.saturating_add(1000));
+        let set: Option<String> = self
+            .with(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg("1")
+                    .arg("NX")
+                    .arg("PXAT")
+                    .arg(at_ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let inserted = set.is_some();
+        if inserted {
+            self.durable().await?;
+        }
+        Ok(inserted)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let pong: String = self
             .with(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })

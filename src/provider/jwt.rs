@@ -33,7 +33,8 @@ pub enum SigningAlg {
 pub struct AccessClaims {
     pub iss: String,
     pub sub: String,
-    pub aud: String,
+    /// The target, or every RFC 8707 `resource` the token was minted for.
+    pub aud: Audience,
     pub scope: String,
     pub exp: i64,
     pub iat: i64,
@@ -48,6 +49,151 @@ pub struct AccessClaims {
     /// deeper. `sub` is then the principal at the root of the delegation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Value>,
+    /// RFC 7800 confirmation: the key the holder must prove possession of (RFC 8705
+    /// `x5t#S256` of its client certificate, or RFC 9449 `jkt` of its DPoP key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// The `aud` claim: a string for one audience, an array for several (RFC 7519 §4.1.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audience(Vec<String>);
+
+impl Audience {
+    pub fn one(aud: impl Into<String>) -> Self {
+        Self(vec![aud.into()])
+    }
+    /// Several audiences (an empty list is not an audience: `None`).
+    pub fn many(auds: Vec<String>) -> Option<Self> {
+        (!auds.is_empty()).then_some(Self(auds))
+    }
+    pub fn values(&self) -> &[String] {
+        &self.0
+    }
+    pub fn contains(&self, aud: &str) -> bool {
+        self.0.iter().any(|a| a == aud)
+    }
+}
+
+impl Serialize for Audience {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            all => all.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Audience {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d)? {
+            OneOrMany::One(a) => Ok(Self(vec![a])),
+            OneOrMany::Many(v) => {
+                Self::many(v).ok_or_else(|| serde::de::Error::custom("empty aud array"))
+            }
+        }
+    }
+}
+
+/// RFC 7800 `cnf`: exactly one confirmation method per token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Confirmation {
+    /// RFC 8705 §3.1: base64url SHA-256 of the client certificate's DER.
+    #[serde(rename = "x5t#S256")]
+    X5tS256(String),
+    /// RFC 9449 §6.1: RFC 7638 SHA-256 thumbprint of the DPoP public key.
+    #[serde(rename = "jkt")]
+    Jkt(String),
+}
+
+/// Whether tokens for a target are sender-constrained (`binding` in `[providers.jwt]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Binding {
+    /// Never bound: a plain bearer token even for a caller with a key (for resource
+    /// servers that cannot check `cnf`).
+    Off,
+    /// Bound whenever the caller has a key: every X.509-SVID caller (its certificate),
+    /// and every caller that sent a DPoP proof. A bearer caller without a proof gets a
+    /// bearer token.
+    Optional,
+    /// Always bound: a caller with neither a client certificate nor a DPoP proof is
+    /// refused (`binding_required`).
+    Required,
+}
+
+impl Binding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Binding::Off => "off",
+            Binding::Optional => "optional",
+            Binding::Required => "required",
+        }
+    }
+}
+
+/// The binding mode of every target: a default and per-target overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingRules {
+    pub default: Binding,
+    pub targets: std::collections::HashMap<String, Binding>,
+}
+
+impl Default for BindingRules {
+    fn default() -> Self {
+        Self {
+            default: Binding::Optional,
+            targets: Default::default(),
+        }
+    }
+}
+
+impl BindingRules {
+    pub fn for_target(&self, target: &str) -> Binding {
+        self.targets.get(target).copied().unwrap_or(self.default)
+    }
+
+    /// The mode of a token for all of `audiences`: `off` if any audience cannot check
+    /// a binding, else `required` if any demands it. `off` beside `required` has no
+    /// answer that serves both resource servers.
+    pub fn for_audiences(&self, audiences: &[String]) -> Result<Binding, ProviderError> {
+        let modes: Vec<Binding> = audiences.iter().map(|a| self.for_target(a)).collect();
+        let off = modes.contains(&Binding::Off);
+        let required = modes.contains(&Binding::Required);
+        match (off, required) {
+            (true, true) => Err(ProviderError::InvalidGrant(
+                "these resources disagree: one requires bound tokens, another accepts none".into(),
+            )),
+            (true, false) => Ok(Binding::Off),
+            (false, true) => Ok(Binding::Required),
+            (false, false) => Ok(Binding::Optional),
+        }
+    }
+
+    /// The confirmation for a token under `mode`: the DPoP key if the request proved
+    /// one (the client asked for DPoP explicitly), else the client certificate.
+    pub fn confirm(
+        mode: Binding,
+        cert_thumbprint: Option<&str>,
+        dpop_jkt: Option<&str>,
+    ) -> Result<Option<Confirmation>, ProviderError> {
+        if mode == Binding::Off {
+            return Ok(None);
+        }
+        let cnf = dpop_jkt
+            .map(|j| Confirmation::Jkt(j.to_string()))
+            .or_else(|| cert_thumbprint.map(|t| Confirmation::X5tS256(t.to_string())));
+        if cnf.is_none() && mode == Binding::Required {
+            return Err(ProviderError::BindingRequired);
+        }
+        Ok(cnf)
+    }
 }
 
 impl AccessClaims {
@@ -374,11 +520,15 @@ impl JwtIssuer {
 /// The provider built around a [`JwtIssuer`].
 pub struct JwtProvider {
     issuer: std::sync::Arc<JwtIssuer>,
+    bindings: BindingRules,
 }
 
 impl JwtProvider {
     pub fn new(issuer: std::sync::Arc<JwtIssuer>) -> Self {
-        Self { issuer }
+        Self::with_bindings(issuer, BindingRules::default())
+    }
+    pub fn with_bindings(issuer: std::sync::Arc<JwtIssuer>, bindings: BindingRules) -> Self {
+        Self { issuer, bindings }
     }
 }
 
@@ -390,11 +540,19 @@ impl CredentialProvider for JwtProvider {
 
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError> {
         let lease = req.lease;
+        let mut audiences = vec![lease.target.clone()];
+        audiences.extend(req.audience.iter().filter(|a| **a != lease.target).cloned());
+        let mode = self.bindings.for_audiences(&audiences)?;
+        let cnf = BindingRules::confirm(mode, req.caller.cert_thumbprint(), req.dpop_jkt)?;
+        let token_type = match cnf {
+            Some(Confirmation::Jkt(_)) => "DPoP",
+            _ => "Bearer",
+        };
         let (sub, act) = delegation_claims(req.caller.principal(), req.delegation);
         let claims = AccessClaims {
             iss: self.issuer.issuer.clone(),
             sub,
-            aud: lease.target.clone(),
+            aud: Audience(audiences),
             scope: lease.actions.iter().cloned().collect::<Vec<_>>().join(" "),
             exp: lease.expires_at.unix_timestamp(),
             iat: lease.issued_at.unix_timestamp(),
@@ -404,11 +562,12 @@ impl CredentialProvider for JwtProvider {
             purpose: req.task.purpose.clone(),
             resources: lease.resources.iter().cloned().collect(),
             act,
+            cnf,
         };
         let token = self.issuer.sign(&claims)?;
         Ok(Minted {
             fingerprint: fingerprint(token.as_bytes()),
-            credential: Secret::new(json!({"access_token": token, "token_type": "Bearer"})),
+            credential: Secret::new(json!({"access_token": token, "token_type": token_type})),
             handle: None,
         })
     }
@@ -435,7 +594,7 @@ mod tests {
         AccessClaims {
             iss: iss.into(),
             sub: "spiffe://t/a".into(),
-            aud: "https://api".into(),
+            aud: Audience::one("https://api"),
             scope: "read".into(),
             exp: 2_000_000_000,
             iat: 1_000_000_000,
@@ -445,6 +604,7 @@ mod tests {
             purpose: "p".into(),
             resources: vec![],
             act: None,
+            cnf: None,
         }
     }
 
@@ -513,6 +673,80 @@ mod tests {
         token.act = act;
         assert_eq!(token.holder(), Some("spiffe://t/c"));
         assert_eq!(claims("x").holder(), Some("spiffe://t/a"));
+    }
+
+    #[test]
+    fn binding_modes_decide_the_confirmation() {
+        use Binding::*;
+        let x5t = Some("cert-thumb");
+        let jkt = Some("key-thumb");
+        let confirm = BindingRules::confirm;
+        assert_eq!(confirm(Off, x5t, jkt).expect("off"), None);
+        assert_eq!(
+            confirm(Optional, x5t, None).expect("optional"),
+            Some(Confirmation::X5tS256("cert-thumb".into()))
+        );
+        // The client asked for DPoP: it wins over the certificate.
+        assert_eq!(
+            confirm(Optional, x5t, jkt).expect("optional"),
+            Some(Confirmation::Jkt("key-thumb".into()))
+        );
+        assert_eq!(confirm(Optional, None, None).expect("optional"), None);
+        assert!(matches!(
+            confirm(Required, None, None),
+            Err(ProviderError::BindingRequired)
+        ));
+        assert_eq!(
+            confirm(Required, x5t, None).expect("required"),
+            Some(Confirmation::X5tS256("cert-thumb".into()))
+        );
+    }
+
+    #[test]
+    fn several_audiences_take_the_strictest_binding_and_off_with_required_is_refused() {
+        let rules = BindingRules {
+            default: Binding::Optional,
+            targets: [
+                ("https://strict".to_string(), Binding::Required),
+                ("https://legacy".to_string(), Binding::Off),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let aud = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            rules
+                .for_audiences(&aud(&["https://a", "https://strict"]))
+                .expect("mode"),
+            Binding::Required
+        );
+        assert_eq!(
+            rules
+                .for_audiences(&aud(&["https://a", "https://legacy"]))
+                .expect("mode"),
+            Binding::Off
+        );
+        assert!(matches!(
+            rules.for_audiences(&aud(&["https://strict", "https://legacy"])),
+            Err(ProviderError::InvalidGrant(_))
+        ));
+    }
+
+    #[test]
+    fn cnf_and_audiences_serialise_as_the_rfcs_say() {
+        let mut c = claims("https://mayfly");
+        c.cnf = Some(Confirmation::X5tS256("abc".into()));
+        let v = serde_json::to_value(&c).expect("json");
+        assert_eq!(v["cnf"], json!({"x5t#S256": "abc"}));
+        assert_eq!(v["aud"], json!("https://api"));
+        c.cnf = Some(Confirmation::Jkt("def".into()));
+        c.aud = Audience::many(vec!["https://a".into(), "https://b".into()]).expect("aud");
+        let v = serde_json::to_value(&c).expect("json");
+        assert_eq!(v["cnf"], json!({"jkt": "def"}));
+        assert_eq!(v["aud"], json!(["https://a", "https://b"]));
+        let back: AccessClaims = serde_json::from_value(v).expect("back");
+        assert_eq!(back, c);
+        assert_eq!(Audience::many(vec![]), None);
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub enum ProviderError {
         reason: String,
         retry_after_secs: u64,
     },
+    /// The target requires a sender-constrained token and the caller offered no key to
+    /// bind it to (no client certificate, no DPoP proof).
+    #[error("this target requires a bound token: call with a client certificate or a DPoP proof")]
+    BindingRequired,
     /// The provider's request budget is spent; retry after the given time.
     #[error("provider {provider} is over its request rate; retry in {retry_after_secs} s")]
     RateLimited {
@@ -78,6 +82,7 @@ impl ProviderError {
                 | ProviderError::NotAllowed(_)
                 | ProviderError::InvalidGrant(_)
                 | ProviderError::PolicyTooLarge { .. }
+                | ProviderError::BindingRequired
                 | ProviderError::RateLimited { .. }
                 | ProviderError::Denied(_)
                 | ProviderError::Rejected(_)
@@ -102,6 +107,11 @@ pub struct MintRequest<'a> {
     pub caller: &'a VerifiedCaller,
     /// Who delegated this task, nearest first (empty for a task declared by its owner).
     pub delegation: &'a [crate::identity::Principal],
+    /// RFC 8707 resources the credential is for besides the lease's target (`jwt`: they
+    /// join `aud`). Empty for every other provider.
+    pub audience: &'a [String],
+    /// RFC 7638 thumbprint of the key whose DPoP proof came with the request, if any.
+    pub dpop_jkt: Option<&'a str>,
 }
 
 /// A freshly minted credential. `credential` goes to the caller only; the audit trail and
