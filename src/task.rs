@@ -715,6 +715,7 @@ mod tests {
                 actions: None,
                 resources: Some(vec![bad.into()]),
                 ttl: None,
+                resource: None,
             };
             assert!(matches!(
                 CredentialRequest::try_from(req),
