@@ -59,6 +59,9 @@ jwks_ttl = "10m"
 refetch_cooldown = "{COOLDOWN_SECS}s"
 job_claims = ["run_id", "run_attempt"]
 max_exchange_ttl = "30m"
+# One loopback source plays both the attacker (forged tokens) and the CI job here.
+[limits]
+unauth_burst_per_source = 1000
 "#,
         iss = oidc.issuer
     );
