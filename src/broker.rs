@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-use crate::anomaly::{Action, AnomalyEngine, Mode, Severity, Signal, Verdict};
+use crate::anomaly::{Action, AnomalyEngine, Mode, Quota, Severity, Signal, Verdict};
 use crate::audit::{AuditEvent, AuditLog, AuditScope};
 use crate::identity::{Principal, VerifiedCaller};
 use crate::lease::{
@@ -87,6 +87,12 @@ pub enum BrokerError {
         "this token's issuer does not name CI jobs (no job_claims configured), or the token lacks them"
     )]
     NoJobClaims,
+    #[error("the caller is over its per-principal quota of {}", .0.as_str())]
+    QuotaExceeded(Quota),
+    #[error("this single-use token was already presented (jti)")]
+    TokenReplayed,
+    #[error("the store that records single-use tokens is unreachable: {0}")]
+    SingleUseUnavailable(StoreError),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -118,28 +124,11 @@ pub struct Limits {
     pub max_page: usize,
     /// Longest delegation chain: a task declared directly has depth 0.
     pub max_delegation_depth: usize,
+    /// The share of a provider's rate budget one principal may use.
+    pub principal_rate_share: f64,
 }
 
-/// A credential request held for an operator's approval (step-up).
-#[derive(Debug, Clone)]
-pub struct Approval {
-    pub id: String,
-    pub task_id: TaskId,
-    pub requester: Principal,
-    pub request: CredentialRequest,
-    pub expires_at: OffsetDateTime,
-    pub state: ApprovalState,
-    pub reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApprovalState {
-    Pending,
-    Approved,
-    Rejected,
-    /// The approved credential was collected.
-    Used,
-}
+pub use crate::approval::{Approval, ApprovalState};
 
 /// What a credential request produced: a credential, or a request awaiting approval.
 #[derive(Debug)]
@@ -227,14 +216,7 @@ pub struct Broker {
     limits: Limits,
     faults: Option<FaultHook>,
     anomaly: Arc<AnomalyEngine>,
-    /// Held requests, in memory on this replica (see docs/operations.md).
-    approvals: std::sync::Mutex<std::collections::HashMap<String, Approval>>,
 }
-
-/// How long a held request waits for an operator.
-const APPROVAL_TTL: time::Duration = time::Duration::minutes(15);
-/// Bound on held requests per replica.
-const MAX_APPROVALS: usize = 10_000;
 
 pub struct BrokerParts {
     pub store: Arc<dyn LeaseStore>,
@@ -257,7 +239,7 @@ fn after(now: OffsetDateTime, d: Duration) -> OffsetDateTime {
     now + time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
 }
 
-fn check_reason(reason: &str) -> Result<(), BrokerError> {
+pub(crate) fn check_reason(reason: &str) -> Result<(), BrokerError> {
     if reason.trim().is_empty()
         || reason.chars().count() > 512
         || reason.chars().any(char::is_control)
@@ -297,7 +279,6 @@ impl Broker {
             limits: p.limits,
             faults: p.faults,
             anomaly: p.anomaly,
-            approvals: std::sync::Mutex::default(),
         }
     }
 
@@ -408,6 +389,10 @@ impl Broker {
                 });
             }
         }
+        if !self.anomaly.admit(caller.principal(), Quota::Tasks).await? {
+            return Err(BrokerError::QuotaExceeded(Quota::Tasks));
+        }
+        self.consume_single_use(caller).await?;
         let task = Task {
             id,
             owner: caller.principal().clone(),
@@ -536,128 +521,80 @@ impl Broker {
             _ => None,
         };
         if let Some(signal) = signal {
-            let verdicts = self
-                .anomaly
-                .observe(caller.principal(), Some(task_id), signal);
-            self.apply_verdicts(caller.principal(), Some(task_id), verdicts)
+            self.observe(caller.principal(), Some(task_id), signal)
                 .await;
         }
         result
     }
 
-    fn approvals(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Approval>> {
-        self.approvals.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn hold_for_approval(
-        &self,
-        caller: &VerifiedCaller,
-        task_id: &TaskId,
-        request: CredentialRequest,
-        now: OffsetDateTime,
-        ev: &AuditScope,
-    ) -> Result<Approval, BrokerError> {
-        let mut all = self.approvals();
-        all.retain(|_, a| a.expires_at > now || a.state == ApprovalState::Approved);
-        if all.len() >= MAX_APPROVALS {
-            return Err(BrokerError::Store(StoreError::Unavailable(
-                "too many pending approvals".into(),
-            )));
-        }
-        let approval = Approval {
-            id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
-            task_id: task_id.clone(),
-            requester: caller.principal().clone(),
-            request,
-            expires_at: now + APPROVAL_TTL,
-            state: ApprovalState::Pending,
-            reason: None,
+    /// Takes one request from the provider's global budget and from the principal's share
+    /// of it (both buckets in the store), or refuses with how long to wait.
+    async fn admit(&self, kind: ProviderKind, principal: &Principal) -> Result<(), BrokerError> {
+        let Some(limit) = self.providers.budget(kind) else {
+            return Ok(());
         };
-        all.insert(approval.id.clone(), approval.clone());
-        ev.set(|e| {
-            e.decision = Some("pending_approval");
-            e.outcome = Some(format!("held as {}", approval.id));
-        });
-        Ok(approval)
-    }
-
-    /// `POST /v1/approvals/{id}` (operators): approve or reject a held request.
-    pub fn decide_approval(
-        &self,
-        caller: &VerifiedCaller,
-        id: &str,
-        approve: bool,
-        reason: &str,
-        ev: &AuditScope,
-    ) -> Result<Approval, BrokerError> {
-        ev.set(|e| {
-            e.action = Some("DecideApproval");
-            e.outcome = Some(format!(
-                "{id}: {}",
-                if approve { "approve" } else { "reject" }
-            ));
-            e.reason = Some(reason.to_string());
-        });
-        self.require_operator(caller)?;
-        check_reason(reason)?;
-        let mut all = self.approvals();
-        let a = all
-            .get_mut(id)
-            .ok_or_else(|| BrokerError::ApprovalNotFound(id.to_string()))?;
-        ev.set(|e| {
-            e.task_id = Some(a.task_id.to_string());
-            e.principal = Some(caller.principal().to_string());
-        });
-        if a.expires_at <= OffsetDateTime::now_utc() {
-            return Err(BrokerError::ApprovalExpired(id.to_string()));
-        }
-        if a.state != ApprovalState::Pending {
-            return Err(BrokerError::ApprovalClosed(id.to_string()));
-        }
-        a.state = if approve {
-            ApprovalState::Approved
-        } else {
-            ApprovalState::Rejected
-        };
-        a.reason = Some(reason.to_string());
-        Ok(a.clone())
-    }
-
-    /// `GET /v1/approvals/{id}` (the requester): still pending, refused, or — once
-    /// approved — the credential, minted now through the whole flow (the task must still
-    /// be active and the request still inside its scope and policy). Collectable once.
-    pub async fn collect_approval(
-        &self,
-        caller: &VerifiedCaller,
-        id: &str,
-        ev: &AuditScope,
-    ) -> Result<Outcome, BrokerError> {
-        let approval = {
-            let mut all = self.approvals();
-            let a = all
-                .get_mut(id)
-                .ok_or_else(|| BrokerError::ApprovalNotFound(id.to_string()))?;
-            if &a.requester != caller.principal() {
-                return Err(BrokerError::ApprovalNotFound(id.to_string()));
+        let own = crate::provider::principal_limit(limit, self.limits.principal_rate_share);
+        // The principal's bucket first: an agent over its share does not spend the
+        // provider's budget that others need.
+        let taken = match self
+            .store
+            .take_token(&format!("principal:{kind}:{principal}"), own)
+            .await?
+        {
+            Ok(()) => {
+                self.store
+                    .take_token(&format!("provider:{kind}"), limit)
+                    .await?
             }
-            match a.state {
-                ApprovalState::Rejected => {
-                    return Err(BrokerError::ApprovalRejected(id.to_string()));
-                }
-                ApprovalState::Used => return Err(BrokerError::ApprovalClosed(id.to_string())),
-                ApprovalState::Pending if a.expires_at <= OffsetDateTime::now_utc() => {
-                    return Err(BrokerError::ApprovalExpired(id.to_string()));
-                }
-                ApprovalState::Pending => return Ok(Outcome::Pending(a.clone())),
-                ApprovalState::Approved => {
-                    a.state = ApprovalState::Used;
-                    a.clone()
-                }
-            }
+            refused => refused,
         };
-        ev.set(|e| e.outcome = Some(format!("collecting {id}")));
-        self.request_credential_inner(caller, &approval.task_id, approval.request, ev, true)
-            .await
+        taken.map_err(|wait| {
+            metrics::counter!("mayfly_provider_rate_limited_total", "provider" => kind.as_str())
+                .increment(1);
+            BrokerError::Provider(ProviderError::RateLimited {
+                provider: kind,
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })
+        })
+    }
+
+    /// Reports an observation to anomaly detection and carries out what it decides. The
+    /// request's own outcome is already settled; a store failure here is logged and
+    /// counted (`mayfly_anomaly_store_errors_total`), the next request re-reads state.
+    async fn observe(&self, principal: &Principal, task: Option<&TaskId>, signal: Signal) {
+        match self.anomaly.observe(principal, task, signal).await {
+            Ok(verdicts) => self.apply_verdicts(principal, task, verdicts).await,
+            Err(err) => {
+                metrics::counter!("mayfly_anomaly_store_errors_total").increment(1);
+                tracing::error!(error = %err, "cannot record an anomaly observation");
+            }
+        }
+    }
+
+    /// Consumes the caller's single-use `jti` in the shared store — once per request,
+    /// and only once the request has passed authorization, so a refused request never
+    /// burns it and a token nobody authorized never takes room in the store. Fails
+    /// closed when the store cannot answer.
+    pub async fn consume_single_use(&self, caller: &VerifiedCaller) -> Result<(), BrokerError> {
+        match caller.single_use() {
+            Some(su) => self.consume(su).await,
+            None => Ok(()),
+        }
+    }
+
+    /// `consume_single_use` for a token's `SingleUse` (the API layer's last check).
+    pub async fn consume(&self, su: &crate::identity::SingleUse) -> Result<(), BrokerError> {
+        if !su.claim() {
+            return Ok(());
+        }
+        match self.store.insert_once(&su.key, su.until).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                metrics::counter!("mayfly_single_use_replays_total").increment(1);
+                Err(BrokerError::TokenReplayed)
+            }
+            Err(e) => Err(BrokerError::SingleUseUnavailable(e)),
+        }
     }
 
     /// Records each fired rule and, in enforce mode, carries out its action. A revocation
@@ -682,7 +619,16 @@ impl Broker {
                     "audit only"
                 }
             ));
-            e.detail = Some(format!("{} x{}", v.signal, v.count));
+            e.detail = Some(format!(
+                "{} x{}{}",
+                v.signal,
+                v.count,
+                if v.per_principal {
+                    " (across the principal's tasks)"
+                } else {
+                    ""
+                }
+            ));
             metrics::counter!("mayfly_anomaly_triggers_total", "rule" => v.rule.clone(), "mode" => if v.mode == Mode::Enforce { "enforce" } else { "audit" }).increment(1);
             tracing::warn!(rule = %v.rule, action = v.action.as_str(), principal = %principal, "anomaly rule fired");
             if let Err(err) = self.audit.write(e).await {
@@ -694,10 +640,7 @@ impl Broker {
             let reason = format!("anomaly: rule {}", v.rule);
             let outcome = match (v.action, task) {
                 (Action::Audit, _) => Ok(()),
-                (Action::Deny, Some(t)) => {
-                    self.anomaly.deny(t);
-                    Ok(())
-                }
+                (Action::Deny, Some(t)) => self.anomaly.deny(t).await,
                 (Action::RevokeTask, Some(t)) => self
                     .revoker
                     .end_task_tree(t, TaskState::Revoked, &reason)
@@ -776,17 +719,20 @@ impl Broker {
             _ => return Err(BrokerError::SignalTarget),
         };
         ev.set(|e| e.principal = Some(principal.to_string()));
-        let verdicts = self.anomaly.observe(
-            &principal,
-            task.as_ref(),
-            Signal::External { kind, severity },
-        );
+        let verdicts = self
+            .anomaly
+            .observe(
+                &principal,
+                task.as_ref(),
+                Signal::External { kind, severity },
+            )
+            .await?;
         self.apply_verdicts(&principal, task.as_ref(), verdicts.clone())
             .await;
         Ok(verdicts)
     }
 
-    async fn request_credential_inner(
+    pub(crate) async fn request_credential_inner(
         &self,
         caller: &VerifiedCaller,
         task_id: &TaskId,
@@ -809,7 +755,14 @@ impl Broker {
             return Err(BrokerError::NotTaskOwner(task_id.clone()));
         }
         Self::require_active(&task, now)?;
-        if self.anomaly.is_denied(task_id) {
+        if !self
+            .anomaly
+            .admit(caller.principal(), Quota::Requests)
+            .await?
+        {
+            return Err(BrokerError::QuotaExceeded(Quota::Requests));
+        }
+        if self.anomaly.is_denied(task_id).await? {
             return Err(BrokerError::AnomalyDenied(task_id.clone()));
         }
         if let Some(origin) = &task.origin {
@@ -817,10 +770,7 @@ impl Broker {
             if origin.source != p.source
                 || origin.credential_fingerprint != p.credential_fingerprint
             {
-                let verdicts =
-                    self.anomaly
-                        .observe(caller.principal(), Some(task_id), Signal::PostureChange);
-                self.apply_verdicts(caller.principal(), Some(task_id), verdicts)
+                self.observe(caller.principal(), Some(task_id), Signal::PostureChange)
                     .await;
                 // An enforced rule may just have ended the task.
                 Self::require_active(&self.load_task(task_id).await?, now)?;
@@ -859,7 +809,7 @@ impl Broker {
                 remaining: secs(remaining),
             });
         }
-        let (risk, signals) = self.anomaly.risk(caller.principal(), task_id);
+        let (risk, signals) = self.anomaly.risk(caller.principal()).await?;
         ev.set(|e| e.risk = Some(risk));
         let d = self.policy.mint(
             caller,
@@ -880,14 +830,16 @@ impl Broker {
             });
         }
         let provider = self.providers.get(req.provider)?.clone();
+        self.consume_single_use(caller).await?;
         if d.needs_approval && !approved {
-            return self
-                .hold_for_approval(caller, task_id, req, now, ev)
-                .map(Outcome::Pending);
+            match self.approval_gate(caller, task_id, &req, now, ev).await? {
+                crate::approval::Gate::Hold(a) => return Ok(Outcome::Pending(*a)),
+                crate::approval::Gate::Collected => {}
+            }
         }
 
         // Over the provider's request budget: refuse before anything is written.
-        self.providers.admit(req.provider)?;
+        self.admit(req.provider, caller.principal()).await?;
 
         let lease = Lease::pending(&task.id, caller.principal(), &wanted, now, after(now, ttl));
         ev.set(|e| {
@@ -1075,10 +1027,7 @@ impl Broker {
         }
         Self::require_active(&parent, now)?;
         if !parent.scope.covers(&req.task.scope) {
-            let verdicts =
-                self.anomaly
-                    .observe(caller.principal(), Some(parent_id), Signal::DelegationWider);
-            self.apply_verdicts(caller.principal(), Some(parent_id), verdicts)
+            self.observe(caller.principal(), Some(parent_id), Signal::DelegationWider)
                 .await;
             return Err(BrokerError::DelegationWider(format!(
                 "task {parent_id} does not hold every grant requested"

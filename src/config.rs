@@ -114,6 +114,12 @@ pub struct RawAnomaly {
     pub deny_for: Option<String>,
     /// When present, replaces the default rules entirely.
     pub rules: Option<Vec<RawRule>>,
+    /// Tasks one principal may declare per `quota_window` (default 120; 0: no quota).
+    pub max_tasks_per_principal: Option<u32>,
+    /// Credential requests one principal may make per `quota_window` (default 3000; 0: no quota).
+    pub max_requests_per_principal: Option<u32>,
+    /// The window of both quotas (default "60s").
+    pub quota_window: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +146,18 @@ fn anomaly_config(raw: RawAnomaly) -> Result<AnomalyConfig, ConfigError> {
     }
     if let Some(d) = raw.deny_for {
         cfg.deny_for = dur("anomaly.deny_for", &d)?;
+    }
+    if let Some(n) = raw.max_tasks_per_principal {
+        cfg.quotas.tasks = n;
+    }
+    if let Some(n) = raw.max_requests_per_principal {
+        cfg.quotas.requests = n;
+    }
+    if let Some(w) = raw.quota_window {
+        cfg.quotas.window = dur("anomaly.quota_window", &w)?;
+        if cfg.quotas.window.is_zero() {
+            return Err(invalid("anomaly.quota_window", "must be positive"));
+        }
     }
     if let Some(rules) = raw.rules {
         const SIGNALS: [&str; 7] = [
@@ -209,6 +227,9 @@ fn anomaly_config(raw: RawAnomaly) -> Result<AnomalyConfig, ConfigError> {
 }
 
 mod defaults {
+    pub fn jwt_burst() -> f64 {
+        50.0
+    }
     pub fn webhook_timeout() -> String {
         "5s".into()
     }
@@ -366,7 +387,9 @@ fn default_true() -> bool {
 #[serde(deny_unknown_fields, default)]
 pub struct RawBearer {
     pub max_token_bytes: usize,
-    pub replay_cache_size: usize,
+    /// No longer used: single-use `jti`s live in the shared store. Accepted (and
+    /// ignored) so existing configuration files keep loading.
+    pub replay_cache_size: Option<usize>,
     pub fetch_timeout: String,
 }
 
@@ -374,7 +397,7 @@ impl Default for RawBearer {
     fn default() -> Self {
         Self {
             max_token_bytes: 8 * 1024,
-            replay_cache_size: 100_000,
+            replay_cache_size: None,
             fetch_timeout: "5s".into(),
         }
     }
@@ -969,6 +992,8 @@ pub struct RawLimits {
     pub handshake_timeout: String,
     pub max_page: usize,
     pub max_delegation_depth: usize,
+    /// Fraction of a provider's rate budget one principal may use (0 < share ≤ 1).
+    pub principal_rate_share: f64,
 }
 
 impl Default for RawLimits {
@@ -984,6 +1009,7 @@ impl Default for RawLimits {
             handshake_timeout: "10s".into(),
             max_page: 500,
             max_delegation_depth: 3,
+            principal_rate_share: 0.5,
         }
     }
 }
@@ -1026,10 +1052,56 @@ pub struct RawProviders {
 #[serde(deny_unknown_fields)]
 pub struct RawJwt {
     pub issuer: String,
-    pub signing_key_file: PathBuf,
+    /// One fixed key (restart to change it). Exactly one of this and `keys_dir`.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// A key set: `current.pem`, `next.pem`, `previous.pem`, re-read on change.
+    #[serde(default)]
+    pub keys_dir: Option<PathBuf>,
+    /// How often `keys_dir` is checked for changes (default "10s").
+    #[serde(default)]
+    pub keys_reload_interval: Option<String>,
+    /// Sustained mints per second (global across replicas); 0 (default) turns it off.
+    #[serde(default)]
+    pub rate_limit_per_second: f64,
+    #[serde(default = "defaults::jwt_burst")]
+    pub rate_limit_burst: f64,
     /// Create the key file with a new key of this algorithm if it does not exist.
     #[serde(default)]
     pub generate_key: Option<SigningAlg>,
+}
+
+/// Where the JWT provider's signing keys come from.
+#[derive(Debug, Clone)]
+pub enum JwtKeys {
+    File(PathBuf),
+    Dir(crate::provider::jwt::KeyDir),
+}
+
+fn jwt_keys(r: &RawJwt) -> Result<JwtKeys, ConfigError> {
+    match (&r.signing_key_file, &r.keys_dir) {
+        (Some(f), None) => Ok(JwtKeys::File(f.clone())),
+        (None, Some(d)) => {
+            if r.generate_key.is_some() {
+                return Err(invalid(
+                    "providers.jwt.generate_key",
+                    "only with signing_key_file; a keys_dir is provisioned",
+                ));
+            }
+            let interval = match &r.keys_reload_interval {
+                Some(i) => dur("providers.jwt.keys_reload_interval", i)?,
+                None => Duration::from_secs(10),
+            };
+            Ok(JwtKeys::Dir(crate::provider::jwt::KeyDir {
+                dir: d.clone(),
+                interval,
+            }))
+        }
+        _ => Err(invalid(
+            "providers.jwt",
+            "give exactly one of signing_key_file and keys_dir",
+        )),
+    }
 }
 
 /// Where leases live.
@@ -1128,8 +1200,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub reaper: ReaperConfig,
     pub jwt_issuer: String,
-    pub jwt_key: PathBuf,
+    pub jwt_key: JwtKeys,
     pub jwt_generate: Option<SigningAlg>,
+    pub jwt_rate: Option<crate::provider::RateLimit>,
     pub vault: Option<crate::provider::vault::VaultConfig>,
     pub aws: Option<crate::provider::aws::AwsConfig>,
     pub anomaly: AnomalyConfig,
@@ -1137,7 +1210,6 @@ pub struct Config {
     pub jwt_svid: Vec<(TrustDomain, IssuerConfig)>,
     pub oidc_issuers: Vec<(String, IssuerConfig)>,
     pub max_token_bytes: usize,
-    pub replay_cache_size: usize,
     pub key_fetch_timeout: Duration,
 }
 
@@ -1249,9 +1321,6 @@ impl TryFrom<RawConfig> for Config {
         if !(1024..=64 * 1024).contains(&b.max_token_bytes) {
             return Err(invalid("bearer.max_token_bytes", "must be 1 KiB..=64 KiB"));
         }
-        if b.replay_cache_size == 0 {
-            return Err(invalid("bearer.replay_cache_size", "must be positive"));
-        }
         let mut operators = HashSet::new();
         for id in raw.operators.spiffe_ids {
             let p = Principal::parse(&id)
@@ -1266,7 +1335,14 @@ impl TryFrom<RawConfig> for Config {
             pending_timeout: dur("limits.pending_timeout", &l.pending_timeout)?,
             max_page: l.max_page.clamp(1, 10_000),
             max_delegation_depth: l.max_delegation_depth.min(16),
+            principal_rate_share: l.principal_rate_share,
         };
+        if !(limits.principal_rate_share > 0.0 && limits.principal_rate_share <= 1.0) {
+            return Err(invalid(
+                "limits.principal_rate_share",
+                "must be > 0 and <= 1",
+            ));
+        }
         let pending_timeout = limits.pending_timeout;
         if limits.default_lease_ttl > limits.max_lease_ttl {
             return Err(invalid(
@@ -1297,6 +1373,12 @@ impl TryFrom<RawConfig> for Config {
                 max: dur("reaper.backoff_max", &r.backoff_max)?,
             },
         };
+        let jwt_key = jwt_keys(&raw.providers.jwt)?;
+        let jwt_rate = crate::provider::rate_limit(
+            raw.providers.jwt.rate_limit_per_second,
+            raw.providers.jwt.rate_limit_burst,
+        )
+        .map_err(|m| invalid("providers.jwt.rate_limit_per_second", m))?;
         let issuer = raw.providers.jwt.issuer;
         if !issuer.starts_with("https://") {
             return Err(invalid("providers.jwt.issuer", "must be an https:// URL"));
@@ -1320,8 +1402,9 @@ impl TryFrom<RawConfig> for Config {
             handshake_timeout: dur("limits.handshake_timeout", &l.handshake_timeout)?,
             reaper,
             jwt_issuer: issuer.trim_end_matches('/').to_string(),
-            jwt_key: raw.providers.jwt.signing_key_file,
+            jwt_key,
             jwt_generate: raw.providers.jwt.generate_key,
+            jwt_rate,
             vault: raw
                 .providers
                 .vault
@@ -1354,7 +1437,6 @@ impl TryFrom<RawConfig> for Config {
             jwt_svid,
             oidc_issuers,
             max_token_bytes: b.max_token_bytes,
-            replay_cache_size: b.replay_cache_size,
             key_fetch_timeout: dur("bearer.fetch_timeout", &b.fetch_timeout)?,
         })
     }
@@ -1396,7 +1478,7 @@ impl Config {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| crate::Error::Tls(format!("key fetch client: {e}")))?;
-        let mut v = BearerVerifier::new(self.max_token_bytes, self.replay_cache_size);
+        let mut v = BearerVerifier::new(self.max_token_bytes);
         let issuer = |c: &IssuerConfig, spiffe: bool| -> Result<TrustedIssuer, crate::Error> {
             let client = match (&c.source, &c.endpoint_auth) {
                 (KeySourceSpec::Url(url), auth @ EndpointAuth::HttpsSpiffe { .. })
@@ -1512,10 +1594,15 @@ impl Config {
             .transpose()
             .map_err(|e| invalid("webhook", e))?;
         let audit = AuditLog::open_with_tap(&self.audit_path, &self.node_id, tap)?;
-        let key = SigningKey::load_or_generate(&self.jwt_key, self.jwt_generate)?;
-        let jwt = Arc::new(JwtIssuer::new(self.jwt_issuer.clone(), key));
+        let jwt = Arc::new(match &self.jwt_key {
+            JwtKeys::File(path) => JwtIssuer::new(
+                self.jwt_issuer.clone(),
+                SigningKey::load_or_generate(path, self.jwt_generate)?,
+            ),
+            JwtKeys::Dir(dir) => JwtIssuer::from_dir(self.jwt_issuer.clone(), dir.clone())?,
+        });
         let mut providers = Providers::default();
-        providers.insert(Arc::new(JwtProvider::new(jwt.clone())));
+        providers.insert_limited(Arc::new(JwtProvider::new(jwt.clone())), self.jwt_rate);
         if let Some(v) = &self.vault {
             let p = crate::provider::vault::VaultProvider::new(v.clone())
                 .map_err(|e| invalid("providers.vault", e))?;
@@ -1545,7 +1632,10 @@ impl Config {
             operators: self.operators.clone(),
             limits: self.limits.clone(),
             faults,
-            anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(self.anomaly.clone())),
+            anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(
+                self.anomaly.clone(),
+                store.clone(),
+            )),
         }));
         let serving = crate::api::tls::ServingCert::load(&self.tls_cert, &self.tls_key)?;
         let tls = crate::api::tls::server_config(serving.clone())?;
