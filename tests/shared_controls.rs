@@ -802,3 +802,55 @@ async fn a_providers_rate_limit_holds_globally_across_three_replicas() {
         "{granted} grants > rate × {secs:.2} s + burst = {bound:.0}"
     );
 }
+
+/// `mayfly approval ls|approve|deny` against a running broker.
+#[tokio::test]
+async fn the_approval_cli_lists_approves_and_denies() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(tmp.path());
+    svid_key(tmp.path());
+    let c = cluster(tmp.path(), &pki, None, 1);
+    let op = pki.svid("op-cli", OPERATOR);
+    let env = vec![
+        ("MAYFLY_ADDR", c.url(0)),
+        ("MAYFLY_CERT", op.cert.display().to_string()),
+        ("MAYFLY_KEY", op.key.display().to_string()),
+        ("MAYFLY_CA", pki.bundle_a.display().to_string()),
+    ];
+    let cli = |args: &[&str]| -> Value {
+        let out = run_cli_env(args, &env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let agent = pki.client_as("agent", AGENT);
+    let mut body = task_body("30m");
+    body["scope"][0]["target"] = json!(PROD);
+    let (_, task) = post_json(&agent, &format!("{}/v1/tasks", c.url(0)), body).await;
+    let task = task["task_id"].as_str().expect("id").to_string();
+    let (s, held) = mint(&agent, &c.url(0), &task, PROD).await;
+    assert_eq!(s, 202);
+    let id = held["approval_id"].as_str().expect("id").to_string();
+
+    let listed = cli(&["approval", "ls", "--json"]);
+    assert_eq!(listed["items"][0]["approval_id"], id.as_str(), "{listed}");
+    let approved = cli(&["approval", "approve", &id, "--reason", "CHG-7", "--json"]);
+    assert_eq!(approved["status"], "approved");
+    assert_eq!(cli(&["approval", "ls", "--json"])["items"], json!([]));
+    let (s, _) = get(&agent, &format!("{}/v1/approvals/{id}", c.url(0))).await;
+    assert_eq!(s, 201);
+
+    let (_, held) = mint(&agent, &c.url(0), &task, PROD).await;
+    let id2 = held["approval_id"].as_str().expect("id").to_string();
+    let denied = cli(&["approval", "deny", &id2, "--reason", "freeze", "--json"]);
+    assert_eq!(denied["status"], "rejected");
+    let out = run_cli_env(&["approval", "approve", &id2, "--reason", "again"], &env);
+    assert!(
+        !out.status.success(),
+        "a decided approval cannot be decided again"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("approval_closed"));
+}
