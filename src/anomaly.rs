@@ -20,7 +20,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::identity::Principal;
-use crate::lease::{LeaseStore, Observation, RiskEvent, StoreError, WindowHit};
+use crate::lease::{ControlRead, LeaseStore, Observation, RiskEvent, StoreError, WindowHit};
 use crate::task::TaskId;
 
 /// What the broker observed.
@@ -322,6 +322,26 @@ fn risk_name(signal: &Signal) -> String {
     }
 }
 
+/// Risk 0..=100 and the signal names of recent events.
+fn score(events: Vec<RiskEvent>) -> (u8, BTreeSet<String>) {
+    let mut score = 0u32;
+    let mut names = BTreeSet::new();
+    for e in events {
+        score = score.saturating_add(e.weight);
+        names.insert(e.name);
+    }
+    (u8::try_from(score.min(100)).unwrap_or(100), names)
+}
+
+/// What `AnomalyEngine::request_gate` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestGate {
+    pub over_quota: bool,
+    pub denied: bool,
+    pub risk: u8,
+    pub signals: BTreeSet<String>,
+}
+
 fn std_to_time(d: Duration) -> time::Duration {
     time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
 }
@@ -452,6 +472,57 @@ impl AnomalyEngine {
         Ok(counts.first().is_some_and(|c| *c <= u64::from(limit)))
     }
 
+    /// What a credential request must know before it is authorized, in one store step
+    /// (one round trip on Redis): one more request counted against the principal's quota,
+    /// the task's deny flag, the principal's risk.
+    pub async fn request_gate(
+        &self,
+        principal: &Principal,
+        task: &TaskId,
+    ) -> Result<RequestGate, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let q = &self.config.quotas;
+        let windows = if q.requests > 0 {
+            vec![WindowHit {
+                key: format!("q:{}:{principal}", Quota::Requests.as_str()),
+                window: q.window,
+                threshold: u64::MAX,
+                reset: false,
+            }]
+        } else {
+            Vec::new()
+        };
+        let got = self
+            .store
+            .observe_and_read(
+                &Observation {
+                    at: now,
+                    windows,
+                    risk: None,
+                    risk_keys: Vec::new(),
+                    risk_keep: Duration::ZERO,
+                },
+                &ControlRead {
+                    flags: vec![deny_key(task)],
+                    risk_keys: vec![risk_key(principal)],
+                    risk_since: Some(now - std_to_time(self.config.risk_window)),
+                },
+            )
+            .await?;
+        let (risk, signals) = score(got.risk);
+        Ok(RequestGate {
+            over_quota: q.requests > 0
+                && got
+                    .counts
+                    .first()
+                    .is_none_or(|c| *c > u64::from(q.requests)),
+            // A flag the store did not answer for counts as set: fail closed.
+            denied: got.flags.first().copied().unwrap_or(true),
+            risk,
+            signals,
+        })
+    }
+
     /// Blocks credential requests under `task` for the configured time, on every replica.
     pub async fn deny(&self, task: &TaskId) -> Result<(), StoreError> {
         let until = OffsetDateTime::now_utc() + std_to_time(self.config.deny_for);
@@ -474,13 +545,7 @@ impl AnomalyEngine {
             .store
             .risk_events(&[risk_key(principal)], since)
             .await?;
-        let mut score = 0u32;
-        let mut names = BTreeSet::new();
-        for e in events {
-            score = score.saturating_add(e.weight);
-            names.insert(e.name);
-        }
-        Ok((u8::try_from(score.min(100)).unwrap_or(100), names))
+        Ok(score(events))
     }
 }
 
@@ -606,6 +671,32 @@ mod tests {
         e.deny(&t).await.expect("deny");
         assert!(e.is_denied(&t).await.expect("read"));
         assert!(!e.is_denied(&TaskId::generate()).await.expect("read"));
+    }
+
+    #[tokio::test]
+    async fn the_request_gate_reads_quota_deny_flag_and_risk_in_one_step() {
+        let cfg = AnomalyConfig {
+            quotas: Quotas {
+                tasks: 0,
+                requests: 2,
+                window: Duration::from_secs(60),
+            },
+            ..AnomalyConfig::default()
+        };
+        let (e, _d) = engine(cfg);
+        let t = TaskId::generate();
+        obs(&e, &p(), Some(&t), Signal::PolicyDenied).await;
+        let g = e.request_gate(&p(), &t).await.expect("gate");
+        assert_eq!((g.over_quota, g.denied, g.risk), (false, false, 10));
+        assert!(g.signals.contains("policy_denied"));
+        e.deny(&t).await.expect("deny");
+        let g = e.request_gate(&p(), &t).await.expect("gate");
+        assert_eq!((g.over_quota, g.denied), (false, true));
+        let g = e.request_gate(&p(), &t).await.expect("gate");
+        assert!(
+            g.over_quota,
+            "the third request in the window is over a quota of 2"
+        );
     }
 
     #[tokio::test]

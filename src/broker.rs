@@ -755,16 +755,17 @@ impl Broker {
             return Err(BrokerError::NotTaskOwner(task_id.clone()));
         }
         Self::require_active(&task, now)?;
-        if !self
+        let gate = self
             .anomaly
-            .admit(caller.principal(), Quota::Requests)
-            .await?
-        {
+            .request_gate(caller.principal(), task_id)
+            .await?;
+        if gate.over_quota {
             return Err(BrokerError::QuotaExceeded(Quota::Requests));
         }
-        if self.anomaly.is_denied(task_id).await? {
+        if gate.denied {
             return Err(BrokerError::AnomalyDenied(task_id.clone()));
         }
+        let mut risk_now = (gate.risk, gate.signals);
         if let Some(origin) = &task.origin {
             let p = caller.posture();
             if origin.source != p.source
@@ -772,6 +773,7 @@ impl Broker {
             {
                 self.observe(caller.principal(), Some(task_id), Signal::PostureChange)
                     .await;
+                risk_now = self.anomaly.risk(caller.principal()).await?;
                 // An enforced rule may just have ended the task.
                 Self::require_active(&self.load_task(task_id).await?, now)?;
             }
@@ -809,7 +811,7 @@ impl Broker {
                 remaining: secs(remaining),
             });
         }
-        let (risk, signals) = self.anomaly.risk(caller.principal()).await?;
+        let (risk, signals) = risk_now;
         ev.set(|e| e.risk = Some(risk));
         let d = self.policy.mint(
             caller,

@@ -11,8 +11,8 @@ use mayfly::approval::{Approval, ApprovalState, ApprovalTransition, HeldRequest}
 use mayfly::identity::Principal;
 use mayfly::lease::embedded::EmbeddedStore;
 use mayfly::lease::{
-    Lease, LeaseQuery, LeaseState, LeaseStore, Observation, RiskEvent, StoreError, TaskQuery,
-    Transition, WindowHit,
+    ControlRead, Lease, LeaseQuery, LeaseState, LeaseStore, Observation, RiskEvent, StoreError,
+    TaskQuery, Transition, WindowHit,
 };
 use mayfly::provider::RateLimit;
 use mayfly::task::{Grant, LeaseId, ProviderKind, Scope, Task, TaskId, TaskState};
@@ -643,6 +643,23 @@ async fn control_contract(store: &dyn LeaseStore) {
             .is_empty(),
         "events before `since` are not returned"
     );
+    // One step: a window hit, then flags and risk read (one script on Redis).
+    let q = format!("q:requests:{}", uuid::Uuid::new_v4());
+    let got = store
+        .observe_and_read(
+            &observation(now, vec![hit(&q, 60_000, u64::MAX, false)]),
+            &ControlRead {
+                flags: vec![flag.clone(), other.clone()],
+                risk_keys: vec![rp.clone()],
+                risk_since: Some(now - Duration::minutes(10)),
+            },
+        )
+        .await
+        .expect("observe and read");
+    assert_eq!(got.counts, vec![1]);
+    assert_eq!(got.flags, vec![true, false]);
+    assert_eq!(got.risk.len(), 1);
+    assert_eq!(got.risk[0].weight, 30);
 }
 
 #[tokio::test]

@@ -262,6 +262,24 @@ pub struct Observation {
     pub risk_keep: std::time::Duration,
 }
 
+/// Control state read in the same step as an observation.
+#[derive(Debug, Clone, Default)]
+pub struct ControlRead {
+    /// Flags whose state at the observation's time is read.
+    pub flags: Vec<String>,
+    /// Risk events under these keys, at or after `risk_since`, are read.
+    pub risk_keys: Vec<String>,
+    pub risk_since: Option<OffsetDateTime>,
+}
+
+/// What `observe_and_read` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub counts: Vec<u64>,
+    pub flags: Vec<bool>,
+    pub risk: Vec<RiskEvent>,
+}
+
 /// Durable storage of tasks and leases. Every method is atomic; transitions are checked
 /// against the current state inside the same transaction.
 #[async_trait]
@@ -320,6 +338,25 @@ pub trait LeaseStore: Send + Sync + 'static {
         keys: &[String],
         since: OffsetDateTime,
     ) -> Result<Vec<RiskEvent>, StoreError>;
+    /// `observe`, then the reads of `read`, as one step: one script round trip on Redis
+    /// (the request path's quota, deny flag and risk). The default runs them in turn.
+    async fn observe_and_read(
+        &self,
+        obs: &Observation,
+        read: &ControlRead,
+    ) -> Result<Observed, StoreError> {
+        let counts = self.observe(obs).await?;
+        let flags = self.flags(&read.flags, obs.at).await?;
+        let risk = match read.risk_since {
+            Some(since) => self.risk_events(&read.risk_keys, since).await?,
+            None => Vec::new(),
+        };
+        Ok(Observed {
+            counts,
+            flags,
+            risk,
+        })
+    }
 
     /// Takes one token from the bucket `key` (GCRA: `limit.per_second` sustained, bursts
     /// of `limit.burst`), or says how long until one is free. On Redis one script on the

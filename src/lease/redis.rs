@@ -36,8 +36,8 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{
-    Lease, LeaseQuery, LeaseStore, Observation, Page, RiskEvent, StoreError, TaskQuery, Transition,
-    apply_transition, lease_matches, task_matches,
+    ControlRead, Lease, LeaseQuery, LeaseStore, Observation, Observed, Page, RiskEvent, StoreError,
+    TaskQuery, Transition, apply_transition, lease_matches, task_matches,
 };
 use crate::approval::{Approval, ApprovalState, ApprovalTransition, TransitionOutcome};
 use crate::task::{LeaseId, Task, TaskId, TaskState};
@@ -183,41 +183,51 @@ return 1",
     )
 });
 
-/// One request's control-state updates in one round trip. KEYS: the window keys, then
-/// the risk keys. ARGV: now ms, window count n, then per window (window ms, threshold,
-/// reset 0/1), then a unique event member, then (if risk keys) the risk payload and how
-/// long risk events are kept (ms). Returns each window's count including this event.
+/// One request's control-state updates and reads in one round trip. KEYS: n window
+/// keys, m risk keys to record under, f flags to read, r risk keys to read. ARGV: now ms,
+/// n, m, f, r, a unique event member, the risk payload, how long risk events are kept
+/// (ms), the risk read's lower bound (ms), then per window (window ms, threshold, reset
+/// 0/1). Returns {window counts including this event, flags 1/0, risk (payload, ms)…}.
 static OBSERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local now = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local member = ARGV[3 + 3 * n]
-local out = {}
+local n, m, f, r = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local member = ARGV[6]
+local counts = {}
 for i = 1, n do
   local k = KEYS[i]
-  local w = tonumber(ARGV[3 + 3 * (i - 1)])
-  local threshold = tonumber(ARGV[4 + 3 * (i - 1)])
+  local w = tonumber(ARGV[10 + 3 * (i - 1)])
+  local threshold = tonumber(ARGV[11 + 3 * (i - 1)])
   redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. (now - w))
   redis.call('ZADD', k, now, member)
   local c = redis.call('ZCARD', k)
-  out[i] = c
-  if ARGV[5 + 3 * (i - 1)] == '1' and c >= threshold then
+  counts[i] = c
+  if ARGV[12 + 3 * (i - 1)] == '1' and c >= threshold then
     redis.call('DEL', k)
   else
     redis.call('PEXPIRE', k, w + 1000)
   end
 end
-if #KEYS > n then
-  local payload = ARGV[4 + 3 * n]
-  local keep = tonumber(ARGV[5 + 3 * n])
-  for i = n + 1, #KEYS do
+if m > 0 then
+  local keep = tonumber(ARGV[8])
+  for i = n + 1, n + m do
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. (now - keep))
-    redis.call('ZADD', KEYS[i], now, payload)
+    redis.call('ZADD', KEYS[i], now, ARGV[7])
     redis.call('PEXPIRE', KEYS[i], keep + 1000)
   end
 end
-return out",
+local flags = {}
+for i = 1, f do
+  local v = redis.call('GET', KEYS[n + m + i])
+  if v and tonumber(v) and tonumber(v) > now then flags[i] = 1 else flags[i] = 0 end
+end
+local risk = {}
+for i = 1, r do
+  local got = redis.call('ZRANGEBYSCORE', KEYS[n + m + f + i], ARGV[9], '+inf', 'WITHSCORES')
+  for j = 1, #got do risk[#risk + 1] = got[j] end
+end
+return {counts, flags, risk}",
     )
 });
 
@@ -285,6 +295,25 @@ redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((nex
 return {1, 0}",
     )
 });
+
+/// Risk events from a flat `payload, score` reply.
+fn risk_pairs(flat: &[String]) -> Result<Vec<RiskEvent>, StoreError> {
+    flat.chunks(2)
+        .map(|pair| {
+            let (payload, score) = match pair {
+                [p, s] => (p, s),
+                _ => return Err(StoreError::Corrupt("risk reply".into())),
+            };
+            let at_ms = score
+                .parse::<f64>()
+                .map_err(|_| StoreError::Corrupt(format!("risk score {score:?}")))?
+                as i64;
+            let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+                .map_err(|_| StoreError::Corrupt(format!("risk time {at_ms}")))?;
+            super::parse_risk_payload(at, payload)
+        })
+        .collect()
+}
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
@@ -966,32 +995,65 @@ impl LeaseStore for RedisStore {
     }
 
     async fn observe(&self, obs: &Observation) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .observe_and_read(obs, &ControlRead::default())
+            .await?
+            .counts)
+    }
+
+    async fn observe_and_read(
+        &self,
+        obs: &Observation,
+        read: &ControlRead,
+    ) -> Result<Observed, StoreError> {
         let mut inv = OBSERVE.prepare_invoke();
         for w in &obs.windows {
             inv.key(self.key("win", &w.key));
         }
-        let with_risk = obs.risk.is_some() && !obs.risk_keys.is_empty();
-        if with_risk {
-            for k in &obs.risk_keys {
-                inv.key(self.key("risk", k));
-            }
+        let risk = obs.risk.as_ref().filter(|_| !obs.risk_keys.is_empty());
+        let m = if risk.is_some() {
+            obs.risk_keys.len()
+        } else {
+            0
+        };
+        for k in obs.risk_keys.iter().take(m) {
+            inv.key(self.key("risk", k));
         }
-        inv.arg(ms(obs.at)).arg(obs.windows.len());
+        for k in &read.flags {
+            inv.key(self.key("flag", k));
+        }
+        let r = if read.risk_since.is_some() {
+            read.risk_keys.len()
+        } else {
+            0
+        };
+        for k in read.risk_keys.iter().take(r) {
+            inv.key(self.key("risk", k));
+        }
+        let keep = u64::try_from(obs.risk_keep.as_millis()).unwrap_or(u64::MAX);
+        inv.arg(ms(obs.at))
+            .arg(obs.windows.len())
+            .arg(m)
+            .arg(read.flags.len())
+            .arg(r)
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(risk.map(super::risk_payload).unwrap_or_default())
+            .arg(keep)
+            .arg(read.risk_since.map_or(0, ms));
         for w in &obs.windows {
             let wms = u64::try_from(w.window.as_millis()).unwrap_or(u64::MAX);
             inv.arg(wms)
                 .arg(w.threshold)
                 .arg(if w.reset { "1" } else { "0" });
         }
-        inv.arg(uuid::Uuid::new_v4().simple().to_string());
-        if let (true, Some(r)) = (with_risk, &obs.risk) {
-            let keep = u64::try_from(obs.risk_keep.as_millis()).unwrap_or(u64::MAX);
-            inv.arg(super::risk_payload(r)).arg(keep);
-        }
-        let counts: Vec<u64> = self
+        let (counts, flags, flat): (Vec<u64>, Vec<i64>, Vec<String>) = self
             .with(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
-        Ok(counts)
+        Ok(Observed {
+            counts,
+            flags: flags.into_iter().map(|f| f == 1).collect(),
+            risk: risk_pairs(&flat)?,
+        })
     }
 
     async fn risk_events(
@@ -1010,21 +1072,7 @@ impl LeaseStore for RedisStore {
         let flat: Vec<String> = self
             .with(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
-        flat.chunks(2)
-            .map(|pair| {
-                let (payload, score) = match pair {
-                    [p, s] => (p, s),
-                    _ => return Err(StoreError::Corrupt("risk reply".into())),
-                };
-                let at_ms: i64 = score
-                    .parse::<f64>()
-                    .map_err(|_| StoreError::Corrupt(format!("risk score {score:?}")))?
-                    as i64;
-                let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
-                    .map_err(|_| StoreError::Corrupt(format!("risk time {at_ms}")))?;
-                super::parse_risk_payload(at, payload)
-            })
-            .collect()
+        risk_pairs(&flat)
     }
 
     async fn take_token(
