@@ -854,3 +854,44 @@ async fn the_approval_cli_lists_approves_and_denies() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("approval_closed"));
 }
+
+/// Each principal has its own share of a provider's budget: one agent spending its share
+/// leaves the rest to the others.
+#[tokio::test]
+async fn one_agent_cannot_spend_another_agents_share_of_a_provider_budget() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(tmp.path());
+    svid_key(tmp.path());
+    let mut c = cluster(tmp.path(), &pki, None, 1);
+    let config = c.configs[0].clone();
+    let text = std::fs::read_to_string(&config).expect("read").replace(
+        "[providers.jwt]\n",
+        "[providers.jwt]\nrate_limit_per_second = 0.1\nrate_limit_burst = 4\n",
+    );
+    std::fs::write(
+        &config,
+        format!("{text}\n[limits]\nprincipal_rate_share = 0.5\n"),
+    )
+    .expect("write");
+    c.restart(0);
+    let (a, b) = (pki.client_as("a", AGENT), pki.client_as("b", AGENT2));
+    let (ta, tb) = (declare(&a, &c.url(0)).await, declare(&b, &c.url(0)).await);
+    for _ in 0..2 {
+        assert_eq!(
+            mint(&a, &c.url(0), &ta, "https://api.example.com").await.0,
+            201
+        );
+    }
+    let (s, body) = mint(&a, &c.url(0), &ta, "https://api.example.com").await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (429, Some("rate_limited")),
+        "a's share (2) spent"
+    );
+    for _ in 0..2 {
+        let (s, body) = mint(&b, &c.url(0), &tb, "https://api.example.com").await;
+        assert_eq!(s, 201, "b still has its share: {body}");
+    }
+    let (s, _) = mint(&b, &c.url(0), &tb, "https://api.example.com").await;
+    assert_eq!(s, 429, "the provider's burst (4) is spent");
+}
