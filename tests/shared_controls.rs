@@ -438,6 +438,15 @@ async fn exchange(url: &str, ca: &Path, token: &str) -> (u16, Value) {
 #[tokio::test]
 async fn an_approved_token_exchange_completes_on_retry_on_another_replica() {
     let redis = RedisServer::start(&[]);
+    approved_exchange_completes_on_retry(Some(&redis), 3).await;
+}
+
+#[tokio::test]
+async fn an_approved_token_exchange_completes_on_retry_on_one_embedded_node() {
+    approved_exchange_completes_on_retry(None, 1).await;
+}
+
+async fn approved_exchange_completes_on_retry(redis: Option<&RedisServer>, n: usize) {
     let oidc = OidcIssuer::start();
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(tmp.path());
@@ -454,14 +463,7 @@ async fn an_approved_token_exchange_completes_on_retry_on_another_replica() {
         "@id(\"ci-declare\")\npermit (principal, action == Mayfly::Action::\"DeclareTask\", resource)\nwhen {{ {when} }};\n\
          @id(\"ci-mint\") @approval(\"required\")\npermit (principal, action == Mayfly::Action::\"MintCredential\", resource)\nwhen {{ {when} }};\n"
     );
-    let c = cluster_with(
-        tmp.path(),
-        &pki,
-        Some(&redis),
-        3,
-        &extra,
-        &[("ci.cedar", policy)],
-    );
+    let c = cluster_with(tmp.path(), &pki, redis, n, &extra, &[("ci.cedar", policy)]);
     let claims = json!({"aud": AUD, "sub": "repo:acme/app:ref:refs/heads/main", "run_id": "42", "run_attempt": "1"});
     let token = oidc.mint(claims.clone()).await;
     let (s, b) = exchange(&c.url(0), &pki.bundle_a, &token).await;
