@@ -897,3 +897,51 @@ async fn one_agent_cannot_spend_another_agents_share_of_a_provider_budget() {
     let (s, _) = mint(&b, &c.url(0), &tb, "https://api.example.com").await;
     assert_eq!(s, 429, "the provider's burst (4) is spent");
 }
+
+/// A flood counted across replicas sets a deny flag every replica honours, also after
+/// all of them restart.
+async fn a_deny_flag_holds_everywhere_and_after_restarts(redis: Option<&RedisServer>, n: usize) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(tmp.path());
+    svid_key(tmp.path());
+    let extra = "[anomaly]\ndeny_for = \"10m\"\n[[anomaly.rules]]\nname = \"flood\"\nsignal = \"request\"\nthreshold = 3\nwindow = \"60s\"\naction = \"deny\"\nmode = \"enforce\"\n";
+    let mut c = cluster_with(tmp.path(), &pki, redis, n, extra, &[]);
+    let agent = pki.client_as("agent", AGENT);
+    let task = declare(&agent, &c.url(0)).await;
+    for i in 0..3 {
+        assert_eq!(
+            mint(&agent, &c.url(i), &task, "https://api.example.com")
+                .await
+                .0,
+            201
+        );
+    }
+    for i in 0..n {
+        let (s, b) = mint(&agent, &c.url(i), &task, "https://api.example.com").await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (403, Some("anomaly_denied")),
+            "replica {i}"
+        );
+    }
+    c.kill_all_and_restart();
+    for i in 0..n {
+        let (s, b) = mint(&agent, &c.url(i), &task, "https://api.example.com").await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (403, Some("anomaly_denied")),
+            "after restart, replica {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deny_flag_is_shared_by_three_replicas_and_survives_their_restarts() {
+    let redis = RedisServer::start(&[]);
+    a_deny_flag_holds_everywhere_and_after_restarts(Some(&redis), 3).await;
+}
+
+#[tokio::test]
+async fn a_deny_flag_survives_restarts_of_one_embedded_node() {
+    a_deny_flag_holds_everywhere_and_after_restarts(None, 1).await;
+}
