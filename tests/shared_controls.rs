@@ -945,3 +945,52 @@ async fn a_deny_flag_is_shared_by_three_replicas_and_survives_their_restarts() {
 async fn a_deny_flag_survives_restarts_of_one_embedded_node() {
     a_deny_flag_holds_everywhere_and_after_restarts(None, 1).await;
 }
+
+/// With the store unreachable a single-use token is refused with its own code, never
+/// accepted unchecked; once the store is back the same (unconsumed) token works once.
+#[tokio::test]
+async fn a_single_use_token_is_refused_while_the_store_is_unreachable() {
+    let redis = RedisServer::start(&[]);
+    let port = redis.port;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(tmp.path());
+    let key = svid_key(tmp.path());
+    let c = cluster(tmp.path(), &pki, Some(&redis), 1);
+    let token = key.sign_jti(AGENT, AUD, "jti-down");
+    // Introspecting a garbage token needs no store; consuming the bearer's jti does.
+    let introspect_with = |token: String| {
+        let (url, ca) = (c.url(0), pki.bundle_a.clone());
+        async move {
+            let r = client(&ca, None)
+                .post(format!("{url}/v1/introspect"))
+                .bearer_auth(token)
+                .form(&[("token", "not-a-jwt")])
+                .send()
+                .await
+                .expect("send");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let data = redis.stop_keep_data();
+    let (s, b) = introspect_with(token.clone()).await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (503, Some("single_use_store_unavailable")),
+        "{b}"
+    );
+    let redis = RedisServer::start_in(port, data, &[]);
+    let back = eventually(Duration::from_secs(15), || {
+        let t = token.clone();
+        let f = &introspect_with;
+        async move { (f(t).await.0 == 200).then_some(()) }
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the token was not consumed while the store was down"
+    );
+    let (s, b) = introspect_with(token).await;
+    assert_eq!((s, b["code"].as_str()), (401, Some("token_replayed")));
+    drop(redis);
+}
