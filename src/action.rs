@@ -15,6 +15,7 @@ pub enum Action {
     ReadTask,
     DecideApproval,
     CollectApproval,
+    ListApprovals,
     Signal,
     CompleteTask,
     RevokeTask,
@@ -28,13 +29,14 @@ pub enum Action {
 
 impl Action {
     /// Every action, for table-driven tests and docs.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 16] = [
         Action::DeclareTask,
         Action::MintCredential,
         Action::DelegateTask,
         Action::ReadTask,
         Action::DecideApproval,
         Action::CollectApproval,
+        Action::ListApprovals,
         Action::Signal,
         Action::CompleteTask,
         Action::RevokeTask,
@@ -54,6 +56,7 @@ impl Action {
             Action::ReadTask => "ReadTask",
             Action::DecideApproval => "DecideApproval",
             Action::CollectApproval => "CollectApproval",
+            Action::ListApprovals => "ListApprovals",
             Action::Signal => "Signal",
             Action::CompleteTask => "CompleteTask",
             Action::RevokeTask => "RevokeTask",

@@ -4,15 +4,23 @@
 //! the principal. Each rule can run in `audit` mode (record what it would have done)
 //! before `enforce`. Recent signals also raise a risk score that Cedar policies read.
 //!
-//! State is in memory, per replica: with N replicas behind a load balancer a threshold is
-//! reached per replica (documented; sharing counters through the store is future work).
+//! State lives in the lease store (`LeaseStore::observe`, `flags`, `risk_events`), so
+//! every replica counts the same windows, reads the same risk and honours the same deny
+//! flags: on Redis at once, atomically, one script round trip per observation; on the
+//! embedded store risk events and deny flags are durable (redb) and the short windows are
+//! in memory. Each rule counts per task *and* per principal, so declaring fresh tasks
+//! does not reset a principal's count. Every entry expires on its own; nothing is ever
+//! cleared wholesale. Per-principal quotas bound how many tasks and requests one agent
+//! may make in a window, so it cannot exhaust shared capacity.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::BTreeSet;
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
 
 use crate::identity::Principal;
+use crate::lease::{ControlRead, LeaseStore, Observation, RiskEvent, StoreError, WindowHit};
 use crate::task::TaskId;
 
 /// What the broker observed.
@@ -140,6 +148,45 @@ pub struct Verdict {
     pub action: Action,
     pub mode: Mode,
     pub count: u32,
+    /// The principal's window reached the threshold (across its tasks), not the task's.
+    pub per_principal: bool,
+}
+
+/// Per-principal quotas: at most this many in each `window` (0: no quota).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quotas {
+    pub tasks: u32,
+    pub requests: u32,
+    pub window: Duration,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            tasks: 120,
+            requests: 3000,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a quota counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    Tasks,
+    Requests,
+    /// Live approvals held at once (`approval::MAX_LIVE_PER_PRINCIPAL`).
+    Approvals,
+}
+
+impl Quota {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quota::Tasks => "tasks",
+            Quota::Requests => "requests",
+            Quota::Approvals => "approvals",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +196,7 @@ pub struct AnomalyConfig {
     pub risk_window: Duration,
     /// How long a `deny` verdict blocks the task.
     pub deny_for: Duration,
+    pub quotas: Quotas,
 }
 
 fn rule(name: &str, signal: &str, threshold: u32, window: u64, action: Action, mode: Mode) -> Rule {
@@ -233,26 +281,14 @@ impl Default for AnomalyConfig {
             ],
             risk_window: Duration::from_secs(600),
             deny_for: Duration::from_secs(60),
+            quotas: Quotas::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Subject {
-    Task(TaskId),
-    Principal(String),
-}
-
-#[derive(Default)]
-struct State {
-    counts: HashMap<(Subject, String), VecDeque<Instant>>,
-    recent: HashMap<Subject, VecDeque<(Instant, Signal)>>,
-    denied: HashMap<TaskId, Instant>,
-}
-
 pub struct AnomalyEngine {
     config: AnomalyConfig,
-    state: Mutex<State>,
+    store: Arc<dyn LeaseStore>,
 }
 
 impl std::fmt::Debug for AnomalyEngine {
@@ -263,129 +299,253 @@ impl std::fmt::Debug for AnomalyEngine {
     }
 }
 
-/// Bound on tracked subjects: past it the oldest-looking entries are dropped, so a flood
-/// of distinct ids cannot grow memory without limit.
-const MAX_SUBJECTS: usize = 100_000;
+fn task_window(rule: &str, task: &TaskId) -> String {
+    format!("w:{rule}:task:{task}")
+}
+
+fn principal_window(rule: &str, principal: &Principal) -> String {
+    format!("w:{rule}:principal:{principal}")
+}
+
+fn deny_key(task: &TaskId) -> String {
+    format!("deny:task:{task}")
+}
+
+fn risk_key(principal: &Principal) -> String {
+    format!("principal:{principal}")
+}
+
+fn risk_name(signal: &Signal) -> String {
+    match signal {
+        Signal::External { kind, .. } => format!("external:{kind}"),
+        other => other.name().to_string(),
+    }
+}
+
+/// Risk 0..=100 and the signal names of recent events.
+fn score(events: Vec<RiskEvent>) -> (u8, BTreeSet<String>) {
+    let mut score = 0u32;
+    let mut names = BTreeSet::new();
+    for e in events {
+        score = score.saturating_add(e.weight);
+        names.insert(e.name);
+    }
+    (u8::try_from(score.min(100)).unwrap_or(100), names)
+}
+
+/// What `AnomalyEngine::request_gate` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestGate {
+    pub over_quota: bool,
+    pub denied: bool,
+    pub risk: u8,
+    pub signals: BTreeSet<String>,
+}
+
+fn std_to_time(d: Duration) -> time::Duration {
+    time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
 
 impl AnomalyEngine {
-    pub fn new(config: AnomalyConfig) -> Self {
-        Self {
-            config,
-            state: Mutex::new(State::default()),
-        }
+    pub fn new(config: AnomalyConfig, store: Arc<dyn LeaseStore>) -> Self {
+        Self { config, store }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records `signal` for the task (or, without one, the principal) and returns the
-    /// rules it made fire. A rule fires when its count reaches the threshold within its
-    /// window; its count then starts over.
-    pub fn observe(
-        &self,
-        principal: &Principal,
-        task: Option<&TaskId>,
-        signal: Signal,
-    ) -> Vec<Verdict> {
-        let now = Instant::now();
-        let subject = task.map_or_else(
-            || Subject::Principal(principal.to_string()),
-            |t| Subject::Task(t.clone()),
-        );
-        let mut st = self.lock();
-        if st.counts.len() > MAX_SUBJECTS {
-            st.counts.clear();
-        }
-        if st.recent.len() > MAX_SUBJECTS {
-            st.recent.clear();
-        }
-        if signal.weight() > 0 {
-            let recent = st.recent.entry(subject.clone()).or_default();
-            recent.push_back((now, signal.clone()));
-            while recent
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > self.config.risk_window)
-            {
-                recent.pop_front();
-            }
-        }
-        let mut fired = Vec::new();
-        for r in &self.config.rules {
+    fn matching<'a>(
+        &'a self,
+        principal: &'a Principal,
+        signal: &'a Signal,
+    ) -> impl Iterator<Item = &'a Rule> + 'a {
+        self.config.rules.iter().filter(move |r| {
             if r.signal != signal.name()
                 || r.class
                     .as_deref()
                     .is_some_and(|c| !principal.path().starts_with(c))
             {
-                continue;
+                return false;
             }
-            if let (Some(min), Signal::External { severity, .. }) = (r.min_severity, &signal)
-                && *severity < min
-            {
-                continue;
+            !matches!(
+                (r.min_severity, signal),
+                (Some(min), Signal::External { severity, .. }) if *severity < min
+            )
+        })
+    }
+
+    /// Records `signal` for the task (if any) and its principal, and returns the rules
+    /// it made fire. A rule fires when its count reaches the threshold within its window,
+    /// counted per task and per principal; the window that fired then starts over.
+    pub async fn observe(
+        &self,
+        principal: &Principal,
+        task: Option<&TaskId>,
+        signal: Signal,
+    ) -> Result<Vec<Verdict>, StoreError> {
+        let rules: Vec<&Rule> = self.matching(principal, &signal).collect();
+        let mut windows = Vec::new();
+        for r in &rules {
+            let threshold = u64::from(r.threshold.max(1));
+            if let Some(t) = task {
+                windows.push(WindowHit {
+                    key: task_window(&r.name, t),
+                    window: r.window,
+                    threshold,
+                    reset: true,
+                });
             }
-            let q = st
-                .counts
-                .entry((subject.clone(), r.name.clone()))
-                .or_default();
-            q.push_back(now);
-            while q.front().is_some_and(|t| now.duration_since(*t) > r.window) {
-                q.pop_front();
-            }
-            let count = u32::try_from(q.len()).unwrap_or(u32::MAX);
-            if count >= r.threshold {
-                q.clear();
+            windows.push(WindowHit {
+                key: principal_window(&r.name, principal),
+                window: r.window,
+                threshold,
+                reset: true,
+            });
+        }
+        let now = OffsetDateTime::now_utc();
+        let risk = (signal.weight() > 0).then(|| RiskEvent {
+            at: now,
+            weight: signal.weight(),
+            name: risk_name(&signal),
+        });
+        if windows.is_empty() && risk.is_none() {
+            return Ok(Vec::new());
+        }
+        let counts = self
+            .store
+            .observe(&Observation {
+                at: now,
+                windows,
+                risk,
+                risk_keys: vec![risk_key(principal)],
+                risk_keep: self.config.risk_window,
+            })
+            .await?;
+        let per_rule = if task.is_some() { 2 } else { 1 };
+        let mut fired = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            let threshold = u64::from(r.threshold.max(1));
+            let mine = counts.get(i * per_rule..(i + 1) * per_rule).unwrap_or(&[]);
+            let (task_count, principal_count) = match mine {
+                [t, p] => (*t, *p),
+                [p] => (0, *p),
+                _ => (0, 0),
+            };
+            if task_count >= threshold || principal_count >= threshold {
                 fired.push(Verdict {
                     rule: r.name.clone(),
                     signal: signal.name().to_string(),
                     action: r.action,
                     mode: r.mode,
-                    count,
+                    count: u32::try_from(task_count.max(principal_count)).unwrap_or(u32::MAX),
+                    per_principal: task_count < threshold,
                 });
             }
         }
-        fired
+        Ok(fired)
     }
 
-    /// Blocks credential requests under `task` for the configured time.
-    pub fn deny(&self, task: &TaskId) {
-        let until = Instant::now() + self.config.deny_for;
-        self.lock().denied.insert(task.clone(), until);
-    }
-
-    pub fn is_denied(&self, task: &TaskId) -> bool {
-        let mut st = self.lock();
-        match st.denied.get(task) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                st.denied.remove(task);
-                false
-            }
-            None => false,
+    /// Counts one more task (or request) against the principal's quota; `false` when it
+    /// is over the quota.
+    pub async fn admit(&self, principal: &Principal, quota: Quota) -> Result<bool, StoreError> {
+        let q = &self.config.quotas;
+        let limit = match quota {
+            Quota::Tasks => q.tasks,
+            Quota::Requests => q.requests,
+            Quota::Approvals => return Ok(true),
+        };
+        if limit == 0 {
+            return Ok(true);
         }
+        let counts = self
+            .store
+            .observe(&Observation {
+                at: OffsetDateTime::now_utc(),
+                windows: vec![WindowHit {
+                    key: format!("q:{}:{principal}", quota.as_str()),
+                    window: q.window,
+                    threshold: u64::MAX,
+                    reset: false,
+                }],
+                risk: None,
+                risk_keys: Vec::new(),
+                risk_keep: Duration::ZERO,
+            })
+            .await?;
+        Ok(counts.first().is_some_and(|c| *c <= u64::from(limit)))
     }
 
-    /// Risk 0..=100 from recent signals of the task and of its principal, and their names.
-    pub fn risk(&self, principal: &Principal, task: &TaskId) -> (u8, BTreeSet<String>) {
-        let now = Instant::now();
-        let st = self.lock();
-        let mut score = 0u32;
-        let mut names = BTreeSet::new();
-        for subject in [
-            Subject::Task(task.clone()),
-            Subject::Principal(principal.to_string()),
-        ] {
-            for (t, s) in st.recent.get(&subject).into_iter().flatten() {
-                if now.duration_since(*t) <= self.config.risk_window {
-                    score = score.saturating_add(s.weight());
-                    names.insert(match s {
-                        Signal::External { kind, .. } => format!("external:{kind}"),
-                        other => other.name().to_string(),
-                    });
-                }
-            }
-        }
-        (u8::try_from(score.min(100)).unwrap_or(100), names)
+    /// What a credential request must know before it is authorized, in one store step
+    /// (one round trip on Redis): one more request counted against the principal's quota,
+    /// the task's deny flag, the principal's risk.
+    pub async fn request_gate(
+        &self,
+        principal: &Principal,
+        task: &TaskId,
+    ) -> Result<RequestGate, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let q = &self.config.quotas;
+        let windows = if q.requests > 0 {
+            vec![WindowHit {
+                key: format!("q:{}:{principal}", Quota::Requests.as_str()),
+                window: q.window,
+                threshold: u64::MAX,
+                reset: false,
+            }]
+        } else {
+            Vec::new()
+        };
+        let got = self
+            .store
+            .observe_and_read(
+                &Observation {
+                    at: now,
+                    windows,
+                    risk: None,
+                    risk_keys: Vec::new(),
+                    risk_keep: Duration::ZERO,
+                },
+                &ControlRead {
+                    flags: vec![deny_key(task)],
+                    risk_keys: vec![risk_key(principal)],
+                    risk_since: Some(now - std_to_time(self.config.risk_window)),
+                },
+            )
+            .await?;
+        let (risk, signals) = score(got.risk);
+        Ok(RequestGate {
+            over_quota: q.requests > 0
+                && got
+                    .counts
+                    .first()
+                    .is_none_or(|c| *c > u64::from(q.requests)),
+            // A flag the store did not answer for counts as set: fail closed.
+            denied: got.flags.first().copied().unwrap_or(true),
+            risk,
+            signals,
+        })
+    }
+
+    /// Blocks credential requests under `task` for the configured time, on every replica.
+    pub async fn deny(&self, task: &TaskId) -> Result<(), StoreError> {
+        let until = OffsetDateTime::now_utc() + std_to_time(self.config.deny_for);
+        self.store.set_flag(&deny_key(task), until).await
+    }
+
+    pub async fn is_denied(&self, task: &TaskId) -> Result<bool, StoreError> {
+        let flags = self
+            .store
+            .flags(&[deny_key(task)], OffsetDateTime::now_utc())
+            .await?;
+        Ok(flags.first().copied().unwrap_or(true))
+    }
+
+    /// Risk 0..=100 from the principal's recent signals (on any of its tasks, or about
+    /// it), and their names.
+    pub async fn risk(&self, principal: &Principal) -> Result<(u8, BTreeSet<String>), StoreError> {
+        let since = OffsetDateTime::now_utc() - std_to_time(self.config.risk_window);
+        let events = self
+            .store
+            .risk_events(&[risk_key(principal)], since)
+            .await?;
+        Ok(score(events))
     }
 }
 
@@ -397,65 +557,98 @@ mod tests {
         Principal::parse("spiffe://t/agent/a").expect("id")
     }
 
-    #[test]
-    fn the_third_out_of_scope_request_fires_revoke_task() {
-        let e = AnomalyEngine::new(AnomalyConfig::default());
+    fn engine(cfg: AnomalyConfig) -> (AnomalyEngine, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store =
+            crate::lease::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
+        (AnomalyEngine::new(cfg, Arc::new(store)), dir)
+    }
+
+    async fn obs(
+        e: &AnomalyEngine,
+        who: &Principal,
+        t: Option<&TaskId>,
+        s: Signal,
+    ) -> Vec<Verdict> {
+        e.observe(who, t, s).await.expect("observe")
+    }
+
+    #[tokio::test]
+    async fn the_third_out_of_scope_request_fires_revoke_task() {
+        let (e, _d) = engine(AnomalyConfig::default());
         let t = TaskId::generate();
-        assert!(e.observe(&p(), Some(&t), Signal::OutOfScope).is_empty());
-        assert!(e.observe(&p(), Some(&t), Signal::OutOfScope).is_empty());
-        let fired = e.observe(&p(), Some(&t), Signal::OutOfScope);
+        assert!(obs(&e, &p(), Some(&t), Signal::OutOfScope).await.is_empty());
+        assert!(obs(&e, &p(), Some(&t), Signal::OutOfScope).await.is_empty());
+        let fired = obs(&e, &p(), Some(&t), Signal::OutOfScope).await;
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].action, Action::RevokeTask);
         assert_eq!(fired[0].mode, Mode::Enforce);
         assert_eq!(fired[0].rule, "out-of-scope");
-        // Another task is counted on its own.
+        assert!(!fired[0].per_principal);
+        // Another principal's task is counted on its own.
+        let other = Principal::parse("spiffe://t/agent/b").expect("id");
         assert!(
-            e.observe(&p(), Some(&TaskId::generate()), Signal::OutOfScope)
+            obs(&e, &other, Some(&TaskId::generate()), Signal::OutOfScope)
+                .await
                 .is_empty()
         );
     }
 
-    #[test]
-    fn risk_rises_with_recent_signals_and_is_capped() {
-        let e = AnomalyEngine::new(AnomalyConfig::default());
+    #[tokio::test]
+    async fn declaring_fresh_tasks_does_not_reset_the_principals_count() {
+        let (e, _d) = engine(AnomalyConfig::default());
+        let (a, b) = (TaskId::generate(), TaskId::generate());
+        assert!(obs(&e, &p(), Some(&a), Signal::OutOfScope).await.is_empty());
+        assert!(obs(&e, &p(), Some(&a), Signal::OutOfScope).await.is_empty());
+        let fired = obs(&e, &p(), Some(&b), Signal::OutOfScope).await;
+        assert_eq!(fired.len(), 1, "the third probe of the principal fires");
+        assert!(fired[0].per_principal);
+        assert_eq!(fired[0].count, 3);
+    }
+
+    #[tokio::test]
+    async fn risk_rises_with_recent_signals_and_is_capped() {
+        let (e, _d) = engine(AnomalyConfig::default());
         let t = TaskId::generate();
-        assert_eq!(e.risk(&p(), &t).0, 0);
-        e.observe(&p(), Some(&t), Signal::PolicyDenied);
-        let (r, names) = e.risk(&p(), &t);
+        assert_eq!(e.risk(&p()).await.expect("risk").0, 0);
+        obs(&e, &p(), Some(&t), Signal::PolicyDenied).await;
+        let (r, names) = e.risk(&p()).await.expect("risk");
         assert_eq!(r, 10);
         assert!(names.contains("policy_denied"));
-        e.observe(
+        obs(
+            &e,
             &p(),
             None,
             Signal::External {
                 kind: "edr".into(),
                 severity: Severity::Critical,
             },
-        );
-        assert_eq!(e.risk(&p(), &t).0, 100);
+        )
+        .await;
+        assert_eq!(e.risk(&p()).await.expect("risk").0, 100);
     }
 
-    #[test]
-    fn external_signals_below_the_rule_severity_only_raise_risk() {
-        let e = AnomalyEngine::new(AnomalyConfig::default());
+    #[tokio::test]
+    async fn external_signals_below_the_rule_severity_only_raise_risk() {
+        let (e, _d) = engine(AnomalyConfig::default());
         let t = TaskId::generate();
         let low = Signal::External {
             kind: "x".into(),
             severity: Severity::Medium,
         };
-        assert!(e.observe(&p(), Some(&t), low).is_empty());
+        assert!(obs(&e, &p(), Some(&t), low).await.is_empty());
         let high = Signal::External {
             kind: "x".into(),
             severity: Severity::High,
         };
         assert_eq!(
-            e.observe(&p(), Some(&t), high)[0].action,
+            obs(&e, &p(), Some(&t), high).await[0].action,
             Action::RevokeTask
         );
     }
 
-    #[test]
-    fn workload_classes_scope_rules() {
+    #[tokio::test]
+    async fn workload_classes_scope_rules() {
         let cfg = AnomalyConfig {
             rules: vec![Rule {
                 class: Some("/ci/".into()),
@@ -463,19 +656,69 @@ mod tests {
             }],
             ..AnomalyConfig::default()
         };
-        let e = AnomalyEngine::new(cfg);
+        let (e, _d) = engine(cfg);
         let t = TaskId::generate();
-        assert!(e.observe(&p(), Some(&t), Signal::OutOfScope).is_empty());
+        assert!(obs(&e, &p(), Some(&t), Signal::OutOfScope).await.is_empty());
         let ci = Principal::parse("spiffe://t/ci/build").expect("id");
-        assert_eq!(e.observe(&ci, Some(&t), Signal::OutOfScope).len(), 1);
+        assert_eq!(obs(&e, &ci, Some(&t), Signal::OutOfScope).await.len(), 1);
     }
 
-    #[test]
-    fn deny_blocks_for_a_while() {
-        let e = AnomalyEngine::new(AnomalyConfig::default());
+    #[tokio::test]
+    async fn deny_blocks_for_a_while() {
+        let (e, _d) = engine(AnomalyConfig::default());
         let t = TaskId::generate();
-        assert!(!e.is_denied(&t));
-        e.deny(&t);
-        assert!(e.is_denied(&t));
+        assert!(!e.is_denied(&t).await.expect("read"));
+        e.deny(&t).await.expect("deny");
+        assert!(e.is_denied(&t).await.expect("read"));
+        assert!(!e.is_denied(&TaskId::generate()).await.expect("read"));
+    }
+
+    #[tokio::test]
+    async fn the_request_gate_reads_quota_deny_flag_and_risk_in_one_step() {
+        let cfg = AnomalyConfig {
+            quotas: Quotas {
+                tasks: 0,
+                requests: 2,
+                window: Duration::from_secs(60),
+            },
+            ..AnomalyConfig::default()
+        };
+        let (e, _d) = engine(cfg);
+        let t = TaskId::generate();
+        obs(&e, &p(), Some(&t), Signal::PolicyDenied).await;
+        let g = e.request_gate(&p(), &t).await.expect("gate");
+        assert_eq!((g.over_quota, g.denied, g.risk), (false, false, 10));
+        assert!(g.signals.contains("policy_denied"));
+        e.deny(&t).await.expect("deny");
+        let g = e.request_gate(&p(), &t).await.expect("gate");
+        assert_eq!((g.over_quota, g.denied), (false, true));
+        let g = e.request_gate(&p(), &t).await.expect("gate");
+        assert!(
+            g.over_quota,
+            "the third request in the window is over a quota of 2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_principal_over_its_task_quota_is_refused_and_others_are_not() {
+        let cfg = AnomalyConfig {
+            quotas: Quotas {
+                tasks: 3,
+                requests: 0,
+                window: Duration::from_secs(60),
+            },
+            ..AnomalyConfig::default()
+        };
+        let (e, _d) = engine(cfg);
+        for _ in 0..3 {
+            assert!(e.admit(&p(), Quota::Tasks).await.expect("admit"));
+        }
+        assert!(!e.admit(&p(), Quota::Tasks).await.expect("admit"));
+        let other = Principal::parse("spiffe://t/agent/b").expect("id");
+        assert!(e.admit(&other, Quota::Tasks).await.expect("admit"));
+        assert!(
+            e.admit(&p(), Quota::Requests).await.expect("admit"),
+            "0 means no quota"
+        );
     }
 }

@@ -16,7 +16,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::action::{Action, Undo};
-use crate::anomaly::{Action as Countermeasure, AnomalyEngine, Mode, Severity, Signal, Verdict};
+use crate::anomaly::{
+    Action as Countermeasure, AnomalyEngine, Mode, Quota, Severity, Signal, Verdict,
+};
 use crate::audit::{AuditError, AuditEvent, AuditLog, AuditScope};
 use crate::identity::{Principal, VerifiedCaller};
 use crate::lease::{
@@ -93,6 +95,12 @@ pub enum BrokerError {
         "this token's issuer does not name CI jobs (no job_claims configured), or the token lacks them"
     )]
     NoJobClaims,
+    #[error("the caller is over its per-principal quota of {}", .0.as_str())]
+    QuotaExceeded(Quota),
+    #[error("this single-use token was already presented (jti)")]
+    TokenReplayed,
+    #[error("the store that records single-use tokens is unreachable: {0}")]
+    SingleUseUnavailable(StoreError),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -124,28 +132,11 @@ pub struct Limits {
     pub max_page: usize,
     /// Longest delegation chain: a task declared directly has depth 0.
     pub max_delegation_depth: usize,
+    /// The share of a provider's rate budget one principal may use.
+    pub principal_rate_share: f64,
 }
 
-/// A credential request held for an operator's approval (step-up).
-#[derive(Debug, Clone)]
-pub struct Approval {
-    pub id: String,
-    pub task_id: TaskId,
-    pub requester: Principal,
-    pub request: CredentialRequest,
-    pub expires_at: OffsetDateTime,
-    pub state: ApprovalState,
-    pub reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApprovalState {
-    Pending,
-    Approved,
-    Rejected,
-    /// The approved credential was collected.
-    Used,
-}
+pub use crate::approval::{Approval, ApprovalState};
 
 /// What a credential request produced: a credential, or a request awaiting approval.
 #[derive(Debug)]
@@ -280,17 +271,10 @@ pub struct Broker {
     faults: Option<FaultHook>,
     anomaly: Arc<AnomalyEngine>,
     dpop: Arc<crate::identity::dpop::DpopVerifier>,
-    /// Held requests, in memory on this replica (see docs/operations.md).
-    approvals: std::sync::Mutex<std::collections::HashMap<String, Approval>>,
     /// Keys implicit CI task ids (`job_task_id`); derived from the signing key, so every
     /// replica sharing that key finds the same job's task.
     ci_task_key: [u8; 32],
 }
-
-/// How long a held request waits for an operator.
-const APPROVAL_TTL: time::Duration = time::Duration::minutes(15);
-/// Bound on held requests per replica.
-const MAX_APPROVALS: usize = 10_000;
 
 pub struct BrokerParts {
     pub store: Arc<dyn LeaseStore>,
@@ -315,7 +299,7 @@ fn after(now: OffsetDateTime, d: Duration) -> OffsetDateTime {
     now + time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
 }
 
-fn check_reason(reason: &str) -> Result<(), BrokerError> {
+pub(crate) fn check_reason(reason: &str) -> Result<(), BrokerError> {
     if reason.trim().is_empty()
         || reason.chars().count() > 512
         || reason.chars().any(char::is_control)
@@ -356,7 +340,6 @@ impl Broker {
             limits: p.limits,
             faults: p.faults,
             dpop: p.dpop,
-            approvals: std::sync::Mutex::default(),
             ci_task_key,
             anomaly: p.anomaly,
         }
@@ -396,19 +379,19 @@ impl Broker {
     async fn undo(&self, undo: &Undo) {
         const REASON: &str = "audit record could not be written";
         let result = match undo {
-            Undo::RevokeLease(id) => self.revoker.revoke_lease(id, REASON).await.map(drop),
+            Undo::RevokeLease(id) => self
+                .revoker
+                .revoke_lease(id, REASON)
+                .await
+                .map(drop)
+                .map_err(BrokerError::from),
             Undo::EndTaskTree(id) => self
                 .revoker
                 .end_task_tree(id, TaskState::Revoked, REASON)
                 .await
-                .map(drop),
-            Undo::DenyApproval(id) => {
-                if let Some(a) = self.approvals().get_mut(id.as_str()) {
-                    a.state = ApprovalState::Rejected;
-                    a.reason = Some(REASON.to_string());
-                }
-                Ok(())
-            }
+                .map(drop)
+                .map_err(BrokerError::from),
+            Undo::DenyApproval(id) => self.withdraw_approval(id, REASON).await,
         };
         if let Err(e) = result {
             // The lease stays revoke-requested or pending; the reaper finishes it.
@@ -441,7 +424,7 @@ impl Broker {
         Ok(())
     }
 
-    async fn load_task(&self, id: &TaskId) -> Result<Task, BrokerError> {
+    pub(crate) async fn load_task(&self, id: &TaskId) -> Result<Task, BrokerError> {
         self.store
             .task(id)
             .await?
@@ -491,6 +474,10 @@ impl Broker {
             });
         }
         self.authorize_declare(caller, &req, now, ev)?;
+        if !self.anomaly.admit(caller.principal(), Quota::Tasks).await? {
+            return Err(BrokerError::QuotaExceeded(Quota::Tasks));
+        }
+        self.consume_single_use(caller).await?;
         let task = Task {
             id,
             owner: caller.principal().clone(),
@@ -544,7 +531,7 @@ impl Broker {
     /// caller must carry the claims the task was declared with, and Cedar `DeclareTask`
     /// must still allow the task for this caller now, as if it were declared again.
     /// Tasks declared with `POST /v1/tasks` have no binding and pass untouched.
-    fn reauthorize_implicit(
+    pub(crate) fn reauthorize_implicit(
         &self,
         caller: &VerifiedCaller,
         task: &Task,
@@ -692,151 +679,80 @@ impl Broker {
             _ => None,
         };
         if let Some(signal) = signal {
-            let verdicts = self
-                .anomaly
-                .observe(caller.principal(), Some(task_id), signal);
-            self.apply_verdicts(caller.principal(), Some(task_id), verdicts)
+            self.observe(caller.principal(), Some(task_id), signal)
                 .await;
         }
         result
     }
 
-    fn approvals(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Approval>> {
-        self.approvals.lock().unwrap_or_else(|p| p.into_inner())
+    /// Takes one request from the provider's global budget and from the principal's share
+    /// of it (both buckets in the store), or refuses with how long to wait.
+    async fn admit(&self, kind: ProviderKind, principal: &Principal) -> Result<(), BrokerError> {
+        let Some(limit) = self.providers.budget(kind) else {
+            return Ok(());
+        };
+        let own = crate::provider::principal_limit(limit, self.limits.principal_rate_share);
+        // The principal's bucket first: an agent over its share does not spend the
+        // provider's budget that others need.
+        let taken = match self
+            .store
+            .take_token(&format!("principal:{kind}:{principal}"), own)
+            .await?
+        {
+            Ok(()) => {
+                self.store
+                    .take_token(&format!("provider:{kind}"), limit)
+                    .await?
+            }
+            refused => refused,
+        };
+        taken.map_err(|wait| {
+            metrics::counter!("mayfly_provider_rate_limited_total", "provider" => kind.as_str())
+                .increment(1);
+            BrokerError::Provider(ProviderError::RateLimited {
+                provider: kind,
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })
+        })
     }
 
-    fn hold_for_approval(
-        &self,
-        caller: &VerifiedCaller,
-        task_id: &TaskId,
-        request: CredentialRequest,
-        now: OffsetDateTime,
-        ev: &AuditScope,
-    ) -> Result<Approval, BrokerError> {
-        let mut all = self.approvals();
-        all.retain(|_, a| a.expires_at > now || a.state == ApprovalState::Approved);
-        if all.len() >= MAX_APPROVALS {
-            return Err(BrokerError::Store(StoreError::Unavailable(
-                "too many pending approvals".into(),
-            )));
+    /// Reports an observation to anomaly detection and carries out what it decides. The
+    /// request's own outcome is already settled; a store failure here is logged and
+    /// counted (`mayfly_anomaly_store_errors_total`), the next request re-reads state.
+    async fn observe(&self, principal: &Principal, task: Option<&TaskId>, signal: Signal) {
+        match self.anomaly.observe(principal, task, signal).await {
+            Ok(verdicts) => self.apply_verdicts(principal, task, verdicts).await,
+            Err(err) => {
+                metrics::counter!("mayfly_anomaly_store_errors_total").increment(1);
+                tracing::error!(error = %err, "cannot record an anomaly observation");
+            }
         }
-        let approval = Approval {
-            id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
-            task_id: task_id.clone(),
-            requester: caller.principal().clone(),
-            request,
-            expires_at: now + APPROVAL_TTL,
-            state: ApprovalState::Pending,
-            reason: None,
-        };
-        all.insert(approval.id.clone(), approval.clone());
-        // A held request nobody has a record of must not become approvable.
-        ev.undo_with(Undo::DenyApproval(approval.id.clone()));
-        ev.set(|e| {
-            e.decision = Some("pending_approval");
-            e.outcome = Some(format!("held as {}", approval.id));
-        });
-        Ok(approval)
     }
 
-    /// `POST /v1/approvals/{id}` (operators): approve or reject a held request.
-    pub fn decide_approval(
-        &self,
-        caller: &VerifiedCaller,
-        id: &str,
-        approve: bool,
-        reason: &str,
-        ev: &AuditScope,
-    ) -> Result<Approval, BrokerError> {
-        ev.set(|e| {
-            e.action = Some(Action::DecideApproval);
-            e.outcome = Some(format!(
-                "{id}: {}",
-                if approve { "approve" } else { "reject" }
-            ));
-            e.reason = Some(reason.to_string());
-        });
-        self.require_operator(caller)?;
-        check_reason(reason)?;
-        let mut all = self.approvals();
-        let a = all
-            .get_mut(id)
-            .ok_or_else(|| BrokerError::ApprovalNotFound(id.to_string()))?;
-        ev.set(|e| {
-            e.task_id = Some(a.task_id.to_string());
-            e.principal = Some(caller.principal().to_string());
-        });
-        if a.expires_at <= OffsetDateTime::now_utc() {
-            return Err(BrokerError::ApprovalExpired(id.to_string()));
+    /// Consumes the caller's single-use `jti` in the shared store — once per request,
+    /// and only once the request has passed authorization, so a refused request never
+    /// burns it and a token nobody authorized never takes room in the store. Fails
+    /// closed when the store cannot answer.
+    pub async fn consume_single_use(&self, caller: &VerifiedCaller) -> Result<(), BrokerError> {
+        match caller.single_use() {
+            Some(su) => self.consume(su).await,
+            None => Ok(()),
         }
-        if a.state != ApprovalState::Pending {
-            return Err(BrokerError::ApprovalClosed(id.to_string()));
-        }
-        a.state = if approve {
-            ApprovalState::Approved
-        } else {
-            ApprovalState::Rejected
-        };
-        a.reason = Some(reason.to_string());
-        if approve {
-            ev.undo_with(Undo::DenyApproval(id.to_string()));
-        }
-        Ok(a.clone())
     }
 
-    /// `GET /v1/approvals/{id}` (the requester): still pending, refused, or — once
-    /// approved — the credential, minted now through the whole flow (the task must still
-    /// be active and the request still inside its scope and policy). Collectable once.
-    pub async fn collect_approval(
-        &self,
-        caller: &VerifiedCaller,
-        id: &str,
-        ev: &AuditScope,
-    ) -> Result<Outcome, BrokerError> {
-        ev.set(|e| e.action = Some(Action::CollectApproval));
-        // Under an implicit CI task, only a caller with the declaring job's claims (and
-        // still allowed to declare it) may see or collect the approval; checked before
-        // the approval is touched, so a refused caller cannot use it up.
-        let held_under = {
-            let all = self.approvals();
-            match all.get(id) {
-                Some(a) if &a.requester == caller.principal() => a.task_id.clone(),
-                _ => return Err(BrokerError::ApprovalNotFound(id.to_string())),
-            }
-        };
-        let task = self.load_task(&held_under).await?;
-        match self.reauthorize_implicit(caller, &task, OffsetDateTime::now_utc(), ev) {
-            Err(BrokerError::TaskClaimsDiffer(_)) => {
-                return Err(BrokerError::ApprovalNotFound(id.to_string()));
-            }
-            other => other?,
+    /// `consume_single_use` for a token's `SingleUse` (the API layer's last check).
+    pub async fn consume(&self, su: &crate::identity::SingleUse) -> Result<(), BrokerError> {
+        if !su.claim() {
+            return Ok(());
         }
-        let approval = {
-            let mut all = self.approvals();
-            let a = all
-                .get_mut(id)
-                .ok_or_else(|| BrokerError::ApprovalNotFound(id.to_string()))?;
-            if &a.requester != caller.principal() {
-                return Err(BrokerError::ApprovalNotFound(id.to_string()));
+        match self.store.insert_once(&su.key, su.until).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                metrics::counter!("mayfly_single_use_replays_total").increment(1);
+                Err(BrokerError::TokenReplayed)
             }
-            match a.state {
-                ApprovalState::Rejected => {
-                    return Err(BrokerError::ApprovalRejected(id.to_string()));
-                }
-                ApprovalState::Used => return Err(BrokerError::ApprovalClosed(id.to_string())),
-                ApprovalState::Pending if a.expires_at <= OffsetDateTime::now_utc() => {
-                    return Err(BrokerError::ApprovalExpired(id.to_string()));
-                }
-                ApprovalState::Pending => return Ok(Outcome::Pending(a.clone())),
-                ApprovalState::Approved => {
-                    a.state = ApprovalState::Used;
-                    a.clone()
-                }
-            }
-        };
-        ev.set(|e| e.outcome = Some(format!("collecting {id}")));
-        self.request_credential_inner(caller, &approval.task_id, approval.request, ev, true)
-            .await
+            Err(e) => Err(BrokerError::SingleUseUnavailable(e)),
+        }
     }
 
     /// Records each fired rule and, in enforce mode, carries out its action. A revocation
@@ -861,7 +777,16 @@ impl Broker {
                     "audit only"
                 }
             ));
-            e.detail = Some(format!("{} x{}", v.signal, v.count));
+            e.detail = Some(format!(
+                "{} x{}{}",
+                v.signal,
+                v.count,
+                if v.per_principal {
+                    " (across the principal's tasks)"
+                } else {
+                    ""
+                }
+            ));
             metrics::counter!("mayfly_anomaly_triggers_total", "rule" => v.rule.clone(), "mode" => if v.mode == Mode::Enforce { "enforce" } else { "audit" }).increment(1);
             tracing::warn!(rule = %v.rule, action = v.action.as_str(), principal = %principal, "anomaly rule fired");
             if let Err(err) = self.audit.write(e).await {
@@ -873,10 +798,7 @@ impl Broker {
             let reason = format!("anomaly: rule {}", v.rule);
             let outcome = match (v.action, task) {
                 (Countermeasure::Audit, _) => Ok(()),
-                (Countermeasure::Deny, Some(t)) => {
-                    self.anomaly.deny(t);
-                    Ok(())
-                }
+                (Countermeasure::Deny, Some(t)) => self.anomaly.deny(t).await,
                 (Countermeasure::RevokeTask, Some(t)) => self
                     .revoker
                     .end_task_tree(t, TaskState::Revoked, &reason)
@@ -956,17 +878,20 @@ impl Broker {
             _ => return Err(BrokerError::SignalTarget),
         };
         ev.set(|e| e.principal = Some(principal.to_string()));
-        let verdicts = self.anomaly.observe(
-            &principal,
-            task.as_ref(),
-            Signal::External { kind, severity },
-        );
+        let verdicts = self
+            .anomaly
+            .observe(
+                &principal,
+                task.as_ref(),
+                Signal::External { kind, severity },
+            )
+            .await?;
         self.apply_verdicts(&principal, task.as_ref(), verdicts.clone())
             .await;
         Ok(verdicts)
     }
 
-    async fn request_credential_inner(
+    pub(crate) async fn request_credential_inner(
         &self,
         caller: &VerifiedCaller,
         task_id: &TaskId,
@@ -990,19 +915,25 @@ impl Broker {
         }
         self.reauthorize_implicit(caller, &task, now, ev)?;
         Self::require_active(&task, now)?;
-        if self.anomaly.is_denied(task_id) {
+        let gate = self
+            .anomaly
+            .request_gate(caller.principal(), task_id)
+            .await?;
+        if gate.over_quota {
+            return Err(BrokerError::QuotaExceeded(Quota::Requests));
+        }
+        if gate.denied {
             return Err(BrokerError::AnomalyDenied(task_id.clone()));
         }
+        let mut risk_now = (gate.risk, gate.signals);
         if let Some(origin) = &task.origin {
             let p = caller.posture();
             if origin.source != p.source
                 || origin.credential_fingerprint != p.credential_fingerprint
             {
-                let verdicts =
-                    self.anomaly
-                        .observe(caller.principal(), Some(task_id), Signal::PostureChange);
-                self.apply_verdicts(caller.principal(), Some(task_id), verdicts)
+                self.observe(caller.principal(), Some(task_id), Signal::PostureChange)
                     .await;
+                risk_now = self.anomaly.risk(caller.principal()).await?;
                 // An enforced rule may just have ended the task.
                 Self::require_active(&self.load_task(task_id).await?, now)?;
             }
@@ -1054,7 +985,7 @@ impl Broker {
                 remaining: secs(remaining),
             });
         }
-        let (risk, signals) = self.anomaly.risk(caller.principal(), task_id);
+        let (risk, signals) = risk_now;
         ev.set(|e| e.risk = Some(risk));
         let d = self.policy.mint(
             caller,
@@ -1075,14 +1006,16 @@ impl Broker {
             });
         }
         let provider = self.providers.get(req.provider)?.clone();
+        self.consume_single_use(caller).await?;
         if d.needs_approval && !approved {
-            return self
-                .hold_for_approval(caller, task_id, req, now, ev)
-                .map(Outcome::Pending);
+            match self.approval_gate(caller, task_id, &req, now, ev).await? {
+                crate::approval::Gate::Hold(a) => return Ok(Outcome::Pending(*a)),
+                crate::approval::Gate::Collected => {}
+            }
         }
 
         // Over the provider's request budget: refuse before anything is written.
-        self.providers.admit(req.provider)?;
+        self.admit(req.provider, caller.principal()).await?;
 
         let lease = Lease::pending(&task.id, caller.principal(), &wanted, now, after(now, ttl));
         ev.set(|e| {
@@ -1286,10 +1219,7 @@ impl Broker {
         self.reauthorize_implicit(caller, &parent, now, ev)?;
         Self::require_active(&parent, now)?;
         if !parent.scope.covers(&req.task.scope) {
-            let verdicts =
-                self.anomaly
-                    .observe(caller.principal(), Some(parent_id), Signal::DelegationWider);
-            self.apply_verdicts(caller.principal(), Some(parent_id), verdicts)
+            self.observe(caller.principal(), Some(parent_id), Signal::DelegationWider)
                 .await;
             return Err(BrokerError::DelegationWider(format!(
                 "task {parent_id} does not hold every grant requested"

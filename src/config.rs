@@ -174,6 +174,12 @@ pub struct RawAnomaly {
     pub deny_for: Option<String>,
     /// When present, replaces the default rules entirely.
     pub rules: Option<Vec<RawRule>>,
+    /// Tasks one principal may declare per `quota_window` (default 120; 0: no quota).
+    pub max_tasks_per_principal: Option<u32>,
+    /// Credential requests one principal may make per `quota_window` (default 3000; 0: no quota).
+    pub max_requests_per_principal: Option<u32>,
+    /// The window of both quotas (default "60s").
+    pub quota_window: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +206,18 @@ fn anomaly_config(raw: RawAnomaly) -> Result<AnomalyConfig, ConfigError> {
     }
     if let Some(d) = raw.deny_for {
         cfg.deny_for = dur("anomaly.deny_for", &d)?;
+    }
+    if let Some(n) = raw.max_tasks_per_principal {
+        cfg.quotas.tasks = n;
+    }
+    if let Some(n) = raw.max_requests_per_principal {
+        cfg.quotas.requests = n;
+    }
+    if let Some(w) = raw.quota_window {
+        cfg.quotas.window = dur("anomaly.quota_window", &w)?;
+        if cfg.quotas.window.is_zero() {
+            return Err(invalid("anomaly.quota_window", "must be positive"));
+        }
     }
     if let Some(rules) = raw.rules {
         const SIGNALS: [&str; 7] = [
@@ -280,6 +298,9 @@ mod defaults {
     }
     pub fn jwt_binding() -> crate::provider::jwt::Binding {
         crate::provider::jwt::Binding::Optional
+    }
+    pub fn jwt_burst() -> f64 {
+        50.0
     }
     pub fn webhook_timeout() -> String {
         "5s".into()
@@ -441,7 +462,9 @@ fn default_true() -> bool {
 #[serde(deny_unknown_fields, default)]
 pub struct RawBearer {
     pub max_token_bytes: usize,
-    pub replay_cache_size: usize,
+    /// No longer used: single-use `jti`s live in the shared store. Accepted (and
+    /// ignored) so existing configuration files keep loading.
+    pub replay_cache_size: Option<usize>,
     pub fetch_timeout: String,
 }
 
@@ -449,7 +472,7 @@ impl Default for RawBearer {
     fn default() -> Self {
         Self {
             max_token_bytes: 8 * 1024,
-            replay_cache_size: 100_000,
+            replay_cache_size: None,
             fetch_timeout: "5s".into(),
         }
     }
@@ -1066,6 +1089,8 @@ pub struct RawLimits {
     pub max_connections_per_source: usize,
     pub unauth_rate_per_source: u32,
     pub unauth_burst_per_source: u32,
+    /// Fraction of a provider's rate budget one principal may use (0 < share ≤ 1).
+    pub principal_rate_share: f64,
 }
 
 impl Default for RawLimits {
@@ -1092,6 +1117,7 @@ impl Default for RawLimits {
             max_connections_per_source: 64,
             unauth_rate_per_source: 20,
             unauth_burst_per_source: 40,
+            principal_rate_share: 0.5,
         }
     }
 }
@@ -1134,7 +1160,20 @@ pub struct RawProviders {
 #[serde(deny_unknown_fields)]
 pub struct RawJwt {
     pub issuer: String,
-    pub signing_key_file: PathBuf,
+    /// One fixed key (restart to change it). Exactly one of this and `keys_dir`.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// A key set: `current.pem`, `next.pem`, `previous.pem`, re-read on change.
+    #[serde(default)]
+    pub keys_dir: Option<PathBuf>,
+    /// How often `keys_dir` is checked for changes (default "10s").
+    #[serde(default)]
+    pub keys_reload_interval: Option<String>,
+    /// Sustained mints per second (global across replicas); 0 (default) turns it off.
+    #[serde(default)]
+    pub rate_limit_per_second: f64,
+    #[serde(default = "defaults::jwt_burst")]
+    pub rate_limit_burst: f64,
     /// Create the key file with a new key of this algorithm if it does not exist.
     #[serde(default)]
     pub generate_key: Option<SigningAlg>,
@@ -1152,6 +1191,39 @@ pub struct RawJwt {
 #[serde(deny_unknown_fields)]
 pub struct RawJwtTarget {
     pub binding: Binding,
+}
+
+/// Where the JWT provider's signing keys come from.
+#[derive(Debug, Clone)]
+pub enum JwtKeys {
+    File(PathBuf),
+    Dir(crate::provider::jwt::KeyDir),
+}
+
+fn jwt_keys(r: &RawJwt) -> Result<JwtKeys, ConfigError> {
+    match (&r.signing_key_file, &r.keys_dir) {
+        (Some(f), None) => Ok(JwtKeys::File(f.clone())),
+        (None, Some(d)) => {
+            if r.generate_key.is_some() {
+                return Err(invalid(
+                    "providers.jwt.generate_key",
+                    "only with signing_key_file; a keys_dir is provisioned",
+                ));
+            }
+            let interval = match &r.keys_reload_interval {
+                Some(i) => dur("providers.jwt.keys_reload_interval", i)?,
+                None => Duration::from_secs(10),
+            };
+            Ok(JwtKeys::Dir(crate::provider::jwt::KeyDir {
+                dir: d.clone(),
+                interval,
+            }))
+        }
+        _ => Err(invalid(
+            "providers.jwt",
+            "give exactly one of signing_key_file and keys_dir",
+        )),
+    }
 }
 
 /// Where leases live.
@@ -1368,10 +1440,11 @@ pub struct Config {
     pub summary_interval: Duration,
     pub reaper: ReaperConfig,
     pub jwt_issuer: String,
-    pub jwt_key: PathBuf,
+    pub jwt_key: JwtKeys,
     pub jwt_generate: Option<SigningAlg>,
     pub jwt_bindings: BindingRules,
     pub dpop: DpopSettings,
+    pub jwt_rate: Option<crate::provider::RateLimit>,
     pub vault: Option<crate::provider::vault::VaultConfig>,
     pub aws: Option<crate::provider::aws::AwsConfig>,
     pub anomaly: AnomalyConfig,
@@ -1379,7 +1452,6 @@ pub struct Config {
     pub jwt_svid: Vec<(TrustDomain, IssuerConfig)>,
     pub oidc_issuers: Vec<(String, IssuerConfig)>,
     pub max_token_bytes: usize,
-    pub replay_cache_size: usize,
     pub key_fetch_timeout: Duration,
 }
 
@@ -1501,9 +1573,6 @@ impl TryFrom<RawConfig> for Config {
         if !(1024..=64 * 1024).contains(&b.max_token_bytes) {
             return Err(invalid("bearer.max_token_bytes", "must be 1 KiB..=64 KiB"));
         }
-        if b.replay_cache_size == 0 {
-            return Err(invalid("bearer.replay_cache_size", "must be positive"));
-        }
         let mut operators = HashSet::new();
         for id in raw.operators.spiffe_ids {
             let p = Principal::parse(&id)
@@ -1518,7 +1587,14 @@ impl TryFrom<RawConfig> for Config {
             pending_timeout: dur("limits.pending_timeout", &l.pending_timeout)?,
             max_page: l.max_page.clamp(1, 10_000),
             max_delegation_depth: l.max_delegation_depth.min(16),
+            principal_rate_share: l.principal_rate_share,
         };
+        if !(limits.principal_rate_share > 0.0 && limits.principal_rate_share <= 1.0) {
+            return Err(invalid(
+                "limits.principal_rate_share",
+                "must be > 0 and <= 1",
+            ));
+        }
         let pending_timeout = limits.pending_timeout;
         if limits.default_lease_ttl > limits.max_lease_ttl {
             return Err(invalid(
@@ -1565,6 +1641,12 @@ impl TryFrom<RawConfig> for Config {
                 max: dur("reaper.backoff_max", &r.backoff_max)?,
             },
         };
+        let jwt_key = jwt_keys(&raw.providers.jwt)?;
+        let jwt_rate = crate::provider::rate_limit(
+            raw.providers.jwt.rate_limit_per_second,
+            raw.providers.jwt.rate_limit_burst,
+        )
+        .map_err(|m| invalid("providers.jwt.rate_limit_per_second", m))?;
         let issuer = raw.providers.jwt.issuer;
         if !issuer.starts_with("https://") {
             return Err(invalid("providers.jwt.issuer", "must be an https:// URL"));
@@ -1592,7 +1674,7 @@ impl TryFrom<RawConfig> for Config {
             summary_interval,
             reaper,
             jwt_issuer: issuer.trim_end_matches('/').to_string(),
-            jwt_key: raw.providers.jwt.signing_key_file,
+            jwt_key,
             jwt_generate: raw.providers.jwt.generate_key,
             jwt_bindings: BindingRules {
                 default: raw.providers.jwt.binding,
@@ -1605,6 +1687,7 @@ impl TryFrom<RawConfig> for Config {
                     .collect(),
             },
             dpop: dpop_settings(raw.dpop)?,
+            jwt_rate,
             vault: raw
                 .providers
                 .vault
@@ -1637,7 +1720,6 @@ impl TryFrom<RawConfig> for Config {
             jwt_svid,
             oidc_issuers,
             max_token_bytes: b.max_token_bytes,
-            replay_cache_size: b.replay_cache_size,
             key_fetch_timeout: dur("bearer.fetch_timeout", &b.fetch_timeout)?,
         })
     }
@@ -1718,7 +1800,7 @@ impl Config {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| crate::Error::Tls(format!("key fetch client: {e}")))?;
-        let mut v = BearerVerifier::new(self.max_token_bytes, self.replay_cache_size);
+        let mut v = BearerVerifier::new(self.max_token_bytes);
         let issuer = |c: &IssuerConfig, spiffe: bool| -> Result<TrustedIssuer, crate::Error> {
             let client = match (&c.source, &c.endpoint_auth) {
                 (KeySourceSpec::Url(url), auth @ EndpointAuth::HttpsSpiffe { .. })
@@ -1832,13 +1914,21 @@ impl Config {
             .map_err(|e| invalid("webhook", e))?;
         let audit =
             AuditLog::open_rotating(&self.audit_path, &self.node_id, tap, self.audit_rotation)?;
-        let key = SigningKey::load_or_generate(&self.jwt_key, self.jwt_generate)?;
-        let jwt = Arc::new(JwtIssuer::new(self.jwt_issuer.clone(), key));
+        let jwt = Arc::new(match &self.jwt_key {
+            JwtKeys::File(path) => JwtIssuer::new(
+                self.jwt_issuer.clone(),
+                SigningKey::load_or_generate(path, self.jwt_generate)?,
+            ),
+            JwtKeys::Dir(dir) => JwtIssuer::from_dir(self.jwt_issuer.clone(), dir.clone())?,
+        });
         let mut providers = Providers::default();
-        providers.insert(Arc::new(JwtProvider::with_bindings(
-            jwt.clone(),
-            self.jwt_bindings.clone(),
-        )));
+        providers.insert_limited(
+            Arc::new(JwtProvider::with_bindings(
+                jwt.clone(),
+                self.jwt_bindings.clone(),
+            )),
+            self.jwt_rate,
+        );
         let dpop = Arc::new(crate::identity::dpop::DpopVerifier::new(
             self.dpop_config()?,
             store.clone(),
@@ -1873,7 +1963,10 @@ impl Config {
             operators: self.operators.clone(),
             limits: self.limits.clone(),
             faults,
-            anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(self.anomaly.clone())),
+            anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(
+                self.anomaly.clone(),
+                store.clone(),
+            )),
             dpop,
         }));
         let serving = crate::api::tls::ServingCert::load(&self.tls_cert, &self.tls_key)?;
@@ -2355,10 +2448,6 @@ mod tests {
         assert_eq!(
             cfg.max_token_bytes,
             doc_num::<usize>("bearer", "max_token_bytes")
-        );
-        assert_eq!(
-            cfg.replay_cache_size,
-            doc_num::<usize>("bearer", "replay_cache_size")
         );
         assert_eq!(cfg.key_fetch_timeout, doc_dur("bearer", "fetch_timeout"));
         assert_eq!(cfg.anomaly.risk_window, doc_dur("anomaly", "risk_window"));

@@ -15,7 +15,11 @@
 //!        │              endpoints and the Workload API, swapped in while running
 //!        ├─ task        tasks, grants, scopes and their containment rules
 //!        ├─ policy      Cedar policies + schema, strict validation, hot reload
-//!        ├─ lease       Lease records and the LeaseStore trait (embedded redb store)
+//!        ├─ lease       Lease records and the LeaseStore trait (embedded redb store),
+//!        │              plus the control state every replica shares: single-use
+//!        │              jtis, anomaly windows, risk, deny flags, approvals, buckets
+//!        ├─ anomaly     rules over windows per task and per principal; risk; quotas
+//!        ├─ approval    step-up approvals: durable records, compare-and-set states
 //!        ├─ provider    CredentialProvider trait; `jwt` signs Mayfly access tokens,
 //!        │              `vault` (Vault/OpenBao tokens, dynamic secrets), `aws` (STS)
 //!        ├─ revocation  revoke leases / task trees; the reaper for due leases
@@ -31,6 +35,7 @@
 pub mod action;
 pub mod anomaly;
 pub mod api;
+pub mod approval;
 pub mod audit;
 pub mod broker;
 pub mod cli;

@@ -351,6 +351,7 @@ async fn every_state_changing_action_fails_closed_and_grants_nothing_without_a_r
                 json!({"decision": "approve", "reason": "r"}),
             ),
             Action::CollectApproval => ("GET", "/v1/approvals/apr_nonexistent".into(), Value::Null),
+            Action::ListApprovals => ("GET", "/v1/approvals".into(), Value::Null),
             Action::ReadLease => ("GET", format!("/v1/leases/{lease}"), Value::Null),
             Action::ListLeases => ("GET", "/v1/leases".into(), Value::Null),
             Action::ListTasks => ("GET", "/v1/tasks".into(), Value::Null),

@@ -7,9 +7,14 @@
 
 mod common;
 
+use mayfly::approval::{Approval, ApprovalState, ApprovalTransition, HeldRequest};
 use mayfly::identity::Principal;
 use mayfly::lease::embedded::EmbeddedStore;
-use mayfly::lease::{Lease, LeaseQuery, LeaseState, LeaseStore, StoreError, TaskQuery, Transition};
+use mayfly::lease::{
+    ControlRead, Lease, LeaseQuery, LeaseState, LeaseStore, Observation, RiskEvent, StoreError,
+    TaskQuery, Transition, WindowHit,
+};
+use mayfly::provider::RateLimit;
 use mayfly::task::{Grant, LeaseId, ProviderKind, Scope, Task, TaskId, TaskState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -298,6 +303,8 @@ pub async fn contract(store: Arc<dyn LeaseStore>) {
         vec![child.id.clone()]
     );
     deny_and_lock_contract(&store).await;
+    control_contract(store.as_ref()).await;
+    approval_contract(store.clone()).await;
 }
 
 /// Deny sets and role locks: what the AWS deny policy is rendered from, and its one
@@ -484,6 +491,362 @@ async fn redis_store_insert_once_has_one_winner_and_expires() {
     );
 }
 
+fn approval(requester: &str, now: OffsetDateTime, ttl: Duration) -> Approval {
+    let request = HeldRequest {
+        provider: ProviderKind::Jwt,
+        target: "https://t".into(),
+        actions: None,
+        resources: None,
+        ttl_secs: Some(60),
+    };
+    let principal = Principal::parse(requester).expect("principal");
+    let task = TaskId::generate();
+    Approval {
+        id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
+        fingerprint: mayfly::approval::fingerprint(&principal, &task, &request),
+        task_id: task,
+        requester: principal,
+        request,
+        state: ApprovalState::Pending,
+        created_at: now,
+        expires_at: now + ttl,
+        keep_until: now + Duration::hours(2),
+        decided_by: None,
+        reason: None,
+    }
+}
+
+fn step(id: &str, from: ApprovalState, to: ApprovalState) -> ApprovalTransition {
+    ApprovalTransition {
+        id: id.into(),
+        from,
+        to,
+        at: OffsetDateTime::now_utc(),
+        expires_at: None,
+        decided_by: Some("op".into()),
+        reason: None,
+    }
+}
+
+/// Approvals: durable records, compare-and-set transitions, a cap per requester.
+async fn approval_contract(store: Arc<dyn LeaseStore>) {
+    use ApprovalState::*;
+    let now = OffsetDateTime::now_utc();
+    let who = format!("spiffe://c.test/agent/{}", uuid::Uuid::new_v4().simple());
+    let a = approval(&who, now, Duration::minutes(15));
+    let b = approval(&who, now, Duration::minutes(15));
+    assert!(store.create_approval(&a, 2).await.expect("a"));
+    assert!(store.create_approval(&b, 2).await.expect("b"));
+    let c = approval(&who, now, Duration::minutes(15));
+    assert!(
+        !store.create_approval(&c, 2).await.expect("c"),
+        "over the requester's cap"
+    );
+    let other = approval("spiffe://c.test/agent/other", now, Duration::minutes(15));
+    assert!(
+        store.create_approval(&other, 2).await.expect("other"),
+        "caps are per principal"
+    );
+    assert_eq!(
+        store.approval(&a.id).await.expect("read").as_ref(),
+        Some(&a)
+    );
+    assert_eq!(
+        store
+            .approval_for(&a.fingerprint)
+            .await
+            .expect("fp")
+            .as_ref(),
+        Some(&a)
+    );
+    assert_eq!(store.approval("apr_missing").await.expect("read"), None);
+
+    let approved = store
+        .transition_approval(&step(&a.id, Pending, Approved))
+        .await
+        .expect("approve")
+        .expect("applied");
+    assert_eq!(approved.state, Approved);
+    assert_eq!(approved.decided_by.as_deref(), Some("op"));
+    let again = store
+        .transition_approval(&step(&a.id, Pending, Rejected))
+        .await
+        .expect("again");
+    assert_eq!(again.map_err(|c| c.state), Err(Approved), "already decided");
+
+    // Concurrent collections: exactly one wins.
+    let mut joins = Vec::new();
+    for _ in 0..8 {
+        let (store, id) = (store.clone(), a.id.clone());
+        joins.push(tokio::spawn(async move {
+            store
+                .transition_approval(&step(&id, Approved, Collected))
+                .await
+                .expect("collect")
+                .is_ok()
+        }));
+    }
+    let mut won = 0;
+    for j in joins {
+        won += usize::from(j.await.expect("join"));
+    }
+    assert_eq!(won, 1, "one collection of one approval");
+
+    // A collected approval no longer counts against the cap.
+    assert!(store.create_approval(&c, 2).await.expect("c after collect"));
+    let pending: Vec<String> = store
+        .approvals(Some(Pending), 100)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
+    assert!(
+        pending.contains(&b.id) && pending.contains(&c.id),
+        "{pending:?}"
+    );
+    assert!(!pending.contains(&a.id));
+
+    // A pending approval past its time cannot be approved.
+    let late = approval("spiffe://c.test/agent/late", now, Duration::milliseconds(1));
+    assert!(store.create_approval(&late, 2).await.expect("late"));
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let refused = store
+        .transition_approval(&step(&late.id, Pending, Approved))
+        .await
+        .expect("late");
+    assert!(matches!(refused, Err(ref x) if x.state == Pending));
+    assert!(matches!(
+        store
+            .transition_approval(&step("apr_missing", Pending, Approved))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn hit(key: &str, window_ms: u64, threshold: u64, reset: bool) -> WindowHit {
+    WindowHit {
+        key: key.into(),
+        window: std::time::Duration::from_millis(window_ms),
+        threshold,
+        reset,
+    }
+}
+
+fn observation(at: OffsetDateTime, windows: Vec<WindowHit>) -> Observation {
+    Observation {
+        at,
+        windows,
+        risk: None,
+        risk_keys: Vec::new(),
+        risk_keep: std::time::Duration::from_secs(600),
+    }
+}
+
+/// The control state: single-use keys, flags, sliding windows, risk events.
+async fn control_contract(store: &dyn LeaseStore) {
+    let now = OffsetDateTime::now_utc();
+    let jti = format!("jti:bearer:https://iss:{}", uuid::Uuid::new_v4());
+    assert!(
+        store
+            .insert_once(&jti, now + Duration::minutes(5))
+            .await
+            .expect("once")
+    );
+    assert!(
+        !store
+            .insert_once(&jti, now + Duration::minutes(5))
+            .await
+            .expect("twice")
+    );
+    // A key whose entry has expired can be inserted again.
+    let short = format!("jti:bearer:https://iss:{}", uuid::Uuid::new_v4());
+    assert!(
+        store
+            .insert_once(&short, now + Duration::milliseconds(300))
+            .await
+            .expect("short")
+    );
+    assert!(
+        !store
+            .insert_once(&short, now + Duration::milliseconds(300))
+            .await
+            .expect("live")
+    );
+    let again = common::eventually(std::time::Duration::from_secs(5), || async {
+        store
+            .insert_once(&short, OffsetDateTime::now_utc() + Duration::minutes(1))
+            .await
+            .expect("after expiry")
+            .then_some(())
+    })
+    .await;
+    assert!(again.is_some(), "an expired single-use key is purged");
+
+    // Flags: set until a time, never shortened, independent keys.
+    let flag = format!("deny:task:{}", uuid::Uuid::new_v4());
+    let other = format!("deny:task:{}", uuid::Uuid::new_v4());
+    assert_eq!(
+        store
+            .flags(std::slice::from_ref(&flag), now)
+            .await
+            .expect("flags"),
+        vec![false]
+    );
+    store
+        .set_flag(&flag, now + Duration::minutes(1))
+        .await
+        .expect("set");
+    store
+        .set_flag(&flag, now + Duration::seconds(1))
+        .await
+        .expect("shorter");
+    assert_eq!(
+        store
+            .flags(&[flag.clone(), other.clone()], now)
+            .await
+            .expect("flags"),
+        vec![true, false]
+    );
+    assert_eq!(
+        store
+            .flags(std::slice::from_ref(&flag), now + Duration::seconds(30))
+            .await
+            .expect("later"),
+        vec![true],
+        "a shorter set does not shorten the flag"
+    );
+    assert_eq!(
+        store
+            .flags(std::slice::from_ref(&flag), now + Duration::minutes(2))
+            .await
+            .expect("after"),
+        vec![false]
+    );
+
+    // Windows: count within the window, per key; reset at the threshold when asked.
+    let w = format!("w:{}", uuid::Uuid::new_v4());
+    let p = format!("p:{}", uuid::Uuid::new_v4());
+    let mut counts = Vec::new();
+    for i in 0..3 {
+        let at = now + Duration::milliseconds(i * 10);
+        counts.push(
+            store
+                .observe(&observation(
+                    at,
+                    vec![hit(&w, 60_000, 3, true), hit(&p, 60_000, 3, false)],
+                ))
+                .await
+                .expect("observe"),
+        );
+    }
+    assert_eq!(counts, vec![vec![1, 1], vec![2, 2], vec![3, 3]]);
+    let next = store
+        .observe(&observation(
+            now + Duration::milliseconds(40),
+            vec![hit(&w, 60_000, 3, true), hit(&p, 60_000, 3, false)],
+        ))
+        .await
+        .expect("observe");
+    assert_eq!(
+        next,
+        vec![1, 4],
+        "a reset window starts over; the other keeps sliding"
+    );
+    // Events older than the window no longer count.
+    let later = store
+        .observe(&observation(
+            now + Duration::seconds(61),
+            vec![hit(&p, 60_000, 3, false)],
+        ))
+        .await
+        .expect("observe");
+    assert_eq!(later, vec![1]);
+
+    // Token buckets: a burst, then refused with the wait until the next token.
+    let bucket = format!("provider:test:{}", uuid::Uuid::new_v4());
+    let limit = RateLimit {
+        per_second: 5.0,
+        burst: 3.0,
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            store.take_token(&bucket, limit).await.expect("take"),
+            Ok(())
+        );
+    }
+    let wait = store
+        .take_token(&bucket, limit)
+        .await
+        .expect("take")
+        .expect_err("spent");
+    assert!(
+        wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_millis(200),
+        "{wait:?}"
+    );
+    let other = format!("provider:test:{}", uuid::Uuid::new_v4());
+    assert_eq!(
+        store.take_token(&other, limit).await.expect("take"),
+        Ok(()),
+        "buckets are per key"
+    );
+
+    // Risk events: recorded under every key given, read back while recent.
+    let rt = format!("task:{}", uuid::Uuid::new_v4());
+    let rp = format!("principal:{}", uuid::Uuid::new_v4());
+    let mut obs = observation(now, Vec::new());
+    obs.risk = Some(RiskEvent {
+        at: now,
+        weight: 30,
+        name: "external:edr|x".into(),
+    });
+    obs.risk_keys = vec![rt.clone(), rp.clone()];
+    store.observe(&obs).await.expect("risk");
+    let got = store
+        .risk_events(std::slice::from_ref(&rt), now - Duration::minutes(10))
+        .await
+        .expect("read");
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].weight, got[0].name.as_str()),
+        (30, "external:edr|x")
+    );
+    assert!((got[0].at - now).abs() < Duration::milliseconds(2));
+    assert_eq!(
+        store
+            .risk_events(&[rt.clone(), rp.clone()], now - Duration::minutes(10))
+            .await
+            .expect("both")
+            .len(),
+        2
+    );
+    assert!(
+        store
+            .risk_events(&[rt], now + Duration::seconds(1))
+            .await
+            .expect("later")
+            .is_empty(),
+        "events before `since` are not returned"
+    );
+    // One step: a window hit, then flags and risk read (one script on Redis).
+    let q = format!("q:requests:{}", uuid::Uuid::new_v4());
+    let got = store
+        .observe_and_read(
+            &observation(now, vec![hit(&q, 60_000, u64::MAX, false)]),
+            &ControlRead {
+                flags: vec![flag.clone(), other.clone()],
+                risk_keys: vec![rp.clone()],
+                risk_since: Some(now - Duration::minutes(10)),
+            },
+        )
+        .await
+        .expect("observe and read");
+    assert_eq!(got.counts, vec![1]);
+    assert_eq!(got.flags, vec![true, false]);
+    assert_eq!(got.risk.len(), 1);
+    assert_eq!(got.risk[0].weight, 30);
+}
+
 #[tokio::test]
 async fn embedded_store_honours_the_contract() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -516,6 +879,106 @@ async fn embedded_store_survives_reopen() {
         .await
         .expect("due");
     assert_eq!(due.len(), 1, "the due index survives too");
+}
+
+#[tokio::test]
+async fn embedded_control_state_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("leases.redb");
+    let now = OffsetDateTime::now_utc();
+    {
+        let store = EmbeddedStore::open(&path).expect("open");
+        assert!(
+            store
+                .insert_once("jti:x", now + Duration::minutes(5))
+                .await
+                .expect("once")
+        );
+        store
+            .set_flag("deny:task:t", now + Duration::minutes(5))
+            .await
+            .expect("flag");
+        let mut obs = observation(now, Vec::new());
+        obs.risk = Some(RiskEvent {
+            at: now,
+            weight: 60,
+            name: "external:edr".into(),
+        });
+        obs.risk_keys = vec!["principal:p".into()];
+        store.observe(&obs).await.expect("risk");
+    }
+    let store = EmbeddedStore::open(&path).expect("reopen");
+    assert!(
+        !store
+            .insert_once("jti:x", now + Duration::minutes(5))
+            .await
+            .expect("again"),
+        "a consumed single-use key stays consumed across a restart"
+    );
+    assert_eq!(
+        store
+            .flags(&["deny:task:t".into()], now)
+            .await
+            .expect("flag"),
+        vec![true]
+    );
+    assert_eq!(
+        store
+            .risk_events(&["principal:p".into()], now - Duration::minutes(1))
+            .await
+            .expect("risk")
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn embedded_expired_control_entries_are_purged_one_batch_at_a_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("leases.redb")).expect("open"));
+    let now = OffsetDateTime::now_utc();
+    // Short-lived entries (written concurrently: one group commit), then, once they have
+    // expired, writes that purge them in batches.
+    let until = now + Duration::seconds(3);
+    let mut joins = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        joins.push(tokio::spawn(async move {
+            store
+                .insert_once(&format!("jti:old:{i}"), until)
+                .await
+                .expect("old")
+        }));
+    }
+    for j in joins {
+        assert!(j.await.expect("join"));
+    }
+    assert_eq!(store.control_entries().expect("count"), 200);
+    let wait = until - OffsetDateTime::now_utc() + Duration::milliseconds(100);
+    tokio::time::sleep(std::time::Duration::try_from(wait).unwrap_or_default()).await;
+    let now = OffsetDateTime::now_utc();
+    for i in 0..10 {
+        assert!(
+            store
+                .insert_once(&format!("jti:new:{i}"), now + Duration::minutes(1))
+                .await
+                .expect("new")
+        );
+    }
+    assert_eq!(
+        store.control_entries().expect("count"),
+        10,
+        "expired entries purged"
+    );
+    // Live entries are never dropped by a purge.
+    for i in 0..10 {
+        assert!(
+            !store
+                .insert_once(&format!("jti:new:{i}"), now + Duration::minutes(1))
+                .await
+                .expect("live")
+        );
+    }
 }
 
 fn redis_config(url: String, prefix: &str) -> mayfly::lease::redis::RedisConfig {
@@ -777,4 +1240,57 @@ async fn the_embedded_store_file_is_owner_only_even_if_it_existed_wider() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     drop(EmbeddedStore::open(&path).expect("reopen"));
     assert_eq!(mode(&path), 0o600, "narrowed on open");
+}
+
+/// Three store connections (as three replicas) take from one provider bucket as fast as
+/// they can for two seconds: the grants stay within rate × time + burst.
+#[tokio::test]
+async fn a_redis_token_bucket_holds_globally_across_connections() {
+    let redis = common::RedisServer::start(&[]);
+    let limit = RateLimit {
+        per_second: 50.0,
+        burst: 10.0,
+    };
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(Arc::new(
+            mayfly::lease::redis::RedisStore::connect(&redis_config(redis.url(), "bucket"))
+                .await
+                .expect("connect"),
+        ));
+    }
+    let started = std::time::Instant::now();
+    let run = std::time::Duration::from_secs(2);
+    let mut joins = Vec::new();
+    for store in &stores {
+        for _ in 0..4 {
+            let store = store.clone();
+            joins.push(tokio::spawn(async move {
+                let mut granted = 0u64;
+                while started.elapsed() < run {
+                    if store
+                        .take_token("provider:aws", limit)
+                        .await
+                        .expect("take")
+                        .is_ok()
+                    {
+                        granted += 1;
+                    }
+                }
+                granted
+            }));
+        }
+    }
+    let mut granted = 0;
+    for j in joins {
+        granted += j.await.expect("join");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let bound = limit.per_second * secs + limit.burst;
+    println!("{granted} grants in {secs:.2} s across 3 connections (bound {bound:.0})");
+    assert!(granted as f64 <= bound, "{granted} > {bound}");
+    assert!(
+        granted as f64 >= limit.per_second * 1.5,
+        "the bucket refills: {granted}"
+    );
 }

@@ -112,6 +112,7 @@ fn vault_config(addr: &str, token_file: &Path, extra: &str) -> String {
         r#"
 [limits]
 pending_timeout = "3s"
+principal_rate_share = 1.0
 [anomaly]
 rules = []
 [providers.vault]

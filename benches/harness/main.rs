@@ -132,7 +132,7 @@ fn write_config(p: &Pki, name: &str, port: u16, store: &str) -> PathBuf {
          [store]\n{store}\n\
          [audit]\npath = {}\n\
          [providers.jwt]\nissuer = \"https://127.0.0.1:{port}\"\nsigning_key_file = {}\ngenerate_key = \"ES256\"\n\
-         [anomaly]\nrules = []\n",
+         [anomaly]\nrules = []\nmax_tasks_per_principal = 0\nmax_requests_per_principal = 0\n",
         d("server.pem"),
         d("server-key.pem"),
         d("ca.pem"),

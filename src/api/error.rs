@@ -113,8 +113,6 @@ pub fn verify_code(e: &VerifyError) -> &'static str {
         VerifyError::TokenExpired => "token_expired",
         VerifyError::TokenNotYetValid => "token_not_yet_valid",
         VerifyError::IssuedInFuture => "token_issued_in_future",
-        VerifyError::Replayed => "token_replayed",
-        VerifyError::ReplayCacheFull => "token_replay_cache_full",
     }
 }
 
@@ -185,6 +183,11 @@ impl ApiError {
                 BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
                 BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
                 BrokerError::NoJobClaims => (S::FORBIDDEN, "no_job_claims"),
+                BrokerError::TokenReplayed => (S::UNAUTHORIZED, "token_replayed"),
+                BrokerError::QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "principal_quota_exceeded"),
+                BrokerError::SingleUseUnavailable(_) => {
+                    (S::SERVICE_UNAVAILABLE, "single_use_store_unavailable")
+                }
                 BrokerError::Provider(ProviderError::NotConfigured(_)) => {
                     (S::BAD_REQUEST, "provider_not_configured")
                 }
@@ -229,6 +232,9 @@ impl ApiError {
                 ApiError::Audit(_) | ApiError::Overloaded => self.to_string(),
                 ApiError::Dpop(DpopError::Store(_)) => "the lease store is unavailable".into(),
                 ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
+                ApiError::Broker(BrokerError::SingleUseUnavailable(_)) => {
+                    "single-use tokens cannot be checked: the store is unavailable".into()
+                }
                 // The upstream's own reason helps the caller and reveals nothing of ours.
                 ApiError::Broker(BrokerError::Provider(
                     e @ (ProviderError::Denied(_) | ProviderError::Rejected(_)),
@@ -360,7 +366,9 @@ impl From<ApiError> for OAuthError {
         use StatusCode as S;
         let (status, code) = e.status_and_code();
         let (status, error) = match &e {
-            ApiError::Verify(_) => (S::BAD_REQUEST, "invalid_grant"),
+            ApiError::Verify(_) | ApiError::Broker(BrokerError::TokenReplayed) => {
+                (S::BAD_REQUEST, "invalid_grant")
+            }
             // Not the client's grant but its connection: keep the transport's status.
             ApiError::Body(BodyError::Timeout(_)) => (S::REQUEST_TIMEOUT, "invalid_request"),
             // RFC 9449 §5 and §8.

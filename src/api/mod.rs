@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/leases/{id}/revoke", post(revoke_lease))
         .route("/v1/revoke", post(bulk_revoke))
         .route("/v1/signals", post(signal))
+        .route("/v1/approvals", get(list_approvals))
         .route(
             "/v1/approvals/{id}",
             post(decide_approval).get(collect_approval),
@@ -138,6 +139,7 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     let conn = req.extensions().get::<Arc<ConnInfo>>().cloned();
     let source_ip = conn.as_ref().map(|c| c.peer.ip());
     ev.source = source_ip.map(|ip| ip.to_string());
+    let mut single_use = None;
     let route = ev.route.clone().unwrap_or_default();
     let method = ev.method.clone().unwrap_or_default();
     let cert_verified = conn.as_ref().is_some_and(|c| c.identity.is_ok());
@@ -164,6 +166,7 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
             }
             Err(e) => ev.detail = Some(format!("identity: {e}")),
         }
+        single_use = resolved.as_ref().ok().and_then(|c| c.single_use().cloned());
         req.extensions_mut().insert(ResolvedCaller(resolved));
         scope = AuditScope::new(ev);
         req.extensions_mut().insert(scope.clone());
@@ -173,6 +176,21 @@ async fn audit_request(State(st): State<AppState>, mut req: Request, next: Next)
     };
     metrics::histogram!("mayfly_request_duration_seconds", "route" => route.clone())
         .record(started.elapsed().as_secs_f64());
+    // A single-use token is consumed by the broker once authorized; a route that
+    // succeeded without consuming it (reads, completions) consumes it now, before the
+    // answer leaves: a replay is refused on every route.
+    if let Some(su) = single_use
+        && resp.status().is_success()
+        && !su.is_spent()
+        && let Err(e) = st.broker.consume(&su).await
+    {
+        let err = ApiError::Broker(e);
+        resp = if route == "/v1/token" {
+            OAuthError::from(err).into_response()
+        } else {
+            err.into_response()
+        };
+    }
 
     let status = resp.status();
     let code = resp.extensions().get::<ErrorCode>().map(|c| c.0);
@@ -480,8 +498,41 @@ async fn decide_approval(
     };
     let a = st
         .broker
-        .decide_approval(&caller, &id, approve, &body.reason, &audit_scope(&ev))?;
+        .decide_approval(&caller, &id, approve, &body.reason, &audit_scope(&ev))
+        .await?;
     Ok(Json(approval_json(&a)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalParams {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/approvals?state=pending` (operators): the approvals every replica shares.
+async fn list_approvals(
+    State(st): State<AppState>,
+    ev: Ev,
+    Caller(caller): Caller,
+    params: Result<Query<ApprovalParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params.map_err(|e| ApiError::Query(e.body_text()))?;
+    let state = p
+        .state
+        .as_deref()
+        .map(|s| {
+            s.parse::<crate::approval::ApprovalState>()
+                .map_err(|()| ApiError::Query(format!("unknown approval state {s:?}")))
+        })
+        .transpose()?;
+    let limit = page_limit(&st, p.limit)?;
+    let items = st
+        .broker
+        .approvals(&caller, state, limit, &audit_scope(&ev))
+        .await?;
+    let views: Vec<views::ApprovalView> = items.iter().map(views::ApprovalView::from).collect();
+    Ok(Json(to_json(&views::ApprovalList { items: views })).into_response())
 }
 
 async fn collect_approval(

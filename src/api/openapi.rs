@@ -26,14 +26,14 @@ use crate::task::{RawCredentialRequest, RawDelegateRequest, RawGrant, RawTaskReq
     ),
     paths(
         declare_task, list_tasks, get_task, request_credential, delegate_task, complete_task,
-        revoke_task, list_leases, get_lease, revoke_lease, bulk_revoke, signal, decide_approval,
+        revoke_task, list_leases, get_lease, revoke_lease, bulk_revoke, signal, list_approvals, decide_approval,
         collect_approval, introspect, token, jwks, discovery, authorization_server_metadata,
         healthz, readyz, metrics
     ),
     components(schemas(
         RawTaskRequest, RawGrant, RawCredentialRequest, RawDelegateRequest, RevokeBody, BulkBody,
         SignalBody, ApprovalBody, IntrospectForm, TokenForm, TaskView, GrantView, LeaseView, TaskPage,
-        LeasePage, CredentialView, ApprovalView, RevocationView, IntrospectionView, SignalResult,
+        LeasePage, CredentialView, ApprovalView, ApprovalList, RevocationView, IntrospectionView, SignalResult,
         FiredRule, Problem
     )),
     tags(
@@ -109,6 +109,11 @@ fn signal() {}
 #[utoipa::path(post, path = "/v1/approvals/{id}", tag = "operator", params(("id" = String, Path)), request_body = ApprovalBody,
     responses((status = 200, body = ApprovalView), (status = 409, description = "approval_closed", body = Problem), (status = 410, body = Problem)))]
 fn decide_approval() {}
+
+#[utoipa::path(get, path = "/v1/approvals", tag = "operator",
+    params(("state" = Option<String>, Query, description = "pending | approved | rejected | collected; a live state lists only those not past their time"), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "Approvals shared by every replica, oldest first", body = ApprovalList), (status = 400, description = "invalid_query", body = Problem), (status = 403, description = "not_operator", body = Problem)))]
+fn list_approvals() {}
 
 #[utoipa::path(get, path = "/v1/approvals/{id}", tag = "agent", params(("id" = String, Path)),
     responses((status = 201, description = "Approved: the credential, once", body = CredentialView), (status = 202, description = "Still pending", body = ApprovalView),

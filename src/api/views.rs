@@ -142,26 +142,37 @@ pub struct CredentialView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ApprovalView {
     pub approval_id: String,
-    /// pending | approved | rejected | used
+    /// pending | approved | rejected | collected | expired
     pub status: String,
     pub task_id: String,
     pub requester: String,
     pub provider: String,
     pub target: String,
+    /// Pending: decided by then. Approved: collected by then.
     pub expires_at: String,
+    pub created_at: String,
+    /// The operator who approved or rejected it.
+    pub decided_by: Option<String>,
     pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalList {
+    pub items: Vec<ApprovalView>,
 }
 
 impl From<&Approval> for ApprovalView {
     fn from(a: &Approval) -> Self {
         Self {
             approval_id: a.id.clone(),
-            status: format!("{:?}", a.state).to_lowercase(),
+            status: a.status_at(time::OffsetDateTime::now_utc()).to_string(),
             task_id: a.task_id.to_string(),
             requester: a.requester.to_string(),
             provider: a.request.provider.to_string(),
             target: a.request.target.clone(),
             expires_at: crate::api_time(a.expires_at),
+            created_at: crate::api_time(a.created_at),
+            decided_by: a.decided_by.clone(),
             reason: a.reason.clone(),
         }
     }

@@ -86,6 +86,13 @@ enum Command {
         #[command(subcommand)]
         command: operator::TaskCmd,
     },
+    /// Operator: step-up approvals (list, approve, deny), shared by every replica.
+    Approval {
+        #[command(flatten)]
+        conn: operator::Conn,
+        #[command(subcommand)]
+        command: operator::ApprovalCmd,
+    },
     /// Operator: revoke everything of a principal, a provider or a target prefix.
     Revoke {
         #[command(flatten)]
@@ -201,6 +208,7 @@ pub fn run() -> ExitCode {
         Command::Lease { conn, command } => client_then(operator::lease(conn, command)),
         Command::Task { conn, command } => client_then(operator::task(conn, command)),
         Command::Revoke { conn, args } => client_then(operator::bulk(conn, args)),
+        Command::Approval { conn, command } => client_then(operator::approval(conn, command)),
         Command::Exec(args) => block_on(false, exec::run(args)),
         Command::CredentialProcess(args) => client_then(credential_process::run(args)),
         Command::Dpop { command } => match dpop::run(command) {

@@ -63,6 +63,28 @@ pub enum TaskCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ApprovalCmd {
+    /// List approvals (default: the pending ones).
+    Ls {
+        /// pending | approved | rejected | collected
+        #[arg(long, default_value = "pending")]
+        state: String,
+    },
+    /// Approve a held request; the requester collects it once.
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Reject a held request.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 /// Exactly one of --principal, --provider, --target-prefix (the broker checks it too).
 #[derive(Args, Debug)]
 pub struct BulkArgs {
@@ -124,6 +146,24 @@ fn task_table(items: &[Value]) {
             s(t, "expires_at"),
             s(t, "owner"),
             s(t, "purpose")
+        );
+    }
+}
+
+fn approval_table(items: &[Value]) {
+    println!(
+        "{:<36}  {:<9}  {:<25}  {:<40}  {:<8}  TARGET",
+        "APPROVAL", "STATUS", "EXPIRES", "REQUESTER", "PROVIDER"
+    );
+    for a in items {
+        println!(
+            "{:<36}  {:<9}  {:<25}  {:<40}  {:<8}  {}",
+            s(a, "approval_id"),
+            s(a, "status"),
+            s(a, "expires_at"),
+            s(a, "requester"),
+            s(a, "provider"),
+            s(a, "target")
         );
     }
 }
@@ -215,6 +255,30 @@ pub async fn task(conn: Conn, cmd: TaskCmd) -> Result<(), CliError> {
             });
         }
     }
+    Ok(())
+}
+
+pub async fn approval(conn: Conn, cmd: ApprovalCmd) -> Result<(), CliError> {
+    let c = Client::new(&conn.server)?;
+    let decide = |id: String, decision: &'static str, reason: String| {
+        let c = &c;
+        async move {
+            c.post(
+                &format!("/v1/approvals/{id}"),
+                json!({"decision": decision, "reason": reason}),
+            )
+            .await
+        }
+    };
+    let v = match cmd {
+        ApprovalCmd::Ls { state } => c.get("/v1/approvals", &[("state", state)]).await?,
+        ApprovalCmd::Approve { id, reason } => decide(id, "approve", reason).await?,
+        ApprovalCmd::Deny { id, reason } => decide(id, "reject", reason).await?,
+    };
+    emit(conn.json, &v, |v| match v["items"].as_array() {
+        Some(items) => approval_table(items),
+        None => approval_table(std::slice::from_ref(v)),
+    });
     Ok(())
 }
 

@@ -9,7 +9,10 @@
 //! issuer; otherwise a SPIFFE `sub` names the JWT-SVID trust domain → `alg` on the
 //! issuer's allow-list → `typ` if the issuer defines one → key by `kid` from the
 //! issuer's key cache → signature → `exp` (required), `nbf`, `iat` with leeway →
-//! `aud` → `sub` → single-use `jti` (last, so a refused token never burns its `jti`).
+//! `aud` → `sub` → single-use `jti` present. A single-use token's `jti` is not consumed
+//! here: the verified caller carries it (`SingleUse`) and the broker consumes it in the
+//! shared store only after the request passed authorization, so neither a refused token
+//! nor a well-signed token of an unauthorized subject ever takes room in the store.
 //! JOSE library: jsonwebtoken 11 on aws-lc-rs (the crate's one crypto stack); it is
 //! used for key import and signature verification only — every claim rule is here.
 
@@ -25,7 +28,9 @@ use time::OffsetDateTime;
 
 use super::jwks::{KeyCache, Lookup};
 use super::strict_json::{self, StrictJsonError};
-use super::{AuthMethod, OidcSubject, Posture, Principal, SpiffeId, VerifiedCaller, VerifyError};
+use super::{
+    AuthMethod, OidcSubject, Posture, Principal, SingleUse, SpiffeId, VerifiedCaller, VerifyError,
+};
 
 /// Claims copied into the posture (as strings) when present, so Cedar can read them.
 /// GitHub Actions, GitLab CI, and Kubernetes (`kubernetes.io` is flattened to
@@ -95,39 +100,6 @@ pub struct TrustedIssuer {
     pub keys: Arc<KeyCache>,
 }
 
-/// Single-use `jti`s seen, until their token's expiry. In-process: replicas do not
-/// share it (see docs/identity.md).
-#[derive(Debug)]
-struct ReplayCache {
-    seen: Mutex<HashMap<(String, String), i64>>,
-    capacity: usize,
-}
-
-impl ReplayCache {
-    fn check_and_insert(
-        &self,
-        issuer: &str,
-        jti: &str,
-        until: i64,
-        now: i64,
-    ) -> Result<(), VerifyError> {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (issuer.to_string(), jti.to_string());
-        if seen.get(&key).is_some_and(|&exp| exp >= now) {
-            return Err(VerifyError::Replayed);
-        }
-        if seen.len() >= self.capacity {
-            seen.retain(|_, exp| *exp >= now);
-            if seen.len() >= self.capacity {
-                // Fail closed: forgetting a live jti would allow a replay.
-                return Err(VerifyError::ReplayCacheFull);
-            }
-        }
-        seen.insert(key, until);
-        Ok(())
-    }
-}
-
 /// Bearer tokens already verified, by SHA-256 of the token, so a workload presenting the
 /// same JWT-SVID or OIDC token on every request pays for parsing and signature checking
 /// once rather than per request (ES256 verification is ~165 µs).
@@ -180,13 +152,12 @@ pub struct BearerVerifier {
     svid: HashMap<String, TrustedIssuer>,
     oidc: HashMap<String, TrustedIssuer>,
     max_token_bytes: usize,
-    replay: ReplayCache,
     verified: VerifiedCache,
 }
 
 impl Default for BearerVerifier {
     fn default() -> Self {
-        Self::new(8 * 1024, 100_000)
+        Self::new(8 * 1024)
     }
 }
 
@@ -280,21 +251,18 @@ fn with_source(t: &VerifiedToken, source: Option<IpAddr>) -> VerifiedToken {
     let mut posture = t.caller.posture().clone();
     posture.source = source;
     VerifiedToken {
-        caller: VerifiedCaller::new(t.caller.principal().clone(), posture),
+        caller: VerifiedCaller::new(t.caller.principal().clone(), posture)
+            .with_single_use(t.caller.single_use().cloned()),
         ..t.clone()
     }
 }
 
 impl BearerVerifier {
-    pub fn new(max_token_bytes: usize, replay_capacity: usize) -> Self {
+    pub fn new(max_token_bytes: usize) -> Self {
         Self {
             svid: HashMap::new(),
             oidc: HashMap::new(),
             max_token_bytes,
-            replay: ReplayCache {
-                seen: Mutex::new(HashMap::new()),
-                capacity: replay_capacity,
-            },
             verified: VerifiedCache {
                 entries: Mutex::new(HashMap::new()),
                 capacity: VERIFIED_CACHE_SIZE,
@@ -534,12 +502,15 @@ impl BearerVerifier {
                 )
             }
         };
-        if rules.single_use {
+        let single_use = if rules.single_use {
             let jti = str_claim(&claims, "jti")?.ok_or(VerifyError::MissingClaim("jti"))?;
             let scope = iss.as_deref().unwrap_or(principal.trust_domain());
-            self.replay
-                .check_and_insert(scope, jti, exp.saturating_add(leeway), now_s)?;
-        }
+            let until = OffsetDateTime::from_unix_timestamp(exp.saturating_add(leeway))
+                .map_err(|_| VerifyError::ClaimType("exp"))?;
+            Some(SingleUse::new(format!("jti:bearer:{scope}:{jti}"), until))
+        } else {
+            None
+        };
 
         let expires_at =
             OffsetDateTime::from_unix_timestamp(exp).map_err(|_| VerifyError::ClaimType("exp"))?;
@@ -563,7 +534,7 @@ impl BearerVerifier {
             claims: posture_claims,
         };
         let verified = VerifiedToken {
-            caller: VerifiedCaller::new(principal, posture),
+            caller: VerifiedCaller::new(principal, posture).with_single_use(single_use),
             expires_at,
             job,
             max_exchange_ttl: rules.max_exchange_ttl,

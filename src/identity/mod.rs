@@ -120,10 +120,6 @@ pub enum VerifyError {
     TokenNotYetValid,
     #[error("JWT was issued in the future (iat)")]
     IssuedInFuture,
-    #[error("JWT is single-use and was already presented (jti)")]
-    Replayed,
-    #[error("the replay cache is full; single-use tokens are refused until it drains")]
-    ReplayCacheFull,
 }
 
 /// How the caller proved its identity.
@@ -294,6 +290,36 @@ pub fn x5t_s256(der: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der))
 }
 
+/// The single-use `jti` of a verified bearer token, to be consumed once the request it
+/// authenticates has passed authorization (`Broker::spend_single_use`). Shared by every
+/// clone of the caller, so one request consumes it once however many steps it runs.
+#[derive(Debug)]
+pub struct SingleUse {
+    /// `jti:bearer:<iss or trust domain>:<jti>`.
+    pub key: String,
+    /// The token's `exp` plus leeway: the `jti` is remembered until then.
+    pub until: OffsetDateTime,
+    spent: std::sync::atomic::AtomicBool,
+}
+
+impl SingleUse {
+    pub(in crate::identity) fn new(key: String, until: OffsetDateTime) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            key,
+            until,
+            spent: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+    /// Marks it spent by this request; `true` if it was not already.
+    pub fn claim(&self) -> bool {
+        !self.spent.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Whether this request already consumed it.
+    pub fn is_spent(&self) -> bool {
+        self.spent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A caller whose identity was verified cryptographically. Only `identity` constructs it.
 #[derive(Debug, Clone)]
 pub struct VerifiedCaller {
@@ -302,6 +328,7 @@ pub struct VerifiedCaller {
     /// RFC 8705 `x5t#S256` of the client certificate the caller presented (X.509-SVID
     /// callers only): what a certificate-bound token is bound to.
     cert_thumbprint: Option<String>,
+    single_use: Option<std::sync::Arc<SingleUse>>,
 }
 
 impl VerifiedCaller {
@@ -310,7 +337,19 @@ impl VerifiedCaller {
             principal,
             posture,
             cert_thumbprint: None,
+            single_use: None,
         }
+    }
+    pub(in crate::identity) fn with_single_use(
+        mut self,
+        single_use: Option<std::sync::Arc<SingleUse>>,
+    ) -> Self {
+        self.single_use = single_use;
+        self
+    }
+    /// The single-use `jti` this request must consume, if its token is single-use.
+    pub fn single_use(&self) -> Option<&std::sync::Arc<SingleUse>> {
+        self.single_use.as_ref()
     }
     /// The caller proved possession of this certificate (its DER) in the TLS handshake.
     pub(in crate::identity) fn with_certificate(mut self, leaf_der: &[u8]) -> Self {

@@ -4,17 +4,24 @@
 //! Tables: tasks and leases as JSON; `task_leases` and `children` as `parent/child` key
 //! indexes; `due` as an ordered `(unix_nanos, lease_id)` index so the reaper finds due
 //! leases in O(log n), with `due_by_lease` mapping back for updates.
+//!
+//! Control state: single-use keys and flags in `expiring` (key → expiry ns) with the
+//! `expiry` index, risk events in `risk` — durable, so a restart keeps them; expired
+//! entries are purged a bounded batch at a time on each write. Sliding windows stay in
+//! memory (a single node: no caller can restart the broker to reset them), bounded with
+//! least-recently-used eviction of one entry at a time, never a clear-all.
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
 use time::OffsetDateTime;
 
 use super::{
-    AuditAnchor, DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
-    apply_transition, lease_matches, task_matches,
+    AuditAnchor, DenyEntry, Lease, LeaseQuery, LeaseStore, Observation, Page, RiskEvent,
+    StoreError, TaskQuery, Transition, apply_transition, lease_matches, task_matches,
 };
+use crate::approval::{Approval, ApprovalState, ApprovalTransition, TransitionOutcome};
 use crate::task::{LeaseId, Task, TaskId, TaskState};
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
@@ -24,18 +31,156 @@ const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
 const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 const DUE_BY_LEASE: TableDefinition<&str, u64> = TableDefinition::new("due_by_lease");
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
-/// `insert_once` keys → expiry (unix nanos), with `ONCE_DUE` ordering them by expiry so
-/// expired keys are swept a few at a time by later inserts.
-const ONCE: TableDefinition<&str, u64> = TableDefinition::new("once");
-const ONCE_DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("once_due");
-/// Expired `insert_once` keys removed per insert: more than one, so the table shrinks
-/// whenever inserts keep coming.
-const ONCE_SWEEP: usize = 8;
 const ANCHORS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_anchors");
 /// Deny sets: `(set, member)` → `(seq, until as unix seconds)`.
 const DENY: TableDefinition<(&str, &str), (u64, i64)> = TableDefinition::new("deny");
 /// The last `seq` given out per deny set.
 const DENY_SEQ: TableDefinition<&str, u64> = TableDefinition::new("deny_seq");
+const EXPIRING: TableDefinition<&str, u64> = TableDefinition::new("expiring");
+const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
+/// (subject key, at ns, unique) → `weight|name|unique`.
+const RISK: TableDefinition<(&str, u64, &str), &str> = TableDefinition::new("risk");
+/// (drop at ns, subject key, unique) → at ns: the purge order of `RISK`.
+const RISK_EXPIRY: TableDefinition<(u64, &str, &str), u64> = TableDefinition::new("risk_expiry");
+
+const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
+const APPROVAL_FP: TableDefinition<&str, &str> = TableDefinition::new("approval_fp");
+/// (requester, id) → deadline ns, while the approval is live (its requester's cap).
+const APPROVAL_LIVE: TableDefinition<(&str, &str), u64> = TableDefinition::new("approval_live");
+/// (keep-until ns, id): listing order and purge order.
+const APPROVAL_KEEP: TableDefinition<(u64, &str), ()> = TableDefinition::new("approval_keep");
+
+/// Removes up to `PURGE_BATCH` approvals past their `keep_until`.
+fn purge_approvals(tx: &redb::WriteTransaction, now: u64) -> Result<(), StoreError> {
+    let mut keep = tx.open_table(APPROVAL_KEEP).map_err(db_err)?;
+    let mut gone = Vec::new();
+    for entry in keep.range((0u64, "")..).map_err(db_err)? {
+        let (k, _) = entry.map_err(db_err)?;
+        let (at, id) = k.value();
+        if at > now || gone.len() >= PURGE_BATCH {
+            break;
+        }
+        gone.push((at, id.to_string()));
+    }
+    let mut records = tx.open_table(APPROVALS).map_err(db_err)?;
+    let mut fps = tx.open_table(APPROVAL_FP).map_err(db_err)?;
+    let mut live = tx.open_table(APPROVAL_LIVE).map_err(db_err)?;
+    for (at, id) in gone {
+        keep.remove((at, id.as_str())).map_err(db_err)?;
+        let old = records.remove(id.as_str()).map_err(db_err)?;
+        if let Some(v) = old {
+            let a: Approval = decode(v.value())?;
+            drop(v);
+            if fps
+                .get(a.fingerprint.as_str())
+                .map_err(db_err)?
+                .map(|v| v.value().to_string())
+                == Some(id.clone())
+            {
+                fps.remove(a.fingerprint.as_str()).map_err(db_err)?;
+            }
+            live.remove((a.requester.as_str(), id.as_str()))
+                .map_err(db_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Expired control entries purged per write (bounded work per request).
+const PURGE_BATCH: usize = 64;
+/// Sliding windows kept in memory at most; past it the least recently used goes.
+pub const MAX_WINDOWS: usize = 1_000_000;
+
+/// Removes up to `PURGE_BATCH` entries expired at `now` from `expiring` / `risk`.
+fn purge(tx: &redb::WriteTransaction, now: u64) -> Result<(), StoreError> {
+    let mut index = tx.open_table(EXPIRY).map_err(db_err)?;
+    let mut table = tx.open_table(EXPIRING).map_err(db_err)?;
+    let mut gone = Vec::new();
+    for entry in index.range((0u64, "")..).map_err(db_err)? {
+        let (k, _) = entry.map_err(db_err)?;
+        let (at, key) = k.value();
+        if at > now || gone.len() >= PURGE_BATCH {
+            break;
+        }
+        gone.push((at, key.to_string()));
+    }
+    for (at, key) in gone {
+        index.remove((at, key.as_str())).map_err(db_err)?;
+        if table.get(key.as_str()).map_err(db_err)?.map(|v| v.value()) == Some(at) {
+            table.remove(key.as_str()).map_err(db_err)?;
+        }
+    }
+    let mut risk_index = tx.open_table(RISK_EXPIRY).map_err(db_err)?;
+    let mut risk = tx.open_table(RISK).map_err(db_err)?;
+    let mut gone = Vec::new();
+    for entry in risk_index.range((0u64, "", "")..).map_err(db_err)? {
+        let (k, v) = entry.map_err(db_err)?;
+        let (drop_at, subject, unique) = k.value();
+        if drop_at > now || gone.len() >= PURGE_BATCH {
+            break;
+        }
+        gone.push((drop_at, subject.to_string(), unique.to_string(), v.value()));
+    }
+    for (drop_at, subject, unique, at) in gone {
+        risk_index
+            .remove((drop_at, subject.as_str(), unique.as_str()))
+            .map_err(db_err)?;
+        risk.remove((subject.as_str(), at, unique.as_str()))
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Writes `key` → `until` in `expiring`, keeping the index in step.
+fn put_expiring(tx: &redb::WriteTransaction, key: &str, until: u64) -> Result<(), StoreError> {
+    let mut table = tx.open_table(EXPIRING).map_err(db_err)?;
+    let mut index = tx.open_table(EXPIRY).map_err(db_err)?;
+    if let Some(old) = table.insert(key, until).map_err(db_err)? {
+        index.remove((old.value(), key)).map_err(db_err)?;
+    }
+    index.insert((until, key), ()).map_err(db_err)?;
+    Ok(())
+}
+
+/// In-memory sliding windows with least-recently-used eviction.
+#[derive(Default)]
+struct Windows {
+    events: std::collections::HashMap<String, (u64, std::collections::VecDeque<u64>)>,
+    /// (last use sequence, key): the eviction order.
+    lru: std::collections::BTreeSet<(u64, String)>,
+    seq: u64,
+}
+
+impl Windows {
+    fn hit(&mut self, key: &str, now: u64, window: u64, threshold: u64, reset: bool) -> u64 {
+        self.seq += 1;
+        let seq = self.seq;
+        if !self.events.contains_key(key)
+            && self.events.len() >= MAX_WINDOWS
+            && let Some((_, oldest)) = self.lru.pop_first()
+        {
+            self.events.remove(&oldest);
+        }
+        let entry = self
+            .events
+            .entry(key.to_string())
+            .or_insert_with(|| (0, std::collections::VecDeque::new()));
+        self.lru.remove(&(entry.0, key.to_string()));
+        entry.0 = seq;
+        self.lru.insert((seq, key.to_string()));
+        let q = &mut entry.1;
+        q.push_back(now);
+        let floor = now.saturating_sub(window);
+        while q.front().is_some_and(|t| *t < floor) {
+            q.pop_front();
+        }
+        let count = q.len() as u64;
+        if reset && count >= threshold {
+            q.clear();
+        }
+        count
+    }
+}
 
 fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreError> {
     let mut t = tx.open_table(COUNTS).map_err(db_err)?;
@@ -51,6 +196,8 @@ fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreErr
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    windows: std::sync::Mutex<Windows>,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::provider::TokenBucket>>>,
     ops: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// Named locks: one process owns the file, so a local lock serialises every writer.
@@ -197,11 +344,17 @@ impl EmbeddedStore {
             tx.open_table(DUE).map_err(db_err)?;
             tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
             tx.open_table(COUNTS).map_err(db_err)?;
-            tx.open_table(ONCE).map_err(db_err)?;
-            tx.open_table(ONCE_DUE).map_err(db_err)?;
             tx.open_table(ANCHORS).map_err(db_err)?;
             tx.open_table(DENY).map_err(db_err)?;
             tx.open_table(DENY_SEQ).map_err(db_err)?;
+            tx.open_table(EXPIRING).map_err(db_err)?;
+            tx.open_table(EXPIRY).map_err(db_err)?;
+            tx.open_table(RISK).map_err(db_err)?;
+            tx.open_table(RISK_EXPIRY).map_err(db_err)?;
+            tx.open_table(APPROVALS).map_err(db_err)?;
+            tx.open_table(APPROVAL_FP).map_err(db_err)?;
+            tx.open_table(APPROVAL_LIVE).map_err(db_err)?;
+            tx.open_table(APPROVAL_KEEP).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -213,6 +366,8 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Unavailable(format!("store writer: {e}")))?;
         Ok(Self {
             db,
+            windows: std::sync::Mutex::default(),
+            buckets: std::sync::Mutex::default(),
             ops: std::sync::Mutex::new(Some(ops)),
             writer: Some(writer),
             locks: std::sync::Mutex::default(),
@@ -260,6 +415,16 @@ impl EmbeddedStore {
     /// path) cost more than the read itself.
     fn get<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
         f(&self.db)
+    }
+
+    /// Single-use keys and flags held (expired ones included until purged).
+    pub fn control_entries(&self) -> Result<usize, StoreError> {
+        self.get(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(EXPIRING).map_err(db_err)?;
+            let n = table.len().map_err(db_err)?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
     }
 
     /// A scan (lists, counts), on the blocking pool: it may walk many records.
@@ -578,6 +743,269 @@ impl LeaseStore for EmbeddedStore {
         .await
     }
 
+    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError> {
+        let key = format!("once:{key}");
+        let until = nanos(expires_at);
+        self.write(move |tx| {
+            let now = nanos(OffsetDateTime::now_utc());
+            let live = {
+                let table = tx.open_table(EXPIRING).map_err(db_err)?;
+                let got = table.get(key.as_str()).map_err(db_err)?;
+                got.is_some_and(|v| v.value() > now)
+            };
+            if live {
+                return Ok(false);
+            }
+            put_expiring(tx, &key, until)?;
+            purge(tx, now)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn set_flag(&self, key: &str, until: OffsetDateTime) -> Result<(), StoreError> {
+        let key = format!("flag:{key}");
+        let until = nanos(until);
+        self.write(move |tx| {
+            let now = nanos(OffsetDateTime::now_utc());
+            let current = {
+                let table = tx.open_table(EXPIRING).map_err(db_err)?;
+                let got = table.get(key.as_str()).map_err(db_err)?;
+                got.map_or(0, |v| v.value())
+            };
+            if until > current && until > now {
+                put_expiring(tx, &key, until)?;
+            }
+            purge(tx, now)
+        })
+        .await
+    }
+
+    async fn flags(&self, keys: &[String], now: OffsetDateTime) -> Result<Vec<bool>, StoreError> {
+        let now = nanos(now);
+        self.get(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(EXPIRING).map_err(db_err)?;
+            keys.iter()
+                .map(|k| {
+                    let got = table.get(format!("flag:{k}").as_str()).map_err(db_err)?;
+                    Ok(got.is_some_and(|v| v.value() > now))
+                })
+                .collect()
+        })
+    }
+
+    async fn observe(&self, obs: &Observation) -> Result<Vec<u64>, StoreError> {
+        let now = nanos(obs.at);
+        let counts = {
+            let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+            obs.windows
+                .iter()
+                .map(|h| {
+                    let span = u64::try_from(h.window.as_nanos()).unwrap_or(u64::MAX);
+                    w.hit(&h.key, now, span, h.threshold, h.reset)
+                })
+                .collect()
+        };
+        if let Some(r) = &obs.risk
+            && !obs.risk_keys.is_empty()
+        {
+            let payload = super::risk_payload(r);
+            let unique = payload.rsplit('|').next().unwrap_or_default().to_string();
+            let keys = obs.risk_keys.clone();
+            let keep = u64::try_from(obs.risk_keep.as_nanos()).unwrap_or(u64::MAX);
+            let at = nanos(r.at);
+            self.write(move |tx| {
+                {
+                    let mut risk = tx.open_table(RISK).map_err(db_err)?;
+                    let mut index = tx.open_table(RISK_EXPIRY).map_err(db_err)?;
+                    for k in &keys {
+                        risk.insert((k.as_str(), at, unique.as_str()), payload.as_str())
+                            .map_err(db_err)?;
+                        index
+                            .insert((at.saturating_add(keep), k.as_str(), unique.as_str()), at)
+                            .map_err(db_err)?;
+                    }
+                }
+                purge(tx, nanos(OffsetDateTime::now_utc()))
+            })
+            .await?;
+        }
+        Ok(counts)
+    }
+
+    async fn risk_events(
+        &self,
+        keys: &[String],
+        since: OffsetDateTime,
+    ) -> Result<Vec<RiskEvent>, StoreError> {
+        let since = nanos(since);
+        self.get(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let risk = tx.open_table(RISK).map_err(db_err)?;
+            let mut out = Vec::new();
+            for k in keys {
+                for entry in risk
+                    .range((k.as_str(), since, "")..(k.as_str(), u64::MAX, ""))
+                    .map_err(db_err)?
+                {
+                    let (key, v) = entry.map_err(db_err)?;
+                    let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(key.value().1))
+                        .map_err(|_| StoreError::Corrupt("risk time".into()))?;
+                    out.push(super::parse_risk_payload(at, v.value())?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    async fn take_token(
+        &self,
+        key: &str,
+        limit: crate::provider::RateLimit,
+    ) -> Result<Result<(), std::time::Duration>, StoreError> {
+        let bucket = {
+            let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+            if all.len() >= MAX_WINDOWS && !all.contains_key(key) {
+                // A full bucket decides exactly as a missing one: dropping those is safe.
+                all.retain(|_, b| !b.is_full());
+            }
+            all.entry(key.to_string())
+                .or_insert_with(|| Arc::new(crate::provider::TokenBucket::new(limit)))
+                .clone()
+        };
+        Ok(bucket.try_take())
+    }
+
+    async fn create_approval(&self, a: &Approval, cap: usize) -> Result<bool, StoreError> {
+        let a = a.clone();
+        self.write(move |tx| {
+            let now = nanos(OffsetDateTime::now_utc());
+            {
+                let mut live = tx.open_table(APPROVAL_LIVE).map_err(db_err)?;
+                let who = a.requester.as_str();
+                let mut count = 0usize;
+                let mut dead = Vec::new();
+                for entry in live.range((who, "")..).map_err(db_err)? {
+                    let (k, v) = entry.map_err(db_err)?;
+                    let (p, id) = k.value();
+                    if p != who {
+                        break;
+                    }
+                    if v.value() > now {
+                        count += 1;
+                    } else {
+                        dead.push(id.to_string());
+                    }
+                }
+                for id in dead {
+                    live.remove((who, id.as_str())).map_err(db_err)?;
+                }
+                if count >= cap {
+                    return Ok(false);
+                }
+                live.insert((who, a.id.as_str()), nanos(a.expires_at))
+                    .map_err(db_err)?;
+                let mut records = tx.open_table(APPROVALS).map_err(db_err)?;
+                records
+                    .insert(a.id.as_str(), encode(&a)?.as_slice())
+                    .map_err(db_err)?;
+                let mut fps = tx.open_table(APPROVAL_FP).map_err(db_err)?;
+                fps.insert(a.fingerprint.as_str(), a.id.as_str())
+                    .map_err(db_err)?;
+                let mut keep = tx.open_table(APPROVAL_KEEP).map_err(db_err)?;
+                keep.insert((nanos(a.keep_until), a.id.as_str()), ())
+                    .map_err(db_err)?;
+            }
+            purge_approvals(tx, now)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        self.get(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let t = tx.open_table(APPROVALS).map_err(db_err)?;
+            let got = t.get(id).map_err(db_err)?;
+            let a: Option<Approval> = got.map(|v| decode(v.value())).transpose()?;
+            // Past keep_until it is gone, purged or not.
+            let now = OffsetDateTime::now_utc();
+            Ok(a.filter(|a| a.keep_until > now))
+        })
+    }
+
+    async fn approval_for(&self, fingerprint: &str) -> Result<Option<Approval>, StoreError> {
+        let id = self.get(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let t = tx.open_table(APPROVAL_FP).map_err(db_err)?;
+            let got = t.get(fingerprint).map_err(db_err)?;
+            Ok(got.map(|v| v.value().to_string()))
+        })?;
+        match id {
+            Some(id) => self.approval(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn transition_approval(
+        &self,
+        t: &ApprovalTransition,
+    ) -> Result<TransitionOutcome, StoreError> {
+        let t = t.clone();
+        self.write(move |tx| {
+            let mut records = tx.open_table(APPROVALS).map_err(db_err)?;
+            let current: Approval = match records.get(t.id.as_str()).map_err(db_err)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound(t.id.clone())),
+            };
+            let next = match crate::approval::apply(&current, &t) {
+                Ok(n) => n,
+                Err(c) => return Ok(Err(c)),
+            };
+            records
+                .insert(next.id.as_str(), encode(&next)?.as_slice())
+                .map_err(db_err)?;
+            let mut live = tx.open_table(APPROVAL_LIVE).map_err(db_err)?;
+            let k = (next.requester.as_str(), next.id.as_str());
+            if next.state.is_live() {
+                live.insert(k, nanos(next.expires_at)).map_err(db_err)?;
+            } else {
+                live.remove(k).map_err(db_err)?;
+            }
+            Ok(Ok(next))
+        })
+        .await
+    }
+
+    async fn approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, StoreError> {
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let keep = tx.open_table(APPROVAL_KEEP).map_err(db_err)?;
+            let records = tx.open_table(APPROVALS).map_err(db_err)?;
+            let now = nanos(OffsetDateTime::now_utc());
+            let mut out = Vec::new();
+            for entry in keep.range((now, "")..).map_err(db_err)? {
+                let (k, _) = entry.map_err(db_err)?;
+                if let Some(v) = records.get(k.value().1).map_err(db_err)? {
+                    let a: Approval = decode(v.value())?;
+                    if state.is_none_or(|s| a.state == s) {
+                        out.push(a);
+                        if out.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn put_anchor(&self, anchor: &AuditAnchor) -> Result<bool, StoreError> {
         let anchor = anchor.clone();
         self.write(move |tx| {
@@ -608,38 +1036,6 @@ impl LeaseStore for EmbeddedStore {
                 out.push(decode(v.value())?);
             }
             Ok(out)
-        })
-        .await
-    }
-
-    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError> {
-        let key = key.to_string();
-        let now = nanos(OffsetDateTime::now_utc());
-        let until = nanos(expires_at);
-        self.write(move |tx| {
-            let mut once = tx.open_table(ONCE).map_err(db_err)?;
-            let mut due = tx.open_table(ONCE_DUE).map_err(db_err)?;
-            let current = once.get(key.as_str()).map_err(db_err)?.map(|v| v.value());
-            if current.is_some_and(|exp| exp > now) {
-                return Ok(false);
-            }
-            if let Some(old) = current {
-                due.remove((old, key.as_str())).map_err(db_err)?;
-            }
-            let expired: Vec<(u64, String)> = due
-                .range(..(now, ""))
-                .map_err(db_err)?
-                .take(ONCE_SWEEP)
-                .map(|e| e.map(|(k, _)| (k.value().0, k.value().1.to_string())))
-                .collect::<Result<_, _>>()
-                .map_err(db_err)?;
-            for (at, k) in expired {
-                due.remove((at, k.as_str())).map_err(db_err)?;
-                once.remove(k.as_str()).map_err(db_err)?;
-            }
-            once.insert(key.as_str(), until).map_err(db_err)?;
-            due.insert((until, key.as_str()), ()).map_err(db_err)?;
-            Ok(true)
         })
         .await
     }

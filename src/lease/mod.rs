@@ -3,6 +3,12 @@
 //! the reaper can revoke, or, for a credential that exists only in the broker's memory
 //! until returned (a Mayfly-signed JWT), written once as `active` before it is returned.
 //! One trait, [`LeaseStore`]; the embedded (redb) implementation lives here.
+//!
+//! The same trait holds the *control state* every security decision reads, so that a
+//! decision made on one replica holds on all of them and across restarts: single-use
+//! keys (`insert_once`), expiring flags (`set_flag`/`flags`), sliding windows and risk
+//! events (`observe`/`risk_events`). Keys are namespaced by the caller
+//! (`jti:bearer:<iss>:<jti>`, `deny:task:<id>`, `w:<rule>:task:<id>`, ...).
 
 pub mod embedded;
 pub mod redis;
@@ -13,6 +19,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use time::OffsetDateTime;
 
+use crate::approval::{Approval, ApprovalState, ApprovalTransition, TransitionOutcome};
 use crate::identity::Principal;
 use crate::task::{LeaseId, ProviderKind, Task, TaskId, TaskState};
 
@@ -248,6 +255,56 @@ pub(crate) fn anchor_advances(stored: Option<&AuditAnchor>, new: &AuditAnchor) -
     stored.is_none_or(|s| new.seq > s.seq || (new.seq == s.seq && new.hash == s.hash))
 }
 
+/// One sliding-window count to update: one event at the observation's time, counted
+/// over the last `window`; when the count reaches `threshold` and `reset` is set, the
+/// window starts over (the event that fired is the last one counted).
+#[derive(Debug, Clone)]
+pub struct WindowHit {
+    pub key: String,
+    pub window: std::time::Duration,
+    pub threshold: u64,
+    pub reset: bool,
+}
+
+/// A signal that raises the risk of some subjects while it is recent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RiskEvent {
+    pub at: OffsetDateTime,
+    pub weight: u32,
+    /// The signal's name as policies see it (`out_of_scope`, `external:edr`, ...).
+    pub name: String,
+}
+
+/// Everything one request changes in the control state, applied in one step (one Lua
+/// script round trip on Redis): window counts and, optionally, one risk event recorded
+/// under each of `risk_keys`, kept for `risk_keep`.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub at: OffsetDateTime,
+    pub windows: Vec<WindowHit>,
+    pub risk: Option<RiskEvent>,
+    pub risk_keys: Vec<String>,
+    pub risk_keep: std::time::Duration,
+}
+
+/// Control state read in the same step as an observation.
+#[derive(Debug, Clone, Default)]
+pub struct ControlRead {
+    /// Flags whose state at the observation's time is read.
+    pub flags: Vec<String>,
+    /// Risk events under these keys, at or after `risk_since`, are read.
+    pub risk_keys: Vec<String>,
+    pub risk_since: Option<OffsetDateTime>,
+}
+
+/// What `observe_and_read` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub counts: Vec<u64>,
+    pub flags: Vec<bool>,
+    pub risk: Vec<RiskEvent>,
+}
+
 /// Durable storage of tasks and leases. Every method is atomic; transitions are checked
 /// against the current state inside the same transaction.
 #[async_trait]
@@ -286,11 +343,6 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Number of leases in the due index with a due time at or before `now`.
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
-    /// Records `key` until `expires_at` unless it is already recorded and unexpired:
-    /// `true` if it was inserted now, `false` if it was already present. Atomic across
-    /// every replica sharing the store (single-use `jti`s: the caller namespaces the key,
-    /// e.g. `jti:dpop:<jkt>:<jti>`).
-    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError>;
 
     /// Publishes `anchor` as its node's audit chain head. Anchors only move forward:
     /// `Ok(false)` (nothing stored) when the stored anchor has a higher seq, or the same
@@ -327,6 +379,95 @@ pub trait LeaseStore: Send + Sync + 'static {
     async fn lock_holds(&self, name: &str, token: u64) -> Result<bool, StoreError>;
     /// Releases the lock `name` if `token` still holds it.
     async fn lock_release(&self, name: &str, token: u64) -> Result<(), StoreError>;
+
+    // Control state.
+
+    /// Inserts `key` unless it is present and unexpired: `true` when inserted now,
+    /// `false` when it was already there. The entry lives until `expires_at` (then it
+    /// is purged). Atomic across replicas (Redis `SET NX PXAT`), durable on both backends.
+    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError>;
+    /// Sets the flag `key` until `until`; an existing later expiry is kept.
+    async fn set_flag(&self, key: &str, until: OffsetDateTime) -> Result<(), StoreError>;
+    /// For each of `keys`, whether its flag is set at `now`.
+    async fn flags(&self, keys: &[String], now: OffsetDateTime) -> Result<Vec<bool>, StoreError>;
+    /// Applies an observation; returns each window's count including this event (before
+    /// any reset), in the order of `obs.windows`.
+    async fn observe(&self, obs: &Observation) -> Result<Vec<u64>, StoreError>;
+    /// Risk events recorded under any of `keys` at or after `since`.
+    async fn risk_events(
+        &self,
+        keys: &[String],
+        since: OffsetDateTime,
+    ) -> Result<Vec<RiskEvent>, StoreError>;
+    /// `observe`, then the reads of `read`, as one step: one script round trip on Redis
+    /// (the request path's quota, deny flag and risk). The default runs them in turn.
+    async fn observe_and_read(
+        &self,
+        obs: &Observation,
+        read: &ControlRead,
+    ) -> Result<Observed, StoreError> {
+        let counts = self.observe(obs).await?;
+        let flags = self.flags(&read.flags, obs.at).await?;
+        let risk = match read.risk_since {
+            Some(since) => self.risk_events(&read.risk_keys, since).await?,
+            None => Vec::new(),
+        };
+        Ok(Observed {
+            counts,
+            flags,
+            risk,
+        })
+    }
+
+    /// Takes one token from the bucket `key` (GCRA: `limit.per_second` sustained, bursts
+    /// of `limit.burst`), or says how long until one is free. On Redis one script on the
+    /// server's clock, so the budget is global across replicas; in memory on the embedded
+    /// store (one node).
+    async fn take_token(
+        &self,
+        key: &str,
+        limit: crate::provider::RateLimit,
+    ) -> Result<Result<(), std::time::Duration>, StoreError>;
+
+    /// Records a new approval unless its requester already holds `cap` live ones
+    /// (`false`). It is findable by id and by fingerprint until `keep_until`.
+    async fn create_approval(&self, a: &Approval, cap: usize) -> Result<bool, StoreError>;
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
+    /// The latest approval made for this request fingerprint.
+    async fn approval_for(&self, fingerprint: &str) -> Result<Option<Approval>, StoreError>;
+    /// Compare-and-set: `Ok(Ok(new))` when applied, `Ok(Err(current))` when the approval
+    /// is no longer in `t.from` (or has expired). Exactly one of concurrent callers wins.
+    async fn transition_approval(
+        &self,
+        t: &ApprovalTransition,
+    ) -> Result<TransitionOutcome, StoreError>;
+    /// Approvals (in `state`, if given), oldest first, at most `limit`.
+    async fn approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, StoreError>;
+}
+
+/// The stored form of a risk event's payload: `weight|name|unique`.
+pub(crate) fn risk_payload(e: &RiskEvent) -> String {
+    format!("{}|{}|{}", e.weight, e.name, uuid::Uuid::new_v4().simple())
+}
+
+pub(crate) fn parse_risk_payload(at: OffsetDateTime, s: &str) -> Result<RiskEvent, StoreError> {
+    let Some((w, (name, _))) = s
+        .split_once('|')
+        .and_then(|(w, rest)| Some((w, rest.rsplit_once('|')?)))
+    else {
+        return Err(StoreError::Corrupt(format!("risk event {s:?}")));
+    };
+    Ok(RiskEvent {
+        at,
+        weight: w
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("risk weight {w:?}")))?,
+        name: name.to_string(),
+    })
 }
 
 /// Applies a checked transition to a lease value (shared by every store implementation).

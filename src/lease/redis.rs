@@ -7,9 +7,18 @@
 //! Keys: `{p}:task:ID` and `{p}:lease:ID` (JSON), `{p}:tl:TASK` (set: the task's leases),
 //! `{p}:ch:TASK` (set: sub-tasks), `{p}:tasks` and `{p}:leases` (sorted sets by id for
 //! pagination), `{p}:due` (sorted set: lease id by due time in ms — the reaper's O(log n)
-//! expiry index), `{p}:deny:SET` (hash: member → `seq:until`) with `{p}:denyseq:SET` (its
-//! counter), `{p}:lock:NAME` (the holder's fencing token, with a TTL) with
-//! `{p}:fence:NAME` (the last token given out, never reset).
+//! expiry index). Provider revocation state: `{p}:deny:SET` (hash: member → `seq:until`)
+//! with `{p}:denyseq:SET` (its counter), `{p}:lock:NAME` (the holder's fencing token, with
+//! a TTL) with `{p}:fence:NAME` (the last token given out, never reset). Audit anchors:
+//! `{p}:anchor:NODE` (hash: each replica's published chain head), `{p}:anchors` (set of
+//! anchored nodes). Control state, each key with its own Redis expiry (no clear-all):
+//! `{p}:once:KEY` (single-use keys, `SET NX PXAT`), `{p}:flag:KEY` (value: expiry ms),
+//! `{p}:win:KEY` (sorted set of events by ms: one sliding window), `{p}:risk:KEY`
+//! (sorted set of `weight|name|unique` by ms). Approvals: `{p}:apr:ID` (JSON, expiring
+//! at its `keep_until`), `{p}:aprfp:FINGERPRINT` (→ id), `{p}:aprlive:PRINCIPAL`
+//! (sorted set: the requester's live approvals by deadline, for its cap), `{p}:aprs`
+//! (sorted set: every approval by `keep_until`, for listing). Buckets: `{p}:bucket:KEY`
+//! (GCRA theoretical arrival time, µs on the server's clock).
 //!
 //! State transitions are compare-and-set: the new record is computed by the same Rust
 //! code as the embedded store (`apply_transition`) and written by a Lua script only if
@@ -31,9 +40,11 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{
-    AuditAnchor, DenyEntry, Lease, LeaseQuery, LeaseStore, Page, StoreError, TaskQuery, Transition,
-    apply_transition, lease_matches, task_matches,
+    AuditAnchor, ControlRead, DenyEntry, Lease, LeaseQuery, LeaseStore, Observation, Observed,
+    Page, RiskEvent, StoreError, TaskQuery, Transition, apply_transition, lease_matches,
+    task_matches,
 };
+use crate::approval::{Approval, ApprovalState, ApprovalTransition, TransitionOutcome};
 use crate::task::{LeaseId, Task, TaskId, TaskState};
 
 /// What a write must reach before Mayfly treats it as durable.
@@ -138,61 +149,6 @@ return 1",
     )
 });
 
-/// Adds a member to a deny set, keeping its first `seq` and the later `until`.
-static DENY_ADD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local seq, old = string.match(cur, '^(%d+):(%-?%d+)$')
-  if seq and tonumber(ARGV[2]) > tonumber(old) then
-    redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2])
-  end
-  if seq then return 0 end
-end
-local seq = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2])
-return 1",
-    )
-});
-
-/// Drops deny-set members whose `until` is at or before ARGV[1].
-static DENY_PRUNE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local all = redis.call('HGETALL', KEYS[1])
-local n = 0
-for i = 1, #all, 2 do
-  local _, untl = string.match(all[i + 1], '^(%d+):(%-?%d+)$')
-  if untl and tonumber(untl) <= tonumber(ARGV[1]) then
-    redis.call('HDEL', KEYS[1], all[i])
-    n = n + 1
-  end
-end
-return n",
-    )
-});
-
-/// Takes a lock if free: the token comes from a counter that only grows, so a holder
-/// whose lock lapsed can tell that a later one exists.
-static LOCK_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local t = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], t, 'PX', ARGV[1])
-return t",
-    )
-});
-
-static LOCK_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0",
-    )
-});
-
 /// Compare-and-set a record; optionally move it in the due index.
 static CAS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -220,6 +176,149 @@ for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids",
     )
 });
+
+/// Sets a flag to an expiry, never shortening a later one. KEYS[1] flag; ARGV[1] until ms.
+static SET_FLAG: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local untl = tonumber(ARGV[1])
+if untl > cur then redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[1]) end
+return 1",
+    )
+});
+
+/// One request's control-state updates and reads in one round trip. KEYS: n window
+/// keys, m risk keys to record under, f flags to read, r risk keys to read. ARGV: now ms,
+/// n, m, f, r, a unique event member, the risk payload, how long risk events are kept
+/// (ms), the risk read's lower bound (ms), then per window (window ms, threshold, reset
+/// 0/1). Returns {window counts including this event, flags 1/0, risk (payload, ms)…}.
+static OBSERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local now = tonumber(ARGV[1])
+local n, m, f, r = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local member = ARGV[6]
+local counts = {}
+for i = 1, n do
+  local k = KEYS[i]
+  local w = tonumber(ARGV[10 + 3 * (i - 1)])
+  local threshold = tonumber(ARGV[11 + 3 * (i - 1)])
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. (now - w))
+  redis.call('ZADD', k, now, member)
+  local c = redis.call('ZCARD', k)
+  counts[i] = c
+  if ARGV[12 + 3 * (i - 1)] == '1' and c >= threshold then
+    redis.call('DEL', k)
+  else
+    redis.call('PEXPIRE', k, w + 1000)
+  end
+end
+if m > 0 then
+  local keep = tonumber(ARGV[8])
+  for i = n + 1, n + m do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. (now - keep))
+    redis.call('ZADD', KEYS[i], now, ARGV[7])
+    redis.call('PEXPIRE', KEYS[i], keep + 1000)
+  end
+end
+local flags = {}
+for i = 1, f do
+  local v = redis.call('GET', KEYS[n + m + i])
+  if v and tonumber(v) and tonumber(v) > now then flags[i] = 1 else flags[i] = 0 end
+end
+local risk = {}
+for i = 1, r do
+  local got = redis.call('ZRANGEBYSCORE', KEYS[n + m + f + i], ARGV[9], '+inf', 'WITHSCORES')
+  for j = 1, #got do risk[#risk + 1] = got[j] end
+end
+return {counts, flags, risk}",
+    )
+});
+
+/// Live risk events under several keys: a flat list of (score ms, payload) pairs.
+static RISK_READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = {}
+for i = 1, #KEYS do
+  local got = redis.call('ZRANGEBYSCORE', KEYS[i], ARGV[1], '+inf', 'WITHSCORES')
+  for j = 1, #got do out[#out + 1] = got[j] end
+end
+return out",
+    )
+});
+
+/// KEYS: record, fingerprint alias, requester's live set, the listing index.
+/// ARGV: json, id, now ms, live-until ms, keep-until ms, cap.
+static CREATE_APPROVAL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[5])
+redis.call('SET', KEYS[2], ARGV[2], 'PXAT', ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+redis.call('PEXPIREAT', KEYS[3], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[2])
+return 1",
+    )
+});
+
+/// Compare-and-set of an approval. KEYS: record, requester's live set.
+/// ARGV: old json, new json, live (1/0), live-until ms, id.
+static CAS_APPROVAL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+else
+  redis.call('ZREM', KEYS[2], ARGV[5])
+end
+return 1",
+    )
+});
+
+/// GCRA on the server's clock. KEYS[1]: the bucket's theoretical arrival time (µs).
+/// ARGV: emission interval µs, burst. Returns {1, 0} or {0, wait µs}.
+static TAKE_TOKEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local next_tat = tat + interval
+local allow_at = next_tat - burst * interval
+if now < allow_at then return {0, math.ceil(allow_at - now)} end
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
+return {1, 0}",
+    )
+});
+
+/// Risk events from a flat `payload, score` reply.
+fn risk_pairs(flat: &[String]) -> Result<Vec<RiskEvent>, StoreError> {
+    flat.chunks(2)
+        .map(|pair| {
+            let (payload, score) = match pair {
+                [p, s] => (p, s),
+                _ => return Err(StoreError::Corrupt("risk reply".into())),
+            };
+            let at_ms = score
+                .parse::<f64>()
+                .map_err(|_| StoreError::Corrupt(format!("risk score {score:?}")))?
+                as i64;
+            let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+                .map_err(|_| StoreError::Corrupt(format!("risk time {at_ms}")))?;
+            super::parse_risk_payload(at, payload)
+        })
+        .collect()
+}
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
@@ -538,6 +637,63 @@ impl RedisStore {
         .await
     }
 }
+
+/// Adds a member to a deny set, keeping its first `seq` and the later `until`.
+static DENY_ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local seq, old = string.match(cur, '^(%d+):(%-?%d+)$')
+  if seq and tonumber(ARGV[2]) > tonumber(old) then
+    redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2])
+  end
+  if seq then return 0 end
+end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], seq .. ':' .. ARGV[2])
+return 1",
+    )
+});
+
+/// Drops deny-set members whose `until` is at or before ARGV[1].
+static DENY_PRUNE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local all = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #all, 2 do
+  local _, untl = string.match(all[i + 1], '^(%d+):(%-?%d+)$')
+  if untl and tonumber(untl) <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], all[i])
+    n = n + 1
+  end
+end
+return n",
+    )
+});
+
+/// Takes a lock if free: the token comes from a counter that only grows, so a holder
+/// whose lock lapsed can tell that a later one exists.
+static LOCK_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], t, 'PX', ARGV[1])
+return t",
+    )
+});
+
+static LOCK_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0",
+    )
+});
+
+/// Compare-and-set a record; optionally move it in the due index.
 
 /// Stores an audit anchor only if it moves forward (see `LeaseStore::put_anchor`).
 /// KEYS: the node's anchor hash, the set of anchored nodes. ARGV: seq, hash, JSON, node.
@@ -868,6 +1024,290 @@ impl LeaseStore for RedisStore {
         .await
     }
 
+    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError> {
+        let key = self.key("once", key);
+        // PXAT in the past is an error in Redis; such an entry would be gone at once.
+        let at = ms(expires_at).max(ms(OffsetDateTime::now_utc()) + 1);
+        let set: Option<String> = self
+            .with(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PXAT")
+                    .arg(at)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if set.is_some() {
+            self.durable().await?;
+        }
+        Ok(set.is_some())
+    }
+
+    async fn set_flag(&self, key: &str, until: OffsetDateTime) -> Result<(), StoreError> {
+        let key = self.key("flag", key);
+        let at = ms(until);
+        if at <= ms(OffsetDateTime::now_utc()) {
+            return Ok(());
+        }
+        let _: i64 = self
+            .with(|mut c| async move { SET_FLAG.key(key).arg(at).invoke_async(&mut c).await })
+            .await?;
+        self.durable().await
+    }
+
+    async fn flags(&self, keys: &[String], now: OffsetDateTime) -> Result<Vec<bool>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = keys.iter().map(|k| self.key("flag", k)).collect();
+        let raw: Vec<Option<i64>> = self
+            .with(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
+            .await?;
+        let now = ms(now);
+        Ok(raw
+            .into_iter()
+            .map(|v| v.is_some_and(|u| u > now))
+            .collect())
+    }
+
+    async fn observe(&self, obs: &Observation) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .observe_and_read(obs, &ControlRead::default())
+            .await?
+            .counts)
+    }
+
+    async fn observe_and_read(
+        &self,
+        obs: &Observation,
+        read: &ControlRead,
+    ) -> Result<Observed, StoreError> {
+        let mut inv = OBSERVE.prepare_invoke();
+        for w in &obs.windows {
+            inv.key(self.key("win", &w.key));
+        }
+        let risk = obs.risk.as_ref().filter(|_| !obs.risk_keys.is_empty());
+        let m = if risk.is_some() {
+            obs.risk_keys.len()
+        } else {
+            0
+        };
+        for k in obs.risk_keys.iter().take(m) {
+            inv.key(self.key("risk", k));
+        }
+        for k in &read.flags {
+            inv.key(self.key("flag", k));
+        }
+        let r = if read.risk_since.is_some() {
+            read.risk_keys.len()
+        } else {
+            0
+        };
+        for k in read.risk_keys.iter().take(r) {
+            inv.key(self.key("risk", k));
+        }
+        let keep = u64::try_from(obs.risk_keep.as_millis()).unwrap_or(u64::MAX);
+        inv.arg(ms(obs.at))
+            .arg(obs.windows.len())
+            .arg(m)
+            .arg(read.flags.len())
+            .arg(r)
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(risk.map(super::risk_payload).unwrap_or_default())
+            .arg(keep)
+            .arg(read.risk_since.map_or(0, ms));
+        for w in &obs.windows {
+            let wms = u64::try_from(w.window.as_millis()).unwrap_or(u64::MAX);
+            inv.arg(wms)
+                .arg(w.threshold)
+                .arg(if w.reset { "1" } else { "0" });
+        }
+        let (counts, flags, flat): (Vec<u64>, Vec<i64>, Vec<String>) = self
+            .with(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(Observed {
+            counts,
+            flags: flags.into_iter().map(|f| f == 1).collect(),
+            risk: risk_pairs(&flat)?,
+        })
+    }
+
+    async fn risk_events(
+        &self,
+        keys: &[String],
+        since: OffsetDateTime,
+    ) -> Result<Vec<RiskEvent>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = RISK_READ.prepare_invoke();
+        for k in keys {
+            inv.key(self.key("risk", k));
+        }
+        inv.arg(ms(since));
+        let flat: Vec<String> = self
+            .with(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        risk_pairs(&flat)
+    }
+
+    async fn take_token(
+        &self,
+        key: &str,
+        limit: crate::provider::RateLimit,
+    ) -> Result<Result<(), Duration>, StoreError> {
+        let key = self.key("bucket", key);
+        let interval = (1_000_000.0 / limit.per_second).max(1.0).round() as u64;
+        let burst = limit.burst.max(1.0).floor() as u64;
+        let (ok, wait): (i64, i64) = self
+            .with(|mut c| async move {
+                TAKE_TOKEN
+                    .key(key)
+                    .arg(interval)
+                    .arg(burst)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(if ok == 1 {
+            Ok(())
+        } else {
+            Err(Duration::from_micros(u64::try_from(wait).unwrap_or(0)))
+        })
+    }
+
+    async fn create_approval(&self, a: &Approval, cap: usize) -> Result<bool, StoreError> {
+        let json = encode(a)?;
+        let keys = (
+            self.key("apr", &a.id),
+            self.key("aprfp", &a.fingerprint),
+            self.key("aprlive", a.requester.as_str()),
+            self.index("aprs"),
+        );
+        let args = (
+            a.id.clone(),
+            ms(OffsetDateTime::now_utc()),
+            ms(a.expires_at),
+            ms(a.keep_until),
+        );
+        let created: i64 = self
+            .with(|mut c| async move {
+                CREATE_APPROVAL
+                    .key(keys.0)
+                    .key(keys.1)
+                    .key(keys.2)
+                    .key(keys.3)
+                    .arg(json)
+                    .arg(args.0)
+                    .arg(args.1)
+                    .arg(args.2)
+                    .arg(args.3)
+                    .arg(cap)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if created == 1 {
+            self.durable().await?;
+        }
+        Ok(created == 1)
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        self.get_str(self.key("apr", id))
+            .await?
+            .map(|s| decode(&s))
+            .transpose()
+    }
+
+    async fn approval_for(&self, fingerprint: &str) -> Result<Option<Approval>, StoreError> {
+        match self.get_str(self.key("aprfp", fingerprint)).await? {
+            Some(id) => self.approval(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn transition_approval(
+        &self,
+        t: &ApprovalTransition,
+    ) -> Result<TransitionOutcome, StoreError> {
+        let key = self.key("apr", &t.id);
+        for _ in 0..CAS_RETRIES {
+            let Some(old) = self.get_str(key.clone()).await? else {
+                return Err(StoreError::NotFound(t.id.clone()));
+            };
+            let current: Approval = decode(&old)?;
+            let next = match crate::approval::apply(&current, t) {
+                Ok(n) => n,
+                Err(c) => return Ok(Err(c)),
+            };
+            let (k, live_key) = (key.clone(), self.key("aprlive", current.requester.as_str()));
+            let (new, live, until, id) = (
+                encode(&next)?,
+                if next.state.is_live() { "1" } else { "0" },
+                ms(next.expires_at),
+                next.id.clone(),
+            );
+            let done: i64 = self
+                .with(|mut c| async move {
+                    CAS_APPROVAL
+                        .key(k)
+                        .key(live_key)
+                        .arg(old)
+                        .arg(new)
+                        .arg(live)
+                        .arg(until)
+                        .arg(id)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            if done == 1 {
+                self.durable().await?;
+                return Ok(Ok(next));
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "approval {}: too much contention",
+            t.id
+        )))
+    }
+
+    async fn approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let index = self.index("aprs");
+        let now = ms(OffsetDateTime::now_utc());
+        let ids: Vec<String> = self
+            .with(|mut c| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(index)
+                    .arg(now)
+                    .arg("+inf")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut out = Vec::new();
+        for chunk in ids.chunks(SCAN_BATCH) {
+            let keys = chunk.iter().map(|i| self.key("apr", i)).collect();
+            for a in self.mget::<Approval>(keys).await? {
+                if state.is_none_or(|s| a.state == s) {
+                    out.push(a);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn put_anchor(&self, anchor: &AuditAnchor) -> Result<bool, StoreError> {
         let json = encode(anchor)?;
         let keys = (self.key("anchor", &anchor.node), self.index("anchors"));
@@ -914,33 +1354,6 @@ impl LeaseStore for RedisStore {
             }
         }
         Ok(out)
-    }
-
-    async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError> {
-        let key = self.key("once", key);
-        let at_ms = u64::try_from(expires_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(1);
-        // SET NX PXAT: one atomic command; Redis expires the key itself. A time already
-        // past would make the key vanish at once, so it is kept at least a second.
-        let now_ms = u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-            .unwrap_or(0);
-        let at_ms = at_ms.max(now_ms.saturating_add(1000));
-        let set: Option<String> = self
-            .with(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg("1")
-                    .arg("NX")
-                    .arg("PXAT")
-                    .arg(at_ms)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        let inserted = set.is_some();
-        if inserted {
-            self.durable().await?;
-        }
-        Ok(inserted)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -448,25 +448,164 @@ pub enum TokenError {
     Invalid(String),
 }
 
-/// Signs and checks Mayfly access tokens.
-#[derive(Debug)]
+/// The keys an issuer holds: it signs with `current` and accepts tokens of any of them
+/// (`next` is published ahead of a rotation, `previous` until its tokens expire).
+struct KeySet {
+    current: std::sync::Arc<SigningKey>,
+    /// Every key, current first, then next and previous when present (distinct kids).
+    all: Vec<std::sync::Arc<SigningKey>>,
+    /// The access-token header of `current`, encoded once.
+    header_b64: String,
+    /// SHA-256 of each file as last read (`current`, `next`, `previous`).
+    stamp: [Option<[u8; 32]>; 3],
+}
+
+impl KeySet {
+    fn of(current: SigningKey, others: Vec<SigningKey>, stamp: [Option<[u8; 32]>; 3]) -> Self {
+        let current = std::sync::Arc::new(current);
+        let mut all = vec![current.clone()];
+        for k in others {
+            if all.iter().all(|a| a.kid != k.kid) {
+                all.push(std::sync::Arc::new(k));
+            }
+        }
+        Self {
+            header_b64: current.header_b64("at+jwt"),
+            current,
+            all,
+            stamp,
+        }
+    }
+}
+
+/// A directory holding the key set as `current.pem` (required), `next.pem` and
+/// `previous.pem` (optional), re-read when a file changes (checked every `interval`).
+#[derive(Debug, Clone)]
+pub struct KeyDir {
+    pub dir: std::path::PathBuf,
+    pub interval: std::time::Duration,
+}
+
+pub const KEY_FILES: [&str; 3] = ["current.pem", "next.pem", "previous.pem"];
+
+impl KeyDir {
+    /// Reads the three files: their contents' digests and, if any differs from `seen`,
+    /// the new key set.
+    fn read(&self, seen: Option<&[Option<[u8; 32]>; 3]>) -> Result<Option<KeySet>, ProviderError> {
+        let mut texts: [Option<String>; 3] = [None, None, None];
+        let mut stamp = [None; 3];
+        for (i, name) in KEY_FILES.iter().enumerate() {
+            let path = self.dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => {
+                    stamp[i] = Some(Sha256::digest(t.as_bytes()).into());
+                    texts[i] = Some(t);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && i > 0 => {}
+                Err(e) => return Err(key_err(format!("{}: {e}", path.display()))),
+            }
+        }
+        if seen == Some(&stamp) {
+            return Ok(None);
+        }
+        let [current, next, previous] = texts;
+        let current = SigningKey::from_pem(
+            current
+                .as_deref()
+                .ok_or_else(|| key_err("current.pem is required"))?,
+        )?;
+        let mut others = Vec::new();
+        for t in [next, previous].into_iter().flatten() {
+            others.push(SigningKey::from_pem(&t)?);
+        }
+        Ok(Some(KeySet::of(current, others, stamp)))
+    }
+}
+
+/// Signs and checks Mayfly access tokens with a key set that may change while running.
 pub struct JwtIssuer {
     issuer: String,
-    key: SigningKey,
-    /// The access-token header, encoded once.
-    header_b64: String,
+    keys: std::sync::RwLock<std::sync::Arc<KeySet>>,
+    dir: Option<KeyDir>,
+    /// When the directory was last looked at.
+    checked: std::sync::Mutex<std::time::Instant>,
+}
+
+impl std::fmt::Debug for JwtIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtIssuer")
+            .field("issuer", &self.issuer)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Upper bound on a token we will even try to parse at introspection.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 impl JwtIssuer {
+    /// One fixed key.
     pub fn new(issuer: String, key: SigningKey) -> Self {
-        let header_b64 = key.header_b64("at+jwt");
         Self {
             issuer,
-            key,
-            header_b64,
+            keys: std::sync::RwLock::new(std::sync::Arc::new(KeySet::of(
+                key,
+                Vec::new(),
+                [None; 3],
+            ))),
+            dir: None,
+            checked: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// The key set of a directory (see [`KeyDir`]), re-read when its files change.
+    pub fn from_dir(issuer: String, dir: KeyDir) -> Result<Self, ProviderError> {
+        let set = dir
+            .read(None)?
+            .ok_or_else(|| key_err("key directory unreadable"))?;
+        Ok(Self {
+            issuer,
+            keys: std::sync::RwLock::new(std::sync::Arc::new(set)),
+            dir: Some(dir),
+            checked: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    /// The key set now, re-reading the directory if `interval` has passed. A change that
+    /// does not parse keeps the set in use (logged and counted): a half-written Secret
+    /// never leaves a replica without keys.
+    fn keys(&self) -> std::sync::Arc<KeySet> {
+        if let Some(dir) = &self.dir {
+            let due = {
+                let mut at = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+                if at.elapsed() >= dir.interval {
+                    *at = std::time::Instant::now();
+                    true
+                } else {
+                    false
+                }
+            };
+            if due {
+                self.reload(dir);
+            }
+        }
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn reload(&self, dir: &KeyDir) {
+        let seen = self.keys.read().unwrap_or_else(|p| p.into_inner()).stamp;
+        match dir.read(Some(&seen)) {
+            Ok(None) => {}
+            Ok(Some(set)) => {
+                let kids: Vec<&str> = set.all.iter().map(|k| k.kid()).collect();
+                tracing::info!(current = set.current.kid(), keys = ?kids, "jwt signing keys reloaded");
+                metrics::counter!("mayfly_jwt_key_reloads_total").increment(1);
+                *self.keys.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(set);
+            }
+            Err(e) => {
+                metrics::counter!("mayfly_jwt_key_reload_errors_total").increment(1);
+                tracing::error!(error = %e, "jwt signing keys changed but cannot be loaded; keeping the current set");
+            }
         }
     }
 
@@ -474,36 +613,55 @@ impl JwtIssuer {
         &self.issuer
     }
 
+    /// Every published key: current, next, previous.
     pub fn jwks(&self) -> Value {
-        json!({"keys": [self.key.jwk]})
+        let keys: Vec<Value> = self.keys().all.iter().map(|k| k.jwk.clone()).collect();
+        json!({ "keys": keys })
+    }
+
+    /// The kid tokens are signed with now.
+    pub fn current_kid(&self) -> String {
+        self.keys().current.kid.clone()
     }
 
     /// See [`SigningKey::derive`]: a secret derived from the current signing key.
     pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
-        self.key.derive(purpose)
+        self.keys().current.derive(purpose)
     }
 
     pub fn algorithms(&self) -> Vec<&'static str> {
-        vec![SigningKey::jose_alg(self.key.alg)]
+        let mut algs: Vec<&'static str> = self
+            .keys()
+            .all
+            .iter()
+            .map(|k| SigningKey::jose_alg(k.alg))
+            .collect();
+        algs.sort_unstable();
+        algs.dedup();
+        algs
     }
 
     pub fn sign(&self, claims: &AccessClaims) -> Result<String, ProviderError> {
-        self.key.sign_with_header(&self.header_b64, claims)
+        let set = self.keys();
+        set.current.sign_with_header(&set.header_b64, claims)
     }
 
     /// Checks signature, algorithm, key id and issuer. Expiry is *not* checked here:
     /// introspection answers `active:false` for an expired token rather than an error.
+    /// Any key of the set verifies (a token signed by another replica before or after a
+    /// rotation step).
     pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if header.kid.as_deref() != Some(self.key.kid.as_str())
-            || header.alg != self.key.algorithm()
-        {
-            return Err(TokenError::UnknownKey);
-        }
-        let mut v = Validation::new(self.key.algorithm());
+        let set = self.keys();
+        let key = set
+            .all
+            .iter()
+            .find(|k| header.kid.as_deref() == Some(k.kid.as_str()) && header.alg == k.algorithm())
+            .ok_or(TokenError::UnknownKey)?;
+        let mut v = Validation::new(key.algorithm());
         v.validate_exp = false;
         v.validate_aud = false;
         v.required_spec_claims = ["iss", "sub", "aud", "exp", "jti"]
@@ -511,7 +669,7 @@ impl JwtIssuer {
             .map(String::from)
             .collect();
         v.set_issuer(&[&self.issuer]);
-        jsonwebtoken::decode::<AccessClaims>(token, &self.key.decoding, &v)
+        jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &v)
             .map(|d| d.claims)
             .map_err(|e| TokenError::Invalid(e.to_string()))
     }
@@ -747,6 +905,55 @@ mod tests {
         let back: AccessClaims = serde_json::from_value(v).expect("back");
         assert_eq!(back, c);
         assert_eq!(Audience::many(vec![]), None);
+    }
+
+    #[test]
+    fn a_key_directory_rotates_without_restart_and_verifies_every_published_key() {
+        crate::install_crypto_provider();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let write = |name: &str, pem: &Secret<String>| {
+            std::fs::write(tmp.path().join(name), pem.expose()).expect("write");
+        };
+        let (k1, p1) = SigningKey::generate(SigningAlg::ES256).expect("key");
+        let (k2, p2) = SigningKey::generate(SigningAlg::EdDSA).expect("key");
+        write("current.pem", &p1);
+        let dir = KeyDir {
+            dir: tmp.path().to_path_buf(),
+            interval: std::time::Duration::ZERO,
+        };
+        let issuer = JwtIssuer::from_dir("https://mayfly".into(), dir).expect("dir");
+        let old = issuer.sign(&claims("https://mayfly")).expect("sign");
+        assert_eq!(issuer.current_kid(), k1.kid());
+        // Step 1: the next key is published, still signing with the current one.
+        write("next.pem", &p2);
+        let kids: Vec<String> = issuer.jwks()["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .map(|k| k["kid"].as_str().expect("kid").to_string())
+            .collect();
+        assert_eq!(kids, vec![k1.kid().to_string(), k2.kid().to_string()]);
+        assert_eq!(issuer.current_kid(), k1.kid());
+        // Step 2: next becomes current, current becomes previous.
+        write("current.pem", &p2);
+        write("previous.pem", &p1);
+        std::fs::remove_file(tmp.path().join("next.pem")).expect("rm");
+        let new = issuer.sign(&claims("https://mayfly")).expect("sign");
+        assert_eq!(issuer.current_kid(), k2.kid());
+        assert!(
+            issuer.verify(&old).is_ok(),
+            "tokens of the previous key still verify"
+        );
+        assert!(issuer.verify(&new).is_ok());
+        assert_eq!(issuer.algorithms(), vec!["ES256", "EdDSA"]);
+        // A broken file keeps the set in use.
+        std::fs::write(tmp.path().join("current.pem"), "garbage").expect("write");
+        assert_eq!(issuer.current_kid(), k2.kid());
+        // Step 3: previous removed once its tokens expired.
+        write("current.pem", &p2);
+        std::fs::remove_file(tmp.path().join("previous.pem")).expect("rm");
+        assert_eq!(issuer.verify(&old), Err(TokenError::UnknownKey));
+        assert!(issuer.verify(&new).is_ok());
     }
 
     #[test]

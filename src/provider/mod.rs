@@ -168,7 +168,17 @@ pub(crate) fn rate_limit(per_second: f64, burst: f64) -> Result<Option<RateLimit
 #[derive(Clone, Default)]
 pub struct Providers {
     by_kind: HashMap<ProviderKind, Arc<dyn CredentialProvider>>,
-    budgets: HashMap<ProviderKind, Arc<TokenBucket>>,
+    budgets: HashMap<ProviderKind, RateLimit>,
+}
+
+/// The share of a provider's budget one principal may use (`[limits]
+/// principal_rate_share`, default 0.5): its own bucket of this fraction of the
+/// provider's rate and burst (burst at least 1).
+pub fn principal_limit(provider: RateLimit, share: f64) -> RateLimit {
+    RateLimit {
+        per_second: provider.per_second * share,
+        burst: (provider.burst * share).max(1.0),
+    }
 }
 
 impl Providers {
@@ -178,8 +188,7 @@ impl Providers {
     /// Inserts `p` with a token bucket limiting how fast credentials are minted through it.
     pub fn insert_limited(&mut self, p: Arc<dyn CredentialProvider>, limit: Option<RateLimit>) {
         if let Some(limit) = limit {
-            self.budgets
-                .insert(p.kind(), Arc::new(TokenBucket::new(limit)));
+            self.budgets.insert(p.kind(), limit);
         }
         self.insert(p);
     }
@@ -188,20 +197,9 @@ impl Providers {
             .get(&kind)
             .ok_or(ProviderError::NotConfigured(kind))
     }
-    /// Takes one request from the provider's budget, or says how long until one is free.
-    /// Called before anything is written, so a refused request leaves nothing behind.
-    pub fn admit(&self, kind: ProviderKind) -> Result<(), ProviderError> {
-        match self.budgets.get(&kind) {
-            None => Ok(()),
-            Some(b) => b.try_take().map_err(|wait| {
-                metrics::counter!("mayfly_provider_rate_limited_total", "provider" => kind.as_str())
-                    .increment(1);
-                ProviderError::RateLimited {
-                    provider: kind,
-                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-                }
-            }),
-        }
+    /// The provider's request budget, if it has one.
+    pub fn budget(&self, kind: ProviderKind) -> Option<RateLimit> {
+        self.budgets.get(&kind).copied()
     }
     pub fn all(&self) -> impl Iterator<Item = &Arc<dyn CredentialProvider>> {
         self.by_kind.values()

@@ -1,6 +1,10 @@
-//! A token bucket per provider: mints beyond the configured rate fail fast with 429 and
+//! Token buckets: mints beyond a provider's configured rate fail fast with 429 and
 //! `Retry-After` instead of queueing into an upstream that throttles (STS allows about
-//! 600 requests/s per account and region).
+//! 600 requests/s per account and region). The buckets live in the store
+//! (`LeaseStore::take_token`): on Redis one GCRA script shared by every replica, so the
+//! rate holds globally; this in-memory bucket serves the embedded store (one node).
+//! Besides the provider's bucket each principal has its own, a share of it, so one agent
+//! cannot starve the others.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -24,6 +28,13 @@ impl TokenBucket {
             limit,
             state: Mutex::new((limit.burst, Instant::now())),
         }
+    }
+
+    /// Whether the bucket has refilled to its burst (then it decides as a new one would).
+    pub fn is_full(&self) -> bool {
+        let g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = Instant::now().saturating_duration_since(g.1).as_secs_f64();
+        g.0 + elapsed * self.limit.per_second >= self.limit.burst
     }
 
     /// Takes one token, or returns how long until one is available.
