@@ -125,3 +125,65 @@ async fn a_restarted_replica_keeps_a_verifiable_rotated_trail_and_a_cut_tail_is_
     assert!(!ok, "{out}");
     assert!(out.contains("the tail was truncated"), "{out}");
 }
+
+#[tokio::test]
+async fn anchors_in_redis_are_checked_while_the_replica_runs() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(dir.path());
+    let audit = dir.path().join("audit.jsonl");
+    let opts = ConfigOptions {
+        store: Some(redis_store(&redis.url(), "anch")),
+        node_id: "replica-a".into(),
+        extra: "[anomaly]\nrules = []\n".into(),
+        ..Default::default()
+    };
+    let cfg = write_config(dir.path(), &pki, &opts);
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("[audit]\n", "[audit]\nanchor_interval = \"100ms\"\n");
+    std::fs::write(&cfg, text).expect("cfg");
+    let server = Server::serve(&cfg);
+    declare_many(&pki, &server, 5).await;
+    let (url, path) = (redis.url(), audit.to_str().expect("utf8").to_string());
+    let args = |url: &str| {
+        vec![
+            "audit".to_string(),
+            "verify".into(),
+            path.clone(),
+            "--anchors".into(),
+            url.to_string(),
+            "--key-prefix".into(),
+            "anch".into(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        verify(&refs)
+    };
+    // The anchor reaches the head once the publisher has run after the last write.
+    let head = audit_records(&audit).len();
+    let caught_up = eventually(Duration::from_secs(10), || async {
+        let anchors = redis.cli(&["HGET", "{anch}:anchor:replica-a", "seq"]);
+        (anchors.parse::<usize>().ok()? >= head).then_some(())
+    })
+    .await;
+    assert!(
+        caught_up.is_some(),
+        "anchor never published: {}",
+        server.logs()
+    );
+    let (ok, out) = run(args(&url));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("tail matches the anchor of replica-a"),
+        "{out}"
+    );
+
+    // Cut the tail under the running replica's feet: the off-host anchor catches it.
+    let all = lines(&audit);
+    std::fs::write(&audit, all[..all.len() - 2].join("\n") + "\n").expect("truncate");
+    let (ok, out) = run(args(&url));
+    assert!(!ok, "{out}");
+    assert!(out.contains("the tail was truncated"), "{out}");
+}

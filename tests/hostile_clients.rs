@@ -432,3 +432,99 @@ async fn responses_that_carry_credentials_are_never_cached() {
         Some("no-store")
     );
 }
+
+/// One HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The HPACK block of `POST /v1/token` with `Content-Length: 1000` (literals, no Huffman).
+fn h2_token_headers() -> Vec<u8> {
+    let mut b = vec![0x83, 0x87]; // :method POST, :scheme https (static table)
+    for (index, value) in [
+        (0x44u8, "/v1/token"),                       // :path
+        (0x41, "localhost"),                         // :authority
+        (0x5f, "application/x-www-form-urlencoded"), // content-type
+        (0x5c, "1000"),                              // content-length
+    ] {
+        b.push(index);
+        b.push(value.len() as u8);
+        b.extend_from_slice(value.as_bytes());
+    }
+    b
+}
+
+#[tokio::test]
+async fn slow_bodies_over_http2_are_answered_at_the_body_timeout_and_never_hold_an_agents_slot() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (pki, server) = start(dir.path(), LIMITS);
+    let mut s = connect(&raw_tls(&pki, b"h2"), server.addr).await;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    // Four streams (twice the in-flight limit), each with headers and a body that stops.
+    let streams = [1u32, 3, 5, 7];
+    for id in streams {
+        out.extend(h2_frame(0x1, 0x4, id, &h2_token_headers())); // HEADERS, END_HEADERS
+        out.extend(h2_frame(0x0, 0, id, b"grant_type=")); // DATA, no END_STREAM
+    }
+    s.write_all(&out).await.expect("write");
+    s.flush().await.expect("flush");
+    let sent = Instant::now();
+
+    assert_eq!(
+        agent_declares(&pki, &server).await,
+        201,
+        "{}",
+        server.logs()
+    );
+
+    // Read frames until every stream has its answer.
+    let mut answered = std::collections::BTreeMap::new();
+    let mut buf = Vec::new();
+    let deadline = Duration::from_secs(10);
+    while answered.len() < streams.len() {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(deadline.saturating_sub(sent.elapsed()), s.read(&mut chunk))
+            .await
+            .expect("answers before the deadline")
+            .expect("read");
+        assert!(n > 0, "connection closed before every stream was answered");
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, stream) = (
+                buf[3],
+                u32::from_be_bytes([buf[5] & 0x7f, buf[6], buf[7], buf[8]]),
+            );
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            if kind == 0x0 && streams.contains(&stream) {
+                answered.insert(
+                    stream,
+                    (
+                        String::from_utf8_lossy(&payload).to_string(),
+                        sent.elapsed(),
+                    ),
+                );
+            }
+        }
+    }
+    for (stream, (body, after)) in answered {
+        assert!(
+            body.contains("did not arrive within"),
+            "stream {stream}: {body}"
+        );
+        assert!(
+            after < Duration::from_secs(4),
+            "stream {stream} answered after {after:?}"
+        );
+    }
+}

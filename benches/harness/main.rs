@@ -121,6 +121,8 @@ fn pki(dir: &Path) -> Pki {
     }
 }
 
+/// Every client of the harness connects from 127.0.0.1: the per-source connection cap
+/// (64 by default) is lifted so the open loop's connections are not refused at accept.
 fn write_config(p: &Pki, name: &str, port: u16, store: &str) -> PathBuf {
     let d = |n: &str| format!("{:?}", p.dir.join(n));
     let config = format!(
@@ -132,7 +134,8 @@ fn write_config(p: &Pki, name: &str, port: u16, store: &str) -> PathBuf {
          [store]\n{store}\n\
          [audit]\npath = {}\n\
          [providers.jwt]\nissuer = \"https://127.0.0.1:{port}\"\nsigning_key_file = {}\ngenerate_key = \"ES256\"\n\
-         [anomaly]\nrules = []\nmax_tasks_per_principal = 0\nmax_requests_per_principal = 0\n",
+         [anomaly]\nrules = []\nmax_tasks_per_principal = 0\nmax_requests_per_principal = 0\n\
+         [limits]\nmax_connections_per_source = 4096\n",
         d("server.pem"),
         d("server-key.pem"),
         d("ca.pem"),

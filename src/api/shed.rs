@@ -238,6 +238,76 @@ mod tests {
 }
 
 #[cfg(test)]
+mod body_tests {
+    #![allow(clippy::expect_used, reason = "tests")]
+    use super::*;
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_body_that_never_arrives_holds_no_in_flight_slot_and_times_out() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler = {
+            let seen = seen.clone();
+            move |req: Request| {
+                let seen = seen.clone();
+                async move {
+                    let rejected = req
+                        .extensions()
+                        .get::<super::super::extract::BodyRejected>()
+                        .map(|r| r.0.to_string());
+                    seen.lock().expect("lock").push(rejected);
+                    StatusCode::CREATED
+                }
+            }
+        };
+        let router = limit_in_flight(
+            axum::Router::new().route("/v1/x", post(handler)),
+            1,
+            BodyLimits {
+                max_bytes: 1024,
+                timeout: Duration::from_millis(300),
+            },
+        );
+        let stalled = Body::from_stream(futures_util::stream::pending::<
+            Result<axum::body::Bytes, std::io::Error>,
+        >());
+        let req = |body| {
+            Request::builder()
+                .method("POST")
+                .uri("/v1/x")
+                .body(body)
+                .expect("request")
+        };
+        let slow = tokio::spawn(router.clone().oneshot(req(stalled)));
+        tokio::task::yield_now().await;
+        // The one slot is free while the slow body is awaited.
+        let t0 = Instant::now();
+        let quick = router
+            .clone()
+            .oneshot(req(Body::from("x")))
+            .await
+            .expect("infallible");
+        assert_eq!(quick.status(), StatusCode::CREATED);
+        assert!(t0.elapsed() < Duration::from_millis(250));
+        // The slow one reaches its handler only after the timeout, marked as rejected.
+        let slow = slow.await.expect("join").expect("infallible");
+        assert_eq!(slow.status(), StatusCode::CREATED);
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0], None);
+        assert!(
+            seen[1]
+                .as_deref()
+                .is_some_and(|e| e.contains("did not arrive")),
+            "{seen:?}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod bucket_tests {
     use super::*;
 
