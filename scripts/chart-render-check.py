@@ -16,8 +16,9 @@
         `mayfly policy check`.
     chart-render-check.py config RENDERED.yaml OUT.toml ROOT
         Write the rendered mayfly.toml with its in-pod paths moved under ROOT and
-        `listen` on 127.0.0.1:0, so `mayfly serve -c OUT.toml` can run the broker's
-        real config parser on a machine without the pod's mounts.
+        `listen` on 127.0.0.1:0, and create under ROOT every file and directory it
+        names (placeholders) and the policies, so `mayfly config check OUT.toml` runs
+        the broker's real config parser and file checks without the pod's mounts.
 
 Prints one line per problem and exits 1 if there is any.
 """
@@ -26,12 +27,14 @@ import argparse
 import json
 import sys
 import tomllib
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import yaml
 
 # Built-in API groups kubernetes-validate knows; anything else is a CRD.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+             ("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate"),
+             ("gateway.networking.k8s.io/v1alpha2", "TLSRoute")}
 
 # The config keys the broker accepts (src/config.rs, RawConfig and friends, with
 # `deny_unknown_fields`): an extra key here means `mayfly serve` refuses to start.
@@ -39,21 +42,43 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 # present) is the authority and catches any drift of this list.
 ALLOWED_KEYS = {
     "": {"listen", "node_id", "tls", "trust_domains", "operators", "policy", "store",
-         "audit", "limits", "reaper", "providers", "anomaly", "webhook"},
+         "audit", "limits", "reaper", "providers", "anomaly", "webhook", "workload_api",
+         "bearer", "jwt_svid", "oidc_issuers"},
     "tls": {"cert_file", "key_file"},
-    "trust_domains[]": {"name", "bundle_file"},
+    "trust_domains[]": {"name", "source", "bundle_file", "bundle_endpoint", "endpoint_profile",
+                        "endpoint_spiffe_id", "endpoint_ca_file", "refresh_min", "refresh_max"},
+    "workload_api": {"socket", "initial_timeout", "backoff_min", "backoff_max"},
+    "bearer": {"max_token_bytes", "replay_cache_size", "fetch_timeout"},
+    "jwt_svid[]": {"trust_domain", "bundle_file", "bundle_endpoint", "source", "endpoint_profile",
+                   "endpoint_spiffe_id", "endpoint_ca_file", "audiences", "allow_multiple_audiences",
+                   "algorithms", "leeway", "refresh_interval", "refetch_cooldown", "max_keys",
+                   "single_use", "allow_insecure_http"},
+    "oidc_issuers[]": {"issuer", "audiences", "jwks_file", "jwks_uri", "algorithms", "typ", "leeway",
+                       "jwks_ttl", "refetch_cooldown", "max_keys", "allow_multiple_audiences",
+                       "single_use", "job_claims", "max_exchange_ttl", "allow_insecure_http"},
+    "anomaly": {"risk_window", "deny_for", "rules"},
+    "anomaly.rules[]": {"name", "signal", "threshold", "window", "action", "mode", "class",
+                        "min_severity"},
+    "webhook": {"url", "secret_file", "ca_file", "timeout", "max_attempts", "events"},
     "operators": {"spiffe_ids"},
     "policy": {"dir", "reload_interval"},
     "store/embedded": {"kind", "path"},
     "store/redis": {"kind", "url", "key_prefix", "username", "password_file", "tls_ca_file", "durability",
                     "wait_replicas", "wait_timeout", "verify_durability", "op_timeout"},
-    "audit": {"path"},
+    # rotate_bytes ... summary_interval, and the connection limits below them: issue 17
+    # (OWNERSHIP.md); the broker accepts them once that work is merged.
+    "audit": {"path", "rotate_bytes", "retain_files", "anchor_interval", "summary_interval"},
     "limits": {"max_task_ttl", "max_lease_ttl", "default_lease_ttl", "pending_timeout",
                "max_body_bytes", "max_connections", "handshake_timeout", "max_page",
-               "max_delegation_depth"},
+               "max_delegation_depth", "max_in_flight", "header_read_timeout",
+               "body_read_timeout", "idle_timeout", "h2_keepalive_interval",
+               "h2_keepalive_timeout", "max_header_bytes", "h2_max_concurrent_streams",
+               "h2_max_header_list_bytes", "max_connections_per_source",
+               "unauth_rate_per_source", "unauth_burst_per_source"},
     "reaper": {"interval", "batch", "claim_hold", "max_attempts", "backoff_base", "backoff_max"},
     "providers": {"jwt", "vault", "aws"},
-    "providers.jwt": {"issuer", "signing_key_file", "generate_key"},
+    # keys_dir: the signing key set (issue 16; placeholder name until that lands).
+    "providers.jwt": {"issuer", "signing_key_file", "generate_key", "keys_dir"},
     # src/provider/vault.rs RawVault, RawAppRole, RawVaultTarget.
     "providers.vault": {"address", "token_file", "approle", "namespace", "ca_file", "timeout",
                         "rate_limit_per_second", "rate_limit_burst", "allow_insecure_http",
@@ -65,7 +90,7 @@ ALLOWED_KEYS = {
     # src/provider/aws.rs RawAws, RawAwsTarget.
     "providers.aws": {"region", "endpoint_url", "allow_insecure_http", "revocation",
                       "deny_policy_name", "prune_interval", "timeout", "rate_limit_per_second",
-                      "rate_limit_burst", "targets"},
+                      "rate_limit_burst", "targets", "on_policy_full", "reconcile_interval"},
     "providers.aws.targets[]": {"role_arn", "max_session_duration", "external_id"},
 }
 
@@ -192,28 +217,32 @@ def check_probes(broker: dict, port: int) -> None:
             problem(f"{probe} must be GET {path} over HTTPS on port 'https', got {get}")
 
 
+def named_files(value, prefix: str = ""):
+    """Every (key, path) of a `*_file` or `*_dir` key anywhere in the config, as
+    `mayfly config check` finds them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, str) and (k.endswith("_file") or k.endswith("_dir")):
+                yield key, v
+            else:
+                yield from named_files(v, key)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from named_files(v, f"{prefix}[{i}]")
+
+
 def toml_paths(cfg: dict) -> list[tuple[str, str, bool]]:
     """(config key, path, must the broker be able to write it?)"""
-    out = [("tls.cert_file", cfg["tls"]["cert_file"], False),
-           ("tls.key_file", cfg["tls"]["key_file"], False),
-           ("policy.dir", cfg["policy"]["dir"], False),
-           ("audit.path", cfg["audit"]["path"], True),
-           ("providers.jwt.signing_key_file", cfg["providers"]["jwt"]["signing_key_file"], False)]
-    for td in cfg.get("trust_domains", []):
-        out.append((f"trust_domains[{td['name']}].bundle_file", td["bundle_file"], False))
+    out = [(k, v, False) for k, v in named_files(cfg)]
+    out += [("policy.dir", cfg["policy"]["dir"], False),
+            ("audit.path", cfg["audit"]["path"], True)]
     store = cfg["store"]
     if store["kind"] == "embedded":
         out.append(("store.path", store["path"], True))
-    elif "password_file" in store:
-        out.append(("store.password_file", store["password_file"], False))
-    vault = cfg["providers"].get("vault")
-    if vault is not None:
-        if "token_file" in vault:
-            out.append(("providers.vault.token_file", vault["token_file"], False))
-        if "approle" in vault:
-            out.append(("providers.vault.approle.secret_id_file", vault["approle"]["secret_id_file"], False))
-        if "ca_file" in vault:
-            out.append(("providers.vault.ca_file", vault["ca_file"], False))
+    socket = cfg.get("workload_api", {}).get("socket")
+    if socket:
+        out.append(("workload_api.socket", socket.removeprefix("unix://"), False))
     return out
 
 
@@ -224,8 +253,14 @@ def check_keys(cfg: dict) -> None:
             problem(f"mayfly.toml [{section or 'top'}]: keys the broker rejects: {sorted(extra)}")
 
     unknown("", cfg, ALLOWED_KEYS[""])
-    for section in ("tls", "operators", "policy", "audit", "limits", "reaper", "providers"):
+    for section in ("tls", "operators", "policy", "audit", "limits", "reaper", "providers",
+                    "workload_api", "bearer", "anomaly", "webhook"):
         unknown(section, cfg.get(section, {}), ALLOWED_KEYS[section])
+    for section in ("jwt_svid", "oidc_issuers"):
+        for entry in cfg.get(section, []):
+            unknown(section, entry, ALLOWED_KEYS[f"{section}[]"])
+    for rule in cfg.get("anomaly", {}).get("rules", []):
+        unknown("anomaly.rules", rule, ALLOWED_KEYS["anomaly.rules[]"])
     providers = cfg.get("providers", {})
     unknown("providers.jwt", providers.get("jwt", {}), ALLOWED_KEYS["providers.jwt"])
     if "vault" in providers:
@@ -264,8 +299,10 @@ def check_keys(cfg: dict) -> None:
         problem("mayfly.toml: providers.jwt.issuer must be an https:// URL")
 
 
-def check_mounts(cfg: dict, broker: dict, pod: dict, cm_data: dict, helper_conf: str | None) -> None:
+def check_mounts(cfg: dict, broker: dict, pod: dict, cm_data: dict, helper_conf: str | None,
+                 claims: list[dict]) -> None:
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    volumes.update({c["metadata"]["name"]: {"persistentVolumeClaim": {}} for c in claims})
     mounts = broker.get("volumeMounts", [])
     for m in mounts:
         if m["name"] not in volumes:
@@ -296,6 +333,8 @@ def check_mounts(cfg: dict, broker: dict, pod: dict, cm_data: dict, helper_conf:
                 cedar = [p for p in item_paths if p.startswith(rel + "/") and p.endswith(".cedar")]
                 if not cedar:
                     problem(f"{key} = {raw}: no *.cedar file is mounted there")
+            elif key.endswith("_dir") and rel == "." and not item_paths:
+                pass  # a whole Secret as a directory (the signing key set)
             elif rel not in item_paths:
                 problem(f"{key} = {raw}: volume {best['name']} maps no item to {rel!r} (items: {item_paths})")
         elif "emptyDir" in vol and not writable:
@@ -311,6 +350,23 @@ def check_mounts(cfg: dict, broker: dict, pod: dict, cm_data: dict, helper_conf:
     for k in cm_data:
         if k.endswith(".cedar") and k not in projected:
             problem(f"policy {k} is in the ConfigMap but not mounted")
+
+
+def check_node_id(broker: dict, sts: dict, claims: list[dict]) -> None:
+    """Each replica writes its own audit chain under its own node id (the pod name),
+    on its own persistent volume when persistence is on."""
+    env = {e["name"]: e for e in broker.get("env", [])}
+    ref = env.get("MAYFLY_NODE_ID", {}).get("valueFrom", {}).get("fieldRef", {})
+    if ref.get("fieldPath") != "metadata.name":
+        problem("MAYFLY_NODE_ID must come from the pod name (fieldRef metadata.name)")
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"].get("volumes", [])}
+    if claims:
+        if "data" in vols:
+            problem("data is both a pod volume and a volumeClaimTemplate")
+        if not any(c["metadata"]["name"] == "data" for c in claims):
+            problem("persistence is on but no volumeClaimTemplate named data")
+    elif "emptyDir" not in vols.get("data", {}):
+        problem("without volumeClaimTemplates the data volume must be an emptyDir")
 
 
 def url_port(url: str) -> int:
@@ -353,7 +409,7 @@ def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str |
         if k in kinds:
             problem(f"expected no {k} in the output")
 
-    dep = one(docs, "Deployment")
+    dep = one(docs, "StatefulSet")
     cm = one(docs, "ConfigMap")
     if dep is None or cm is None:
         return
@@ -371,7 +427,7 @@ def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str |
             sel = d["spec"]["podSelector"].get("matchLabels", {})
         elif d["kind"] == "HorizontalPodAutoscaler":
             ref = d["spec"]["scaleTargetRef"]
-            if (ref.get("kind"), ref.get("name")) != ("Deployment", dep["metadata"]["name"]):
+            if (ref.get("kind"), ref.get("name")) != ("StatefulSet", dep["metadata"]["name"]):
                 problem(f"{ident(d)} scales {ref}, not {ident(dep)}")
             if "replicas" in dep["spec"]:
                 problem(f"{ident(dep)} sets replicas although an HPA owns the count")
@@ -407,7 +463,9 @@ def check(rendered: str, expect: list[str], absent: list[str], policy_dir: str |
         problem("pod template lacks checksum/config: config changes would not roll the pods")
 
     helper_conf = cm["data"].get("spiffe-helper.conf")
-    check_mounts(cfg, broker, pod, cm["data"], helper_conf)
+    claims = dep["spec"].get("volumeClaimTemplates", [])
+    check_mounts(cfg, broker, pod, cm["data"], helper_conf, claims)
+    check_node_id(broker, dep, claims)
     check_egress(cfg, docs)
 
     if any(v.get("csi") for v in pod.get("volumes", [])):
@@ -443,6 +501,26 @@ def reroot_config(rendered: str, out: str, root: str) -> None:
         text = text.replace(f'"{prefix}', f'"{root}{prefix}')
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
+    # What the pod's volumes would hold: every file and directory the config names
+    # (placeholders: `mayfly config check` opens them, it does not parse them), the
+    # policies from the ConfigMap, and the writable data directory.
+    cfg = tomllib.loads(text)
+    for key, path in named_files(cfg):
+        p = Path(path)
+        if key.endswith("_dir"):
+            p.mkdir(parents=True, exist_ok=True)
+            (p / "current.pem").write_text("placeholder\n", encoding="utf-8")
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("placeholder\n", encoding="utf-8")
+    policy_dir = Path(cfg["policy"]["dir"])
+    policy_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in cm["data"].items():
+        if name.endswith(".cedar"):
+            (policy_dir / name).write_text(body, encoding="utf-8")
+    Path(cfg["audit"]["path"]).parent.mkdir(parents=True, exist_ok=True)
+    if cfg["store"]["kind"] == "embedded":
+        Path(cfg["store"]["path"]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def main(argv: list[str]) -> int:

@@ -105,9 +105,9 @@ render() {
     pass "template $name"
 
     if msg="$(python3 "$checker" split "$out" "$core" 2>&1)"; then
-        pass "$name: CRD objects (ServiceMonitor)"
+        pass "$name: CRD objects (ServiceMonitor, cert-manager, TLSRoute)"
     else
-        fail "$name: CRD objects (ServiceMonitor)" "$msg"
+        fail "$name: CRD objects (ServiceMonitor, cert-manager, TLSRoute)" "$msg"
     fi
 
     if msg="$(kubernetes-validate --strict --quiet -k "$kube_version" - <"$core" 2>&1)"; then
@@ -124,7 +124,7 @@ render() {
         fail "$name: render checks" "$msg"
     fi
 
-    if [[ -n "$mayfly_bin" ]]; then
+    if [[ -n "$mayfly_bin" && -z "${SKIP_BROKER:-}" ]]; then
         if msg="$("$mayfly_bin" policy check "$policies" 2>&1)"; then
             pass "$name: mayfly policy check ($msg)"
         else
@@ -135,8 +135,10 @@ render() {
 }
 
 # The broker's own parser (deny_unknown_fields, durations, URL schemes, ...) is the
-# final word on mayfly.toml. With the in-pod paths moved under an empty directory,
-# `mayfly serve` must get past the config and stop at the first file it opens.
+# final word on mayfly.toml. The in-pod paths are moved under a sandbox directory in
+# which every file the config names is created (placeholders; the policies and the
+# mounted file layout come from the render), and `mayfly config check` must accept it:
+# it validates the config and opens every file and directory it names.
 broker_parses_config() {
     local name="$1" rendered="$2"
     local sandbox="$work/$name.root" toml="$work/$name.mayfly.toml" msg
@@ -153,7 +155,7 @@ broker_parses_config() {
 }
 
 render default \
-    --expect Deployment --expect Service --expect ConfigMap --expect ServiceAccount \
+    --expect StatefulSet --expect Service --expect ConfigMap --expect ServiceAccount \
     --expect PodDisruptionBudget --expect NetworkPolicy \
     --absent HorizontalPodAutoscaler --absent ServiceMonitor --
 render full-values \
@@ -174,7 +176,134 @@ render providers-approle --expect NetworkPolicy -- \
     --set-json 'config.providers.vault={"address":"https://vault.example.org","approle":{"role_id":"mayfly-broker","secret_id_secret":{"name":"mayfly-vault-approle","key":"secret-id"},"mount":"approle/prod"},"ca":{"secret":{"name":"vault-ca","key":"ca.pem"}},"targets":{"db":{"kind":"dynamic","path":"database/creds/readonly","method":"GET","max_ttl":"1h"}}}' \
     --set-json 'config.providers.aws={"region":"us-east-1","endpoint_url":"https://aws-emulator.example.org:4566","revocation":"expires_only","targets":{"ci":{"role_arn":"arn:aws:iam::123456789012:role/mayfly-ci"}}}'
 
+# The worked examples (charts/mayfly/examples/): the production ones alone and with
+# the CI exchange on top, as their headers tell users to install them.
+examples="$chart/examples"
+render example-evaluation \
+    --expect StatefulSet --expect Certificate --expect Issuer --absent Ingress -- \
+    -f "$examples/evaluation.yaml"
+render example-production-spire --expect StatefulSet --expect NetworkPolicy -- \
+    -f "$examples/production-spire.yaml"
+render example-github-actions --expect Ingress -- \
+    -f "$examples/production-spire.yaml" -f "$examples/github-actions.yaml"
+render example-gitlab-ci --expect TLSRoute -- \
+    -f "$examples/production-spire.yaml" -f "$examples/gitlab-ci.yaml"
+if msg="$(kubernetes-validate --strict --quiet -k "$kube_version" "$examples/redis.yaml" 2>&1)"; then
+    pass "example redis.yaml: kubernetes-validate --strict -k $kube_version"
+else
+    fail "example redis.yaml: kubernetes-validate --strict -k $kube_version" "$msg"
+fi
+if grep -q -- '--appendfsync' "$examples/redis.yaml" && grep -A1 -- '--appendfsync' "$examples/redis.yaml" | grep -q always \
+    && grep -A1 -- '--appendonly' "$examples/redis.yaml" | grep -q '"yes"'; then
+    pass "example redis.yaml: appendonly yes + appendfsync always (what durability: aof checks)"
+else
+    fail "example redis.yaml: appendonly yes + appendfsync always (what durability: aof checks)"
+fi
+
+# Every section of the config through values: bundle endpoints, JWT-SVIDs from files,
+# OIDC issuers with a static JWKS, bearer limits, anomaly rules, a webhook, Redis TLS.
+render all-sections --expect StatefulSet -- \
+    -f "$chart/ci/all-sections-values.yaml"
+# The signing key set (issue 16) renders `keys_dir`, a key the broker accepts only once
+# that work is merged: rendered and validated here, not yet parsed by the broker.
+SKIP_BROKER=1 render signing-key-set --expect StatefulSet -- \
+    --set config.providers.jwt.signing_keys.enabled=true
+# Limits and audit keys of issue 17, likewise (rendered only when set).
+SKIP_BROKER=1 render hostile-client-limits --expect StatefulSet -- \
+    --set config.limits.header_read_timeout=10s --set config.limits.max_connections_per_source=64 \
+    --set config.limits.unauth_rate_per_source=20 --set config.audit.rotate_bytes=67108864 \
+    --set config.audit.anchor_interval=10s
+# Without persistence (evaluation on an emptyDir).
+render no-persistence --expect StatefulSet -- \
+    --set persistence.enabled=false --set replicaCount=1 --set config.store.kind=embedded
+
 [[ -n "$mayfly_bin" ]] || echo "skip  mayfly policy check and config parse (no mayfly binary; set MAYFLY_BIN)"
+
+# --- the GitHub Actions example accepts a token ---------------------------------
+#
+# The rendered config of examples/github-actions.yaml (on top of the evaluation
+# example, which needs no SPIRE) run by the real broker: its GitHub issuer, audience,
+# job claims and policies as rendered; the one change is where the issuer's keys come
+# from (the dev OIDC issuer's JWKS file instead of discovery at GitHub). Tokens from
+# `mayfly dev token` with GitHub's claims, in both `sub` forms, are exchanged at
+# POST /v1/token; a token of another repository id is refused.
+github_exchange() {
+    local d="$work/gh" dev="$work/gh/dev" msg pid="" serve_pid="" port
+    mkdir -p "$d"
+    helm template "$release" "$chart" --namespace "$namespace" --kube-version "$kube_version" \
+        -f "$examples/evaluation.yaml" -f "$examples/github-actions.yaml" >"$d/rendered.yaml" 2>"$d/err" \
+        || { fail "github-actions example: render" "$(cat "$d/err")"; return; }
+    # The dev PKI (CA, server certificate for 127.0.0.1, JWT key, dev OIDC issuer key).
+    "$mayfly_bin" dev --dir "$dev" --listen 127.0.0.1:0 --policies "$root/config/policies" >"$d/dev.log" 2>&1 &
+    pid=$!
+    local deadline=$((SECONDS + 60))
+    while [[ ! -s "$dev/dev.json" ]] && ((SECONDS < deadline)) && kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    [[ -s "$dev/dev.json" ]] || { fail "github-actions example: mayfly dev PKI" "$(cat "$d/dev.log")"; return; }
+    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    if ! msg="$(python3 "$checker" config "$d/rendered.yaml" "$d/mayfly.toml" "$d/root" 2>&1)"; then
+        fail "github-actions example: reroot config" "$msg"; return
+    fi
+    if ! msg="$(python3 - "$d/mayfly.toml" "$dev" "$port" 2>&1 <<'PY'
+import shutil, sys, tomllib
+path, dev, port = sys.argv[1], sys.argv[2], sys.argv[3]
+text = open(path, encoding="utf-8").read()
+cfg = tomllib.loads(text)
+gh = [i for i in cfg["oidc_issuers"] if i["issuer"] == "https://token.actions.githubusercontent.com"]
+assert len(gh) == 1 and "jwks_file" not in gh[0] and "jwks_uri" not in gh[0], gh
+text = text.replace('issuer = "https://token.actions.githubusercontent.com"',
+                    f'issuer = "https://token.actions.githubusercontent.com"\njwks_file = "{dev}/oidc-jwks.json"', 1)
+text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"', 1)
+open(path, "w", encoding="utf-8").write(text)
+shutil.copy(f"{dev}/server.pem", cfg["tls"]["cert_file"])
+shutil.copy(f"{dev}/server-key.pem", cfg["tls"]["key_file"])
+shutil.copy(f"{dev}/ca.pem", cfg["trust_domains"][0]["bundle_file"])
+shutil.copy(f"{dev}/jwt-signing-key.pem", cfg["providers"]["jwt"]["signing_key_file"])
+PY
+)"; then
+        fail "github-actions example: install the dev keys" "$msg"; return
+    fi
+    (cd "$d/root" && exec "$mayfly_bin" --log-format json serve -c "$d/mayfly.toml") >"$d/serve.log" 2>&1 &
+    serve_pid=$!
+    deadline=$((SECONDS + 60))
+    until grep -q 'mayfly listening' "$d/serve.log" 2>/dev/null; do
+        if ((SECONDS > deadline)) || ! kill -0 "$serve_pid" 2>/dev/null; then
+            fail "github-actions example: broker start" "$(tail -20 "$d/serve.log")"
+            kill "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null
+            return
+        fi
+        sleep 0.2
+    done
+    local claims='"iss":"https://token.actions.githubusercontent.com","aud":"https://mayfly.example.org","repository":"acme/deploy","repository_owner":"acme","repository_owner_id":"987654","ref":"refs/heads/main","run_id":"4242","run_attempt":"1"'
+    exchange() { # exchange REPOSITORY_ID SUB_FORMAT -> the response body
+        local token
+        token="$("$mayfly_bin" dev token --dir "$dev" --oidc --sub-format "$2" \
+            --claims "{$claims,\"repository_id\":\"$1\"}")" || return 1
+        curl -s --max-time 20 --cacert "$dev/ca.pem" "https://127.0.0.1:$port/v1/token" \
+            -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+            -d subject_token_type=urn:ietf:params:oauth:token-type:jwt \
+            --data-urlencode "subject_token=$token" \
+            -d resource=https://deploy.example.org -d scope=deploy:staging
+    }
+    local form body
+    for form in legacy immutable; do
+        body="$(exchange 123456789 "$form")"
+        if grep -q '"access_token"' <<<"$body"; then
+            pass "github-actions example: exchanges a dev OIDC token with a $form sub"
+        else
+            fail "github-actions example: exchanges a dev OIDC token with a $form sub" "$body
+$(tail -5 "$d/serve.log")"
+        fi
+    done
+    body="$(exchange 123456780 immutable)"
+    if grep -q '"error":"invalid_target"' <<<"$body" && ! grep -q access_token <<<"$body"; then
+        pass "github-actions example: refuses a token of another repository id"
+    else
+        fail "github-actions example: refuses a token of another repository id" "$body"
+    fi
+    kill "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null
+}
+if [[ -n "$mayfly_bin" ]]; then github_exchange; fi
 
 # --- values that must be refused --------------------------------------------------
 
@@ -254,6 +383,35 @@ refuse "aws role_arn naming a user" "role_arn" "${providers[@]}" \
     --set config.providers.aws.targets.reports-bucket.role_arn=arn:aws:iam::123456789012:user/mayfly
 refuse "aws max_session_duration=13h" "between 1h and 12h" "${providers[@]}" \
     --set config.providers.aws.targets.reports-bucket.max_session_duration=13h
+
+# The new sections' schema and cross-field checks.
+refuse "oidc issuer over http://" "issuer" \
+    --set-json 'config.oidc_issuers=[{"issuer":"http://ci.example.org","audiences":["a"]}]'
+refuse "oidc issuer without audiences" "audiences" \
+    --set-json 'config.oidc_issuers=[{"issuer":"https://ci.example.org"}]'
+refuse "oidc issuer with both jwks and jwks_uri" "oidc" \
+    --set-json 'config.oidc_issuers=[{"issuer":"https://ci.example.org","audiences":["a"],"jwks_uri":"https://ci.example.org/k","jwks":{"configMap":{"name":"j","key":"k"}}}]'
+refuse "oidc algorithm none" "algorithms" \
+    --set-json 'config.oidc_issuers=[{"issuer":"https://ci.example.org","audiences":["a"],"algorithms":["none"]}]'
+refuse "unknown key in jwt_svid" "bundle_file" \
+    --set-json 'config.jwt_svid=[{"trust_domain":"a.org","audiences":["a"],"bundle_file":"/x"}]'
+refuse "trust domain from workload_api with a bundle" "trust_domains" \
+    --set-json 'config.trust_domains=[{"name":"a.org","source":"workload_api","bundle":{"configMap":{"name":"a","key":"k"}}}]' \
+    --set config.workload_api.enabled=true
+refuse "workload_api source without workload_api.enabled" "needs config.workload_api.enabled=true" \
+    --set-json 'config.trust_domains=[{"name":"a.org","source":"workload_api"}]'
+refuse "workload_api.enabled without a workload_api source" "no trust domain or jwt_svid entry" \
+    --set config.workload_api.enabled=true
+refuse "anomaly rule with an unknown signal" "signal" \
+    --set-json 'config.anomaly={"rules":[{"name":"x","signal":"typo","threshold":1,"window":"1m","action":"deny"}]}'
+refuse "webhook without its secret" "secret" --set config.webhook.url=https://hooks.example.org/m
+refuse "webhook over http://" "url" --set config.webhook.url=http://hooks.example.org/m
+refuse "ingress without a host" "host" --set expose.ingress.enabled=true
+refuse "cert-manager PKI with a JWT key other than tls.key" "signing_key_secret.key=tls.key" \
+    --set certManager.selfSigned.enabled=true
+refuse "limits.max_connections_per_source as a string" "max_connections_per_source" \
+    --set-string config.limits.max_connections_per_source=64
+refuse "persistence.size not a quantity" "size" --set persistence.size=lots
 
 # A wrong type must also fail `helm lint --strict`, not only install/template.
 if out="$(helm lint --strict "$chart" --set replicaCount=three 2>&1)"; then

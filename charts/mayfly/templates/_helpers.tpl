@@ -81,6 +81,8 @@ identityDir: /var/run/mayfly/identity
 bundleDir: /var/run/mayfly/bundles
 redisDir: /var/run/mayfly/redis
 jwtDir: /var/run/mayfly/jwt
+jwtKeysDir: /var/run/mayfly/jwt-keys
+filesDir: /var/run/mayfly/files
 vaultAuthDir: /var/run/mayfly/vault
 vaultCaDir: /var/run/mayfly/vault-ca
 dataDir: /var/lib/mayfly
@@ -118,4 +120,84 @@ toJson quotes any value safely, including paths and URLs with quotes or backslas
 {{- $hostport := regexReplaceAll "[/?#].*$" $rest "" }}
 {{- $port := regexFind ":[0-9]+$" (regexReplaceAll "^\\[[^\\]]*\\]" $hostport "") | trimPrefix ":" }}
 {{- if $port }}{{ $port }}{{ else if hasPrefix "http://" . }}80{{ else }}443{{ end }}
+{{- end }}
+
+{{/* True ("true") when the broker talks to the SPIFFE Workload API itself ([workload_api]). */}}
+{{- define "mayfly.workloadApi" -}}
+{{- if .Values.config.workload_api.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+Every file the broker config names that comes from a ConfigMap or Secret key, as a
+YAML list of {key, volume, dir, file, from}: `key` is the mayfly.toml key, the file is
+mounted at dir/file. The volume mounts (statefulset.yaml) and the paths written into
+mayfly.toml (configmap.yaml) both come from this one list, so they cannot drift apart.
+*/}}
+{{- define "mayfly.files" -}}
+{{- $p := include "mayfly.paths" . | fromYaml }}
+{{- $c := .Values.config }}
+{{- $out := list }}
+{{- range $i, $td := $c.trust_domains }}
+{{- with $td.bundle }}
+{{- $out = append $out (dict "key" (printf "trust_domains[%d].bundle_file" $i) "volume" (printf "bundle-%d" $i) "dir" (printf "%s/%s" $p.bundleDir $td.name) "file" "bundle.pem" "from" .) }}
+{{- end }}
+{{- with $td.endpoint_ca }}
+{{- $out = append $out (dict "key" (printf "trust_domains[%d].endpoint_ca_file" $i) "volume" (printf "td-%d-endpoint-ca" $i) "dir" (printf "%s/td-%d-endpoint-ca" $p.filesDir $i) "file" "ca.pem" "from" .) }}
+{{- end }}
+{{- end }}
+{{- range $i, $j := $c.jwt_svid }}
+{{- with $j.bundle }}
+{{- $out = append $out (dict "key" (printf "jwt_svid[%d].bundle_file" $i) "volume" (printf "jwt-svid-%d-bundle" $i) "dir" (printf "%s/jwt-svid-%d-bundle" $p.filesDir $i) "file" "bundle.json" "from" .) }}
+{{- end }}
+{{- with $j.endpoint_ca }}
+{{- $out = append $out (dict "key" (printf "jwt_svid[%d].endpoint_ca_file" $i) "volume" (printf "jwt-svid-%d-endpoint-ca" $i) "dir" (printf "%s/jwt-svid-%d-endpoint-ca" $p.filesDir $i) "file" "ca.pem" "from" .) }}
+{{- end }}
+{{- end }}
+{{- range $i, $o := $c.oidc_issuers }}
+{{- with $o.jwks }}
+{{- $out = append $out (dict "key" (printf "oidc_issuers[%d].jwks_file" $i) "volume" (printf "oidc-%d-jwks" $i) "dir" (printf "%s/oidc-%d-jwks" $p.filesDir $i) "file" "jwks.json" "from" .) }}
+{{- end }}
+{{- end }}
+{{- with $c.webhook }}
+{{- if .url }}
+{{- $out = append $out (dict "key" "webhook.secret_file" "volume" "webhook-secret" "dir" (printf "%s/webhook-secret" $p.filesDir) "file" "secret" "from" (dict "secret" .secret)) }}
+{{- with .ca }}
+{{- $out = append $out (dict "key" "webhook.ca_file" "volume" "webhook-ca" "dir" (printf "%s/webhook-ca" $p.filesDir) "file" "ca.pem" "from" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if eq $c.store.kind "redis" }}
+{{- with $c.store.tls_ca }}
+{{- $out = append $out (dict "key" "store.tls_ca_file" "volume" "redis-ca" "dir" (printf "%s/redis-ca" $p.filesDir) "file" "ca.pem" "from" .) }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* The in-pod path of the file with mayfly.toml key `key` (see mayfly.files). */}}
+{{- define "mayfly.filePath" -}}
+{{- $key := index . 1 }}
+{{- range include "mayfly.files" (index . 0) | fromYamlArray }}
+{{- if eq .key $key }}{{ printf "%s/%s" .dir .file }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+TOML `key = value` lines for the scalar and list-of-scalar entries of a values map
+(dict), skipping `skip` keys and unset (null) values. JSON strings, numbers, booleans
+and arrays of them are valid TOML.
+*/}}
+{{- define "mayfly.tomlScalars" -}}
+{{- $m := index . 0 }}
+{{- $skip := index . 1 }}
+{{- range $k := keys $m | sortAlpha }}
+{{- $val := get $m $k }}
+{{- if and (not (has $k $skip)) (not (kindIs "invalid" $val)) (not (kindIs "map" $val)) }}
+{{- if and (kindIs "float64" $val) (eq (float64 (int64 $val)) $val) }}
+{{ $k }} = {{ int64 $val }}
+{{- else }}
+{{ $k }} = {{ toJson $val }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
