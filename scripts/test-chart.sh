@@ -204,12 +204,11 @@ fi
 # OIDC issuers with a static JWKS, bearer limits, anomaly rules, a webhook, Redis TLS.
 render all-sections --expect StatefulSet -- \
     -f "$chart/ci/all-sections-values.yaml"
-# The signing key set (issue 16) renders `keys_dir`, a key the broker accepts only once
-# that work is merged: rendered and validated here, not yet parsed by the broker.
-SKIP_BROKER=1 render signing-key-set --expect StatefulSet -- \
+# The signing key set (issue 16) renders `keys_dir`.
+render signing-key-set --expect StatefulSet -- \
     --set config.providers.jwt.signing_keys.enabled=true
-# Limits and audit keys of issue 17, likewise (rendered only when set).
-SKIP_BROKER=1 render hostile-client-limits --expect StatefulSet -- \
+# Limits and audit keys of issue 17 (rendered only when set).
+render hostile-client-limits --expect StatefulSet -- \
     --set config.limits.header_read_timeout=10s --set config.limits.max_connections_per_source=64 \
     --set config.limits.unauth_rate_per_source=20 --set config.audit.rotate_bytes=67108864 \
     --set config.audit.anchor_interval=10s
