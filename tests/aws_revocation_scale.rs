@@ -533,8 +533,24 @@ fn slow_proxy(upstream: u16) -> u16 {
 
 #[tokio::test]
 async fn a_writer_whose_role_lock_was_taken_over_mid_write_detects_it_and_redoes_the_write() {
-    // One replica, reaching IAM over a slow link so its write takes about a second.
-    let c = cluster_via(1, "timeout = \"5s\"", 10, Some(slow_proxy)).await;
+    // One replica, reaching IAM over a slow link so its write takes about a second. Its
+    // reconciler also takes the role lock: it runs once at start and then not for an
+    // hour, so the lock taken over below is the revocation's.
+    let c = cluster_via(
+        1,
+        "timeout = \"5s\"\nreconcile_interval = \"1h\"\nprune_interval = \"1h\"",
+        10,
+        Some(slow_proxy),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.metric_sum("mayfly_aws_deny_policy_reconcile_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the start-up reconcile pass never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let task = c.declare().await;
     let lease = c.mint_many(&task, 1, "10m").await.remove(0);
     let redis = redis::Client::open(c.redis.url()).expect("redis url");
