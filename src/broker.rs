@@ -71,6 +71,8 @@ pub enum BrokerError {
     RevokedDuringMint(LeaseId),
     #[error("reason must be 1..=512 printable characters")]
     Reason,
+    #[error("decision must be \"approve\" or \"reject\", got {0:?}")]
+    ApprovalDecision(String),
     #[error("give exactly one of principal, provider, target_prefix")]
     Selector,
     #[error("approval {0} does not exist")]

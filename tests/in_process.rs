@@ -25,6 +25,7 @@ struct Harness {
     _dir: tempfile::TempDir,
     app: App,
     agent: Arc<ConnInfo>,
+    operator: Arc<ConnInfo>,
 }
 
 async fn harness(audit: Option<&Path>) -> Harness {
@@ -40,10 +41,15 @@ async fn harness(audit: Option<&Path>) -> Harness {
         peer: "127.0.0.1:50000".parse().expect("addr"),
         identity: Ok(verified(&pki, &pki.svid("agent", AGENT))),
     });
+    let operator = Arc::new(ConnInfo {
+        peer: "127.0.0.1:50001".parse().expect("addr"),
+        identity: Ok(verified(&pki, &pki.svid("operator", OPERATOR))),
+    });
     Harness {
         _dir: dir,
         app,
         agent,
+        operator,
     }
 }
 
@@ -57,13 +63,24 @@ impl Harness {
     }
 
     async fn call(&self, method: &str, uri: &str, body: Body, ctype: &str) -> (StatusCode, Value) {
+        self.call_as(&self.agent, method, uri, body, ctype).await
+    }
+
+    async fn call_as(
+        &self,
+        who: &Arc<ConnInfo>,
+        method: &str,
+        uri: &str,
+        body: Body,
+        ctype: &str,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
             .header("content-type", ctype)
             .body(body)
             .expect("request");
-        req.extensions_mut().insert(self.agent.clone());
+        req.extensions_mut().insert(who.clone());
         let resp = self.router().oneshot(req).await.expect("infallible");
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
@@ -252,6 +269,42 @@ async fn active_state(app: &App) -> (Vec<String>, Vec<String>) {
     (active_tasks, leases)
 }
 
+/// A pending approval for a credential under `task`, written straight to the store.
+async fn pending_approval(h: &Harness, task: &str) -> String {
+    use mayfly::approval::{Approval, ApprovalState, HeldRequest};
+    let now = time::OffsetDateTime::now_utc();
+    let requester = h
+        .agent
+        .identity
+        .as_ref()
+        .expect("agent verified")
+        .principal()
+        .clone();
+    let task: mayfly::task::TaskId = task.parse().expect("task id");
+    let request = HeldRequest {
+        provider: mayfly::task::ProviderKind::Jwt,
+        target: "https://api.example.com".into(),
+        actions: None,
+        resources: None,
+        ttl_secs: None,
+    };
+    let a = Approval {
+        id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
+        fingerprint: mayfly::approval::fingerprint(&requester, &task, &request),
+        task_id: task,
+        requester,
+        request,
+        state: ApprovalState::Pending,
+        created_at: now,
+        expires_at: now + time::Duration::minutes(15),
+        keep_until: now + time::Duration::hours(1),
+        decided_by: None,
+        reason: None,
+    };
+    assert!(h.app.store.create_approval(&a, 100).await.expect("store"));
+    a.id
+}
+
 /// A task (and, when asked, a signed lease under it) written straight to the store, as
 /// if declared before the audit sink failed.
 async fn seeded_task(h: &Harness, with_lease: bool) -> (String, Option<String>) {
@@ -347,7 +400,7 @@ async fn every_state_changing_action_fails_closed_and_grants_nothing_without_a_r
             ),
             Action::DecideApproval => (
                 "POST",
-                "/v1/approvals/apr_nonexistent".into(),
+                format!("/v1/approvals/{}", pending_approval(&h, &task).await),
                 json!({"decision": "approve", "reason": "r"}),
             ),
             Action::CollectApproval => ("GET", "/v1/approvals/apr_nonexistent".into(), Value::Null),
@@ -358,7 +411,16 @@ async fn every_state_changing_action_fails_closed_and_grants_nothing_without_a_r
             Action::Introspect => ("POST", "/v1/introspect".into(), Value::Null),
         };
         let before = active_state(&h.app).await;
-        let (s, b) = if action == Action::Introspect {
+        let (s, b) = if action == Action::DecideApproval {
+            h.call_as(
+                &h.operator,
+                method,
+                &uri,
+                Body::from(body.to_string()),
+                "application/json",
+            )
+            .await
+        } else if action == Action::Introspect {
             h.call(
                 method,
                 &uri,
@@ -378,6 +440,21 @@ async fn every_state_changing_action_fails_closed_and_grants_nothing_without_a_r
             "{action}: {b}"
         );
         let after = active_state(&h.app).await;
+        if action == Action::DecideApproval {
+            let id = uri.rsplit('/').next().expect("id");
+            let a = h
+                .app
+                .store
+                .approval(id)
+                .await
+                .expect("store")
+                .expect("approval");
+            assert_eq!(
+                a.state,
+                mayfly::approval::ApprovalState::Rejected,
+                "an approval decided without a record is taken back"
+            );
+        }
         assert!(
             after.0.iter().all(|t| before.0.contains(t))
                 && after.1.iter().all(|l| before.1.contains(l)),

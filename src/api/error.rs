@@ -172,6 +172,7 @@ impl ApiError {
                 BrokerError::LeaseNotFound(_) => (S::NOT_FOUND, "lease_not_found"),
                 BrokerError::RevokedDuringMint(_) => (S::CONFLICT, "lease_revoked"),
                 BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
+                BrokerError::ApprovalDecision(_) => (S::BAD_REQUEST, "invalid_decision"),
                 BrokerError::Selector => (S::BAD_REQUEST, "invalid_selector"),
                 BrokerError::DelegationWider(_) => (S::FORBIDDEN, "delegation_wider"),
                 BrokerError::AnomalyDenied(_) => (S::FORBIDDEN, "anomaly_denied"),

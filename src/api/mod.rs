@@ -494,7 +494,10 @@ async fn decide_approval(
     let approve = match body.decision.as_str() {
         "approve" => true,
         "reject" => false,
-        _ => return Err(crate::broker::BrokerError::Reason.into()),
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(crate::broker::BrokerError::ApprovalDecision(shown).into());
+        }
     };
     let a = st
         .broker
