@@ -693,8 +693,6 @@ return 0",
     )
 });
 
-/// Compare-and-set a record; optionally move it in the due index.
-
 /// Stores an audit anchor only if it moves forward (see `LeaseStore::put_anchor`).
 /// KEYS: the node's anchor hash, the set of anchored nodes. ARGV: seq, hash, JSON, node.
 static PUT_ANCHOR: LazyLock<Script> = LazyLock::new(|| {
