@@ -115,6 +115,10 @@ path = {store:?}
 path = {audit:?}
 [anomaly]
 rules = []
+# The measured agent declares 20 tasks a second; the per-principal quotas (a separate
+# control, tested on their own) would refuse it after 120 a minute.
+max_tasks_per_principal = 0
+max_requests_per_principal = 0
 [providers.jwt]
 issuer = "https://mayfly.abuse"
 signing_key_file = {jwt:?}

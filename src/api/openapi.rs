@@ -48,7 +48,149 @@ pub struct ApiDoc;
 
 /// The spec as JSON.
 pub fn spec() -> serde_json::Value {
-    serde_json::to_value(ApiDoc::openapi()).unwrap_or(serde_json::Value::Null)
+    let mut spec = serde_json::to_value(ApiDoc::openapi()).unwrap_or(serde_json::Value::Null);
+    document_refusals(&mut spec);
+    spec
+}
+
+const TASK_ID: &str = "^tsk_[0-9a-f]{32}$";
+const LEASE_ID: &str = "^lse_[0-9a-f]{32}$";
+const APPROVAL_ID: &str = "^apr_[0-9a-f]{32}$";
+
+/// What every `/v1` operation can answer besides its own results, and the exact shape of
+/// ids and list filters, applied to the generated spec in one place (issue #18: the
+/// schema-driven API fuzzer holds every response to the spec):
+/// - errors are `application/problem+json` (`/v1/token`: RFC 6749 §5.2 JSON);
+/// - 400 (malformed id, query, body or form), 401 (identity refused; not `/v1/token`),
+///   403, 404 (routes with an `{id}`), 413 and 415 (routes with a body), 429 and 503 are
+///   possible on every `/v1` route (codes: docs/api-errors.md);
+/// - path ids, `task`/`after` filters, `provider` and `state` carry their formats, and
+///   `limit` its range (the maximum is `limits.max_page`, default 500).
+fn document_refusals(spec: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let problem = |description: &str| {
+        json!({"description": description,
+               "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+    };
+    let oauth = |description: &str| {
+        json!({"description": description,
+               "content": {"application/json": {"schema": {
+                   "type": "object", "required": ["error"],
+                   "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}}}}}})
+    };
+    link_results(spec);
+    let Some(paths) = spec.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, ops) in paths.iter_mut() {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        let id_pattern = if path.starts_with("/v1/tasks/") {
+            TASK_ID
+        } else if path.starts_with("/v1/leases/") {
+            LEASE_ID
+        } else {
+            APPROVAL_ID
+        };
+        let Some(ops) = ops.as_object_mut() else {
+            continue;
+        };
+        for op in ops.values_mut() {
+            let has_body = op.get("requestBody").is_some();
+            for param in op
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                let name = param["name"].as_str().unwrap_or_default().to_string();
+                let schema = &mut param["schema"];
+                match name.as_str() {
+                    "id" => schema["pattern"] = json!(id_pattern),
+                    "task" => schema["pattern"] = json!(TASK_ID),
+                    "after" if path == "/v1/tasks" => schema["pattern"] = json!(TASK_ID),
+                    "after" => schema["pattern"] = json!(LEASE_ID),
+                    "provider" => schema["enum"] = json!(["jwt", "vault", "aws"]),
+                    "state" if path == "/v1/tasks" => {
+                        schema["enum"] = json!(["active", "completed", "revoked", "expired"]);
+                    }
+                    "state" => {
+                        schema["enum"] = json!([
+                            "pending",
+                            "active",
+                            "revoking",
+                            "revoked",
+                            "expired",
+                            "irrevocable"
+                        ]);
+                    }
+                    "limit" => {
+                        schema["minimum"] = json!(1);
+                        schema["maximum"] = json!(500);
+                    }
+                    _ => {}
+                }
+            }
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for r in responses.values_mut() {
+                let Some(content) = r.get_mut("content").and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                let is_problem = content
+                    .get("application/json")
+                    .and_then(|c| c.pointer("/schema/$ref"))
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| s.ends_with("/Problem"));
+                if is_problem && let Some(c) = content.remove("application/json") {
+                    content.insert("application/problem+json".into(), c);
+                }
+            }
+            let token = path == "/v1/token";
+            let mut add = |status: &str, description: &str| {
+                let entry = if token {
+                    oauth(description)
+                } else {
+                    problem(description)
+                };
+                match responses.get_mut(status) {
+                    None => {
+                        responses.insert(status.into(), entry);
+                    }
+                    // A documented status without a body (the token route's 400).
+                    Some(existing) if existing.get("content").is_none() => {
+                        existing["content"] = entry["content"].clone();
+                    }
+                    Some(_) => {}
+                }
+            };
+            add("400", "Malformed id, query, body or form (invalid_*)");
+            if !token {
+                add(
+                    "401",
+                    "Identity refused (client_certificate_required, svid_*, token_*)",
+                );
+                add(
+                    "403",
+                    "Not allowed (not_operator, not_task_owner, policy_denied, ...)",
+                );
+            }
+            if path.contains("{id}") {
+                add("404", "No such task, lease or approval");
+            }
+            if has_body {
+                add("413", "body_too_large");
+                add("415", "unsupported_media_type");
+            }
+            add("429", "rate_limited (Retry-After)");
+            add(
+                "503",
+                "overloaded, store_unavailable, audit_unavailable (Retry-After)",
+            );
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/v1/tasks", tag = "agent", request_body = RawTaskRequest,
@@ -148,3 +290,69 @@ fn readyz() {}
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
 fn metrics() {}
+
+/// OpenAPI links from what an operation creates to the operations that use it, so that
+/// clients (and the schema-driven fuzzer's stateful phase) can follow a task from
+/// declaration to credentials, delegation and completion.
+fn link_results(spec: &mut serde_json::Value) {
+    use serde_json::json;
+    let on_task = |from: &str| {
+        json!({
+            "GetTask": {"operationId": "get_task", "parameters": {"id": format!("$response.body#/{from}")}},
+            "RequestCredential": {"operationId": "request_credential", "parameters": {"id": format!("$response.body#/{from}")}},
+            "DelegateTask": {"operationId": "delegate_task", "parameters": {"id": format!("$response.body#/{from}")}},
+            "CompleteTask": {"operationId": "complete_task", "parameters": {"id": format!("$response.body#/{from}")}},
+            "RevokeTask": {"operationId": "revoke_task", "parameters": {"id": format!("$response.body#/{from}")}}
+        })
+    };
+    let links = [
+        ("/v1/tasks", "post", "201", on_task("task_id")),
+        ("/v1/tasks/{id}/delegate", "post", "201", on_task("task_id")),
+        (
+            "/v1/tasks/{id}/credentials",
+            "post",
+            "201",
+            json!({
+                "GetLease": {"operationId": "get_lease", "parameters": {"id": "$response.body#/lease_id"}},
+                "RevokeLease": {"operationId": "revoke_lease", "parameters": {"id": "$response.body#/lease_id"}}
+            }),
+        ),
+        (
+            "/v1/tasks/{id}/credentials",
+            "post",
+            "202",
+            json!({
+                "CollectApproval": {"operationId": "collect_approval", "parameters": {"id": "$response.body#/approval_id"}},
+                "DecideApproval": {"operationId": "decide_approval", "parameters": {"id": "$response.body#/approval_id"}}
+            }),
+        ),
+    ];
+    // A declaration the dev policy allows, so that following the links reaches minting.
+    let examples = [
+        (
+            "/v1/tasks",
+            json!({"purpose": "schema example", "ttl": "10m",
+                   "scope": [{"provider": "jwt", "target": "https://api.example.com", "actions": ["issues:read"]}]}),
+        ),
+        (
+            "/v1/tasks/{id}/credentials",
+            json!({"provider": "jwt", "target": "https://api.example.com", "ttl": "5m"}),
+        ),
+    ];
+    for (path, example) in examples {
+        if let Some(body) = spec.pointer_mut(&format!(
+            "/paths/{}/post/requestBody/content/application~1json",
+            path.replace('/', "~1")
+        )) {
+            body["example"] = example;
+        }
+    }
+    for (path, method, status, l) in links {
+        if let Some(r) = spec.pointer_mut(&format!(
+            "/paths/{}/{method}/responses/{status}",
+            path.replace('/', "~1")
+        )) {
+            r["links"] = l;
+        }
+    }
+}

@@ -7,6 +7,8 @@ use std::fmt;
 
 const SCHEME: &str = "spiffe://";
 const MAX_LEN: usize = 2048;
+/// SPIFFE-ID §2.3: the trust domain is a URI host, at most 255 bytes (RFC 3986).
+const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeIdError {
@@ -18,6 +20,8 @@ pub enum SpiffeIdError {
     WrongScheme,
     #[error("SPIFFE ID has an empty trust domain")]
     EmptyTrustDomain,
+    #[error("SPIFFE ID trust domain is longer than {MAX_TRUST_DOMAIN_LEN} bytes")]
+    TrustDomainTooLong,
     #[error("SPIFFE ID trust domain has a forbidden character {0:?} (allowed: a-z 0-9 . - _)")]
     BadTrustDomainChar(char),
     #[error("SPIFFE ID path has an empty segment")]
@@ -58,6 +62,9 @@ impl SpiffeId {
         }
         if let Some(c) = td.chars().find(|c| !is_td_char(*c)) {
             return Err(SpiffeIdError::BadTrustDomainChar(c));
+        }
+        if td.len() > MAX_TRUST_DOMAIN_LEN {
+            return Err(SpiffeIdError::TrustDomainTooLong);
         }
         if !path.is_empty() {
             if path.ends_with('/') {
@@ -146,6 +153,32 @@ impl fmt::Display for TrustDomain {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Fuzz finding (issue #18, target `spiffe_id_differential`): a trust domain longer
+    /// than 255 bytes was accepted; SPIFFE-ID §2.3 caps it (the URI host limit).
+    #[test]
+    fn a_trust_domain_longer_than_255_bytes_is_refused() {
+        let at_limit = format!("spiffe://{}/w", "a".repeat(255));
+        assert!(SpiffeId::parse(&at_limit).is_ok());
+        let over = format!("spiffe://{}/w", "a".repeat(256));
+        assert_eq!(
+            SpiffeId::parse(&over),
+            Err(SpiffeIdError::TrustDomainTooLong)
+        );
+        let found = "spiffe://exampl.oe".to_string()
+            + &"i".repeat(120)
+            + ".ompl.oe.pi"
+            + &"7".repeat(130)
+            + ".d_c.zorgrg";
+        assert_eq!(
+            SpiffeId::parse(&found),
+            Err(SpiffeIdError::TrustDomainTooLong)
+        );
+        assert_eq!(
+            TrustDomain::parse(&"b".repeat(256)),
+            Err(SpiffeIdError::TrustDomainTooLong)
+        );
+    }
 
     #[test]
     fn valid_ids_split_into_trust_domain_and_path() {
