@@ -238,25 +238,7 @@ impl Env {
         aws_sdk_iam::Client::new(&self.aws.root().await)
     }
     async fn deny_doc(&self) -> Option<Value> {
-        let out = self
-            .root_iam()
-            .await
-            .get_role_policy()
-            .role_name("deploy")
-            .policy_name("mayfly-revoked-sessions")
-            .send()
-            .await
-            .ok()?;
-        let doc = out.policy_document();
-        let text = if doc.starts_with('{') {
-            doc.to_string()
-        } else {
-            percent_encoding::percent_decode_str(doc)
-                .decode_utf8()
-                .expect("utf8")
-                .into_owned()
-        };
-        Some(serde_json::from_str(&text).expect("json"))
+        role_deny_policy(&self.root_iam().await).await
     }
     fn audit(&self) -> Vec<Value> {
         audit_records(&self.dir.path().join("audit.jsonl"))

@@ -201,25 +201,7 @@ impl Env {
         aws_sdk_iam::Client::new(&self.moto.sdk(&self.key.0, &self.key.1, None).await)
     }
     async fn deny_policy(&self) -> Option<Value> {
-        let out = self
-            .mayfly_iam()
-            .await
-            .get_role_policy()
-            .role_name("deploy")
-            .policy_name("mayfly-revoked-sessions")
-            .send()
-            .await
-            .ok()?;
-        let doc = out.policy_document();
-        let text = if doc.starts_with('{') {
-            doc.to_string()
-        } else {
-            percent_encoding::percent_decode_str(doc)
-                .decode_utf8()
-                .expect("utf8")
-                .into_owned()
-        };
-        Some(serde_json::from_str(&text).expect("json"))
+        role_deny_policy(&self.mayfly_iam().await).await
     }
 }
 

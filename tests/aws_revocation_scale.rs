@@ -220,24 +220,10 @@ impl Cluster {
         out
     }
     async fn deny_doc(&self) -> Option<Value> {
-        let iam = aws_sdk_iam::Client::new(&self.moto.sdk("k", "s", None).await);
-        let out = iam
-            .get_role_policy()
-            .role_name("deploy")
-            .policy_name("mayfly-revoked-sessions")
-            .send()
-            .await
-            .ok()?;
-        let doc = out.policy_document();
-        let text = if doc.starts_with('{') {
-            doc.to_string()
-        } else {
-            percent_encoding::percent_decode_str(doc)
-                .decode_utf8()
-                .expect("utf8")
-                .into_owned()
-        };
-        Some(serde_json::from_str(&text).expect("json"))
+        role_deny_policy(&aws_sdk_iam::Client::new(
+            &self.moto.sdk("k", "s", None).await,
+        ))
+        .await
     }
     fn audit(&self, kind: &str) -> Vec<Value> {
         self.audits

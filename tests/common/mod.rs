@@ -1223,3 +1223,25 @@ impl Drop for Ministack {
         let _ = self.child.wait();
     }
 }
+
+/// The role `deploy`'s inline deny policy (`mayfly-revoked-sessions`) as IAM holds it,
+/// read with `iam`; `None` when the role has none. IAM may return it URL-encoded.
+pub async fn role_deny_policy(iam: &aws_sdk_iam::Client) -> Option<Value> {
+    let out = iam
+        .get_role_policy()
+        .role_name("deploy")
+        .policy_name("mayfly-revoked-sessions")
+        .send()
+        .await
+        .ok()?;
+    let doc = out.policy_document();
+    let text = if doc.starts_with('{') {
+        doc.to_string()
+    } else {
+        percent_encoding::percent_decode_str(doc)
+            .decode_utf8()
+            .expect("utf8")
+            .into_owned()
+    };
+    Some(serde_json::from_str(&text).expect("json"))
+}
