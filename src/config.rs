@@ -491,22 +491,7 @@ pub struct IssuerConfig {
 /// An http(s) URL Mayfly may fetch keys from: https, or http to a loopback host only
 /// when explicitly allowed (tests, `mayfly dev`).
 fn check_url(key: &'static str, url: &str, allow_http: bool) -> Result<(), ConfigError> {
-    url_allowed(url, allow_http).map_err(|m| invalid(key, m))
-}
-
-/// The same rule as a plain message, for config parsed outside this module.
-pub(crate) fn url_allowed(url: &str, allow_http: bool) -> Result<(), String> {
-    if url.starts_with("https://") && url.len() > "https://".len() {
-        return Ok(());
-    }
-    if allow_http && let Some(rest) = url.strip_prefix("http://") {
-        let host = rest.split(['/', ':']).next().unwrap_or_default();
-        if matches!(host, "127.0.0.1" | "localhost" | "[") || rest.starts_with("[::1]") {
-            return Ok(());
-        }
-        return Err(format!("{url:?}: http:// only to a loopback host"));
-    }
-    Err(format!("{url:?} must be an https:// URL"))
+    crate::net::url_allowed(url, allow_http).map_err(|m| invalid(key, m))
 }
 
 struct IssuerCommon<'a> {

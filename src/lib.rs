@@ -49,6 +49,7 @@ pub mod net;
 pub mod pki;
 pub mod policy;
 pub mod provider;
+pub mod ratelimit;
 pub mod revocation;
 pub mod secret;
 pub mod task;

@@ -18,6 +18,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// An http(s) URL Mayfly may fetch from: https, or http to a loopback host only when
+/// explicitly allowed (tests, `mayfly dev`). The message names the URL.
+pub fn url_allowed(url: &str, allow_http: bool) -> Result<(), String> {
+    if url.starts_with("https://") && url.len() > "https://".len() {
+        return Ok(());
+    }
+    if allow_http && let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split(['/', ':']).next().unwrap_or_default();
+        if matches!(host, "127.0.0.1" | "localhost" | "[") || rest.starts_with("[::1]") {
+            return Ok(());
+        }
+        return Err(format!("{url:?}: http:// only to a loopback host"));
+    }
+    Err(format!("{url:?} must be an https:// URL"))
+}
+
 #[derive(Debug)]
 pub enum LimitedRead {
     /// The body (or its announced length) exceeds the limit; nothing more was read.

@@ -197,7 +197,7 @@ fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreErr
 pub struct EmbeddedStore {
     db: Arc<Database>,
     windows: std::sync::Mutex<Windows>,
-    buckets: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::provider::TokenBucket>>>,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::ratelimit::TokenBucket>>>,
     ops: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// Named locks: one process owns the file, so a local lock serialises every writer.
@@ -862,7 +862,7 @@ impl LeaseStore for EmbeddedStore {
     async fn take_token(
         &self,
         key: &str,
-        limit: crate::provider::RateLimit,
+        limit: crate::ratelimit::RateLimit,
     ) -> Result<Result<(), std::time::Duration>, StoreError> {
         let bucket = {
             let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -871,7 +871,7 @@ impl LeaseStore for EmbeddedStore {
                 all.retain(|_, b| !b.is_full());
             }
             all.entry(key.to_string())
-                .or_insert_with(|| Arc::new(crate::provider::TokenBucket::new(limit)))
+                .or_insert_with(|| Arc::new(crate::ratelimit::TokenBucket::new(limit)))
                 .clone()
         };
         Ok(bucket.try_take())

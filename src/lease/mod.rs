@@ -426,7 +426,7 @@ pub trait LeaseStore: Send + Sync + 'static {
     async fn take_token(
         &self,
         key: &str,
-        limit: crate::provider::RateLimit,
+        limit: crate::ratelimit::RateLimit,
     ) -> Result<Result<(), std::time::Duration>, StoreError>;
 
     /// Records a new approval unless its requester already holds `cap` live ones

@@ -1155,7 +1155,7 @@ impl LeaseStore for RedisStore {
     async fn take_token(
         &self,
         key: &str,
-        limit: crate::provider::RateLimit,
+        limit: crate::ratelimit::RateLimit,
     ) -> Result<Result<(), Duration>, StoreError> {
         let key = self.key("bucket", key);
         let interval = (1_000_000.0 / limit.per_second).max(1.0).round() as u64;

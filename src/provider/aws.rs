@@ -213,7 +213,7 @@ impl AwsConfig {
             return Err(e("providers.aws.region", format!("{:?}", raw.region)));
         }
         if let Some(u) = &raw.endpoint_url {
-            crate::config::url_allowed(u, raw.allow_insecure_http)
+            crate::net::url_allowed(u, raw.allow_insecure_http)
                 .map_err(|m| e("providers.aws.endpoint_url", m))?;
         }
         let revocation = match raw.revocation.as_str() {

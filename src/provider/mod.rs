@@ -4,10 +4,9 @@
 pub mod aws;
 mod http;
 pub mod jwt;
-mod ratelimit;
 pub mod vault;
 
-pub use ratelimit::{RateLimit, TokenBucket};
+pub use crate::ratelimit::{RateLimit, TokenBucket};
 
 use async_trait::async_trait;
 use std::collections::HashMap;

@@ -177,7 +177,7 @@ impl VaultConfig {
     pub fn from_raw(raw: RawVault, pending_ttl: Duration) -> Result<Self, CfgErr> {
         let e = |k: &'static str, m: String| (k, m);
         let address = raw.address.trim_end_matches('/').to_string();
-        crate::config::url_allowed(&address, raw.allow_insecure_http)
+        crate::net::url_allowed(&address, raw.allow_insecure_http)
             .map_err(|m| e("providers.vault.address", m))?;
         let auth = match (raw.token_file, raw.approle) {
             (Some(f), None) => VaultAuth::TokenFile(f),
