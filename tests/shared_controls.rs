@@ -170,10 +170,17 @@ async fn single_use_is_refused_everywhere(c: &mut Cluster, pki: &Pki, key: &JwtS
     );
 
     // A well-signed token of a subject the policy refuses: refused each time for what
-    // it is, never as a replay, since nothing was consumed.
+    // it is, never as a replay, since nothing was consumed. Then distinct such tokens
+    // spread over the replicas (the flood of the issue, scaled down: each one writes no
+    // `jti`, which the caller counts in the store).
     let evil = key.sign_jti("spiffe://a.test/evil/x", AUD, "jti-evil");
     for i in 0..3 {
         let (s, b) = declare_bearer(&c.url(i), &ca, &evil).await;
+        assert_eq!((s, b["code"].as_str()), (403, Some("policy_denied")), "{b}");
+    }
+    for n in 0..60 {
+        let evil = key.sign_jti("spiffe://a.test/evil/x", AUD, &format!("jti-evil-{n}"));
+        let (s, b) = declare_bearer(&c.url(n % c.replicas.len()), &ca, &evil).await;
         assert_eq!((s, b["code"].as_str()), (403, Some("policy_denied")), "{b}");
     }
     // An authorized single-use token is accepted once after all that.
@@ -660,14 +667,38 @@ async fn a_rolling_key_rotation_across_two_replicas_keeps_every_token_introspect
 /// windows, risk or deny flags, nor stop an authorized CI job's single-use token.
 #[tokio::test]
 async fn two_hundred_thousand_attacker_tasks_clear_no_one_elses_state() {
-    use mayfly::anomaly::{AnomalyConfig, AnomalyEngine, Quotas, Signal};
-    use mayfly::identity::Principal;
-    use mayfly::lease::LeaseStore;
-    use mayfly::task::TaskId;
     let dir = tempfile::tempdir().expect("tmp");
-    let store: std::sync::Arc<dyn LeaseStore> = std::sync::Arc::new(
+    let store = std::sync::Arc::new(
         mayfly::lease::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).expect("store"),
     );
+    attacker_tasks_clear_no_one_elses_state(store).await;
+}
+
+/// The same on the shared store the replicas use: real Redis, where every window, risk
+/// score and flag is a key with its own TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_thousand_attacker_tasks_clear_no_one_elses_state_on_redis() {
+    let redis = RedisServer::start(&[]);
+    let store = mayfly::lease::redis::RedisStore::connect(&mayfly::lease::redis::RedisConfig {
+        url: redis.url(),
+        key_prefix: "attack".into(),
+        username: None,
+        password_file: None,
+        tls_ca_file: None,
+        durability: mayfly::lease::redis::Durability::Server,
+        op_timeout: Duration::from_secs(5),
+    })
+    .await
+    .expect("store");
+    attacker_tasks_clear_no_one_elses_state(std::sync::Arc::new(store)).await;
+}
+
+async fn attacker_tasks_clear_no_one_elses_state(
+    store: std::sync::Arc<dyn mayfly::lease::LeaseStore>,
+) {
+    use mayfly::anomaly::{AnomalyConfig, AnomalyEngine, Quotas, Signal};
+    use mayfly::identity::Principal;
+    use mayfly::task::TaskId;
     // Quotas off: the attacker is assumed to get all its tasks declared.
     let cfg = AnomalyConfig {
         quotas: Quotas {
@@ -695,12 +726,24 @@ async fn two_hundred_thousand_attacker_tasks_clear_no_one_elses_state() {
 
     let attacker = Principal::parse("spiffe://a.test/agent/attacker").expect("p");
     let started = std::time::Instant::now();
-    for _ in 0..200_000 {
-        let t = TaskId::generate();
-        engine
-            .observe(&attacker, Some(&t), Signal::Request)
-            .await
-            .expect("obs");
+    // 16 concurrent streams, as an attacker spread over connections and replicas would.
+    let engine = std::sync::Arc::new(engine);
+    let streams: Vec<_> = (0..16)
+        .map(|_| {
+            let (engine, attacker) = (engine.clone(), attacker.clone());
+            tokio::spawn(async move {
+                for _ in 0..200_000 / 16 {
+                    let t = TaskId::generate();
+                    engine
+                        .observe(&attacker, Some(&t), Signal::Request)
+                        .await
+                        .expect("obs");
+                }
+            })
+        })
+        .collect();
+    for s in streams {
+        s.await.expect("stream");
     }
     println!("200000 attacker tasks observed in {:?}", started.elapsed());
 

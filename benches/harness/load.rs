@@ -32,7 +32,12 @@ pub struct Target {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
     pub want: u16,
+    /// A header made anew for every request (a DPoP proof: single-use `jti`, fresh `iat`).
+    pub per_request: Option<PerRequest>,
 }
+
+/// Makes one header per request.
+pub type PerRequest = Arc<dyn Fn() -> (HeaderName, HeaderValue) + Send + Sync>;
 
 enum Outcome {
     Ok,
@@ -75,6 +80,10 @@ impl Target {
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
+        if let Some(f) = &self.per_request {
+            let (k, v) = f();
+            req = req.header(k, v);
+        }
         let req = req
             .body(Full::new(self.body.clone()))
             .map_err(|e| e.to_string())?;
@@ -103,6 +112,10 @@ impl Target {
             .header(hyper::header::HOST, "127.0.0.1")
             .header(hyper::header::CONTENT_TYPE, "application/json");
         for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        if let Some(f) = &self.per_request {
+            let (k, v) = f();
             req = req.header(k, v);
         }
         let Ok(req) = req.body(Full::new(self.body.clone())) else {
@@ -150,6 +163,31 @@ pub struct Measured {
 impl Measured {
     pub fn rps(&self) -> f64 {
         self.ok as f64 / self.seconds
+    }
+
+    /// Several runs of one scenario as one: counts and time add up, CPU is weighted by
+    /// good exchanges, and each latency quantile is the worst of the runs.
+    pub fn merge(runs: &[Measured]) -> Measured {
+        let ok: usize = runs.iter().map(|m| m.ok).sum();
+        let cpu_s: f64 = runs
+            .iter()
+            .map(|m| m.cpu_per_1000 * m.ok as f64 / 1000.0)
+            .sum();
+        Measured {
+            ok,
+            shed: runs.iter().map(|m| m.shed).sum(),
+            errors: runs.iter().map(|m| m.errors).sum(),
+            seconds: runs.iter().map(|m| m.seconds).sum(),
+            p50: runs.iter().map(|m| m.p50).max().unwrap_or_default(),
+            p99: runs.iter().map(|m| m.p99).max().unwrap_or_default(),
+            p999: runs.iter().map(|m| m.p999).max().unwrap_or_default(),
+            cpu_per_1000: if ok == 0 {
+                0.0
+            } else {
+                cpu_s * 1000.0 / ok as f64
+            },
+            offered: 0.0,
+        }
     }
 }
 

@@ -56,6 +56,9 @@ const TRUST_DOMAIN: &str = "dev.mayfly.local";
 const AGENT: &str = "spiffe://dev.mayfly.local/agent/demo";
 const AUDIENCE: &str = "mayfly-bench";
 const TARGET: &str = "https://api.example.com";
+/// A target whose tokens are never bound (`binding = "off"`): the unbound half of the
+/// binding-cost pair.
+const UNBOUND_TARGET: &str = "https://unbound.example.com";
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -134,6 +137,7 @@ fn write_config(p: &Pki, name: &str, port: u16, store: &str) -> PathBuf {
          [store]\n{store}\n\
          [audit]\npath = {}\n\
          [providers.jwt]\nissuer = \"https://127.0.0.1:{port}\"\nsigning_key_file = {}\ngenerate_key = \"ES256\"\n\
+         [providers.jwt.targets.\"{UNBOUND_TARGET}\"]\nbinding = \"off\"\n\
          [anomaly]\nrules = []\nmax_tasks_per_principal = 0\nmax_requests_per_principal = 0\n\
          [limits]\nmax_connections_per_source = 4096\n",
         d("server.pem"),
@@ -238,6 +242,10 @@ fn addr(port: u16) -> std::net::SocketAddr {
 #[derive(Clone, Copy, PartialEq)]
 enum Caller {
     BearerKeptOpen,
+    /// The bearer plus a new DPoP proof per request: a `cnf.jkt`-bound token.
+    BearerDpopKeptOpen,
+    /// mTLS on kept-open connections: a `cnf.x5t#S256`-bound token where binding is on.
+    MtlsKeptOpen,
     MtlsFreshHandshake,
 }
 
@@ -252,8 +260,19 @@ fn mayfly_target(p: &Pki, port: u16, caller: Caller, path: &str, body: Value) ->
                 HeaderValue::from_str(&format!("Bearer {}", p.jwt_svid)).expect("header"),
             )],
         ),
+        Caller::BearerDpopKeptOpen => (
+            tls_connector(p, false),
+            false,
+            vec![(
+                AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {}", p.jwt_svid)).expect("header"),
+            )],
+        ),
+        Caller::MtlsKeptOpen => (tls_connector(p, true), false, vec![]),
         Caller::MtlsFreshHandshake => (tls_connector(p, true), true, vec![]),
     };
+    let per_request = matches!(caller, Caller::BearerDpopKeptOpen)
+        .then(|| dpop_proofs(p, &format!("https://127.0.0.1:{port}{path}")));
     Target {
         addr: addr(port),
         tls: Some((tls, name)),
@@ -262,17 +281,49 @@ fn mayfly_target(p: &Pki, port: u16, caller: Caller, path: &str, body: Value) ->
         headers,
         body: Bytes::from(body.to_string()),
         want: 201,
+        per_request,
     }
+}
+
+/// A fresh DPoP proof (RFC 9449) for every request to `url`, by one client key, with
+/// `ath` over the bearer it accompanies. Signing is client work: not counted.
+fn dpop_proofs(p: &Pki, url: &str) -> load::PerRequest {
+    let (key, _) = mayfly::identity::dpop::ProofKey::generate(false).expect("dpop key");
+    let url = url.to_string();
+    let token = p.jwt_svid.clone();
+    let name = hyper::header::HeaderName::from_static("dpop");
+    Arc::new(move || {
+        let proof = key
+            .proof(&mayfly::identity::dpop::ProofRequest {
+                method: "POST".into(),
+                url: url.clone(),
+                access_token: Some(token.clone()),
+                nonce: None,
+                iat: None,
+                jti: None,
+            })
+            .expect("proof");
+        (
+            name.clone(),
+            HeaderValue::from_str(&proof).expect("proof header"),
+        )
+    })
 }
 
 /// Declares a task as `caller`; returns the credential-minting target under it.
 async fn mint_target(p: &Pki, port: u16, caller: Caller) -> Target {
+    mint_target_for(p, port, caller, TARGET).await.0
+}
+
+/// As `mint_target`, for `target`; also returns the `cnf` claim of the first token
+/// minted (`Value::Null` when unbound).
+async fn mint_target_for(p: &Pki, port: u16, caller: Caller, target: &str) -> (Target, Value) {
     let declare = mayfly_target(
         p,
         port,
         caller,
         "/v1/tasks",
-        json!({"purpose": "bench", "scope": [{"provider": "jwt", "target": TARGET, "actions": ["read"]}], "ttl": "1h"}),
+        json!({"purpose": "bench", "scope": [{"provider": "jwt", "target": target, "actions": ["read"]}], "ttl": "1h"}),
     );
     let (status, body) = declare.fetch().await.expect("declare");
     assert_eq!(status, 201, "declare: {}", String::from_utf8_lossy(&body));
@@ -283,11 +334,35 @@ async fn mint_target(p: &Pki, port: u16, caller: Caller) -> Target {
         port,
         caller,
         &format!("/v1/tasks/{id}/credentials"),
-        json!({"provider": "jwt", "target": TARGET, "ttl": "5m"}),
+        json!({"provider": "jwt", "target": target, "ttl": "5m"}),
     );
     let (status, body) = t.fetch().await.expect("mint");
     assert_eq!(status, 201, "mint: {}", String::from_utf8_lossy(&body));
-    t
+    let minted: Value = serde_json::from_slice(&body).expect("json");
+    (t, jwt_cnf(&minted))
+}
+
+/// The `cnf` claim of the JWT found anywhere in a credential response.
+fn jwt_cnf(v: &Value) -> Value {
+    use base64::Engine as _;
+    match v {
+        Value::String(s) if s.split('.').count() == 3 => s
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p)
+                    .ok()
+            })
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map_or(Value::Null, |c| c["cnf"].clone()),
+        Value::Object(m) => m
+            .values()
+            .map(jwt_cnf)
+            .find(|c| !c.is_null())
+            .unwrap_or(Value::Null),
+        _ => Value::Null,
+    }
 }
 
 // ---------------------------------------------------------------- rows
@@ -380,6 +455,163 @@ async fn mayfly_levels(
     }
 }
 
+const DPOP: &str = "JWT-SVID bearer + DPoP proof (cnf.jkt), kept-open TLS";
+const CERT_BOUND: &str = "mTLS kept-open, cert-bound token (cnf.x5t#S256)";
+const CERT_OFF: &str = "mTLS kept-open, binding off";
+
+/// Issue #21: what sender-constraining costs per exchange. Two pairs on one broker at 50
+/// connections, each side measured twice, interleaved (A B A B), so drift in the machine
+/// falls on both sides: the bearer with and without a DPoP proof, and mTLS to a target
+/// whose tokens are certificate-bound and to one with binding off.
+async fn binding_cost(rep: &mut Report, system: &str, p: &Pki, b: &Broker) {
+    let pids = [b.proc.0.id()];
+    let (bearer, c0) = mint_target_for(p, b.port, Caller::BearerKeptOpen, TARGET).await;
+    let (dpop, c1) = mint_target_for(p, b.port, Caller::BearerDpopKeptOpen, TARGET).await;
+    let (cert, c2) = mint_target_for(p, b.port, Caller::MtlsKeptOpen, TARGET).await;
+    let (off, c3) = mint_target_for(p, b.port, Caller::MtlsKeptOpen, UNBOUND_TARGET).await;
+    assert!(c0.is_null(), "bearer without proof: unbound, got {c0}");
+    assert!(c1["jkt"].is_string(), "DPoP: cnf.jkt, got {c1}");
+    assert!(c2["x5t#S256"].is_string(), "mTLS: cnf.x5t#S256, got {c2}");
+    assert!(c3.is_null(), "binding off: unbound, got {c3}");
+    let pairs = [
+        ((&bearer, KEPT), (&dpop, DPOP)),
+        ((&off, CERT_OFF), (&cert, CERT_BOUND)),
+    ];
+    let mut ratios = Vec::new();
+    for ((base, base_name), (bound, bound_name)) in pairs {
+        let mut a = Vec::new();
+        let mut z = Vec::new();
+        for _ in 0..2 {
+            a.push(closed_loop(base, 50, WARMUP, RUN, &pids).await);
+            z.push(closed_loop(bound, 50, WARMUP, RUN, &pids).await);
+        }
+        let (a, z) = (Measured::merge(&a), Measured::merge(&z));
+        let ratio = z.cpu_per_1000 / a.cpu_per_1000.max(1e-9);
+        let load = "50 conns, binding pair (2 × interleaved)".to_string();
+        rep.add(system, base_name, load.clone(), a, &pids);
+        rep.add(system, bound_name, load, z, &pids);
+        ratios.push(ratio);
+    }
+    rep.note(format!(
+        "binding cost (issue #21, goal ≤ x1.10): DPoP-bound vs bearer x{:.3} CPU per exchange; certificate-bound vs binding off (mTLS) x{:.3}",
+        ratios[0], ratios[1]
+    ));
+}
+
+/// `MAYFLY_BASELINE_BIN`: one binary, or `label=path` pairs separated by commas (e.g.
+/// the build before a change), each measured kept-open at 50 connections on the
+/// embedded store and on Redis, in this run.
+fn baselines() -> Vec<(String, PathBuf)> {
+    let Ok(v) = std::env::var("MAYFLY_BASELINE_BIN") else {
+        return Vec::new();
+    };
+    v.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| match s.split_once('=') {
+            Some((label, path)) => (label.trim().to_string(), PathBuf::from(path.trim())),
+            None => ("baseline".to_string(), PathBuf::from(s.trim())),
+        })
+        .collect()
+}
+
+/// A config `bin` accepts: this build's, or without the keys an older build does not
+/// know (`mayfly config check` decides).
+fn config_for(bin: &Path, cfg: &Path) -> PathBuf {
+    let ok = |c: &Path| {
+        Command::new(bin)
+            .args(["config", "check", "-c", c.to_str().expect("utf8")])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ok(cfg) {
+        return cfg.to_path_buf();
+    }
+    let text = std::fs::read_to_string(cfg).expect("config");
+    let older: String = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with("max_tasks_per_principal")
+                && !l.starts_with("max_requests_per_principal")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = cfg.with_extension("older.toml");
+    std::fs::write(&path, older).expect("config");
+    assert!(ok(&path), "{} accepts neither config", bin.display());
+    path
+}
+
+/// Each baseline binary at 50 kept-open connections, embedded then Redis.
+async fn baseline_rows(rep: &mut Report, p: &Pki, tmp: &Path, redis_dir: &Path) {
+    for (label, bin) in baselines() {
+        let port = free_port();
+        let cfg = write_config(
+            p,
+            &format!("baseline-{label}"),
+            port,
+            &format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.join(format!("baseline-{label}.redb"))
+            ),
+        );
+        let b = start_broker(&bin, &config_for(&bin, &cfg), port);
+        let pids = [b.proc.0.id()];
+        let kept = mint_target(p, port, Caller::BearerKeptOpen).await;
+        let m = closed_loop(&kept, 50, WARMUP, RUN, &pids).await;
+        rep.add(
+            &format!("Mayfly {label} (embedded)"),
+            KEPT,
+            "50 conns".into(),
+            m,
+            &pids,
+        );
+        drop(b);
+        let (redis, rport) = start_redis(redis_dir);
+        let port = free_port();
+        let cfg = write_config(
+            p,
+            &format!("baseline-{label}-redis"),
+            port,
+            &format!(
+                "kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"base\""
+            ),
+        );
+        let b = start_broker(&bin, &config_for(&bin, &cfg), port);
+        let pids = [b.proc.0.id(), redis.0.id()];
+        let kept = mint_target(p, port, Caller::BearerKeptOpen).await;
+        let m = closed_loop(&kept, 50, WARMUP, RUN, &pids).await;
+        rep.add(
+            &format!("Mayfly {label} (Redis)"),
+            KEPT,
+            "50 conns".into(),
+            m,
+            &pids,
+        );
+    }
+}
+
+/// This build against each baseline, kept-open at 50, per store.
+fn baseline_notes(rep: &mut Report) {
+    for (label, _) in baselines() {
+        for store in ["embedded", "Redis"] {
+            if let (Some(now), Some(before)) = (
+                rep.find(&format!("Mayfly ({store})"), KEPT, "50 conns"),
+                rep.find(&format!("Mayfly {label} ({store})"), KEPT, "50 conns"),
+            ) {
+                let note = format!(
+                    "this build vs {label}, {store}, kept-open at 50: x{:.2} throughput, x{:.3} CPU per exchange",
+                    now.rps() / before.rps().max(1e-9),
+                    now.cpu_per_1000 / before.cpu_per_1000.max(1e-9)
+                );
+                rep.note(note);
+            }
+        }
+    }
+}
+
 /// Open loop at 70 % and 200 % of the kept-open peak.
 async fn overload(rep: &mut Report, system: &str, p: &Pki, b: &Broker) {
     let pids = [b.proc.0.id()];
@@ -453,6 +685,7 @@ impl Bao {
             headers,
             body: Bytes::from(body.to_string()),
             want: 200,
+            per_request: None,
         }
     }
 
@@ -771,6 +1004,18 @@ async fn main() {
         }
         return;
     }
+    // `MAYFLY_BENCH_BINDING=1`: only the binding-cost pairs (issue #21); writes no docs.
+    if std::env::var_os("MAYFLY_BENCH_BINDING").is_some() {
+        let port = free_port();
+        let store = format!(
+            "kind = \"embedded\"\npath = {:?}",
+            tmp.path().join("b.redb")
+        );
+        let cfg = write_config(&p, "binding", port, &store);
+        let b = start_broker(&bin, &cfg, port);
+        binding_cost(&mut rep, "Mayfly (embedded)", &p, &b).await;
+        return;
+    }
     // Mayfly, embedded store.
     {
         let port = free_port();
@@ -786,39 +1031,7 @@ async fn main() {
         let b = start_broker(&bin, &cfg, port);
         mayfly_levels(&mut rep, "Mayfly (embedded)", &p, &b, &[], &LEVELS).await;
         overload(&mut rep, "Mayfly (embedded)", &p, &b).await;
-    }
-    // The same binary built from another commit, if given: before/after in this run.
-    if let Some(base) = std::env::var_os("MAYFLY_BASELINE_BIN") {
-        let port = free_port();
-        let cfg = write_config(
-            &p,
-            "baseline",
-            port,
-            &format!(
-                "kind = \"embedded\"\npath = {:?}",
-                tmp.path().join("baseline.redb")
-            ),
-        );
-        let b = start_broker(Path::new(&base), &cfg, port);
-        let pids = [b.proc.0.id()];
-        let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
-        let m = closed_loop(&kept, 50, WARMUP, RUN, &pids).await;
-        rep.add(
-            "Mayfly baseline (embedded)",
-            KEPT,
-            "50 conns".into(),
-            m,
-            &pids,
-        );
-        let fresh = mint_target(&p, port, Caller::MtlsFreshHandshake).await;
-        let m = closed_loop(&fresh, 50, WARMUP, RUN, &pids).await;
-        rep.add(
-            "Mayfly baseline (embedded)",
-            FRESH,
-            "50 conns".into(),
-            m,
-            &pids,
-        );
+        binding_cost(&mut rep, "Mayfly (embedded)", &p, &b).await;
     }
     // Mayfly, Redis store.
     let redis_dir = tmp.path().join("redis");
@@ -837,6 +1050,8 @@ async fn main() {
         let b = start_broker(&bin, &cfg, port);
         mayfly_levels(&mut rep, "Mayfly (Redis)", &p, &b, &[redis.0.id()], &[50]).await;
     }
+    // Other builds, if given (`MAYFLY_BASELINE_BIN`): before/after in this run.
+    baseline_rows(&mut rep, &p, tmp.path(), &redis_dir).await;
     // OpenBao: the dev server (reference rows), then production shape (same work).
     let bao_version = openbao(&mut rep, &p, tmp.path(), BaoShape::Dev).await;
     openbao(
@@ -975,16 +1190,7 @@ async fn main() {
             r.m.errors
         ));
     }
-    if let (Some(after), Some(before)) = (
-        rep.find("Mayfly (embedded)", KEPT, "50 conns"),
-        rep.find("Mayfly baseline (embedded)", KEPT, "50 conns"),
-    ) {
-        rep.note(format!(
-            "this build vs baseline binary, kept-open at 50: x{:.2} throughput, x{:.2} CPU/exchange",
-            after.rps() / before.rps(),
-            after.cpu_per_1000 / before.cpu_per_1000
-        ));
-    }
+    baseline_notes(&mut rep);
     let elapsed = started.elapsed().as_secs();
     rep.note(format!("harness wall time: {elapsed} s"));
 
