@@ -2323,7 +2323,7 @@ mod tests {
     /// file's convention: a value without a "default" note is the default). Commented-out
     /// sections and keys (`# [webhook]`, `# timeout = "5s"`) count.
     fn documented(section: &str, key: &str) -> String {
-        let text = include_str!("../config/mayfly.full.toml");
+        let text = include_str!("../../config/mayfly.full.toml");
         let mut current = String::new();
         for line in text.lines() {
             let l = line.trim_start_matches('#').trim();
