@@ -329,34 +329,29 @@ fn oidc_config(r: RawOidcIssuer) -> Result<(String, IssuerConfig), ConfigError> 
 pub(super) fn jwt_svids(
     raw: Vec<RawJwtSvid>,
 ) -> Result<Vec<(TrustDomain, IssuerConfig)>, ConfigError> {
-    let mut jwt_svid = Vec::new();
-    for r in raw {
-        let (td, c) = jwt_svid_config(r)?;
-        if jwt_svid.iter().any(|(t, _): &(TrustDomain, _)| t == &td) {
-            return Err(invalid(
-                "jwt_svid.trust_domain",
-                format!("{td} is configured twice"),
-            ));
-        }
-        jwt_svid.push((td, c));
-    }
-    Ok(jwt_svid)
+    each_once(raw, jwt_svid_config, "jwt_svid.trust_domain")
 }
 
 /// Every `[[oidc_issuers]]` entry; an issuer may appear once.
 pub(super) fn oidc_issuers(
     raw: Vec<RawOidcIssuer>,
 ) -> Result<Vec<(String, IssuerConfig)>, ConfigError> {
-    let mut oidc_issuers = Vec::new();
+    each_once(raw, oidc_config, "oidc_issuers.issuer")
+}
+
+/// Converts each entry of a table, refusing a second entry for the same name (`key`).
+fn each_once<R, K: PartialEq + std::fmt::Display>(
+    raw: Vec<R>,
+    convert: fn(R) -> Result<(K, IssuerConfig), ConfigError>,
+    key: &'static str,
+) -> Result<Vec<(K, IssuerConfig)>, ConfigError> {
+    let mut entries: Vec<(K, IssuerConfig)> = Vec::new();
     for r in raw {
-        let (iss, c) = oidc_config(r)?;
-        if oidc_issuers.iter().any(|(i, _): &(String, _)| i == &iss) {
-            return Err(invalid(
-                "oidc_issuers.issuer",
-                format!("{iss} is configured twice"),
-            ));
+        let (name, c) = convert(r)?;
+        if entries.iter().any(|(n, _)| n == &name) {
+            return Err(invalid(key, format!("{name} is configured twice")));
         }
-        oidc_issuers.push((iss, c));
+        entries.push((name, c));
     }
-    Ok(oidc_issuers)
+    Ok(entries)
 }
