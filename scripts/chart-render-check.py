@@ -36,9 +36,9 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
              ("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate"),
              ("gateway.networking.k8s.io/v1alpha2", "TLSRoute")}
 
-# The config keys the broker accepts (src/config.rs, RawConfig and friends, with
+# The config keys the broker accepts (src/config/, RawConfig and friends, with
 # `deny_unknown_fields`): an extra key here means `mayfly serve` refuses to start.
-# Keep in step with src/config.rs; `mayfly config check` (run below when a binary is
+# Keep in step with src/config/; `mayfly config check` (run below when a binary is
 # present) is the authority and catches any drift of this list.
 ALLOWED_KEYS = {
     "": {"listen", "node_id", "tls", "trust_domains", "operators", "policy", "store",

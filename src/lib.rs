@@ -35,6 +35,7 @@
 pub mod action;
 pub mod anomaly;
 pub mod api;
+pub mod app;
 pub mod approval;
 pub mod audit;
 pub mod broker;

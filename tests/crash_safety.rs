@@ -46,7 +46,9 @@ async fn run(store: Option<String>) {
             )
         })
     };
-    let app = config.build_with_faults(Some(hook)).await.expect("build");
+    let app = mayfly::app::App::build_with_faults(&config, Some(hook))
+        .await
+        .expect("build");
     let caller = verified(&pki, &pki.svid("agent", AGENT));
     let raw: RawTaskRequest = serde_json::from_value(task_body("2h")).expect("raw");
     let task = app
@@ -164,7 +166,9 @@ async fn leases_left_to_revoke_are_revoked_once_redis_is_back() {
         ..Default::default()
     };
     let config = Config::load(&write_config(dir.path(), &pki, &opts)).expect("config");
-    let app = config.build_with_faults(None).await.expect("build");
+    let app = mayfly::app::App::build_with_faults(&config, None)
+        .await
+        .expect("build");
     let caller = verified(&pki, &pki.svid("agent", AGENT));
     let raw: RawTaskRequest = serde_json::from_value(task_body("1h")).expect("raw");
     let task = app

@@ -13,7 +13,8 @@ use axum::http::{Request, StatusCode};
 use common::*;
 use mayfly::api::extract::ConnInfo;
 use mayfly::api::{AppState, router};
-use mayfly::config::{App, Config};
+use mayfly::app::App;
+use mayfly::config::Config;
 use mayfly::lease::LeaseState;
 use mayfly::task::TaskState;
 use serde_json::{Value, json};
@@ -36,7 +37,7 @@ async fn harness(audit: Option<&Path>) -> Harness {
         ..Default::default()
     };
     let config = Config::load(&write_config(dir.path(), &pki, &opts)).expect("config");
-    let app = config.build().await.expect("build");
+    let app = App::build(&config).await.expect("build");
     let agent = Arc::new(ConnInfo {
         peer: "127.0.0.1:50000".parse().expect("addr"),
         identity: Ok(verified(&pki, &pki.svid("agent", AGENT))),

@@ -453,7 +453,9 @@ async fn token_minted_before_a_crash_dies_within_the_pending_timeout() {
     std::fs::write(dir.path().join("policies/vault.cedar"), VAULT_POLICY).expect("policy");
     let config = Config::load(&path).expect("config");
     let hook: FaultHook = std::sync::Arc::new(|p, _| p == FaultPoint::AfterMint);
-    let app = config.build_with_faults(Some(hook)).await.expect("build");
+    let app = mayfly::app::App::build_with_faults(&config, Some(hook))
+        .await
+        .expect("build");
 
     let caller = verified(&pki, &pki.svid("agent", AGENT));
     let ev = AuditScope::new(AuditEvent::new("test"));

@@ -85,11 +85,10 @@ async fn bearer(config: &Path, token: &str) -> Ratio {
     // JWT-SVID keys come from files here: no bundle endpoint needs the X.509 bundles.
     let bundles =
         std::sync::Arc::new(mayfly::identity::LiveBundles::load(&[]).expect("empty bundle set"));
-    let uncached = cfg
-        .bearer_verifier(&bundles)
+    let uncached = mayfly::app::bearer_verifier(&cfg, &bundles)
         .expect("verifier")
         .with_verified_cache(0);
-    let cached = cfg.bearer_verifier(&bundles).expect("verifier");
+    let cached = mayfly::app::bearer_verifier(&cfg, &bundles).expect("verifier");
     let now = time::OffsetDateTime::now_utc();
     let before = time_us_async(2000, || async {
         uncached.verify(token, None, now).await.expect("verify");
@@ -300,7 +299,7 @@ pub async fn floor(config: &Path, token: &str, dir: &Path, sign_us: f64) -> Floo
     let cfg = mayfly::config::Config::load(config).expect("config");
     let bundles =
         std::sync::Arc::new(mayfly::identity::LiveBundles::load(&[]).expect("empty bundle set"));
-    let verifier = cfg.bearer_verifier(&bundles).expect("verifier");
+    let verifier = mayfly::app::bearer_verifier(&cfg, &bundles).expect("verifier");
     let now = time::OffsetDateTime::now_utc();
     let caller = verifier
         .verify(token, None, now)

@@ -53,7 +53,7 @@ signing_key_file = "unused-jwt-key.pem"
     let config = mayfly::config::Config::from_toml(&config, std::path::Path::new("fuzz.toml"))
         .expect("fixture config");
     let bundles = Arc::new(mayfly::identity::LiveBundles::load(&[]).expect("no bundles"));
-    let bearer = config.bearer_verifier(&bundles).expect("verifier");
+    let bearer = mayfly::app::bearer_verifier(&config, &bundles).expect("verifier");
     let (access_key, _) = SigningKey::generate(SigningAlg::ES256).expect("key");
     Fixture {
         _dir: dir,

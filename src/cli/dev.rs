@@ -11,6 +11,7 @@ use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use crate::app::App;
 use crate::config::{Config, RawConfig};
 use crate::pki::{Ca, LeafSpec};
 use crate::provider::jwt::{SigningAlg, SigningKey};
@@ -455,7 +456,7 @@ pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
         &node,
         &issuer,
     )?;
-    let app = config.build().await?;
+    let app = App::build(&config).await?;
     let p = |n: &str| args.dir.join(n).display().to_string();
     let pair = |stem: &str, id: &str| json!({"spiffe_id": id, "cert": p(&format!("{stem}.pem")), "key": p(&format!("{stem}-key.pem"))});
     let info = json!({
@@ -484,5 +485,5 @@ pub async fn run(args: DevArgs) -> Result<(), crate::Error> {
     let text = serde_json::to_string_pretty(&info).unwrap_or_default();
     std::fs::write(args.dir.join("dev.json"), text).map_err(io_err("writing dev.json".into()))?;
     let help = curl_help(&args.dir, addr);
-    super::serve(app, listener, move |_| println!("{help}")).await
+    crate::app::serve(app, listener, move |_| println!("{help}")).await
 }
