@@ -695,7 +695,15 @@ async fn trust_bundles_are_reloaded_while_running_and_a_bad_file_keeps_the_last_
 
     // A broken bundle file is refused; the last good set stays in force.
     std::fs::write(&env.pki.bundle_b, "not a certificate").expect("write");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_metric(
+        &env.server,
+        &env.pki.bundle_a,
+        "mayfly_trust_bundle_file_reloads_total",
+        &[("outcome", "refused")],
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let again = client(
         &env.pki.bundle_a,
         Some(&Pair {

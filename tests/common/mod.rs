@@ -15,6 +15,7 @@ mod config;
 mod http;
 mod jwt_svid;
 mod loopback;
+mod metrics;
 mod ministack;
 mod moto;
 mod oidc;
@@ -33,6 +34,7 @@ pub use http::{
 };
 pub use jwt_svid::JwtSvidKey;
 pub use loopback::free_port;
+pub use metrics::{metric_value, metrics_text, wait_for_metric};
 pub use ministack::{MINISTACK_ACCOUNT, Ministack, ministack_bin, role_deny_policy};
 pub use moto::Moto;
 pub use oidc::{OidcIssuer, jwt_payload};

@@ -131,6 +131,28 @@ impl Server {
         self.stderr.try_iter().collect::<Vec<_>>().join("\n")
     }
 
+    /// Waits until a log line contains `needle`; returns the lines read meanwhile (which
+    /// `logs` no longer returns). Panics with them after `timeout`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            for line in self.stderr.try_iter() {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen.join("\n");
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line with {needle:?}:\n{}",
+                seen.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL: no graceful anything.
     pub fn kill(mut self) {
         let _ = self.child.kill();
