@@ -131,7 +131,15 @@ async fn x509_bundles_from_the_workload_api_rotate_without_restart_and_survive_a
     let failures = "mayfly_workload_api_stream_failures_total";
     let before = metric_value(&metrics_text(&server, &ca).await, failures, &[]);
     env.stub.take().expect("stub").stop();
-    wait_for_metric(&server, &ca, failures, &[], before + 1.0, Duration::from_secs(10)).await;
+    wait_for_metric(
+        &server,
+        &ca,
+        failures,
+        &[],
+        before + 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let (s, body) = declare_with_svid(&server, &ca, &new).await;
     assert_eq!(s, 201, "last good bundle kept: {body}");
     let metrics = metrics_text(&server, &ca).await;
