@@ -84,7 +84,11 @@ fn credential_request(target: &str) -> CredentialRequest {
 
 impl Env {
     /// Commits the request's record as the api layer does; the set-up must never lose it.
-    async fn commit<T>(&self, ev: &AuditScope, r: Result<T, BrokerError>) -> Result<T, BrokerError> {
+    async fn commit<T>(
+        &self,
+        ev: &AuditScope,
+        r: Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
         self.app.broker.commit(ev).await.expect("audit record");
         r
     }
@@ -114,7 +118,12 @@ impl Env {
         self.commit(&ev, r).await
     }
 
-    async fn issued(&self, who: &VerifiedCaller, task: &TaskId, target: &str) -> mayfly::lease::Lease {
+    async fn issued(
+        &self,
+        who: &VerifiedCaller,
+        task: &TaskId,
+        target: &str,
+    ) -> mayfly::lease::Lease {
         match self.mint(who, task, target).await.expect("mint") {
             Outcome::Issued(i) => i.lease,
             Outcome::Pending(a) => panic!("held for approval {}", a.id),
@@ -161,11 +170,9 @@ async fn a_minted_credential_has_an_active_lease_and_an_audit_record() {
     assert_eq!(env.lease_state(&lease.id).await, LeaseState::Active);
     let minted = env.records(Action::MintCredential);
     assert!(
-        minted
-            .iter()
-            .any(|r| r["lease_id"] == lease.id.to_string()
-                && r["task_id"] == task.id.to_string()
-                && r["decision"] == "allow"),
+        minted.iter().any(|r| r["lease_id"] == lease.id.to_string()
+            && r["task_id"] == task.id.to_string()
+            && r["decision"] == "allow"),
         "{minted:?}"
     );
     assert!(
@@ -179,7 +186,9 @@ async fn a_minted_credential_has_an_active_lease_and_an_audit_record() {
 #[tokio::test]
 async fn a_denied_request_leaves_no_lease() {
     let env = env().await;
-    let task = env.declare(&env.agent, "https://forbidden.example.com").await;
+    let task = env
+        .declare(&env.agent, "https://forbidden.example.com")
+        .await;
     let refused = env
         .mint(&env.agent, &task.id, "https://forbidden.example.com")
         .await;
@@ -196,13 +205,24 @@ async fn a_denied_request_leaves_no_lease() {
     let outside = env
         .mint(&env.agent, &task.id, "https://elsewhere.example.com")
         .await;
-    assert!(matches!(outside, Err(BrokerError::OutOfScope(_))), "{outside:?}");
+    assert!(
+        matches!(outside, Err(BrokerError::OutOfScope(_))),
+        "{outside:?}"
+    );
     let not_owner = env
         .mint(&env.agent2, &task.id, "https://forbidden.example.com")
         .await;
-    assert!(matches!(not_owner, Err(BrokerError::NotTaskOwner(_))), "{not_owner:?}");
     assert!(
-        env.app.store.task_leases(&task.id).await.expect("leases").is_empty(),
+        matches!(not_owner, Err(BrokerError::NotTaskOwner(_))),
+        "{not_owner:?}"
+    );
+    assert!(
+        env.app
+            .store
+            .task_leases(&task.id)
+            .await
+            .expect("leases")
+            .is_empty(),
         "no lease, not even a pending one"
     );
     assert!(
@@ -217,10 +237,18 @@ async fn a_denied_request_leaves_no_lease() {
 async fn completing_a_task_ends_its_leases() {
     let env = env().await;
     let task = env.declare(&env.agent, "https://api.example.com").await;
-    let a = env.issued(&env.agent, &task.id, "https://api.example.com").await;
-    let b = env.issued(&env.agent, &task.id, "https://api.example.com").await;
+    let a = env
+        .issued(&env.agent, &task.id, "https://api.example.com")
+        .await;
+    let b = env
+        .issued(&env.agent, &task.id, "https://api.example.com")
+        .await;
     let ev = scope();
-    let r = env.app.broker.complete_task(&env.agent, &task.id, &ev).await;
+    let r = env
+        .app
+        .broker
+        .complete_task(&env.agent, &task.id, &ev)
+        .await;
     let ended = env.commit(&ev, r).await.expect("complete");
     let mut revoked = ended.leases.clone();
     revoked.sort_by_key(ToString::to_string);
@@ -231,7 +259,9 @@ async fn completing_a_task_ends_its_leases() {
     for id in [&a.id, &b.id] {
         assert_eq!(env.lease_state(id).await, LeaseState::Revoked);
     }
-    let after = env.mint(&env.agent, &task.id, "https://api.example.com").await;
+    let after = env
+        .mint(&env.agent, &task.id, "https://api.example.com")
+        .await;
     assert!(
         matches!(after, Err(BrokerError::TaskNotActive { .. })),
         "{after:?}"
@@ -294,7 +324,12 @@ async fn an_approval_required_grant_is_held_then_collected_once() {
     };
     assert_eq!(held.state, ApprovalState::Pending);
     assert!(
-        env.app.store.task_leases(&task.id).await.expect("leases").is_empty(),
+        env.app
+            .store
+            .task_leases(&task.id)
+            .await
+            .expect("leases")
+            .is_empty(),
         "nothing is minted while the request is held"
     );
 
@@ -324,10 +359,48 @@ async fn an_approval_required_grant_is_held_then_collected_once() {
     assert_eq!(lease.task_id, task.id);
     assert_eq!(env.lease_state(&lease.id).await, LeaseState::Active);
     let again = collect(&env.agent).await;
-    assert!(matches!(again, Err(BrokerError::ApprovalClosed(_))), "{again:?}");
+    assert!(
+        matches!(again, Err(BrokerError::ApprovalClosed(_))),
+        "{again:?}"
+    );
     assert_eq!(
-        env.app.store.task_leases(&task.id).await.expect("leases").len(),
+        env.app
+            .store
+            .task_leases(&task.id)
+            .await
+            .expect("leases")
+            .len(),
         1,
         "collected once"
     );
+}
+
+#[tokio::test]
+async fn a_lease_expires_at_its_ttl_on_the_reaper_clock() {
+    let env = env().await;
+    let task = env.declare(&env.agent, "https://api.example.com").await;
+    let lease = env
+        .issued(&env.agent, &task.id, "https://api.example.com")
+        .await;
+    let second = time::Duration::seconds(1);
+    // The reaper is not running here: each pass is driven with the time it must see.
+    let early = env
+        .app
+        .revoker
+        .reap_once(lease.expires_at - second)
+        .await
+        .expect("reap");
+    assert_eq!(early.claimed, 0, "not due before its expiry");
+    assert_eq!(env.lease_state(&lease.id).await, LeaseState::Active);
+    let due = env
+        .app
+        .revoker
+        .reap_once(lease.expires_at + second)
+        .await
+        .expect("reap");
+    assert_eq!((due.claimed, due.expired), (1, 1));
+    assert_eq!(env.lease_state(&lease.id).await, LeaseState::Expired);
+    // The task's own expiry is a function of the time asked about, not of when it is read.
+    assert_eq!(task.state_at(task.expires_at - second), TaskState::Active);
+    assert_eq!(task.state_at(task.expires_at), TaskState::Expired);
 }
