@@ -489,18 +489,6 @@ async fn hostile_bodies_get_specific_problem_codes() {
     assert_eq!((s, body["code"].as_str()), (400, Some("invalid_id")));
     let (s, body) = get(&agent, &env.server.url("/v1/nope")).await;
     assert_eq!((s, body["code"].as_str()), (404, Some("not_found")));
-
-    // An expired task.
-    let task = declare(&env, &agent, "1s").await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let (s, body) = mint(
-        &env,
-        &agent,
-        &task,
-        json!({"provider": "jwt", "target": "https://api.example.com"}),
-    )
-    .await;
-    assert_eq!((s, body["code"].as_str()), (409, Some("task_expired")));
 }
 
 #[tokio::test]
