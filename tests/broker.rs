@@ -130,6 +130,10 @@ impl Env {
         }
     }
 
+    async fn leases(&self, task: &TaskId) -> Vec<mayfly::lease::Lease> {
+        self.app.store.task_leases(task).await.expect("leases")
+    }
+
     async fn lease_state(&self, id: &mayfly::task::LeaseId) -> LeaseState {
         self.app
             .store
@@ -217,12 +221,7 @@ async fn a_denied_request_leaves_no_lease() {
         "{not_owner:?}"
     );
     assert!(
-        env.app
-            .store
-            .task_leases(&task.id)
-            .await
-            .expect("leases")
-            .is_empty(),
+        env.leases(&task.id).await.is_empty(),
         "no lease, not even a pending one"
     );
     assert!(
@@ -324,12 +323,7 @@ async fn an_approval_required_grant_is_held_then_collected_once() {
     };
     assert_eq!(held.state, ApprovalState::Pending);
     assert!(
-        env.app
-            .store
-            .task_leases(&task.id)
-            .await
-            .expect("leases")
-            .is_empty(),
+        env.leases(&task.id).await.is_empty(),
         "nothing is minted while the request is held"
     );
 
@@ -363,16 +357,7 @@ async fn an_approval_required_grant_is_held_then_collected_once() {
         matches!(again, Err(BrokerError::ApprovalClosed(_))),
         "{again:?}"
     );
-    assert_eq!(
-        env.app
-            .store
-            .task_leases(&task.id)
-            .await
-            .expect("leases")
-            .len(),
-        1,
-        "collected once"
-    );
+    assert_eq!(env.leases(&task.id).await.len(), 1, "collected once");
 }
 
 #[tokio::test]
