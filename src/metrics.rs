@@ -119,7 +119,22 @@ fn describe() {
         "mayfly_store_commit_seconds",
         "Time to commit (and fsync) one embedded-store write group"
     );
+    describe_reloads();
+}
+
+/// The series of what the broker re-reads while it runs: policies, trust bundles and
+/// the serving certificate.
+fn describe_reloads() {
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!("mayfly_policy_reloads_total", "Policy reloads by outcome");
+    describe_counter!(
+        "mayfly_trust_bundle_file_reloads_total",
+        "Trust bundle PEM files re-read after a change, by outcome (loaded, refused: the last good set stays in force)"
+    );
+    describe_counter!(
+        "mayfly_serving_cert_reloads_total",
+        "Serving certificate files re-read after a change, by outcome (loaded, refused: the current one stays in force)"
+    );
     describe_counter!(
         "mayfly_trust_bundle_updates_total",
         "Trust bundle updates from bundle endpoints and the Workload API, by source, trust domain and outcome (applied, failed, refused, removed)"

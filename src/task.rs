@@ -763,24 +763,116 @@ mod tests {
             && g.resources.iter().any(|p| pattern_covers(p, resource))
     }
 
+    fn arb_scope() -> impl Strategy<Value = Scope> {
+        proptest::collection::vec(arb_grant(), 1..3).prop_map(|gs| {
+            let mut seen = BTreeSet::new();
+            let gs = gs
+                .into_iter()
+                .filter(|g| seen.insert(g.target.clone()))
+                .collect();
+            Scope::new(gs).expect("scope")
+        })
+    }
+
+    /// A resource pattern that `outer` covers: itself, a longer name under its prefix,
+    /// or (for a prefix pattern) a narrower prefix pattern.
+    fn arb_covered_pattern(outer: String) -> impl Strategy<Value = String> {
+        ("[ab/]{0,3}", any::<bool>()).prop_map(move |(more, star)| match outer.strip_suffix('*') {
+            Some(prefix) if star => format!("{prefix}{more}*"),
+            Some(prefix) => format!("{prefix}{more}"),
+            None => outer.clone(),
+        })
+    }
+
+    /// A grant inside `parent`: a non-empty subset of its actions, each resource
+    /// pattern narrowed from one of its patterns.
+    fn arb_narrowed_grant(parent: Grant) -> impl Strategy<Value = Grant> {
+        let actions: Vec<String> = parent.actions.iter().cloned().collect();
+        let patterns: Vec<String> = parent.resources.iter().cloned().collect();
+        let resources = if patterns.is_empty() {
+            Just(BTreeSet::new()).boxed()
+        } else {
+            proptest::collection::btree_set(
+                proptest::sample::select(patterns).prop_flat_map(arb_covered_pattern),
+                0..3,
+            )
+            .boxed()
+        };
+        (
+            proptest::sample::subsequence(actions.clone(), 1..=actions.len()),
+            resources,
+        )
+            .prop_map(move |(actions, resources)| Grant {
+                actions: actions.into_iter().collect(),
+                resources,
+                ..parent.clone()
+            })
+    }
+
+    /// A parent and a child generated from it: a non-empty subset of the parent's grants,
+    /// each narrowed. Containment holds by construction, so every case exercises it.
+    fn arb_parent_and_child() -> impl Strategy<Value = (Scope, Scope)> {
+        arb_scope().prop_flat_map(|parent| {
+            let grants = parent.grants().to_vec();
+            let n = grants.len();
+            proptest::sample::subsequence(grants, 1..=n)
+                .prop_flat_map(|picked| {
+                    picked
+                        .into_iter()
+                        .map(arb_narrowed_grant)
+                        .collect::<Vec<_>>()
+                })
+                .prop_map(move |child| (parent.clone(), Scope::new(child).expect("child")))
+        })
+    }
+
+    /// A parent and a child that is strictly not inside it: one grant of a child made
+    /// from the parent is widened by an action, a resource or a target the parent lacks.
+    fn arb_parent_and_wider_child() -> impl Strategy<Value = (Scope, Scope, usize)> {
+        (
+            arb_parent_and_child(),
+            0..3usize,
+            any::<prop::sample::Index>(),
+        )
+            .prop_map(|((parent, child), how, which)| {
+                let mut grants = child.grants().to_vec();
+                let g = &mut grants[which.index(child.grants().len())];
+                let outside = "zz/outside";
+                // A parent pattern `*` covers every resource: widen the actions instead.
+                let resource_uncovered = parent
+                    .grant_for(g.provider, &g.target)
+                    .is_some_and(|p| !p.resources.iter().any(|r| pattern_covers(r, outside)));
+                match how {
+                    1 if resource_uncovered => {
+                        g.resources.insert(outside.into());
+                    }
+                    2 => g.target = "https://elsewhere".into(),
+                    _ => {
+                        g.actions.insert("escalate".into());
+                    }
+                }
+                (parent, Scope::new(grants).expect("child"), how)
+            })
+    }
+
     proptest! {
         #[test]
-        fn a_delegated_scope_is_never_wider_than_its_parent(
-            parent in proptest::collection::vec(arb_grant(), 1..3),
-            child in proptest::collection::vec(arb_grant(), 1..3),
+        fn a_child_made_from_its_parent_is_covered_and_admits_nothing_more(
+            (parent, child) in arb_parent_and_child(),
             probe in ("https://[ab]", "[rwx]", "[ab/]{0,4}"),
         ) {
-            let dedup = |gs: Vec<Grant>| {
-                let mut seen = BTreeSet::new();
-                gs.into_iter().filter(|g| seen.insert(g.target.clone())).collect::<Vec<_>>()
-            };
-            let (parent, child) = (Scope::new(dedup(parent)).expect("scope"), Scope::new(dedup(child)).expect("scope"));
-            if parent.covers(&child) {
-                let (target, action, resource) = probe;
-                let child_admits = child.grants().iter().any(|g| admits(g, &target, &action, &resource));
-                let parent_admits = parent.grants().iter().any(|g| admits(g, &target, &action, &resource));
-                prop_assert!(!child_admits || parent_admits, "child admits {target} {action} {resource}; parent does not");
-            }
+            prop_assert!(parent.covers(&child), "{parent:?} must cover {child:?}");
+            let (target, action, resource) = probe;
+            let child_admits = child.grants().iter().any(|g| admits(g, &target, &action, &resource));
+            let parent_admits = parent.grants().iter().any(|g| admits(g, &target, &action, &resource));
+            prop_assert!(!child_admits || parent_admits, "child admits {target} {action} {resource}; parent does not");
+        }
+
+        #[test]
+        fn a_child_wider_than_its_parent_is_never_covered(
+            (parent, child, how) in arb_parent_and_wider_child(),
+        ) {
+            prop_assert!(!parent.covers(&child), "widening {how} was covered: {parent:?} / {child:?}");
         }
 
         #[test]

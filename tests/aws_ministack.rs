@@ -244,14 +244,7 @@ impl Env {
         audit_records(&self.dir.path().join("audit.jsonl"))
     }
     async fn metrics(&self) -> String {
-        self.operator()
-            .get(self.server.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
+        metrics_text(&self.server, &self.pki.bundle_a).await
     }
 }
 

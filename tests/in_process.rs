@@ -310,6 +310,16 @@ async fn pending_approval(h: &Harness, task: &str) -> String {
 /// if declared before the audit sink failed.
 async fn seeded_task(h: &Harness, with_lease: bool) -> (String, Option<String>) {
     let now = time::OffsetDateTime::now_utc();
+    seeded_task_at(h, with_lease, now, now + time::Duration::minutes(10)).await
+}
+
+/// `seeded_task` declared at `now`, ending at `expires_at` (either may be in the past).
+async fn seeded_task_at(
+    h: &Harness,
+    with_lease: bool,
+    now: time::OffsetDateTime,
+    expires_at: time::OffsetDateTime,
+) -> (String, Option<String>) {
     let req = mayfly::task::TaskRequest::try_from(
         serde_json::from_value::<mayfly::task::RawTaskRequest>(task_body("10m")).expect("raw"),
     )
@@ -327,7 +337,7 @@ async fn seeded_task(h: &Harness, with_lease: bool) -> (String, Option<String>) 
         purpose: req.purpose,
         scope: req.scope,
         created_at: now,
-        expires_at: now + time::Duration::minutes(10),
+        expires_at,
         parent: None,
         labels: Default::default(),
         state: TaskState::Active,
@@ -495,4 +505,39 @@ async fn a_delegation_made_while_the_audit_sink_fails_leaves_no_active_sub_task(
         .collect();
     assert_eq!(children.len(), 1, "the delegation reached the store");
     assert_eq!(children[0].state, TaskState::Revoked, "and was undone");
+}
+
+#[tokio::test]
+async fn a_task_past_its_expiry_mints_nothing() {
+    let h = harness(None).await;
+    // Declared two minutes ago for one minute: expired by the clock the task was given,
+    // with no wait.
+    let now = time::OffsetDateTime::now_utc();
+    let (task, _) = seeded_task_at(
+        &h,
+        false,
+        now - time::Duration::minutes(2),
+        now - time::Duration::minutes(1),
+    )
+    .await;
+    let (s, body) = h
+        .post(
+            &format!("/v1/tasks/{task}/credentials"),
+            json!({"provider": "jwt", "target": "https://api.example.com"}),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (409, Some("task_expired"))
+    );
+    let task: mayfly::task::TaskId = task.parse().expect("id");
+    assert!(
+        h.app
+            .store
+            .task_leases(&task)
+            .await
+            .expect("leases")
+            .is_empty(),
+        "no lease for an expired task"
+    );
 }

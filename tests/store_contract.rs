@@ -607,15 +607,22 @@ async fn approval_contract(store: Arc<dyn LeaseStore>) {
     );
     assert!(!pending.contains(&a.id));
 
-    // A pending approval past its time cannot be approved.
-    let late = approval("spiffe://c.test/agent/late", now, Duration::milliseconds(1));
+    // A pending approval past its time cannot be approved: the transition's own clock
+    // (`at`) is past `expires_at`, while one a moment before it still goes through.
+    let late = approval("spiffe://c.test/agent/late", now, Duration::minutes(1));
     assert!(store.create_approval(&late, 2).await.expect("late"));
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let refused = store
-        .transition_approval(&step(&late.id, Pending, Approved))
-        .await
-        .expect("late");
+    let after = ApprovalTransition {
+        at: late.expires_at + Duration::milliseconds(1),
+        ..step(&late.id, Pending, Approved)
+    };
+    let refused = store.transition_approval(&after).await.expect("late");
     assert!(matches!(refused, Err(ref x) if x.state == Pending));
+    let before = ApprovalTransition {
+        at: late.expires_at - Duration::milliseconds(1),
+        ..step(&late.id, Pending, Rejected)
+    };
+    let denied = store.transition_approval(&before).await.expect("in time");
+    assert!(matches!(denied, Ok(ref x) if x.state == Rejected));
     assert!(matches!(
         store
             .transition_approval(&step("apr_missing", Pending, Approved))

@@ -128,21 +128,24 @@ async fn x509_bundles_from_the_workload_api_rotate_without_restart_and_survive_a
     );
 
     // The agent goes away: the last good bundle stays in force.
+    let failures = "mayfly_workload_api_stream_failures_total";
+    let before = metric_value(&metrics_text(&server, &ca).await, failures, &[]);
     env.stub.take().expect("stub").stop();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_metric(
+        &server,
+        &ca,
+        failures,
+        &[],
+        before + 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let (s, body) = declare_with_svid(&server, &ca, &new).await;
     assert_eq!(s, 201, "last good bundle kept: {body}");
-    let metrics = client(&ca, None)
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("mayfly_workload_api_stream_failures_total")
-            && metrics.contains("mayfly_workload_api_connected 0"),
+    let metrics = metrics_text(&server, &ca).await;
+    assert_eq!(
+        metric_value(&metrics, "mayfly_workload_api_connected", &[]),
+        0.0,
         "{metrics}"
     );
 

@@ -184,19 +184,33 @@ fn spawn_bundle_refresher(app: &App) {
             .await;
             let Ok((bundle, cert)) = done else { continue };
             match bundle {
-                Ok(true) => tracing::info!("trust bundles reloaded"),
+                Ok(true) => {
+                    file_reloaded("mayfly_trust_bundle_file_reloads_total", "loaded");
+                    tracing::info!("trust bundles reloaded");
+                }
                 Ok(false) => {}
                 Err(e) => {
+                    file_reloaded("mayfly_trust_bundle_file_reloads_total", "refused");
                     tracing::error!(error = %e, "trust bundle reload refused; keeping the last good set")
                 }
             }
             match cert {
-                Ok(true) => tracing::info!("serving certificate reloaded"),
+                Ok(true) => {
+                    file_reloaded("mayfly_serving_cert_reloads_total", "loaded");
+                    tracing::info!("serving certificate reloaded");
+                }
                 Ok(false) => {}
                 Err(e) => {
+                    file_reloaded("mayfly_serving_cert_reloads_total", "refused");
                     tracing::error!(error = %e, "serving certificate reload refused; keeping the current one")
                 }
             }
         }
     });
+}
+
+/// Counts a reload of a watched file by outcome, so a refused file is visible (and
+/// testable) without reading logs.
+fn file_reloaded(series: &'static str, outcome: &'static str) {
+    metrics::counter!(series, "outcome" => outcome).increment(1);
 }
