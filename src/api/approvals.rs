@@ -9,7 +9,9 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::extract::{Caller, JsonBody};
-use super::{ApiResult, AppState, Ev, audit_scope, outcome_response, page_limit, to_json, views};
+use super::{
+    ApiResult, AppState, Ev, audit_scope, outcome_response, page_limit, state_param, to_json, views,
+};
 
 pub(super) fn approval_json(a: &crate::broker::Approval) -> Value {
     to_json(&views::ApprovalView::from(a))
@@ -59,14 +61,7 @@ pub(super) async fn list_approvals(
     params: Result<Query<ApprovalParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let Query(p) = params.map_err(|e| ApiError::Query(e.body_text()))?;
-    let state = p
-        .state
-        .as_deref()
-        .map(|s| {
-            s.parse::<crate::approval::ApprovalState>()
-                .map_err(|()| ApiError::Query(format!("unknown approval state {s:?}")))
-        })
-        .transpose()?;
+    let state = state_param::<crate::approval::ApprovalState>(p.state.as_deref(), "approval")?;
     let limit = page_limit(&st, p.limit)?;
     let items = st
         .broker

@@ -9,8 +9,8 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::extract::{Caller, JsonBody};
 use super::{
-    ApiResult, AppState, Ev, RevokeBody, audit_scope, page_json, page_limit, parse_id, to_json,
-    views,
+    ApiResult, AppState, Ev, RevokeBody, audit_scope, cursor, page_json, page_limit, parse_id,
+    state_param, to_json, views,
 };
 use crate::lease::{Lease, LeaseQuery, LeaseState};
 use crate::task::{LeaseId, ProviderKind};
@@ -64,7 +64,7 @@ pub(super) async fn list_leases(
 ) -> ApiResult {
     let Query(p) = params.map_err(|e| ApiError::Query(e.body_text()))?;
     let q = LeaseQuery {
-        task: p.task.as_deref().map(|t| parse_id(t, "task")).transpose()?,
+        task: cursor(p.task.as_deref(), "task")?,
         principal: p.principal,
         provider: p
             .provider
@@ -74,19 +74,8 @@ pub(super) async fn list_leases(
                     .map_err(|e| ApiError::Query(e.to_string()))
             })
             .transpose()?,
-        state: p
-            .state
-            .as_deref()
-            .map(|s| {
-                s.parse::<LeaseState>()
-                    .map_err(|()| ApiError::Query(format!("unknown lease state {s:?}")))
-            })
-            .transpose()?,
-        after: p
-            .after
-            .as_deref()
-            .map(|a| parse_id(a, "lease"))
-            .transpose()?,
+        state: state_param::<LeaseState>(p.state.as_deref(), "lease")?,
+        after: cursor(p.after.as_deref(), "lease")?,
         limit: page_limit(&st, p.limit)?,
     };
     let page = st.broker.leases(&caller, q, &audit_scope(&ev)).await?;

@@ -158,6 +158,26 @@ fn parse_id<T: std::str::FromStr>(raw: &str, what: &'static str) -> Result<T, Ap
     raw.parse().map_err(|_| ApiError::BadId(what))
 }
 
+/// A list filter's `state`, one of `what`'s states.
+fn state_param<T: std::str::FromStr<Err = ()>>(
+    raw: Option<&str>,
+    what: &str,
+) -> Result<Option<T>, ApiError> {
+    raw.map(|s| {
+        s.parse()
+            .map_err(|()| ApiError::Query(format!("unknown {what} state {s:?}")))
+    })
+    .transpose()
+}
+
+/// An id given as a list filter or an `after` cursor.
+fn cursor<T: std::str::FromStr>(
+    raw: Option<&str>,
+    what: &'static str,
+) -> Result<Option<T>, ApiError> {
+    raw.map(|a| parse_id(a, what)).transpose()
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }

@@ -11,13 +11,25 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::extract::{Caller, JsonBody};
 use super::{
-    ApiResult, AppState, Ev, RevokeBody, audit_scope, outcome_response, page_json, page_limit,
-    parse_id, presented_proof, to_json, views, with_dpop_nonce,
+    ApiResult, AppState, Ev, RevokeBody, audit_scope, cursor, outcome_response, page_json,
+    page_limit, parse_id, presented_proof, state_param, to_json, views, with_dpop_nonce,
 };
 use crate::lease::{Lease, TaskQuery};
+use crate::revocation::TreeRevocation;
 use crate::task::{
     CredentialRequest, RawCredentialRequest, RawTaskRequest, Task, TaskId, TaskRequest, TaskState,
 };
+
+/// A task tree that ended: the task, its new state, and what ending it revoked.
+fn ended_json(id: &TaskId, state: TaskState, out: &TreeRevocation) -> Value {
+    json!({
+        "task_id": id,
+        "state": state.as_str(),
+        "revoked": out.leases.len(),
+        "revoked_leases": out.leases,
+        "tasks": out.tasks,
+    })
+}
 
 fn task_json(t: &Task, leases: Option<&[Lease]>) -> Value {
     to_json(&views::TaskView::new(t, leases))
@@ -100,14 +112,7 @@ pub(super) async fn complete_task(
         .broker
         .complete_task(&caller, &id, &audit_scope(&ev))
         .await?;
-    Ok(Json(json!({
-        "task_id": id,
-        "state": "completed",
-        "revoked": out.leases.len(),
-        "revoked_leases": out.leases,
-        "tasks": out.tasks,
-    }))
-    .into_response())
+    Ok(Json(ended_json(&id, TaskState::Completed, &out)).into_response())
 }
 
 pub(super) async fn revoke_task(
@@ -122,14 +127,7 @@ pub(super) async fn revoke_task(
         .broker
         .revoke_task(&caller, &id, &body.reason, &audit_scope(&ev))
         .await?;
-    Ok(Json(json!({
-        "task_id": id,
-        "state": "revoked",
-        "revoked": out.leases.len(),
-        "revoked_leases": out.leases,
-        "tasks": out.tasks,
-    }))
-    .into_response())
+    Ok(Json(ended_json(&id, TaskState::Revoked, &out)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -150,19 +148,8 @@ pub(super) async fn list_tasks(
     let Query(p) = params.map_err(|e| ApiError::Query(e.body_text()))?;
     let q = TaskQuery {
         principal: p.principal,
-        state: p
-            .state
-            .as_deref()
-            .map(|s| {
-                s.parse::<TaskState>()
-                    .map_err(|()| ApiError::Query(format!("unknown task state {s:?}")))
-            })
-            .transpose()?,
-        after: p
-            .after
-            .as_deref()
-            .map(|a| parse_id(a, "task"))
-            .transpose()?,
+        state: state_param(p.state.as_deref(), "task")?,
+        after: cursor(p.after.as_deref(), "task")?,
         limit: page_limit(&st, p.limit)?,
         now: None,
     };
