@@ -222,3 +222,64 @@ fn implicit_task_request(
         labels,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(parts: &[&str]) -> Vec<String> {
+        parts.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn an_implicit_task_holds_one_jwt_grant_per_target_and_names_its_job() {
+        let targets = job(&["https://a.example", "https://b.example"]);
+        let req = implicit_task_request(
+            &job(&["4242", "1"]),
+            &targets,
+            &job(&["read"]),
+            Duration::from_secs(60),
+        )
+        .expect("a plain job declares");
+        assert_eq!(req.purpose, "CI job 4242/1");
+        assert_eq!(req.labels.get("ci.job").map(String::as_str), Some("4242/1"));
+        assert_eq!(
+            req.labels.get("mayfly.exchange").map(String::as_str),
+            Some("rfc8693")
+        );
+        let grants = req.scope.grants();
+        assert_eq!(grants.len(), 2);
+        assert!(grants.iter().all(|g| g.provider == ProviderKind::Jwt));
+        assert_eq!(req.ttl, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_job_claim_with_a_control_character_is_an_invalid_purpose() {
+        let err = implicit_task_request(
+            &job(&["run\n1"]),
+            &job(&["https://a.example"]),
+            &job(&["read"]),
+            Duration::from_secs(60),
+        )
+        .expect_err("control characters are refused");
+        assert!(matches!(err, ScopeError::Purpose));
+    }
+
+    #[test]
+    fn an_action_that_is_not_a_token_is_an_invalid_scope() {
+        let err = implicit_task_request(
+            &job(&["1"]),
+            &job(&["https://a.example"]),
+            &job(&["read\"write"]),
+            Duration::from_secs(60),
+        )
+        .expect_err("a quote is no action");
+        assert!(matches!(
+            err,
+            ScopeError::Item {
+                field: "actions",
+                ..
+            }
+        ));
+    }
+}
