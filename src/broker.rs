@@ -10,6 +10,8 @@
 //! leave behind, so record and activate are one write: mint → record (`active`, durable)
 //! → audit. Either way nothing leaves the broker without a durable lease.
 
+pub mod token_exchange;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

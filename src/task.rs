@@ -418,22 +418,19 @@ pub fn validate_purpose(p: &str) -> Result<(), ScopeError> {
     Ok(())
 }
 
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ScopeError> {
+    let bad = |s: &str| s.is_empty() || s.len() > 64 || !printable(s);
+    if labels.len() > MAX_LABELS || labels.iter().any(|(k, v)| bad(k) || bad(v)) {
+        return Err(ScopeError::Labels);
+    }
+    Ok(())
+}
+
 impl TryFrom<RawTaskRequest> for TaskRequest {
     type Error = ScopeError;
     fn try_from(raw: RawTaskRequest) -> Result<Self, ScopeError> {
         validate_purpose(&raw.purpose)?;
-        if raw.labels.len() > MAX_LABELS
-            || raw.labels.iter().any(|(k, v)| {
-                k.is_empty()
-                    || k.len() > 64
-                    || v.is_empty()
-                    || v.len() > 64
-                    || !printable(k)
-                    || !printable(v)
-            })
-        {
-            return Err(ScopeError::Labels);
-        }
+        validate_labels(&raw.labels)?;
         let grants = raw
             .scope
             .into_iter()
