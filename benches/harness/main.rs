@@ -982,7 +982,12 @@ async fn main() {
         let b = start_broker(&bin, &cfg, port);
         let pids = [b.proc.0.id()];
         println!("broker pid {}", pids[0]);
-        let kept = mint_target(&p, port, Caller::BearerKeptOpen).await;
+        // `MAYFLY_BENCH_CALLER=dpop`: the bearer with a DPoP proof per request instead.
+        let caller = match std::env::var("MAYFLY_BENCH_CALLER").as_deref() {
+            Ok("dpop") => Caller::BearerDpopKeptOpen,
+            _ => Caller::BearerKeptOpen,
+        };
+        let kept = mint_target(&p, port, caller).await;
         // `MAYFLY_BENCH_RATE=N`: an open loop at N/s (64 connections) instead, then the
         // broker's commit and fsync histograms (where a latency tail comes from);
         // `MAYFLY_BENCH_PRE=S` first runs S seconds of the closed loop (a grown store).
