@@ -307,18 +307,18 @@ async fn readyz(State(st): State<AppState>) -> Response {
 }
 
 async fn jwks(State(st): State<AppState>) -> Response {
-    Json(st.broker.jwt().jwks()).into_response()
+    Json(st.broker.jwks()).into_response()
 }
 
 async fn discovery(State(st): State<AppState>) -> Response {
-    let iss = st.broker.jwt().issuer();
+    let iss = st.broker.issuer();
     Json(json!({
         "issuer": iss,
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
         "introspection_endpoint": format!("{iss}/v1/introspect"),
         "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
-        "access_token_signing_alg_values_supported": st.broker.jwt().algorithms(),
+        "access_token_signing_alg_values_supported": st.broker.signing_algorithms(),
     }))
     .into_response()
 }
@@ -329,7 +329,7 @@ async fn discovery(State(st): State<AppState>) -> Response {
 /// `response_types_supported` is empty and `authorization_endpoint` is absent (RFC 8414
 /// §2 requires it only when a grant type uses it).
 async fn authorization_server_metadata(State(st): State<AppState>) -> Response {
-    let iss = st.broker.jwt().issuer();
+    let iss = st.broker.issuer();
     let mut resp = Json(json!({
         "issuer": iss,
         "token_endpoint": format!("{iss}/v1/token"),
@@ -341,7 +341,7 @@ async fn authorization_server_metadata(State(st): State<AppState>) -> Response {
         "response_types_supported": [],
         "dpop_signing_alg_values_supported": crate::identity::dpop::ALGORITHMS,
         "tls_client_certificate_bound_access_tokens": true,
-        "access_token_signing_alg_values_supported": st.broker.jwt().algorithms(),
+        "access_token_signing_alg_values_supported": st.broker.signing_algorithms(),
     }))
     .into_response();
     resp.headers_mut().insert(
@@ -426,20 +426,20 @@ async fn dpop_proof(
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim());
-    let url = format!("{}{path}", st.broker.jwt().issuer());
+    let url = format!("{}{path}", st.broker.issuer());
     let ctx = ProofContext {
         method,
         url: &url,
         access_token,
         now: time::OffsetDateTime::now_utc(),
     };
-    let proof = st.broker.dpop().verify(proof, ctx).await?;
+    let proof = st.broker.verify_dpop(proof, ctx).await?;
     Ok(Some(proof.jkt))
 }
 
 /// Announces the current server nonce (`DPoP-Nonce`) when nonces are required.
 fn with_dpop_nonce(st: &AppState, mut resp: Response) -> Response {
-    if let Some(n) = st.broker.dpop().nonce(time::OffsetDateTime::now_utc())
+    if let Some(n) = st.broker.dpop_nonce(time::OffsetDateTime::now_utc())
         && let Ok(v) = HeaderValue::from_str(&n)
     {
         resp.headers_mut().insert("dpop-nonce", v);
@@ -491,17 +491,10 @@ async fn decide_approval(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ApprovalBody>,
 ) -> ApiResult {
-    let approve = match body.decision.as_str() {
-        "approve" => true,
-        "reject" => false,
-        other => {
-            let shown: String = other.chars().take(32).collect();
-            return Err(crate::broker::BrokerError::ApprovalDecision(shown).into());
-        }
-    };
+    let decision = crate::broker::ApprovalDecision::parse(&body.decision)?;
     let a = st
         .broker
-        .decide_approval(&caller, &id, approve, &body.reason, &audit_scope(&ev))
+        .decide_approval(&caller, &id, decision, &body.reason, &audit_scope(&ev))
         .await?;
     Ok(Json(approval_json(&a)).into_response())
 }
