@@ -280,9 +280,9 @@ impl Broker {
         }
     }
 
-    /// The caller may act under `task` now: it owns it, carries the claims of an implicit
-    /// CI task, and the task is active.
-    fn require_usable(
+    /// The caller owns `task` and, for an implicit CI task, carries the claims it was
+    /// declared with (`reauthorize_implicit`).
+    fn require_owner(
         &self,
         caller: &VerifiedCaller,
         task: &Task,
@@ -292,7 +292,18 @@ impl Broker {
         if &task.owner != caller.principal() {
             return Err(BrokerError::NotTaskOwner(task.id.clone()));
         }
-        self.reauthorize_implicit(caller, task, now, ev)?;
+        self.reauthorize_implicit(caller, task, now, ev)
+    }
+
+    /// The caller may act under `task` now: it is the owner and the task is active.
+    fn require_usable(
+        &self,
+        caller: &VerifiedCaller,
+        task: &Task,
+        now: OffsetDateTime,
+        ev: &AuditScope,
+    ) -> Result<(), BrokerError> {
+        self.require_owner(caller, task, now, ev)?;
         Self::require_active(task, now)
     }
 

@@ -126,10 +126,7 @@ impl Broker {
         });
         let task = self.load_task(id).await?;
         if !self.is_operator(caller.principal()) {
-            if &task.owner != caller.principal() {
-                return Err(BrokerError::NotTaskOwner(id.clone()));
-            }
-            self.reauthorize_implicit(caller, &task, OffsetDateTime::now_utc(), ev)?;
+            self.require_owner(caller, &task, OffsetDateTime::now_utc(), ev)?;
         }
         let leases = self.store.task_leases(id).await?;
         Ok((task, leases))
@@ -244,10 +241,7 @@ impl Broker {
             e.task_id = Some(id.to_string());
         });
         let task = self.load_task(id).await?;
-        if &task.owner != caller.principal() {
-            return Err(BrokerError::NotTaskOwner(id.clone()));
-        }
-        self.reauthorize_implicit(caller, &task, OffsetDateTime::now_utc(), ev)?;
+        self.require_owner(caller, &task, OffsetDateTime::now_utc(), ev)?;
         if matches!(task.state, TaskState::Revoked) {
             return Err(BrokerError::TaskNotActive {
                 id: id.clone(),

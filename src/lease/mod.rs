@@ -216,6 +216,16 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl From<crate::task::TaskEndError> for StoreError {
+    fn from(e: crate::task::TaskEndError) -> Self {
+        StoreError::TaskEnded {
+            id: e.id.to_string(),
+            current: e.current,
+            to: e.to,
+        }
+    }
+}
+
 /// A state change checked against the current state. Moving to the state the lease is
 /// already in succeeds without change (revocation is idempotent).
 #[derive(Debug, Clone)]
