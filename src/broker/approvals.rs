@@ -262,3 +262,31 @@ impl Broker {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the two words are decisions; anything else is its own error (never the
+    /// reason's), showing at most 32 characters of what was sent.
+    #[test]
+    fn a_decision_is_approve_or_reject_and_nothing_else() {
+        assert_eq!(
+            ApprovalDecision::parse("approve").ok(),
+            Some(ApprovalDecision::Approve)
+        );
+        assert_eq!(
+            ApprovalDecision::parse("reject").ok(),
+            Some(ApprovalDecision::Reject)
+        );
+        let long = "x".repeat(100);
+        match ApprovalDecision::parse(&long) {
+            Err(BrokerError::ApprovalDecision(shown)) => assert_eq!(shown.len(), 32),
+            other => panic!("expected ApprovalDecision, got {other:?}"),
+        }
+        assert!(matches!(
+            ApprovalDecision::parse("Approve"),
+            Err(BrokerError::ApprovalDecision(_))
+        ));
+    }
+}
