@@ -2,7 +2,7 @@
 //!
 //! verify (the caller is a `VerifiedCaller`) → authorize (owner, task active, anomaly
 //! screen, request ⊆ scope, TTL ≤ the task's remaining life, Cedar `MintCredential`),
-//! which yields an [`AuthorizedMint`], the only thing `issue` accepts → issue: record
+//! which yields an `AuthorizedMint`, the only thing `issue` accepts → issue: record
 //! (`pending` lease, durable) → mint (provider) → activate (lease `active`) → commit
 //! (`Broker::commit` writes the request's audit record before the credential leaves; if
 //! it cannot, the lease is revoked and the request fails).
