@@ -11,17 +11,17 @@
 //! A retried request identical to a held one (same requester, task and request; for
 //! `/v1/token`, the same job and target, hence the same implicit task) finds it by its
 //! fingerprint: still pending, the same approval is answered; approved, it is collected.
+//!
+//! This module holds the records and the one transition rule both stores apply
+//! ([`apply`]); what the broker does with them (hold, decide, collect, withdraw) is in
+//! `broker::approvals`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-use crate::action::{Action, Undo};
-use crate::anomaly::Quota;
-use crate::audit::AuditScope;
-use crate::broker::{Broker, BrokerError, Outcome};
-use crate::identity::{Principal, VerifiedCaller};
+use crate::identity::Principal;
 use crate::task::{CredentialRequest, ProviderKind, TaskId};
 
 /// How long a held request waits for an operator.
@@ -134,6 +134,28 @@ pub struct Approval {
 }
 
 impl Approval {
+    /// A newly held request, pending from `now` for `APPROVAL_TTL`.
+    pub fn pending(
+        task_id: &TaskId,
+        requester: &Principal,
+        request: HeldRequest,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self {
+            id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
+            task_id: task_id.clone(),
+            requester: requester.clone(),
+            fingerprint: fingerprint(requester, task_id, &request),
+            request,
+            state: ApprovalState::Pending,
+            created_at: now,
+            expires_at: now + APPROVAL_TTL,
+            keep_until: now + KEEP,
+            decided_by: None,
+            reason: None,
+        }
+    }
+
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.state.is_live() && self.expires_at <= now
     }
@@ -158,6 +180,21 @@ pub struct ApprovalTransition {
     pub expires_at: Option<OffsetDateTime>,
     pub decided_by: Option<String>,
     pub reason: Option<String>,
+}
+
+impl ApprovalTransition {
+    /// `from → to` at `at`, changing nothing else.
+    pub fn new(id: &str, from: ApprovalState, to: ApprovalState, at: OffsetDateTime) -> Self {
+        Self {
+            id: id.to_string(),
+            from,
+            to,
+            at,
+            expires_at: None,
+            decided_by: None,
+            reason: None,
+        }
+    }
 }
 
 /// Applies `t` to `a` (shared by both stores): `Err` with the approval as it is when it
@@ -193,252 +230,4 @@ pub fn fingerprint(requester: &Principal, task: &TaskId, req: &HeldRequest) -> S
     h.update(b"\0");
     h.update(serde_json::to_vec(req).unwrap_or_default());
     hex::encode(h.finalize())
-}
-
-/// What to do with a request that needs approval.
-pub(crate) enum Gate {
-    /// Held (a new approval, or the same one still pending).
-    Hold(Box<Approval>),
-    /// An identical request was approved: collected now, mint.
-    Collected,
-}
-
-fn closed(a: &Approval, now: OffsetDateTime) -> BrokerError {
-    match a.state {
-        _ if a.is_expired(now) => BrokerError::ApprovalExpired(a.id.clone()),
-        ApprovalState::Rejected => BrokerError::ApprovalRejected(a.id.clone()),
-        _ => BrokerError::ApprovalClosed(a.id.clone()),
-    }
-}
-
-impl Broker {
-    /// A request that needs approval: collect an identical approved one, answer an
-    /// identical pending one, or hold it as a new approval.
-    pub(crate) async fn approval_gate(
-        &self,
-        caller: &VerifiedCaller,
-        task_id: &TaskId,
-        req: &CredentialRequest,
-        now: OffsetDateTime,
-        ev: &AuditScope,
-    ) -> Result<Gate, BrokerError> {
-        let held = HeldRequest::from(req);
-        let fp = fingerprint(caller.principal(), task_id, &held);
-        if let Some(a) = self.store.approval_for(&fp).await?
-            && !a.is_expired(now)
-        {
-            match a.state {
-                ApprovalState::Pending => {
-                    ev.set(|e| {
-                        e.decision = Some("pending_approval");
-                        e.outcome = Some(format!("still held as {}", a.id));
-                    });
-                    return Ok(Gate::Hold(Box::new(a)));
-                }
-                ApprovalState::Approved => {
-                    self.collect(&a, now).await?;
-                    ev.set(|e| e.outcome = Some(format!("collecting {}", a.id)));
-                    return Ok(Gate::Collected);
-                }
-                // Rejected or collected: a new request is a new approval.
-                ApprovalState::Rejected | ApprovalState::Collected => {}
-            }
-        }
-        let approval = Approval {
-            id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
-            task_id: task_id.clone(),
-            requester: caller.principal().clone(),
-            request: held,
-            fingerprint: fp,
-            state: ApprovalState::Pending,
-            created_at: now,
-            expires_at: now + APPROVAL_TTL,
-            keep_until: now + KEEP,
-            decided_by: None,
-            reason: None,
-        };
-        if !self
-            .store
-            .create_approval(&approval, MAX_LIVE_PER_PRINCIPAL)
-            .await?
-        {
-            return Err(BrokerError::QuotaExceeded(Quota::Approvals));
-        }
-        // A held request nobody has a record of must not become approvable.
-        ev.undo_with(Undo::DenyApproval(approval.id.clone()));
-        ev.set(|e| {
-            e.decision = Some("pending_approval");
-            e.outcome = Some(format!("held as {}", approval.id));
-        });
-        Ok(Gate::Hold(Box::new(approval)))
-    }
-
-    /// `approved → collected`, exactly once across replicas.
-    async fn collect(&self, a: &Approval, now: OffsetDateTime) -> Result<Approval, BrokerError> {
-        let t = ApprovalTransition {
-            id: a.id.clone(),
-            from: ApprovalState::Approved,
-            to: ApprovalState::Collected,
-            at: now,
-            expires_at: None,
-            decided_by: None,
-            reason: None,
-        };
-        self.store
-            .transition_approval(&t)
-            .await?
-            .map_err(|current| closed(&current, now))
-    }
-
-    async fn load_approval(&self, id: &str) -> Result<Approval, BrokerError> {
-        self.store
-            .approval(id)
-            .await?
-            .ok_or_else(|| BrokerError::ApprovalNotFound(id.to_string()))
-    }
-
-    /// Takes back an approval whose record could not be written: a pending or approved
-    /// approval becomes rejected (`Broker::commit`).
-    pub(crate) async fn withdraw_approval(
-        &self,
-        id: &str,
-        reason: &str,
-    ) -> Result<(), BrokerError> {
-        let now = OffsetDateTime::now_utc();
-        for from in [ApprovalState::Pending, ApprovalState::Approved] {
-            let t = ApprovalTransition {
-                id: id.to_string(),
-                from,
-                to: ApprovalState::Rejected,
-                at: now,
-                expires_at: None,
-                decided_by: None,
-                reason: Some(reason.to_string()),
-            };
-            if self.store.transition_approval(&t).await?.is_ok() {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-
-    /// `POST /v1/approvals/{id}` (operators): approve or reject a held request.
-    pub async fn decide_approval(
-        &self,
-        caller: &VerifiedCaller,
-        id: &str,
-        approve: bool,
-        reason: &str,
-        ev: &AuditScope,
-    ) -> Result<Approval, BrokerError> {
-        ev.set(|e| {
-            e.action = Some(Action::DecideApproval);
-            e.outcome = Some(format!(
-                "{id}: {}",
-                if approve { "approve" } else { "reject" }
-            ));
-            e.reason = Some(reason.to_string());
-        });
-        self.require_operator(caller)?;
-        crate::broker::check_reason(reason)?;
-        let a = self.load_approval(id).await?;
-        ev.set(|e| {
-            e.task_id = Some(a.task_id.to_string());
-            e.principal = Some(caller.principal().to_string());
-        });
-        let now = OffsetDateTime::now_utc();
-        let t = ApprovalTransition {
-            id: id.to_string(),
-            from: ApprovalState::Pending,
-            to: if approve {
-                ApprovalState::Approved
-            } else {
-                ApprovalState::Rejected
-            },
-            at: now,
-            expires_at: approve.then_some(now + COLLECT_TTL),
-            decided_by: Some(caller.principal().to_string()),
-            reason: Some(reason.to_string()),
-        };
-        match self.store.transition_approval(&t).await? {
-            Ok(a) => {
-                if approve {
-                    ev.undo_with(Undo::DenyApproval(id.to_string()));
-                }
-                Ok(a)
-            }
-            Err(current) if current.is_expired(now) => {
-                Err(BrokerError::ApprovalExpired(id.to_string()))
-            }
-            Err(_) => Err(BrokerError::ApprovalClosed(id.to_string())),
-        }
-    }
-
-    /// `GET /v1/approvals/{id}` (the requester): still pending, refused, or — once
-    /// approved — the credential, minted now through the whole flow (the task must still
-    /// be active and the request still inside its scope and policy). Collectable once.
-    pub async fn collect_approval(
-        &self,
-        caller: &VerifiedCaller,
-        id: &str,
-        ev: &AuditScope,
-    ) -> Result<Outcome, BrokerError> {
-        ev.set(|e| e.action = Some(Action::CollectApproval));
-        let a = self.load_approval(id).await?;
-        if &a.requester != caller.principal() {
-            return Err(BrokerError::ApprovalNotFound(id.to_string()));
-        }
-        let now = OffsetDateTime::now_utc();
-        // Under an implicit CI task, only a caller with the declaring job's claims (and
-        // still allowed to declare it) may see or collect the approval; checked before
-        // the approval is touched, so a refused caller cannot use it up.
-        let task = self.load_task(&a.task_id).await?;
-        match self.reauthorize_implicit(caller, &task, now, ev) {
-            Err(BrokerError::TaskClaimsDiffer(_)) => {
-                return Err(BrokerError::ApprovalNotFound(id.to_string()));
-            }
-            other => other?,
-        }
-        if a.is_expired(now) {
-            return Err(BrokerError::ApprovalExpired(id.to_string()));
-        }
-        match a.state {
-            ApprovalState::Pending => return Ok(Outcome::Pending(a)),
-            ApprovalState::Rejected => return Err(BrokerError::ApprovalRejected(id.to_string())),
-            ApprovalState::Collected => return Err(BrokerError::ApprovalClosed(id.to_string())),
-            ApprovalState::Approved => {}
-        }
-        let a = self.collect(&a, now).await?;
-        ev.set(|e| e.outcome = Some(format!("collecting {id}")));
-        self.request_credential_inner(
-            caller,
-            &a.task_id,
-            CredentialRequest::from(&a.request),
-            ev,
-            true,
-        )
-        .await
-    }
-
-    /// `GET /v1/approvals?state=` (operators): approvals, oldest first.
-    pub async fn approvals(
-        &self,
-        caller: &VerifiedCaller,
-        state: Option<ApprovalState>,
-        limit: usize,
-        ev: &AuditScope,
-    ) -> Result<Vec<Approval>, BrokerError> {
-        ev.set(|e| e.action = Some(Action::ListApprovals));
-        self.require_operator(caller)?;
-        let now = OffsetDateTime::now_utc();
-        let all = self
-            .store
-            .approvals(state, limit.min(self.max_page()))
-            .await?;
-        // A live state means still actionable: not past its time.
-        Ok(all
-            .into_iter()
-            .filter(|a| state.is_none() || !a.is_expired(now))
-            .collect())
-    }
 }

@@ -3,9 +3,9 @@
 //! its path and line. Deny by default. Reload keeps the last good set when a new one fails.
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Decision, Effect, Entities, Entity, EntityId,
-    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
-    ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity,
+    EntityId, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use std::collections::{HashMap, HashSet};
@@ -50,21 +50,35 @@ pub enum PolicyError {
     Request(String),
 }
 
-/// The answer for one authorization question.
+/// What Cedar answered, with the step-up folded in: an allow whose deciding policy
+/// carries `@approval("required")` is a different answer, not an allow with a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Allowed once an operator approves (step-up) before the credential is minted.
+    AllowAfterApproval,
+    Deny,
+}
+
+/// The answer for one authorization question, with what explains it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyDecision {
-    pub allowed: bool,
+    pub decision: Decision,
     /// Ids of the policies that determined the answer (empty for a default deny).
     pub policies: Vec<String>,
     /// Policies skipped because evaluating them failed (the answer then leans to deny).
     pub errors: Vec<String>,
-    /// An allowing policy carries `@approval("required")`: an operator must approve
-    /// before the credential is minted (step-up).
-    pub needs_approval: bool,
     /// For a denial, why, in words a caller can act on: the forbid policies that
     /// decided it, or (default deny) that no permit matched and which permit policies
     /// for the action were considered, with their `@description` rules. Empty when allowed.
     pub why: String,
+}
+
+impl PolicyDecision {
+    /// Allowed, now or after approval.
+    pub fn is_allowed(&self) -> bool {
+        self.decision != Decision::Deny
+    }
 }
 
 /// What `MintCredential` is asked about, beside the caller.
@@ -194,6 +208,9 @@ fn stamp(dir: &Path) -> Result<Vec<(PathBuf, SystemTime, u64)>, PolicyError> {
     Ok(out)
 }
 
+/// Where each policy came from: its id, file and text (for a validation error's line).
+type Sources = Vec<(String, PathBuf, String)>;
+
 /// Parses and strictly validates every `*.cedar` file in `dir`.
 fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
     let files = stamp(dir)?;
@@ -201,70 +218,11 @@ fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
         return Err(PolicyError::NoPolicies(dir.to_path_buf()));
     }
     let mut set = PolicySet::new();
-    let mut sources: Vec<(String, PathBuf, String)> = Vec::new();
+    let mut sources = Sources::new();
     for (path, _, _) in &files {
-        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Io {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let parsed: PolicySet = text.parse().map_err(|e: cedar_policy::ParseErrors| {
-            let (line, column) = first_offset(&e).map_or((0, 0), |o| line_col(&text, o));
-            PolicyError::Parse {
-                file: path.clone(),
-                line,
-                column,
-                message: e.to_string(),
-            }
-        })?;
-        if parsed.templates().next().is_some() {
-            return Err(PolicyError::Template { file: path.clone() });
-        }
-        let stem = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut policies: Vec<&Policy> = parsed.policies().collect();
-        // Parsed ids are policy0, policy1… in source order; keep that order for naming.
-        policies.sort_by_key(|p| {
-            p.id()
-                .to_string()
-                .trim_start_matches("policy")
-                .parse::<usize>()
-                .unwrap_or(usize::MAX)
-        });
-        for (n, p) in policies.into_iter().enumerate() {
-            let id = p
-                .annotation("id")
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("{stem}#{n}"));
-            set.add(p.new_id(PolicyId::new(&id)))
-                .map_err(|_| PolicyError::DuplicateId {
-                    file: path.clone(),
-                    id: id.clone(),
-                })?;
-            sources.push((id, path.clone(), text.clone()));
-        }
+        add_file(path, &mut set, &mut sources)?;
     }
-    let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
-    if let Some(err) = result.validation_errors().next() {
-        let pid = err.policy_id().to_string();
-        let (file, line) = sources
-            .iter()
-            .find(|(id, _, _)| *id == pid)
-            .map(|(_, f, text)| {
-                (
-                    f.clone(),
-                    first_offset(err).map_or(0, |o| line_col(text, o).0),
-                )
-            })
-            .unwrap_or_default();
-        return Err(PolicyError::Validation {
-            file,
-            line,
-            policy: pid,
-            message: err.to_string(),
-        });
-    }
+    validate(&set, schema, &sources)?;
     let approval = set
         .policies()
         .filter(|p| p.annotation("approval") == Some("required"))
@@ -284,6 +242,80 @@ fn load_dir(dir: &Path, schema: &Schema) -> Result<Loaded, PolicyError> {
         permits,
         approval,
         stamp: files,
+    })
+}
+
+/// Parses one file and adds its policies to `set`, each under its `@id` or
+/// `<file>#<n>` (its position in the file).
+fn add_file(path: &Path, set: &mut PolicySet, sources: &mut Sources) -> Result<(), PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let parsed: PolicySet = text.parse().map_err(|e: cedar_policy::ParseErrors| {
+        let (line, column) = first_offset(&e).map_or((0, 0), |o| line_col(&text, o));
+        PolicyError::Parse {
+            file: path.to_path_buf(),
+            line,
+            column,
+            message: e.to_string(),
+        }
+    })?;
+    if parsed.templates().next().is_some() {
+        return Err(PolicyError::Template {
+            file: path.to_path_buf(),
+        });
+    }
+    let stem = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut policies: Vec<&Policy> = parsed.policies().collect();
+    // Parsed ids are policy0, policy1… in source order; keep that order for naming.
+    policies.sort_by_key(|p| {
+        p.id()
+            .to_string()
+            .trim_start_matches("policy")
+            .parse::<usize>()
+            .unwrap_or(usize::MAX)
+    });
+    for (n, p) in policies.into_iter().enumerate() {
+        let id = p
+            .annotation("id")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{stem}#{n}"));
+        set.add(p.new_id(PolicyId::new(&id)))
+            .map_err(|_| PolicyError::DuplicateId {
+                file: path.to_path_buf(),
+                id: id.clone(),
+            })?;
+        sources.push((id, path.to_path_buf(), text.clone()));
+    }
+    Ok(())
+}
+
+/// Strict validation against the schema; the first error names its file and line.
+fn validate(set: &PolicySet, schema: &Schema, sources: &Sources) -> Result<(), PolicyError> {
+    let result = Validator::new(schema.clone()).validate(set, ValidationMode::Strict);
+    let Some(err) = result.validation_errors().next() else {
+        return Ok(());
+    };
+    let pid = err.policy_id().to_string();
+    let (file, line) = sources
+        .iter()
+        .find(|(id, _, _)| *id == pid)
+        .map(|(_, f, text)| {
+            (
+                f.clone(),
+                first_offset(err).map_or(0, |o| line_col(text, o).0),
+            )
+        })
+        .unwrap_or_default();
+    Err(PolicyError::Validation {
+        file,
+        line,
+        policy: pid,
+        message: err.to_string(),
     })
 }
 
@@ -524,20 +556,24 @@ impl PolicyEngine {
             .authorizer
             .is_authorized(&request, &current.set, &entities);
         let diag = response.diagnostics();
-        let allowed = response.decision() == Decision::Allow;
-        let needs_approval = allowed && diag.reason().any(|id| current.approval.contains(id));
+        let decision = match response.decision() {
+            CedarDecision::Deny => Decision::Deny,
+            CedarDecision::Allow if diag.reason().any(|id| current.approval.contains(id)) => {
+                Decision::AllowAfterApproval
+            }
+            CedarDecision::Allow => Decision::Allow,
+        };
         let policies: Vec<String> = diag.reason().map(ToString::to_string).collect();
         let errors: Vec<String> = diag.errors().map(ToString::to_string).collect();
-        let why = if allowed {
+        let why = if decision != Decision::Deny {
             String::new()
         } else {
             explain_denial(&current.permits, action, &policies, errors.len())
         };
         Ok(PolicyDecision {
-            allowed,
+            decision,
             policies,
             errors,
-            needs_approval,
             why,
         })
     }
@@ -682,7 +718,7 @@ when { resource.uri like "https://*" };
 @id("declare-any") permit (principal, action == Mayfly::Action::"DeclareTask", resource);"#,
         )]);
         let d = decide_mint(PolicyEngine::load(dir.path()).expect("load"));
-        assert!(!d.allowed);
+        assert_eq!(d.decision, Decision::Deny);
         assert_eq!(
             d.why,
             "no permit policy matched (deny by default); permit policies for MintCredential \
@@ -699,7 +735,7 @@ when { resource.uri like "https://*" };
 when { resource.uri like "http://*" };"#,
         )]);
         let d = decide_mint(PolicyEngine::load(dir.path()).expect("load"));
-        assert!(!d.allowed);
+        assert_eq!(d.decision, Decision::Deny);
         assert_eq!(d.why, "forbidden by policy no-plain-http");
     }
 

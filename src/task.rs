@@ -426,21 +426,39 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ScopeErr
     Ok(())
 }
 
-impl TryFrom<RawTaskRequest> for TaskRequest {
-    type Error = ScopeError;
-    fn try_from(raw: RawTaskRequest) -> Result<Self, ScopeError> {
-        validate_purpose(&raw.purpose)?;
-        validate_labels(&raw.labels)?;
-        let grants = raw
-            .scope
+impl TaskRequest {
+    /// A declaration built in the broker (a CI job's implicit task), validated like one
+    /// sent over the network; only the ttl is already typed.
+    pub fn new(
+        purpose: String,
+        scope: Vec<RawGrant>,
+        ttl: Duration,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Self, ScopeError> {
+        validate_purpose(&purpose)?;
+        validate_labels(&labels)?;
+        let grants = scope
             .into_iter()
             .map(Grant::try_from)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            purpose: raw.purpose,
+            purpose,
             scope: Scope::new(grants)?,
-            ttl: crate::duration::from_json(&raw.ttl)?,
-            labels: raw.labels,
+            ttl,
+            labels,
+        })
+    }
+}
+
+impl TryFrom<RawTaskRequest> for TaskRequest {
+    type Error = ScopeError;
+    fn try_from(raw: RawTaskRequest) -> Result<Self, ScopeError> {
+        // A bad purpose, label or scope is reported before a bad ttl.
+        let ttl = crate::duration::from_json(&raw.ttl);
+        let checked = Self::new(raw.purpose, raw.scope, Duration::ZERO, raw.labels)?;
+        Ok(Self {
+            ttl: ttl?,
+            ..checked
         })
     }
 }
@@ -612,7 +630,91 @@ pub struct Origin {
     pub claims_binding: Option<String>,
 }
 
+/// Why a task could not be ended: it already ended another way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("task {id} is {current:?}, cannot end it as {to:?}")]
+pub struct TaskEndError {
+    pub id: TaskId,
+    pub current: TaskState,
+    pub to: TaskState,
+}
+
 impl Task {
+    /// A task declared by `owner` from `now` until `expires_at` (`POST /v1/tasks`, or a CI
+    /// job's implicit task).
+    pub fn declared(
+        id: TaskId,
+        owner: Principal,
+        req: TaskRequest,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+        origin: Origin,
+    ) -> Self {
+        Self {
+            id,
+            owner,
+            purpose: req.purpose,
+            scope: req.scope,
+            created_at: now,
+            expires_at,
+            parent: None,
+            labels: req.labels,
+            state: TaskState::Active,
+            ended_at: None,
+            end_reason: None,
+            origin: Some(origin),
+        }
+    }
+
+    /// A sub-task of `parent` for `owner`, ending no later than its parent.
+    pub fn delegated(
+        parent: &Task,
+        owner: Principal,
+        req: TaskRequest,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Self {
+        Self {
+            id: TaskId::generate(),
+            owner,
+            purpose: req.purpose,
+            scope: req.scope,
+            created_at: now,
+            expires_at: expires_at.min(parent.expires_at),
+            parent: Some(parent.id.clone()),
+            labels: req.labels,
+            state: TaskState::Active,
+            ended_at: None,
+            end_reason: None,
+            origin: None,
+        }
+    }
+
+    /// The one rule for ending a task, shared by both stores: an active task ends as
+    /// `to` at `at`; ending it again as `to` changes nothing (`Ok(false)`); a task that
+    /// already ended another way cannot end again.
+    pub fn end(
+        &mut self,
+        to: TaskState,
+        reason: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, TaskEndError> {
+        if self.state == to {
+            return Ok(false);
+        }
+        if self.state != TaskState::Active {
+            return Err(TaskEndError {
+                id: self.id.clone(),
+                current: self.state,
+                to,
+            });
+        }
+        self.state = to;
+        self.ended_at = Some(at);
+        self.end_reason = Some(reason.to_string());
+        Ok(true)
+    }
+
     /// The state at `now`: a stored `active` task past its end is `expired`.
     pub fn state_at(&self, now: OffsetDateTime) -> TaskState {
         if self.state == TaskState::Active && now >= self.expires_at {

@@ -11,10 +11,10 @@ mod common;
 
 use common::*;
 use mayfly::action::Action;
+use mayfly::app::App;
 use mayfly::approval::ApprovalState;
 use mayfly::audit::{AuditEvent, AuditScope};
 use mayfly::broker::{BrokerError, Outcome};
-use mayfly::app::App;
 use mayfly::config::Config;
 use mayfly::identity::VerifiedCaller;
 use mayfly::lease::LeaseState;
@@ -339,7 +339,13 @@ async fn an_approval_required_grant_is_held_then_collected_once() {
     let r = env
         .app
         .broker
-        .decide_approval(&env.operator, &held.id, true, "change 7 approved", &ev)
+        .decide_approval(
+            &env.operator,
+            &held.id,
+            mayfly::broker::ApprovalDecision::Approve,
+            "change 7 approved",
+            &ev,
+        )
         .await;
     let decided = env.commit(&ev, r).await.expect("decide");
     assert_eq!(decided.state, ApprovalState::Approved);

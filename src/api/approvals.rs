@@ -31,17 +31,10 @@ pub(super) async fn decide_approval(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ApprovalBody>,
 ) -> ApiResult {
-    let approve = match body.decision.as_str() {
-        "approve" => true,
-        "reject" => false,
-        other => {
-            let shown: String = other.chars().take(32).collect();
-            return Err(crate::broker::BrokerError::ApprovalDecision(shown).into());
-        }
-    };
+    let decision = crate::broker::ApprovalDecision::parse(&body.decision)?;
     let a = st
         .broker
-        .decide_approval(&caller, &id, approve, &body.reason, &audit_scope(&ev))
+        .decide_approval(&caller, &id, decision, &body.reason, &audit_scope(&ev))
         .await?;
     Ok(Json(approval_json(&a)).into_response())
 }

@@ -46,18 +46,18 @@ pub(super) async fn readyz(State(st): State<AppState>) -> Response {
 }
 
 pub(super) async fn jwks(State(st): State<AppState>) -> Response {
-    Json(st.broker.jwt().jwks()).into_response()
+    Json(st.broker.jwks()).into_response()
 }
 
 pub(super) async fn discovery(State(st): State<AppState>) -> Response {
-    let iss = st.broker.jwt().issuer();
+    let iss = st.broker.issuer();
     Json(json!({
         "issuer": iss,
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
         "introspection_endpoint": format!("{iss}/v1/introspect"),
         "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
-        "access_token_signing_alg_values_supported": st.broker.jwt().algorithms(),
+        "access_token_signing_alg_values_supported": st.broker.signing_algorithms(),
     }))
     .into_response()
 }
@@ -68,7 +68,7 @@ pub(super) async fn discovery(State(st): State<AppState>) -> Response {
 /// `response_types_supported` is empty and `authorization_endpoint` is absent (RFC 8414
 /// §2 requires it only when a grant type uses it).
 pub(super) async fn authorization_server_metadata(State(st): State<AppState>) -> Response {
-    let iss = st.broker.jwt().issuer();
+    let iss = st.broker.issuer();
     let mut resp = Json(json!({
         "issuer": iss,
         "token_endpoint": format!("{iss}/v1/token"),
@@ -80,7 +80,7 @@ pub(super) async fn authorization_server_metadata(State(st): State<AppState>) ->
         "response_types_supported": [],
         "dpop_signing_alg_values_supported": crate::identity::dpop::ALGORITHMS,
         "tls_client_certificate_bound_access_tokens": true,
-        "access_token_signing_alg_values_supported": st.broker.jwt().algorithms(),
+        "access_token_signing_alg_values_supported": st.broker.signing_algorithms(),
     }))
     .into_response();
     resp.headers_mut().insert(

@@ -184,6 +184,7 @@ impl ApiError {
                 BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
                 BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
                 BrokerError::NoJobClaims => (S::FORBIDDEN, "no_job_claims"),
+                BrokerError::JobTaskId(_) => (S::INTERNAL_SERVER_ERROR, "job_task_id_unavailable"),
                 BrokerError::TokenReplayed => (S::UNAUTHORIZED, "token_replayed"),
                 BrokerError::QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "principal_quota_exceeded"),
                 BrokerError::SingleUseUnavailable(_) => {

@@ -232,7 +232,7 @@ fn dpop_header(headers: &HeaderMap) -> Result<Option<String>, DpopError> {
 
 /// Announces the current server nonce (`DPoP-Nonce`) when nonces are required.
 fn with_dpop_nonce(st: &AppState, mut resp: Response) -> Response {
-    if let Some(n) = st.broker.dpop().nonce(time::OffsetDateTime::now_utc())
+    if let Some(n) = st.broker.dpop_nonce(time::OffsetDateTime::now_utc())
         && let Ok(v) = HeaderValue::from_str(&n)
     {
         resp.headers_mut().insert("dpop-nonce", v);

@@ -146,7 +146,7 @@ impl Broker {
     ) -> Result<Task, ExchangeError> {
         let binding = claims_binding(caller);
         let key = targets.join(" ");
-        let id = job_task_id(&self.ci_task_key, caller.principal(), job, &key, &binding);
+        let id = job_task_id(&self.ci_task_key, caller.principal(), job, &key, &binding)?;
         if let Some(t) = self.store.task(&id).await.map_err(BrokerError::from)? {
             return Ok(t);
         }

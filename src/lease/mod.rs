@@ -137,6 +137,59 @@ impl Lease {
     pub fn is_live(&self, now: OffsetDateTime) -> bool {
         self.state == LeaseState::Active && now < self.expires_at
     }
+
+    /// A lease minted in process, recorded once already `active` (see
+    /// `Broker::mint_in_process`): only a `pending` lease not yet written can become one.
+    pub fn activate(
+        &mut self,
+        fingerprint: String,
+        handle: Option<RevocationHandle>,
+    ) -> Result<(), StoreError> {
+        if self.state != LeaseState::Pending {
+            return Err(StoreError::InvalidTransition {
+                id: self.id.to_string(),
+                current: self.state,
+                to: LeaseState::Active,
+            });
+        }
+        self.state = LeaseState::Active;
+        self.fingerprint = Some(fingerprint);
+        self.handle = handle;
+        Ok(())
+    }
+
+    /// Applies a checked transition (the rule every store shares). `Ok(false)` when the
+    /// lease is already in the target state (idempotent no-op).
+    pub fn apply(&mut self, t: &Transition) -> Result<bool, StoreError> {
+        if self.state == t.to && !t.from.contains(&self.state) {
+            return Ok(false);
+        }
+        if !t.from.contains(&self.state) {
+            return Err(StoreError::InvalidTransition {
+                id: self.id.to_string(),
+                current: self.state,
+                to: t.to,
+            });
+        }
+        self.state = t.to;
+        self.updated_at = t.at;
+        if let Some(r) = &t.reason {
+            self.reason = Some(r.clone());
+        }
+        if let Some(h) = &t.handle {
+            self.handle = Some(h.clone());
+        }
+        if let Some(f) = &t.fingerprint {
+            self.fingerprint = Some(f.clone());
+        }
+        if t.dies_at.is_some() {
+            self.dies_at = t.dies_at;
+        }
+        if t.count_attempt {
+            self.attempts = self.attempts.saturating_add(1);
+        }
+        Ok(true)
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -161,6 +214,16 @@ pub enum StoreError {
     Unavailable(String),
     #[error("lease store record is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl From<crate::task::TaskEndError> for StoreError {
+    fn from(e: crate::task::TaskEndError) -> Self {
+        StoreError::TaskEnded {
+            id: e.id.to_string(),
+            current: e.current,
+            to: e.to,
+        }
+    }
 }
 
 /// A state change checked against the current state. Moving to the state the lease is
@@ -473,34 +536,7 @@ pub(crate) fn parse_risk_payload(at: OffsetDateTime, s: &str) -> Result<RiskEven
 /// Applies a checked transition to a lease value (shared by every store implementation).
 /// Returns `Ok(false)` when the lease is already in the target state (idempotent no-op).
 pub(crate) fn apply_transition(lease: &mut Lease, t: &Transition) -> Result<bool, StoreError> {
-    if lease.state == t.to && !t.from.contains(&lease.state) {
-        return Ok(false);
-    }
-    if !t.from.contains(&lease.state) {
-        return Err(StoreError::InvalidTransition {
-            id: lease.id.to_string(),
-            current: lease.state,
-            to: t.to,
-        });
-    }
-    lease.state = t.to;
-    lease.updated_at = t.at;
-    if let Some(r) = &t.reason {
-        lease.reason = Some(r.clone());
-    }
-    if let Some(h) = &t.handle {
-        lease.handle = Some(h.clone());
-    }
-    if let Some(f) = &t.fingerprint {
-        lease.fingerprint = Some(f.clone());
-    }
-    if t.dies_at.is_some() {
-        lease.dies_at = t.dies_at;
-    }
-    if t.count_attempt {
-        lease.attempts = lease.attempts.saturating_add(1);
-    }
-    Ok(true)
+    lease.apply(t)
 }
 
 /// The `provider/state` key of the per-state lease counts.
