@@ -197,7 +197,8 @@ fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreErr
 pub struct EmbeddedStore {
     db: Arc<Database>,
     windows: std::sync::Mutex<Windows>,
-    buckets: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::ratelimit::TokenBucket>>>,
+    buckets:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<crate::ratelimit::TokenBucket>>>,
     ops: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// Named locks: one process owns the file, so a local lock serialises every writer.
