@@ -79,7 +79,7 @@ ALLOWED_KEYS = {
     "providers": {"jwt", "vault", "aws"},
     # keys_dir: the signing key set (issue 16; placeholder name until that lands).
     "providers.jwt": {"issuer", "signing_key_file", "generate_key", "keys_dir"},
-    # src/provider/vault.rs RawVault, RawAppRole, RawVaultTarget.
+    # src/provider/vault/config.rs RawVault, RawAppRole, RawVaultTarget.
     "providers.vault": {"address", "token_file", "approle", "namespace", "ca_file", "timeout",
                         "rate_limit_per_second", "rate_limit_burst", "allow_insecure_http",
                         "targets"},
@@ -87,7 +87,7 @@ ALLOWED_KEYS = {
     "providers.vault.targets/token": {"kind", "token_role", "allowed_policies"},
     "providers.vault.targets/dynamic": {"kind", "path", "method", "params", "ttl_param",
                                         "resource_param", "max_ttl"},
-    # src/provider/aws.rs RawAws, RawAwsTarget.
+    # src/provider/aws/config.rs RawAws, RawAwsTarget.
     "providers.aws": {"region", "endpoint_url", "allow_insecure_http", "revocation",
                       "deny_policy_name", "prune_interval", "timeout", "rate_limit_per_second",
                       "rate_limit_burst", "targets", "on_policy_full", "reconcile_interval"},

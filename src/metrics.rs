@@ -53,7 +53,16 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_api();
+    describe_leases();
+    describe_signals();
+    describe_store();
+    describe_reloads();
+}
+
+/// Requests and decisions.
+fn describe_api() {
+    use metrics::{describe_counter, describe_histogram};
     describe_counter!(
         "mayfly_requests_total",
         "API requests by route, method, status and code"
@@ -66,6 +75,11 @@ fn describe() {
         "mayfly_policy_decisions_total",
         "Cedar decisions by action and decision"
     );
+}
+
+/// Credentials and their revocation.
+fn describe_leases() {
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         "mayfly_leases_issued_total",
         "Credentials minted, by provider"
@@ -87,6 +101,11 @@ fn describe() {
         "mayfly_leases",
         "Leases by provider and state (whole store)"
     );
+}
+
+/// Anomaly rules, webhooks and the audit log.
+fn describe_signals() {
+    use metrics::{describe_counter, describe_histogram};
     describe_counter!(
         "mayfly_anomaly_triggers_total",
         "Anomaly rules fired, by rule and mode"
@@ -111,6 +130,11 @@ fn describe() {
         "mayfly_audit_sync_seconds",
         "Time to append and fsync one audit group commit (every request waits for one)"
     );
+}
+
+/// The embedded store's group commits.
+fn describe_store() {
+    use metrics::describe_histogram;
     describe_histogram!(
         "mayfly_store_group_commit_ops",
         "Writes per embedded-store group commit"
@@ -119,7 +143,6 @@ fn describe() {
         "mayfly_store_commit_seconds",
         "Time to commit (and fsync) one embedded-store write group"
     );
-    describe_reloads();
 }
 
 /// The series of what the broker re-reads while it runs: policies, trust bundles and

@@ -128,23 +128,87 @@ fn scope_code(e: &ScopeError) -> &'static str {
     }
 }
 
+fn body_status(b: &BodyError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match b {
+        BodyError::UnsupportedMediaType(_) => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+        BodyError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
+        BodyError::Read(_) => (S::BAD_REQUEST, "body_unreadable"),
+        BodyError::Timeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),
+        BodyError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
+        BodyError::UnknownField(_) => (S::BAD_REQUEST, "unknown_field"),
+        BodyError::InvalidField(_) => (S::BAD_REQUEST, "invalid_field"),
+        BodyError::InvalidForm(_) => (S::BAD_REQUEST, "invalid_form"),
+    }
+}
+
+fn broker_status(b: &BrokerError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match b {
+        BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
+        BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
+        BrokerError::TaskNotFound(_) => (S::NOT_FOUND, "task_not_found"),
+        BrokerError::NotTaskOwner(_) => (S::FORBIDDEN, "not_task_owner"),
+        BrokerError::TaskClaimsDiffer(_) => (S::FORBIDDEN, "task_claims_differ"),
+        BrokerError::TaskNotActive { .. } => (S::CONFLICT, "task_not_active"),
+        BrokerError::TaskExpired(_) => (S::CONFLICT, "task_expired"),
+        BrokerError::OutOfScope(_) => (S::FORBIDDEN, "out_of_scope"),
+        BrokerError::InvalidTarget(_) => (S::BAD_REQUEST, "invalid_target"),
+        BrokerError::TtlExceedsTask { .. } => (S::BAD_REQUEST, "ttl_exceeds_task"),
+        BrokerError::TtlExceedsLimit { .. } => (S::BAD_REQUEST, "ttl_exceeds_limit"),
+        BrokerError::PolicyDenied { .. } => (S::FORBIDDEN, "policy_denied"),
+        BrokerError::LeaseNotFound(_) => (S::NOT_FOUND, "lease_not_found"),
+        BrokerError::RevokedDuringMint(_) => (S::CONFLICT, "lease_revoked"),
+        BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
+        BrokerError::ApprovalDecision(_) => (S::BAD_REQUEST, "invalid_decision"),
+        BrokerError::Selector => (S::BAD_REQUEST, "invalid_selector"),
+        BrokerError::DelegationWider(_) => (S::FORBIDDEN, "delegation_wider"),
+        BrokerError::AnomalyDenied(_) => (S::FORBIDDEN, "anomaly_denied"),
+        BrokerError::ApprovalNotFound(_) => (S::NOT_FOUND, "approval_not_found"),
+        BrokerError::ApprovalRejected(_) => (S::FORBIDDEN, "approval_rejected"),
+        BrokerError::ApprovalExpired(_) => (S::GONE, "approval_expired"),
+        BrokerError::ApprovalClosed(_) => (S::CONFLICT, "approval_closed"),
+        BrokerError::SignalTarget => (S::BAD_REQUEST, "invalid_signal"),
+        BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
+        BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
+        BrokerError::NoJobClaims => (S::FORBIDDEN, "no_job_claims"),
+        BrokerError::JobTaskId(_) => (S::INTERNAL_SERVER_ERROR, "job_task_id_unavailable"),
+        BrokerError::TokenReplayed => (S::UNAUTHORIZED, "token_replayed"),
+        BrokerError::QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "principal_quota_exceeded"),
+        BrokerError::SingleUseUnavailable(_) => {
+            (S::SERVICE_UNAVAILABLE, "single_use_store_unavailable")
+        }
+        BrokerError::Provider(p) => provider_status(p),
+        BrokerError::Store(StoreError::Unavailable(_)) => {
+            (S::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
+        BrokerError::Store(_) => (S::INTERNAL_SERVER_ERROR, "store_error"),
+        BrokerError::Policy(_) => (S::INTERNAL_SERVER_ERROR, "policy_error"),
+    }
+}
+
+fn provider_status(p: &ProviderError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match p {
+        ProviderError::NotConfigured(_) => (S::BAD_REQUEST, "provider_not_configured"),
+        ProviderError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "provider_unavailable"),
+        ProviderError::Denied(_) => (S::BAD_GATEWAY, "upstream_denied"),
+        ProviderError::Rejected(_) => (S::BAD_GATEWAY, "upstream_rejected"),
+        ProviderError::NotAllowed(_) => (S::FORBIDDEN, "provider_not_allowed"),
+        ProviderError::InvalidGrant(_) => (S::BAD_REQUEST, "invalid_provider_grant"),
+        ProviderError::PolicyTooLarge { .. } => (S::BAD_REQUEST, "policy_too_large"),
+        ProviderError::BindingRequired => (S::BAD_REQUEST, "binding_required"),
+        ProviderError::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited"),
+        _ => (S::BAD_GATEWAY, "provider_error"),
+    }
+}
+
 impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         use StatusCode as S;
         match self {
             ApiError::Verify(e) => (S::UNAUTHORIZED, verify_code(e)),
-            ApiError::Body(b) => match b {
-                BodyError::UnsupportedMediaType(_) => {
-                    (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-                }
-                BodyError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
-                BodyError::Read(_) => (S::BAD_REQUEST, "body_unreadable"),
-                BodyError::Timeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),
-                BodyError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
-                BodyError::UnknownField(_) => (S::BAD_REQUEST, "unknown_field"),
-                BodyError::InvalidField(_) => (S::BAD_REQUEST, "invalid_field"),
-                BodyError::InvalidForm(_) => (S::BAD_REQUEST, "invalid_form"),
-            },
+            ApiError::Body(b) => body_status(b),
             ApiError::BadId(_) => (S::BAD_REQUEST, "invalid_id"),
             ApiError::Query(_) => (S::BAD_REQUEST, "invalid_query"),
             ApiError::NotFound => (S::NOT_FOUND, "not_found"),
@@ -156,74 +220,7 @@ impl ApiError {
             }
             ApiError::Dpop(DpopError::Store(_)) => (S::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::Dpop(e) => (S::BAD_REQUEST, e.code()),
-            ApiError::Broker(b) => match b {
-                BrokerError::Invalid(e) => (S::BAD_REQUEST, scope_code(e)),
-                BrokerError::NotOperator(_) => (S::FORBIDDEN, "not_operator"),
-                BrokerError::TaskNotFound(_) => (S::NOT_FOUND, "task_not_found"),
-                BrokerError::NotTaskOwner(_) => (S::FORBIDDEN, "not_task_owner"),
-                BrokerError::TaskClaimsDiffer(_) => (S::FORBIDDEN, "task_claims_differ"),
-                BrokerError::TaskNotActive { .. } => (S::CONFLICT, "task_not_active"),
-                BrokerError::TaskExpired(_) => (S::CONFLICT, "task_expired"),
-                BrokerError::OutOfScope(_) => (S::FORBIDDEN, "out_of_scope"),
-                BrokerError::InvalidTarget(_) => (S::BAD_REQUEST, "invalid_target"),
-                BrokerError::TtlExceedsTask { .. } => (S::BAD_REQUEST, "ttl_exceeds_task"),
-                BrokerError::TtlExceedsLimit { .. } => (S::BAD_REQUEST, "ttl_exceeds_limit"),
-                BrokerError::PolicyDenied { .. } => (S::FORBIDDEN, "policy_denied"),
-                BrokerError::LeaseNotFound(_) => (S::NOT_FOUND, "lease_not_found"),
-                BrokerError::RevokedDuringMint(_) => (S::CONFLICT, "lease_revoked"),
-                BrokerError::Reason => (S::BAD_REQUEST, "invalid_reason"),
-                BrokerError::ApprovalDecision(_) => (S::BAD_REQUEST, "invalid_decision"),
-                BrokerError::Selector => (S::BAD_REQUEST, "invalid_selector"),
-                BrokerError::DelegationWider(_) => (S::FORBIDDEN, "delegation_wider"),
-                BrokerError::AnomalyDenied(_) => (S::FORBIDDEN, "anomaly_denied"),
-                BrokerError::ApprovalNotFound(_) => (S::NOT_FOUND, "approval_not_found"),
-                BrokerError::ApprovalRejected(_) => (S::FORBIDDEN, "approval_rejected"),
-                BrokerError::ApprovalExpired(_) => (S::GONE, "approval_expired"),
-                BrokerError::ApprovalClosed(_) => (S::CONFLICT, "approval_closed"),
-                BrokerError::SignalTarget => (S::BAD_REQUEST, "invalid_signal"),
-                BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
-                BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
-                BrokerError::NoJobClaims => (S::FORBIDDEN, "no_job_claims"),
-                BrokerError::JobTaskId(_) => (S::INTERNAL_SERVER_ERROR, "job_task_id_unavailable"),
-                BrokerError::TokenReplayed => (S::UNAUTHORIZED, "token_replayed"),
-                BrokerError::QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "principal_quota_exceeded"),
-                BrokerError::SingleUseUnavailable(_) => {
-                    (S::SERVICE_UNAVAILABLE, "single_use_store_unavailable")
-                }
-                BrokerError::Provider(ProviderError::NotConfigured(_)) => {
-                    (S::BAD_REQUEST, "provider_not_configured")
-                }
-                BrokerError::Provider(ProviderError::Unavailable(_)) => {
-                    (S::SERVICE_UNAVAILABLE, "provider_unavailable")
-                }
-                BrokerError::Provider(ProviderError::Denied(_)) => {
-                    (S::BAD_GATEWAY, "upstream_denied")
-                }
-                BrokerError::Provider(ProviderError::Rejected(_)) => {
-                    (S::BAD_GATEWAY, "upstream_rejected")
-                }
-                BrokerError::Provider(ProviderError::NotAllowed(_)) => {
-                    (S::FORBIDDEN, "provider_not_allowed")
-                }
-                BrokerError::Provider(ProviderError::InvalidGrant(_)) => {
-                    (S::BAD_REQUEST, "invalid_provider_grant")
-                }
-                BrokerError::Provider(ProviderError::PolicyTooLarge { .. }) => {
-                    (S::BAD_REQUEST, "policy_too_large")
-                }
-                BrokerError::Provider(ProviderError::BindingRequired) => {
-                    (S::BAD_REQUEST, "binding_required")
-                }
-                BrokerError::Provider(ProviderError::RateLimited { .. }) => {
-                    (S::TOO_MANY_REQUESTS, "rate_limited")
-                }
-                BrokerError::Provider(_) => (S::BAD_GATEWAY, "provider_error"),
-                BrokerError::Store(StoreError::Unavailable(_)) => {
-                    (S::SERVICE_UNAVAILABLE, "store_unavailable")
-                }
-                BrokerError::Store(_) => (S::INTERNAL_SERVER_ERROR, "store_error"),
-                BrokerError::Policy(_) => (S::INTERNAL_SERVER_ERROR, "policy_error"),
-            },
+            ApiError::Broker(b) => broker_status(b),
         }
     }
 

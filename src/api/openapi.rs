@@ -67,17 +67,7 @@ const APPROVAL_ID: &str = "^apr_[0-9a-f]{32}$";
 /// - path ids, `task`/`after` filters, `provider` and `state` carry their formats, and
 ///   `limit` its range (the maximum is `limits.max_page`, default 500).
 fn document_refusals(spec: &mut serde_json::Value) {
-    use serde_json::{Value, json};
-    let problem = |description: &str| {
-        json!({"description": description,
-               "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
-    };
-    let oauth = |description: &str| {
-        json!({"description": description,
-               "content": {"application/json": {"schema": {
-                   "type": "object", "required": ["error"],
-                   "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}}}}}})
-    };
+    use serde_json::Value;
     link_results(spec);
     let Some(paths) = spec.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
@@ -86,111 +76,137 @@ fn document_refusals(spec: &mut serde_json::Value) {
         if !path.starts_with("/v1/") {
             continue;
         }
-        let id_pattern = if path.starts_with("/v1/tasks/") {
-            TASK_ID
-        } else if path.starts_with("/v1/leases/") {
-            LEASE_ID
-        } else {
-            APPROVAL_ID
-        };
         let Some(ops) = ops.as_object_mut() else {
             continue;
         };
         for op in ops.values_mut() {
             let has_body = op.get("requestBody").is_some();
-            for param in op
-                .get_mut("parameters")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-            {
-                let name = param["name"].as_str().unwrap_or_default().to_string();
-                let schema = &mut param["schema"];
-                match name.as_str() {
-                    "id" => schema["pattern"] = json!(id_pattern),
-                    "task" => schema["pattern"] = json!(TASK_ID),
-                    "after" if path == "/v1/tasks" => schema["pattern"] = json!(TASK_ID),
-                    "after" => schema["pattern"] = json!(LEASE_ID),
-                    "provider" => schema["enum"] = json!(["jwt", "vault", "aws"]),
-                    "state" if path == "/v1/tasks" => {
-                        schema["enum"] = json!(["active", "completed", "revoked", "expired"]);
-                    }
-                    "state" => {
-                        schema["enum"] = json!([
-                            "pending",
-                            "active",
-                            "revoking",
-                            "revoked",
-                            "expired",
-                            "irrevocable"
-                        ]);
-                    }
-                    "limit" => {
-                        schema["minimum"] = json!(1);
-                        schema["maximum"] = json!(500);
-                    }
-                    _ => {}
-                }
-            }
+            document_params(path, op);
             let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
                 continue;
             };
-            for r in responses.values_mut() {
-                let Some(content) = r.get_mut("content").and_then(Value::as_object_mut) else {
-                    continue;
-                };
-                let is_problem = content
-                    .get("application/json")
-                    .and_then(|c| c.pointer("/schema/$ref"))
-                    .and_then(Value::as_str)
-                    .is_some_and(|s| s.ends_with("/Problem"));
-                if is_problem && let Some(c) = content.remove("application/json") {
-                    content.insert("application/problem+json".into(), c);
-                }
-            }
-            let token = path == "/v1/token";
-            let mut add = |status: &str, description: &str| {
-                let entry = if token {
-                    oauth(description)
-                } else {
-                    problem(description)
-                };
-                match responses.get_mut(status) {
-                    None => {
-                        responses.insert(status.into(), entry);
-                    }
-                    // A documented status without a body (the token route's 400).
-                    Some(existing) if existing.get("content").is_none() => {
-                        existing["content"] = entry["content"].clone();
-                    }
-                    Some(_) => {}
-                }
-            };
-            add("400", "Malformed id, query, body or form (invalid_*)");
-            if !token {
-                add(
-                    "401",
-                    "Identity refused (client_certificate_required, svid_*, token_*)",
-                );
-                add(
-                    "403",
-                    "Not allowed (not_operator, not_task_owner, policy_denied, ...)",
-                );
-            }
-            if path.contains("{id}") {
-                add("404", "No such task, lease or approval");
-            }
-            if has_body {
-                add("413", "body_too_large");
-                add("415", "unsupported_media_type");
-            }
-            add("429", "rate_limited (Retry-After)");
-            add(
-                "503",
-                "overloaded, store_unavailable, audit_unavailable (Retry-After)",
-            );
+            problem_media_type(responses);
+            add_refusals(path, has_body, responses);
         }
     }
+}
+
+/// The formats of path ids and list filters, and the range of `limit`.
+fn document_params(path: &str, op: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let id_pattern = if path.starts_with("/v1/tasks/") {
+        TASK_ID
+    } else if path.starts_with("/v1/leases/") {
+        LEASE_ID
+    } else {
+        APPROVAL_ID
+    };
+    for param in op
+        .get_mut("parameters")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        let name = param["name"].as_str().unwrap_or_default().to_string();
+        let schema = &mut param["schema"];
+        match name.as_str() {
+            "id" => schema["pattern"] = json!(id_pattern),
+            "task" => schema["pattern"] = json!(TASK_ID),
+            "after" if path == "/v1/tasks" => schema["pattern"] = json!(TASK_ID),
+            "after" => schema["pattern"] = json!(LEASE_ID),
+            "provider" => schema["enum"] = json!(["jwt", "vault", "aws"]),
+            "state" if path == "/v1/tasks" => {
+                schema["enum"] = json!(["active", "completed", "revoked", "expired"]);
+            }
+            "state" => {
+                schema["enum"] = json!([
+                    "pending",
+                    "active",
+                    "revoking",
+                    "revoked",
+                    "expired",
+                    "irrevocable"
+                ]);
+            }
+            "limit" => {
+                schema["minimum"] = json!(1);
+                schema["maximum"] = json!(500);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A `Problem` body is served as `application/problem+json`, not `application/json`.
+fn problem_media_type(responses: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::Value;
+    for r in responses.values_mut() {
+        let Some(content) = r.get_mut("content").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let is_problem = content
+            .get("application/json")
+            .and_then(|c| c.pointer("/schema/$ref"))
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.ends_with("/Problem"));
+        if is_problem && let Some(c) = content.remove("application/json") {
+            content.insert("application/problem+json".into(), c);
+        }
+    }
+}
+
+/// The refusals every `/v1` operation can answer (RFC 6749 §5.2 bodies on `/v1/token`).
+fn add_refusals(
+    path: &str,
+    has_body: bool,
+    responses: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    use serde_json::json;
+    let token = path == "/v1/token";
+    let mut add = |status: &str, description: &str| {
+        let entry = if token {
+            json!({"description": description,
+                   "content": {"application/json": {"schema": {
+                       "type": "object", "required": ["error"],
+                       "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}}}}}})
+        } else {
+            json!({"description": description,
+                   "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+        };
+        match responses.get_mut(status) {
+            None => {
+                responses.insert(status.into(), entry);
+            }
+            // A documented status without a body (the token route's 400).
+            Some(existing) if existing.get("content").is_none() => {
+                existing["content"] = entry["content"].clone();
+            }
+            Some(_) => {}
+        }
+    };
+    add("400", "Malformed id, query, body or form (invalid_*)");
+    if !token {
+        add(
+            "401",
+            "Identity refused (client_certificate_required, svid_*, token_*)",
+        );
+        add(
+            "403",
+            "Not allowed (not_operator, not_task_owner, policy_denied, ...)",
+        );
+    }
+    if path.contains("{id}") {
+        add("404", "No such task, lease or approval");
+    }
+    if has_body {
+        add("413", "body_too_large");
+        add("415", "unsupported_media_type");
+    }
+    add("429", "rate_limited (Retry-After)");
+    add(
+        "503",
+        "overloaded, store_unavailable, audit_unavailable (Retry-After)",
+    );
 }
 
 #[utoipa::path(post, path = "/v1/tasks", tag = "agent", request_body = RawTaskRequest,

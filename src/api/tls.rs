@@ -303,72 +303,108 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, bundles, app, edge) =
-            (acceptor.clone(), bundles.clone(), app.clone(), edge.clone());
-        let timeout = opts.handshake_timeout;
+        let conn = Connection {
+            tcp,
+            peer,
+            acceptor: acceptor.clone(),
+            bundles: bundles.clone(),
+            app: app.clone(),
+            edge: edge.clone(),
+            handshake_timeout: opts.handshake_timeout,
+        };
         tokio::spawn(async move {
             let _permit = permit;
             let _source_slot = source_slot;
-            let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let identity = match stream.get_ref().1.peer_certificates() {
-                Some(chain) if !chain.is_empty() => {
-                    verify_svid(chain, &bundles.current(), Some(peer.ip()), UnixTime::now())
-                }
-                _ => Err(VerifyError::ClientCertRequired),
-            };
-            if let Err(e) = &identity {
-                tracing::debug!(%peer, error = %e, "client identity refused");
-            }
-            let conn = Arc::new(ConnInfo { peer, identity });
-            let activity = Activity::new();
-            let svc = {
-                let activity = activity.clone();
-                hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    let busy = activity.begin();
-                    req.extensions_mut().insert(conn.clone());
-                    let served = app.clone().oneshot(req.map(axum::body::Body::new));
-                    async move {
-                        let resp = served.await;
-                        drop(busy);
-                        resp
-                    }
-                })
-            };
-            // The protocol ALPN settled goes straight to its parser: the auto-detecting
-            // reader would otherwise wait, with no timeout but the idle one, for a first
-            // byte that an idle client never sends.
-            let builder = match stream.get_ref().1.alpn_protocol() {
-                Some(b"h2") => http_builder(&edge).http2_only(),
-                Some(b"http/1.1") => http_builder(&edge).http1_only(),
-                _ => http_builder(&edge),
-            };
-            let connection = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                r = connection.as_mut() => r,
-                () = activity.idle_for(edge.idle_timeout) => {
-                    metrics::counter!("mayfly_connections_closed_total", "reason" => "idle").increment(1);
-                    tracing::debug!(%peer, "idle connection closed");
-                    connection.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await {
-                        Ok(r) => r,
-                        Err(_) => Ok(()),
-                    }
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with error");
-            }
+            conn.serve().await;
         });
+    }
+}
+
+/// One accepted TCP connection and what serving it needs.
+struct Connection {
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+    bundles: Arc<crate::identity::LiveBundles>,
+    app: axum::Router,
+    edge: Arc<crate::config::EdgeLimits>,
+    handshake_timeout: Duration,
+}
+
+impl Connection {
+    /// The TLS handshake, the caller's SVID (kept, refused or not, for the app to read),
+    /// then HTTP until the client leaves or stays idle too long.
+    async fn serve(self) {
+        let stream = match tokio::time::timeout(
+            self.handshake_timeout,
+            self.acceptor.accept(self.tcp),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%self.peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%self.peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let identity = match stream.get_ref().1.peer_certificates() {
+            Some(chain) if !chain.is_empty() => verify_svid(
+                chain,
+                &self.bundles.current(),
+                Some(self.peer.ip()),
+                UnixTime::now(),
+            ),
+            _ => Err(VerifyError::ClientCertRequired),
+        };
+        if let Err(e) = &identity {
+            tracing::debug!(%self.peer, error = %e, "client identity refused");
+        }
+        let conn = Arc::new(ConnInfo {
+            peer: self.peer,
+            identity,
+        });
+        let activity = Activity::new();
+        let svc = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let busy = activity.begin();
+                req.extensions_mut().insert(conn.clone());
+                let served = self.app.clone().oneshot(req.map(axum::body::Body::new));
+                async move {
+                    let resp = served.await;
+                    drop(busy);
+                    resp
+                }
+            })
+        };
+        // The protocol ALPN settled goes straight to its parser: the auto-detecting
+        // reader would otherwise wait, with no timeout but the idle one, for a first
+        // byte that an idle client never sends.
+        let builder = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => http_builder(&self.edge).http2_only(),
+            Some(b"http/1.1") => http_builder(&self.edge).http1_only(),
+            _ => http_builder(&self.edge),
+        };
+        let connection = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(connection);
+        let ended = tokio::select! {
+            r = connection.as_mut() => r,
+            () = activity.idle_for(self.edge.idle_timeout) => {
+                metrics::counter!("mayfly_connections_closed_total", "reason" => "idle").increment(1);
+                tracing::debug!(%self.peer, "idle connection closed");
+                connection.as_mut().graceful_shutdown();
+                match tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%self.peer, error = %e, "connection ended with error");
+        }
     }
 }

@@ -296,50 +296,8 @@ pub async fn bulk(conn: Conn, args: BulkArgs) -> Result<(), CliError> {
         ));
     }
     let c = Client::new(&conn.server)?;
-    let mut q = Vec::new();
-    opt(&mut q, "principal", &args.principal);
-    opt(&mut q, "provider", &args.provider);
-    let matching: Vec<Value> = c
-        .all("/v1/leases", q)
-        .await?
-        .into_iter()
-        .filter(|l| matches!(l["state"].as_str(), Some("active" | "pending" | "revoking")))
-        .filter(|l| {
-            args.target_prefix
-                .as_deref()
-                .is_none_or(|p| l["target"].as_str().is_some_and(|t| t.starts_with(p)))
-        })
-        .collect();
-    let total = matching.len();
-    let mut revoked = Vec::new();
-    let mut failed = Vec::new();
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    for (i, l) in matching.iter().enumerate() {
-        let id = s(l, "lease_id");
-        match c
-            .post(
-                &format!("/v1/leases/{id}/revoke"),
-                json!({"reason": args.reason}),
-            )
-            .await
-        {
-            Ok(_) => revoked.push(id.clone()),
-            Err(e) => failed.push(json!({"lease_id": id, "error": e.to_string()})),
-        }
-        if !conn.json {
-            // One line rewritten in place at a terminal; one line per lease in a file or
-            // pipe, where a carriage return would run them together.
-            if tty {
-                eprint!("\rrevoking [{}/{total}] {id}", i + 1);
-                let _ = std::io::stderr().flush();
-            } else {
-                eprintln!("revoking [{}/{total}] {id}", i + 1);
-            }
-        }
-    }
-    if !conn.json && tty && total > 0 {
-        eprintln!();
-    }
+    let matching = matching_leases(&c, &args).await?;
+    let (revoked, failed) = revoke_each(&c, &matching, &args.reason, conn.json).await;
     let body = json!({
         "principal": args.principal, "provider": args.provider, "target_prefix": args.target_prefix, "reason": args.reason,
     });
@@ -372,4 +330,63 @@ pub async fn bulk(conn: Conn, args: BulkArgs) -> Result<(), CliError> {
             detail: format!("{} revocations failed", failed.len()),
         })
     }
+}
+
+/// The leases a bulk revocation covers: live ones of the principal or provider, or under
+/// the target prefix.
+async fn matching_leases(c: &Client, args: &BulkArgs) -> Result<Vec<Value>, CliError> {
+    let mut q = Vec::new();
+    opt(&mut q, "principal", &args.principal);
+    opt(&mut q, "provider", &args.provider);
+    Ok(c.all("/v1/leases", q)
+        .await?
+        .into_iter()
+        .filter(|l| matches!(l["state"].as_str(), Some("active" | "pending" | "revoking")))
+        .filter(|l| {
+            args.target_prefix
+                .as_deref()
+                .is_none_or(|p| l["target"].as_str().is_some_and(|t| t.starts_with(p)))
+        })
+        .collect())
+}
+
+/// Revokes each lease, with progress on stderr unless the output is JSON: the ids
+/// revoked and the failures.
+async fn revoke_each(
+    c: &Client,
+    matching: &[Value],
+    reason: &str,
+    json_out: bool,
+) -> (Vec<String>, Vec<Value>) {
+    let total = matching.len();
+    let mut revoked = Vec::new();
+    let mut failed = Vec::new();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    for (i, l) in matching.iter().enumerate() {
+        let id = s(l, "lease_id");
+        match c
+            .post(
+                &format!("/v1/leases/{id}/revoke"),
+                json!({"reason": reason}),
+            )
+            .await
+        {
+            Ok(_) => revoked.push(id.clone()),
+            Err(e) => failed.push(json!({"lease_id": id, "error": e.to_string()})),
+        }
+        if !json_out {
+            // One line rewritten in place at a terminal; one line per lease in a file or
+            // pipe, where a carriage return would run them together.
+            if tty {
+                eprint!("\rrevoking [{}/{total}] {id}", i + 1);
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("revoking [{}/{total}] {id}", i + 1);
+            }
+        }
+    }
+    if !json_out && tty && total > 0 {
+        eprintln!();
+    }
+    (revoked, failed)
 }

@@ -19,6 +19,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
+use jsonwebtoken::jwk::KeyAlgorithm;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 
-use super::jwks::{KeyCache, Lookup};
+use super::jwks::{KeyCache, Lookup, VerificationKey};
 use super::strict_json::{self, StrictJsonError};
 use super::{
     AuthMethod, OidcSubject, Posture, Principal, SingleUse, SpiffeId, VerifiedCaller, VerifyError,
@@ -241,12 +242,6 @@ enum Route<'a> {
     Oidc(&'a TrustedIssuer, String),
 }
 
-/// Which configured issuer verified a token (the key of `svid` or `oidc`).
-enum RouteKey {
-    Svid(String),
-    Oidc(String),
-}
-
 fn with_source(t: &VerifiedToken, source: Option<IpAddr>) -> VerifiedToken {
     let mut posture = t.caller.posture().clone();
     posture.source = source;
@@ -354,6 +349,8 @@ impl BearerVerifier {
     }
 
     /// Verifies `token` at `now`; the verified caller carries `source` in its posture.
+    /// The stages, in order: the JWS and its header, the issuer (by `iss` or the SVID
+    /// trust domain) and its header rules, the key, the signature, then the claims.
     pub async fn verify(
         &self,
         token: &str,
@@ -372,189 +369,36 @@ impl BearerVerifier {
         {
             return Ok(hit);
         }
-        let mut parts = token.split('.');
-        let (Some(h64), Some(p64), Some(s64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(VerifyError::TokenMalformed("a JWS has three segments"));
-        };
-        let header = json_object("header", &b64(h64)?)?;
-        let claims = json_object("claims", &b64(p64)?)?;
-        b64(s64)?;
-
-        let alg_name = match header.get("alg") {
-            Some(Value::String(a)) => a.as_str(),
-            _ => return Err(VerifyError::TokenMalformed("header has no string alg")),
-        };
-        if alg_name.eq_ignore_ascii_case("none") {
-            return Err(VerifyError::AlgNone);
-        }
-        if alg_name.starts_with("HS") {
-            return Err(VerifyError::AlgSymmetric(alg_name.to_string()));
-        }
-        for name in ["jku", "x5u", "jwk", "x5c"] {
-            if header.contains_key(name) {
-                return Err(VerifyError::EmbeddedKeyHeader(name));
-            }
-        }
-        if let Some(crit) = header.get("crit") {
-            return Err(VerifyError::UnsupportedCrit(crit.to_string()));
-        }
-
-        let route = self.route(&claims)?;
-        let (issuer, method) = match &route {
-            Route::Svid(i, _) => (*i, AuthMethod::JwtSvid),
-            Route::Oidc(i, _) => (*i, AuthMethod::Oidc),
-        };
-        let route_key = match &route {
-            Route::Svid(_, id) => RouteKey::Svid(id.trust_domain().to_string()),
-            Route::Oidc(_, iss) => RouteKey::Oidc(iss.clone()),
+        let jws = Jws::parse(token)?;
+        let alg_name = header_alg(&jws.header)?;
+        let route = self.route(&jws.claims)?;
+        let issuer = match &route {
+            Route::Svid(i, _) | Route::Oidc(i, _) => *i,
         };
         let rules = &issuer.rules;
-        let alg = alg_name
-            .parse::<Algorithm>()
-            .ok()
-            .filter(|a| rules.algorithms.contains(a))
-            .ok_or_else(|| VerifyError::AlgNotAllowed(alg_name.to_string()))?;
-        if let Some(allowed) = &rules.typ {
-            let typ =
-                str_claim(&header, "typ").map_err(|_| VerifyError::TypMismatch(String::new()))?;
-            let ok = typ.is_some_and(|t| allowed.iter().any(|a| a.eq_ignore_ascii_case(t)));
-            if !ok {
-                return Err(VerifyError::TypMismatch(
-                    typ.unwrap_or_default().to_string(),
-                ));
-            }
-        }
-        let kid = match header.get("kid") {
-            None => None,
-            Some(Value::String(k)) => Some(k.as_str()),
-            Some(_) => return Err(VerifyError::TokenMalformed("kid is not a string")),
-        };
-        // JWT-SVID §3.1: kid is required.
-        if kid.is_none() && matches!(route, Route::Svid(..)) {
-            return Err(VerifyError::MissingKid);
-        }
+        let (alg, kid) = issuer_header_rules(&jws.header, alg_name, rules, &route)?;
         let fetches = issuer.keys.fetch_count().await;
-        let key = match issuer.keys.lookup(kid).await {
-            Lookup::Found(k) => k,
-            Lookup::UnknownKid => return Err(VerifyError::UnknownKid(kid.unwrap_or("").into())),
-            Lookup::Ambiguous => return Err(VerifyError::MissingKid),
-            Lookup::Unavailable(e) => return Err(VerifyError::KeysUnavailable(e.to_string())),
-        };
-        if let Some(pinned) = key.alg
-            && format!("{pinned:?}") != format!("{alg:?}")
-        {
-            return Err(VerifyError::KeyAlgMismatch);
-        }
-        let signed = &token[..h64.len() + 1 + p64.len()];
-        match jsonwebtoken::crypto::verify(s64, signed.as_bytes(), &key.key, alg) {
-            Ok(true) => {}
-            Ok(false) => return Err(VerifyError::BadSignature),
-            Err(e) => {
-                return Err(match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::InvalidSignature
-                    | jsonwebtoken::errors::ErrorKind::Base64(_) => VerifyError::BadSignature,
-                    _ => VerifyError::KeyAlgMismatch,
-                });
-            }
-        }
-
-        // Claims. Leeway absorbs clock skew only.
-        let leeway = i64::try_from(rules.leeway.as_secs()).unwrap_or(i64::MAX);
-        let now_s = now.unix_timestamp();
-        let exp = time_claim(&claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
-        if exp.saturating_add(leeway) <= now_s {
-            return Err(VerifyError::TokenExpired);
-        }
-        if let Some(nbf) = time_claim(&claims, "nbf")?
-            && nbf > now_s.saturating_add(leeway)
-        {
-            return Err(VerifyError::TokenNotYetValid);
-        }
-        if let Some(iat) = time_claim(&claims, "iat")?
-            && iat > now_s.saturating_add(leeway)
-        {
-            return Err(VerifyError::IssuedInFuture);
-        }
-        let auds: Vec<&str> = match claims.get("aud") {
-            None => return Err(VerifyError::MissingClaim("aud")),
-            Some(Value::String(a)) => vec![a.as_str()],
-            Some(Value::Array(list)) => list
-                .iter()
-                .map(|v| v.as_str().ok_or(VerifyError::ClaimType("aud")))
-                .collect::<Result<_, _>>()?,
-            Some(_) => return Err(VerifyError::ClaimType("aud")),
-        };
-        if !auds.iter().any(|a| rules.audiences.iter().any(|m| m == a)) {
-            return Err(VerifyError::AudienceMismatch);
-        }
-        if auds.len() > 1 && !rules.allow_multiple_audiences {
-            return Err(VerifyError::MultipleAudiences(auds.len()));
-        }
-        let iss = str_claim(&claims, "iss")?.map(str::to_string);
-        let principal = match route {
-            Route::Svid(_, id) => Principal::Spiffe(id),
-            Route::Oidc(_, iss) => {
-                let sub = str_claim(&claims, "sub")?.ok_or(VerifyError::MissingClaim("sub"))?;
-                Principal::Oidc(
-                    OidcSubject::new(&iss, sub).map_err(|_| VerifyError::ClaimType("sub"))?,
-                )
-            }
-        };
-        let single_use = if rules.single_use {
-            let jti = str_claim(&claims, "jti")?.ok_or(VerifyError::MissingClaim("jti"))?;
-            let scope = iss.as_deref().unwrap_or(principal.trust_domain());
-            let until = OffsetDateTime::from_unix_timestamp(exp.saturating_add(leeway))
-                .map_err(|_| VerifyError::ClaimType("exp"))?;
-            Some(SingleUse::new(format!("jti:bearer:{scope}:{jti}"), until))
-        } else {
-            None
-        };
-
-        let expires_at =
-            OffsetDateTime::from_unix_timestamp(exp).map_err(|_| VerifyError::ClaimType("exp"))?;
-        let posture_claims = posture_claims(&claims);
-        let job = if rules.job_claims.is_empty() {
-            None
-        } else {
-            rules
-                .job_claims
-                .iter()
-                .map(|c| claims.get(c.as_str()).and_then(claim_string))
-                .collect::<Option<Vec<_>>>()
-        };
-        let posture = Posture {
-            method,
-            trust_domain: principal.trust_domain().to_string(),
-            source,
-            credential_not_after: expires_at,
-            credential_fingerprint: crate::secret::fingerprint(token.as_bytes()),
-            issuer: iss,
-            claims: posture_claims,
-        };
-        let verified = VerifiedToken {
-            caller: VerifiedCaller::new(principal, posture).with_single_use(single_use),
-            expires_at,
-            job,
-            max_exchange_ttl: rules.max_exchange_ttl,
-        };
+        let key = lookup_key(issuer, kid).await?;
+        check_signature(&jws, &key, alg)?;
+        let checked = check_claims(&jws.claims, rules, route, now)?;
+        let (valid_until, svid, issuer_name) = (
+            checked.valid_until,
+            checked.svid,
+            checked.issuer_name.clone(),
+        );
+        let verified = verified_token(token, checked, rules, source)?;
         if let Some(d) = digest
             && !rules.single_use
         {
-            let (svid, name) = match &route_key {
-                RouteKey::Svid(td) => (true, td.clone()),
-                RouteKey::Oidc(iss) => (false, iss.clone()),
-            };
             let entry = CachedToken {
                 token: with_source(&verified, None),
-                valid_until: exp.saturating_add(leeway),
+                valid_until,
                 kid: kid.map(str::to_string),
                 fetches,
                 svid,
-                issuer: name,
+                issuer: issuer_name,
             };
-            self.remember(d, entry, now_s);
+            self.remember(d, entry, now.unix_timestamp());
         }
         Ok(verified)
     }
@@ -581,6 +425,265 @@ impl BearerVerifier {
             },
         }
     }
+}
+
+/// A compact JWS split into its segments, header and claims decoded as JSON objects
+/// without duplicate members.
+struct Jws<'a> {
+    /// `header.claims`, the bytes the signature covers.
+    signed: &'a str,
+    signature: &'a str,
+    header: Map<String, Value>,
+    claims: Map<String, Value>,
+}
+
+impl<'a> Jws<'a> {
+    fn parse(token: &'a str) -> Result<Self, VerifyError> {
+        let mut parts = token.split('.');
+        let (Some(h64), Some(p64), Some(s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(VerifyError::TokenMalformed("a JWS has three segments"));
+        };
+        let header = json_object("header", &b64(h64)?)?;
+        let claims = json_object("claims", &b64(p64)?)?;
+        b64(s64)?;
+        Ok(Self {
+            signed: &token[..h64.len() + 1 + p64.len()],
+            signature: s64,
+            header,
+            claims,
+        })
+    }
+}
+
+/// The header rules every issuer shares: a string `alg` that is neither `none` nor
+/// symmetric, no key named by the token itself, no `crit`. Returns the `alg` text.
+fn header_alg(header: &Map<String, Value>) -> Result<&str, VerifyError> {
+    let alg_name = match header.get("alg") {
+        Some(Value::String(a)) => a.as_str(),
+        _ => return Err(VerifyError::TokenMalformed("header has no string alg")),
+    };
+    if alg_name.eq_ignore_ascii_case("none") {
+        return Err(VerifyError::AlgNone);
+    }
+    if alg_name.starts_with("HS") {
+        return Err(VerifyError::AlgSymmetric(alg_name.to_string()));
+    }
+    for name in ["jku", "x5u", "jwk", "x5c"] {
+        if header.contains_key(name) {
+            return Err(VerifyError::EmbeddedKeyHeader(name));
+        }
+    }
+    if let Some(crit) = header.get("crit") {
+        return Err(VerifyError::UnsupportedCrit(crit.to_string()));
+    }
+    Ok(alg_name)
+}
+
+/// The header rules of the chosen issuer: `alg` among its algorithms, `typ` among its
+/// types, and a `kid` (required for a JWT-SVID, §3.1). Returns the algorithm and kid.
+fn issuer_header_rules<'h>(
+    header: &'h Map<String, Value>,
+    alg_name: &str,
+    rules: &IssuerRules,
+    route: &Route<'_>,
+) -> Result<(Algorithm, Option<&'h str>), VerifyError> {
+    let alg = alg_name
+        .parse::<Algorithm>()
+        .ok()
+        .filter(|a| rules.algorithms.contains(a))
+        .ok_or_else(|| VerifyError::AlgNotAllowed(alg_name.to_string()))?;
+    if let Some(allowed) = &rules.typ {
+        let typ = str_claim(header, "typ").map_err(|_| VerifyError::TypMismatch(String::new()))?;
+        let ok = typ.is_some_and(|t| allowed.iter().any(|a| a.eq_ignore_ascii_case(t)));
+        if !ok {
+            return Err(VerifyError::TypMismatch(
+                typ.unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(k)) => Some(k.as_str()),
+        Some(_) => return Err(VerifyError::TokenMalformed("kid is not a string")),
+    };
+    if kid.is_none() && matches!(route, Route::Svid(..)) {
+        return Err(VerifyError::MissingKid);
+    }
+    Ok((alg, kid))
+}
+
+/// The issuer's key for `kid` (fetched when unknown, within the cache's limits).
+async fn lookup_key(
+    issuer: &TrustedIssuer,
+    kid: Option<&str>,
+) -> Result<VerificationKey, VerifyError> {
+    match issuer.keys.lookup(kid).await {
+        Lookup::Found(k) => Ok(k),
+        Lookup::UnknownKid => Err(VerifyError::UnknownKid(kid.unwrap_or("").into())),
+        Lookup::Ambiguous => Err(VerifyError::MissingKid),
+        Lookup::Unavailable(e) => Err(VerifyError::KeysUnavailable(e.to_string())),
+    }
+}
+
+/// The signature, under a key whose own `alg` (when the JWK pins one) is the token's.
+fn check_signature(
+    jws: &Jws<'_>,
+    key: &VerificationKey,
+    alg: Algorithm,
+) -> Result<(), VerifyError> {
+    if key
+        .alg
+        .is_some_and(|pinned| pinned != KeyAlgorithm::from(alg))
+    {
+        return Err(VerifyError::KeyAlgMismatch);
+    }
+    match jsonwebtoken::crypto::verify(jws.signature, jws.signed.as_bytes(), &key.key, alg) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(VerifyError::BadSignature),
+        Err(e) => Err(match e.kind() {
+            jsonwebtoken::errors::ErrorKind::InvalidSignature
+            | jsonwebtoken::errors::ErrorKind::Base64(_) => VerifyError::BadSignature,
+            _ => VerifyError::KeyAlgMismatch,
+        }),
+    }
+}
+
+/// What the claims of a signed token establish.
+struct CheckedClaims {
+    principal: Principal,
+    method: AuthMethod,
+    iss: Option<String>,
+    exp: i64,
+    /// `exp` plus leeway: until when the token (and its cache entry) holds.
+    valid_until: i64,
+    single_use: Option<Arc<SingleUse>>,
+    job: Option<Vec<String>>,
+    posture_claims: BTreeMap<String, String>,
+    /// The cache's issuer key: SVID trust domain or OIDC `iss`.
+    svid: bool,
+    issuer_name: String,
+}
+
+/// The time claims (leeway absorbs clock skew only), the audience, the principal, the
+/// single-use note and the job claims.
+fn check_claims(
+    claims: &Map<String, Value>,
+    rules: &IssuerRules,
+    route: Route<'_>,
+    now: OffsetDateTime,
+) -> Result<CheckedClaims, VerifyError> {
+    let leeway = i64::try_from(rules.leeway.as_secs()).unwrap_or(i64::MAX);
+    let exp = time_rules(claims, leeway, now.unix_timestamp())?;
+    audience_rules(claims, rules)?;
+    let iss = str_claim(claims, "iss")?.map(str::to_string);
+    let (principal, method, svid, issuer_name) = match route {
+        Route::Svid(_, id) => {
+            let td = id.trust_domain().to_string();
+            (Principal::Spiffe(id), AuthMethod::JwtSvid, true, td)
+        }
+        Route::Oidc(_, iss) => {
+            let sub = str_claim(claims, "sub")?.ok_or(VerifyError::MissingClaim("sub"))?;
+            let p = OidcSubject::new(&iss, sub).map_err(|_| VerifyError::ClaimType("sub"))?;
+            (Principal::Oidc(p), AuthMethod::Oidc, false, iss)
+        }
+    };
+    let single_use = if rules.single_use {
+        let jti = str_claim(claims, "jti")?.ok_or(VerifyError::MissingClaim("jti"))?;
+        let scope = iss.as_deref().unwrap_or(principal.trust_domain());
+        let until = OffsetDateTime::from_unix_timestamp(exp.saturating_add(leeway))
+            .map_err(|_| VerifyError::ClaimType("exp"))?;
+        Some(SingleUse::new(format!("jti:bearer:{scope}:{jti}"), until))
+    } else {
+        None
+    };
+    let job = if rules.job_claims.is_empty() {
+        None
+    } else {
+        rules
+            .job_claims
+            .iter()
+            .map(|c| claims.get(c.as_str()).and_then(claim_string))
+            .collect::<Option<Vec<_>>>()
+    };
+    Ok(CheckedClaims {
+        principal,
+        method,
+        iss,
+        exp,
+        valid_until: exp.saturating_add(leeway),
+        single_use,
+        job,
+        posture_claims: posture_claims(claims),
+        svid,
+        issuer_name,
+    })
+}
+
+/// `exp` (required), `nbf` and `iat` against `now_s` with `leeway`; returns `exp`.
+fn time_rules(claims: &Map<String, Value>, leeway: i64, now_s: i64) -> Result<i64, VerifyError> {
+    let exp = time_claim(claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
+    if exp.saturating_add(leeway) <= now_s {
+        return Err(VerifyError::TokenExpired);
+    }
+    if let Some(nbf) = time_claim(claims, "nbf")?
+        && nbf > now_s.saturating_add(leeway)
+    {
+        return Err(VerifyError::TokenNotYetValid);
+    }
+    if let Some(iat) = time_claim(claims, "iat")?
+        && iat > now_s.saturating_add(leeway)
+    {
+        return Err(VerifyError::IssuedInFuture);
+    }
+    Ok(exp)
+}
+
+/// `aud`: one of the issuer's audiences, and only one unless the issuer allows more.
+fn audience_rules(claims: &Map<String, Value>, rules: &IssuerRules) -> Result<(), VerifyError> {
+    let auds: Vec<&str> = match claims.get("aud") {
+        None => return Err(VerifyError::MissingClaim("aud")),
+        Some(Value::String(a)) => vec![a.as_str()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_str().ok_or(VerifyError::ClaimType("aud")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(VerifyError::ClaimType("aud")),
+    };
+    if !auds.iter().any(|a| rules.audiences.iter().any(|m| m == a)) {
+        return Err(VerifyError::AudienceMismatch);
+    }
+    if auds.len() > 1 && !rules.allow_multiple_audiences {
+        return Err(VerifyError::MultipleAudiences(auds.len()));
+    }
+    Ok(())
+}
+
+/// The verified caller and what the exchange may grant it.
+fn verified_token(
+    token: &str,
+    c: CheckedClaims,
+    rules: &IssuerRules,
+    source: Option<IpAddr>,
+) -> Result<VerifiedToken, VerifyError> {
+    let expires_at =
+        OffsetDateTime::from_unix_timestamp(c.exp).map_err(|_| VerifyError::ClaimType("exp"))?;
+    let posture = Posture {
+        method: c.method,
+        trust_domain: c.principal.trust_domain().to_string(),
+        source,
+        credential_not_after: expires_at,
+        credential_fingerprint: crate::secret::fingerprint(token.as_bytes()),
+        issuer: c.iss,
+        claims: c.posture_claims,
+    };
+    Ok(VerifiedToken {
+        caller: VerifiedCaller::new(c.principal, posture).with_single_use(c.single_use),
+        expires_at,
+        job: c.job,
+        max_exchange_ttl: rules.max_exchange_ttl,
+    })
 }
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
+use super::ReplayGuard;
 use super::strict_json::{self, StrictJsonError};
-use crate::lease::LeaseStore;
 
 /// Largest proof accepted (an RSA-4096 `jwk` fits with room to spare).
 pub const MAX_PROOF_BYTES: usize = 8 * 1024;
@@ -219,10 +219,10 @@ pub struct VerifiedProof {
     pub jkt: String,
 }
 
-/// Checks DPoP proofs; the `jti` replay set lives in the lease store.
+/// Checks DPoP proofs; the `jti` replay set lives in shared state (the lease store).
 pub struct DpopVerifier {
     cfg: DpopConfig,
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn ReplayGuard>,
 }
 
 impl std::fmt::Debug for DpopVerifier {
@@ -361,9 +361,44 @@ fn key_for(
     jsonwebtoken::DecodingKey::from_jwk(&parsed).map_err(|_| DpopError::Jwk("not a usable key"))
 }
 
+/// The header of a proof: `typ`, an allowed `alg`, the key as an embedded `jwk` and no
+/// other way to name one, no `crit`.
+fn header_rules(
+    header: &Map<String, Value>,
+) -> Result<(Algorithm, &Map<String, Value>), DpopError> {
+    if !str_member(header, "typ").is_some_and(|t| t.eq_ignore_ascii_case(PROOF_TYP)) {
+        return Err(DpopError::Typ);
+    }
+    let alg_name = str_member(header, "alg").ok_or(DpopError::Alg(String::new()))?;
+    if !ALGORITHMS.contains(&alg_name) {
+        return Err(DpopError::Alg(alg_name.to_string()));
+    }
+    let alg: Algorithm = alg_name
+        .parse()
+        .map_err(|_| DpopError::Alg(alg_name.to_string()))?;
+    let jwk = match header.get("jwk") {
+        Some(Value::Object(j)) => j,
+        _ => return Err(DpopError::Jwk("the header has no jwk object")),
+    };
+    // The key is the jwk; any other way to name one is ambiguous (a `kid` names
+    // nothing here and is ignored).
+    for name in ["jku", "x5u", "x5c"] {
+        if header.contains_key(name) {
+            return Err(DpopError::Header(name));
+        }
+    }
+    if header.contains_key("crit") {
+        return Err(DpopError::Header("crit"));
+    }
+    Ok((alg, jwk))
+}
+
 impl DpopVerifier {
-    pub fn new(cfg: DpopConfig, store: Arc<dyn LeaseStore>) -> Self {
-        Self { cfg, store }
+    pub fn new(cfg: DpopConfig, store: impl ReplayGuard) -> Self {
+        Self {
+            cfg,
+            store: Arc::new(store),
+        }
     }
 
     /// The nonce to announce in `DPoP-Nonce`, when nonces are required.
@@ -411,30 +446,7 @@ impl DpopVerifier {
         let claims = object("claims", &b64(p64)?)?;
         b64(s64)?;
 
-        if !str_member(&header, "typ").is_some_and(|t| t.eq_ignore_ascii_case(PROOF_TYP)) {
-            return Err(DpopError::Typ);
-        }
-        let alg_name = str_member(&header, "alg").ok_or(DpopError::Alg(String::new()))?;
-        if !ALGORITHMS.contains(&alg_name) {
-            return Err(DpopError::Alg(alg_name.to_string()));
-        }
-        let alg: Algorithm = alg_name
-            .parse()
-            .map_err(|_| DpopError::Alg(alg_name.to_string()))?;
-        let jwk = match header.get("jwk") {
-            Some(Value::Object(j)) => j,
-            _ => return Err(DpopError::Jwk("the header has no jwk object")),
-        };
-        // The key is the jwk; any other way to name one is ambiguous (a `kid` names
-        // nothing here and is ignored).
-        for name in ["jku", "x5u", "x5c"] {
-            if header.contains_key(name) {
-                return Err(DpopError::Header(name));
-            }
-        }
-        if header.contains_key("crit") {
-            return Err(DpopError::Header("crit"));
-        }
+        let (alg, jwk) = header_rules(&header)?;
         let key = key_for(alg, jwk)?;
         let jkt = jwk_thumbprint(jwk)?;
         let signed = &proof[..h64.len() + 1 + p64.len()];
@@ -443,14 +455,25 @@ impl DpopVerifier {
             _ => return Err(DpopError::Signature),
         }
 
-        let jti = str_member(&claims, "jti")
+        let (jti, iat) = self.claim_rules(&claims, ctx)?;
+        Ok((jkt, jti, iat))
+    }
+
+    /// The claims of a proof whose signature holds: `jti`, `htm`/`htu` for this
+    /// request, `iat` in the window, `ath` for the access token, the nonce.
+    fn claim_rules(
+        &self,
+        claims: &Map<String, Value>,
+        ctx: ProofContext<'_>,
+    ) -> Result<(String, i64), DpopError> {
+        let jti = str_member(claims, "jti")
             .filter(|j| {
                 !j.is_empty() && j.len() <= MAX_JTI_LEN && j.bytes().all(|b| b.is_ascii_graphic())
             })
             .ok_or(DpopError::Claim("jti"))?;
-        let htm = str_member(&claims, "htm").ok_or(DpopError::Claim("htm"))?;
-        let htu = str_member(&claims, "htu").ok_or(DpopError::Claim("htu"))?;
-        let iat = time_claim(&claims, "iat")?;
+        let htm = str_member(claims, "htm").ok_or(DpopError::Claim("htm"))?;
+        let htu = str_member(claims, "htu").ok_or(DpopError::Claim("htu"))?;
+        let iat = time_claim(claims, "iat")?;
         if htm != ctx.method {
             return Err(DpopError::Htm);
         }
@@ -468,17 +491,17 @@ impl DpopVerifier {
         }
         if let Some(token) = ctx.access_token {
             let want = access_token_hash(token);
-            if str_member(&claims, "ath") != Some(want.as_str()) {
+            if str_member(claims, "ath") != Some(want.as_str()) {
                 return Err(DpopError::Ath);
             }
         }
         if let Some(k) = &self.cfg.nonce {
-            let ok = str_member(&claims, "nonce").is_some_and(|n| k.accepts(n, ctx.now));
+            let ok = str_member(claims, "nonce").is_some_and(|n| k.accepts(n, ctx.now));
             if !ok {
                 return Err(DpopError::UseNonce);
             }
         }
-        Ok((jkt, jti.to_string(), iat))
+        Ok((jti.to_string(), iat))
     }
 }
 

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod bundle_endpoint;
 pub mod dpop;
 pub mod jwks;
+mod replay_guard;
 pub mod spiffe_id;
 pub mod strict_json;
 pub mod workload_api;
@@ -18,6 +19,7 @@ use std::net::IpAddr;
 use time::OffsetDateTime;
 
 pub use bundle::{BundleError, LiveBundles, TrustBundles};
+pub use replay_guard::{ReplayGuard, ReplayGuardError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Why a caller's proof of identity was refused. Each rule has its own variant (and its

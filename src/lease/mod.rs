@@ -12,6 +12,7 @@
 
 pub mod embedded;
 pub mod redis;
+mod replay_guard;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

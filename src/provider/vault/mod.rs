@@ -17,12 +17,16 @@
 //! `sys/leases/revoke`, drops the `lease_id` of reads at arbitrary paths, and offers no
 //! bound on response size.
 
+mod config;
+
+pub use config::{RawAppRole, RawVault, RawVaultTarget, VaultAuth, VaultConfig, VaultTarget};
+
 use async_trait::async_trait;
 use reqwest::Method;
 use serde::Deserialize;
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 
@@ -36,267 +40,6 @@ use crate::task::ProviderKind;
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// How much of the AppRole token's TTL may pass before Mayfly logs in again.
 const RELOGIN_FRACTION: f64 = 0.66;
-
-// ---------------------------------------------------------------------------------------
-// Configuration
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawVault {
-    /// `https://vault.example.org:8200` (http:// only to loopback with
-    /// `allow_insecure_http`).
-    pub address: String,
-    /// Mayfly's own Vault token, read from this file and re-read when it changes.
-    #[serde(default)]
-    pub token_file: Option<PathBuf>,
-    /// Or: log in with AppRole.
-    #[serde(default)]
-    pub approle: Option<RawAppRole>,
-    #[serde(default)]
-    pub namespace: Option<String>,
-    /// PEM CA bundle to trust for the Vault server instead of the system roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    #[serde(default = "default_timeout")]
-    pub timeout: String,
-    /// Sustained mints per second through this provider (token bucket); 0 turns it off.
-    #[serde(default = "default_rate")]
-    pub rate_limit_per_second: f64,
-    #[serde(default = "default_burst")]
-    pub rate_limit_burst: f64,
-    #[serde(default)]
-    pub allow_insecure_http: bool,
-    pub targets: BTreeMap<String, RawVaultTarget>,
-}
-
-fn default_timeout() -> String {
-    "5s".into()
-}
-fn default_rate() -> f64 {
-    200.0
-}
-fn default_burst() -> f64 {
-    50.0
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAppRole {
-    #[serde(default = "default_approle_mount")]
-    pub mount: String,
-    pub role_id: String,
-    pub secret_id_file: PathBuf,
-}
-
-fn default_approle_mount() -> String {
-    "approle".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
-pub enum RawVaultTarget {
-    Token {
-        token_role: String,
-        allowed_policies: Vec<String>,
-    },
-    Dynamic {
-        path: String,
-        #[serde(default = "default_method")]
-        method: String,
-        /// Fixed request parameters (POST only).
-        #[serde(default)]
-        params: serde_json::Map<String, Value>,
-        /// Parameter that receives the lease TTL (`ttl` for `pki/issue`), so Vault's own
-        /// lease ends with Mayfly's.
-        #[serde(default)]
-        ttl_param: Option<String>,
-        /// Parameter that receives the grant's single resource (`common_name`,
-        /// `uri_sans`…), so the secret is cut to what the task named.
-        #[serde(default)]
-        resource_param: Option<String>,
-        /// The longest lease Vault gives at this path: how long a secret minted just
-        /// before a crash can live (reported for leases that never became active).
-        max_ttl: String,
-    },
-}
-
-fn default_method() -> String {
-    "GET".into()
-}
-
-#[derive(Debug, Clone)]
-pub enum VaultAuth {
-    TokenFile(PathBuf),
-    AppRole {
-        mount: String,
-        role_id: String,
-        secret_id_file: PathBuf,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub enum VaultTarget {
-    Token {
-        role: String,
-        allowed_policies: BTreeSet<String>,
-    },
-    Dynamic {
-        path: String,
-        post: bool,
-        params: serde_json::Map<String, Value>,
-        ttl_param: Option<String>,
-        resource_param: Option<String>,
-        max_ttl: Duration,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct VaultConfig {
-    pub address: String,
-    pub auth: VaultAuth,
-    pub namespace: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub timeout: Duration,
-    pub rate: Option<RateLimit>,
-    pub targets: BTreeMap<String, VaultTarget>,
-    /// `limits.pending_timeout`: the first TTL of every token.
-    pub pending_ttl: Duration,
-}
-
-type CfgErr = (&'static str, String);
-
-fn vault_path_ok(p: &str) -> bool {
-    !p.is_empty()
-        && !p.starts_with('/')
-        && !p.contains("..")
-        && p.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'))
-}
-
-impl VaultConfig {
-    pub fn from_raw(raw: RawVault, pending_ttl: Duration) -> Result<Self, CfgErr> {
-        let e = |k: &'static str, m: String| (k, m);
-        let address = raw.address.trim_end_matches('/').to_string();
-        crate::net::url_allowed(&address, raw.allow_insecure_http)
-            .map_err(|m| e("providers.vault.address", m))?;
-        let auth = match (raw.token_file, raw.approle) {
-            (Some(f), None) => VaultAuth::TokenFile(f),
-            (None, Some(a)) => {
-                if !vault_path_ok(&a.mount) || a.role_id.is_empty() {
-                    return Err(e(
-                        "providers.vault.approle",
-                        "mount must be a path and role_id non-empty".into(),
-                    ));
-                }
-                VaultAuth::AppRole {
-                    mount: a.mount,
-                    role_id: a.role_id,
-                    secret_id_file: a.secret_id_file,
-                }
-            }
-            _ => {
-                return Err(e(
-                    "providers.vault",
-                    "give exactly one of token_file, approle".into(),
-                ));
-            }
-        };
-        let timeout = crate::duration::parse(&raw.timeout)
-            .map_err(|m| e("providers.vault.timeout", m.to_string()))?;
-        let rate = super::rate_limit(raw.rate_limit_per_second, raw.rate_limit_burst)
-            .map_err(|m| e("providers.vault.rate_limit_per_second", m))?;
-        if raw.targets.is_empty() {
-            return Err(e(
-                "providers.vault.targets",
-                "at least one target is required".into(),
-            ));
-        }
-        let mut targets = BTreeMap::new();
-        for (name, t) in raw.targets {
-            let t = match t {
-                RawVaultTarget::Token {
-                    token_role,
-                    allowed_policies,
-                } => {
-                    if !vault_path_ok(&token_role) || token_role.contains('/') {
-                        return Err(e(
-                            "providers.vault.targets.token_role",
-                            format!("{name}: {token_role:?} is not a role name"),
-                        ));
-                    }
-                    let allowed: BTreeSet<String> = allowed_policies.into_iter().collect();
-                    if allowed.is_empty() || allowed.iter().any(|p| p == "root" || p.is_empty()) {
-                        return Err(e(
-                            "providers.vault.targets.allowed_policies",
-                            format!("{name}: non-empty, and never \"root\""),
-                        ));
-                    }
-                    VaultTarget::Token {
-                        role: token_role,
-                        allowed_policies: allowed,
-                    }
-                }
-                RawVaultTarget::Dynamic {
-                    path,
-                    method,
-                    params,
-                    ttl_param,
-                    resource_param,
-                    max_ttl,
-                } => {
-                    if !vault_path_ok(&path)
-                        || path.starts_with("sys/")
-                        || path.starts_with("auth/")
-                    {
-                        return Err(e(
-                            "providers.vault.targets.path",
-                            format!("{name}: {path:?} is not a secrets-engine path"),
-                        ));
-                    }
-                    let post = match method.as_str() {
-                        "GET" => false,
-                        "POST" => true,
-                        other => {
-                            return Err(e(
-                                "providers.vault.targets.method",
-                                format!("{name}: {other:?}: expected GET or POST"),
-                            ));
-                        }
-                    };
-                    if !post
-                        && (!params.is_empty() || ttl_param.is_some() || resource_param.is_some())
-                    {
-                        return Err(e(
-                            "providers.vault.targets.method",
-                            format!("{name}: params, ttl_param and resource_param need POST"),
-                        ));
-                    }
-                    VaultTarget::Dynamic {
-                        path,
-                        post,
-                        params,
-                        ttl_param,
-                        resource_param,
-                        max_ttl: crate::duration::parse(&max_ttl).map_err(|m| {
-                            e("providers.vault.targets.max_ttl", format!("{name}: {m}"))
-                        })?,
-                    }
-                }
-            };
-            targets.insert(name, t);
-        }
-        Ok(Self {
-            address,
-            auth,
-            namespace: raw.namespace.filter(|n| !n.is_empty()),
-            ca_file: raw.ca_file,
-            timeout,
-            rate,
-            targets,
-            pending_ttl,
-        })
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Client
@@ -586,40 +329,12 @@ impl VaultProvider {
             ));
         }
         let resp = if *post {
-            let mut body = params.clone();
-            if let Some(p) = ttl_param {
-                body.insert(
-                    p.clone(),
-                    json!(format!("{}s", secs_until(lease.expires_at))),
-                );
-            }
-            match (resource_param, lease.resources.len()) {
-                (Some(p), 1) => {
-                    let r = lease
-                        .resources
-                        .iter()
-                        .next()
-                        .map(String::as_str)
-                        .unwrap_or("");
-                    if r.ends_with('*') {
-                        return Err(ProviderError::InvalidGrant(format!(
-                            "resource {r:?} is a pattern; {p} needs one concrete value"
-                        )));
-                    }
-                    body.insert(p.clone(), json!(r));
-                }
-                (Some(p), _) => {
-                    return Err(ProviderError::InvalidGrant(format!(
-                        "this target takes exactly one resource (its {p})"
-                    )));
-                }
-                (None, 0) => {}
-                (None, _) => {
-                    return Err(ProviderError::InvalidGrant(
-                        "this target takes no resources".into(),
-                    ));
-                }
-            }
+            let body = dynamic_body(
+                lease,
+                params,
+                ttl_param.as_deref(),
+                resource_param.as_deref(),
+            )?;
             self.call(Method::POST, path, Some(&Value::Object(body)))
                 .await?
         } else {
@@ -681,6 +396,51 @@ fn handle_str<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
 
 fn handle_i64(lease: &Lease, key: &str) -> Option<i64> {
     lease.handle.as_ref()?.get(key)?.as_i64()
+}
+
+/// The POST body of a dynamic target: its fixed params, plus the lease's TTL and its one
+/// resource under the names the target configures.
+fn dynamic_body(
+    lease: &Lease,
+    params: &Map<String, Value>,
+    ttl_param: Option<&str>,
+    resource_param: Option<&str>,
+) -> Result<Map<String, Value>, ProviderError> {
+    let mut body = params.clone();
+    if let Some(p) = ttl_param {
+        body.insert(
+            p.to_string(),
+            json!(format!("{}s", secs_until(lease.expires_at))),
+        );
+    }
+    match (resource_param, lease.resources.len()) {
+        (Some(p), 1) => {
+            let r = lease
+                .resources
+                .iter()
+                .next()
+                .map(String::as_str)
+                .unwrap_or("");
+            if r.ends_with('*') {
+                return Err(ProviderError::InvalidGrant(format!(
+                    "resource {r:?} is a pattern; {p} needs one concrete value"
+                )));
+            }
+            body.insert(p.to_string(), json!(r));
+        }
+        (Some(p), _) => {
+            return Err(ProviderError::InvalidGrant(format!(
+                "this target takes exactly one resource (its {p})"
+            )));
+        }
+        (None, 0) => {}
+        (None, _) => {
+            return Err(ProviderError::InvalidGrant(
+                "this target takes no resources".into(),
+            ));
+        }
+    }
+    Ok(body)
 }
 
 #[async_trait]
