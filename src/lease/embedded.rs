@@ -17,6 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use time::OffsetDateTime;
 
+use super::ending::{self, Ending};
 use super::{
     AuditAnchor, DenyEntry, Lease, LeaseQuery, LeaseStore, Observation, Page, RiskEvent,
     StoreError, TaskQuery, Transition, apply_transition, lease_matches, task_matches,
@@ -197,7 +198,8 @@ fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreErr
 pub struct EmbeddedStore {
     db: Arc<Database>,
     windows: std::sync::Mutex<Windows>,
-    buckets: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::ratelimit::TokenBucket>>>,
+    buckets:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<crate::ratelimit::TokenBucket>>>,
     ops: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// Named locks: one process owns the file, so a local lock serialises every writer.
@@ -512,23 +514,14 @@ impl LeaseStore for EmbeddedStore {
         self.write(move |tx| {
             let task = {
                 let mut tasks = tx.open_table(TASKS).map_err(db_err)?;
-                let mut task: Task = match tasks.get(id.as_str()).map_err(db_err)? {
+                let current: Task = match tasks.get(id.as_str()).map_err(db_err)? {
                     Some(v) => decode(v.value())?,
                     None => return Err(StoreError::NotFound(id.to_string())),
                 };
-                if task.state == to {
-                    return Ok(task);
-                }
-                if task.state != TaskState::Active {
-                    return Err(StoreError::TaskEnded {
-                        id: id.to_string(),
-                        current: task.state,
-                        to,
-                    });
-                }
-                task.state = to;
-                task.ended_at = Some(at);
-                task.end_reason = Some(reason);
+                let task = match ending::end(current, to, &reason, at)? {
+                    Ending::Unchanged(task) => return Ok(task),
+                    Ending::Ended(task) => task,
+                };
                 tasks
                     .insert(id.as_str(), encode(&task)?.as_slice())
                     .map_err(db_err)?;
