@@ -25,6 +25,10 @@
 //! the stored record is still the one it was computed from; otherwise it is re-read and
 //! re-checked. Claims on due leases are one Lua script, so a lease is claimed by exactly
 //! one replica per claim period.
+//!
+//! Each concern keeps its scripts and operations in its own file: `connection`
+//! (connecting, timeouts, durability), `tasks` (tasks, leases, due index), `control`,
+//! `approvals`, `deny` (deny sets and locks), `anchors`.
 
 mod anchors;
 mod approvals;
@@ -110,6 +114,7 @@ impl RedisStore {
     }
 }
 
+/// Each operation lives with its concern (see the module docs); this impl routes to them.
 #[async_trait]
 impl LeaseStore for RedisStore {
     async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
