@@ -21,9 +21,9 @@
 //! (GCRA theoretical arrival time, µs on the server's clock).
 //!
 //! State transitions are compare-and-set: the new record is computed by the same Rust
-//! code as the embedded store (`apply_transition`) and written by a Lua script only if
-//! the stored record is still the one it was computed from; otherwise it is re-read and
-//! re-checked. Claims on due leases are one Lua script, so a lease is claimed by exactly
+//! code as the embedded store (`apply_transition`, `ending::end`) and written by a Lua
+//! script only if the stored record is still the one it was computed from; otherwise it
+//! is re-read and re-checked. Claims on due leases are one Lua script, so a lease is claimed by exactly
 //! one replica per claim period.
 //!
 //! Each concern keeps its scripts and operations in its own file: `connection`
