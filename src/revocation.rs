@@ -174,85 +174,112 @@ impl Revoker {
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(rev) => {
-                let mut t = Transition::new(
-                    lease.id.clone(),
-                    &[LeaseState::Revoking],
-                    LeaseState::Revoked,
-                    now,
-                );
-                if let Revocation::ExpiresOnly { at } = rev {
-                    t.dies_at = Some(at);
-                }
-                let done = self.store.transition(t).await?;
-                if done.state == LeaseState::Revoked && lease.state == LeaseState::Revoking {
-                    metrics::counter!("mayfly_lease_transitions_total", "provider" => done.provider.as_str(), "state" => "revoked").increment(1);
-                    let mut e = lease_event("lease.revoked", &done);
-                    e.outcome = Some(match rev {
-                        Revocation::Revoked => "revoked".into(),
-                        Revocation::ExpiresOnly { at } => format!("expires_only_at {at}"),
-                    });
-                    self.record(e).await;
-                }
-                Ok(done)
-            }
+            Ok(rev) => self.revoked(lease, rev, now).await,
             Err(ProviderError::Deferred {
                 reason,
                 retry_after_secs,
-            }) => {
-                // Back-pressure (no room upstream yet): not a failed attempt, so it can
-                // never run the lease out of attempts into `irrevocable`.
-                let mut t = Transition::new(
-                    lease.id.clone(),
-                    &[LeaseState::Revoking],
-                    LeaseState::Revoking,
-                    now,
-                );
-                t.due_at = Some(after(now, Duration::from_secs(retry_after_secs.max(1))));
-                let l = self.store.transition(t).await?;
-                metrics::counter!("mayfly_revocation_deferred_total", "provider" => l.provider.as_str()).increment(1);
-                tracing::info!(lease = %l.id, retry_after_secs, reason = %reason, "revocation deferred");
-                let mut e = lease_event("lease.revoke_deferred", &l);
-                e.detail = Some(reason);
-                e.outcome = Some(format!("retry in {retry_after_secs} s"));
-                self.record(e).await;
-                Ok(l)
-            }
-            Err(err) => {
-                let attempts = lease.attempts + 1;
-                let give_up = attempts >= self.config.retry.max_attempts;
-                let mut t = Transition::new(
-                    lease.id.clone(),
-                    &[LeaseState::Revoking],
-                    if give_up {
-                        LeaseState::Irrevocable
-                    } else {
-                        LeaseState::Revoking
-                    },
-                    now,
-                );
-                t.count_attempt = true;
-                t.due_at = (!give_up).then(|| after(now, self.config.retry.delay(attempts)));
-                let l = self.store.transition(t).await?;
-                let mut e = lease_event(
-                    if give_up {
-                        "lease.irrevocable"
-                    } else {
-                        "lease.revoke_failed"
-                    },
-                    &l,
-                );
-                e.detail = Some(err.to_string());
-                e.outcome = Some(format!("attempt {attempts}"));
-                tracing::warn!(lease = %l.id, attempts, error = %err, give_up, "revocation attempt failed");
-                metrics::counter!("mayfly_revocation_failures_total", "provider" => l.provider.as_str()).increment(1);
-                if give_up {
-                    metrics::counter!("mayfly_leases_irrevocable_total", "provider" => l.provider.as_str()).increment(1);
-                }
-                self.record(e).await;
-                Ok(l)
-            }
+            }) => self.deferred(lease, reason, retry_after_secs, now).await,
+            Err(err) => self.attempt_failed(lease, err, now).await,
         }
+    }
+
+    /// The provider confirmed: the lease is `revoked` (or dies on its own at `dies_at`).
+    async fn revoked(
+        &self,
+        lease: Lease,
+        rev: Revocation,
+        now: OffsetDateTime,
+    ) -> Result<Lease, StoreError> {
+        let mut t = Transition::new(
+            lease.id.clone(),
+            &[LeaseState::Revoking],
+            LeaseState::Revoked,
+            now,
+        );
+        if let Revocation::ExpiresOnly { at } = rev {
+            t.dies_at = Some(at);
+        }
+        let done = self.store.transition(t).await?;
+        if done.state == LeaseState::Revoked && lease.state == LeaseState::Revoking {
+            metrics::counter!("mayfly_lease_transitions_total", "provider" => done.provider.as_str(), "state" => "revoked").increment(1);
+            let mut e = lease_event("lease.revoked", &done);
+            e.outcome = Some(match rev {
+                Revocation::Revoked => "revoked".into(),
+                Revocation::ExpiresOnly { at } => format!("expires_only_at {at}"),
+            });
+            self.record(e).await;
+        }
+        Ok(done)
+    }
+
+    /// Back-pressure (no room upstream yet): not a failed attempt, so it can never run
+    /// the lease out of attempts into `irrevocable`.
+    async fn deferred(
+        &self,
+        lease: Lease,
+        reason: String,
+        retry_after_secs: u64,
+        now: OffsetDateTime,
+    ) -> Result<Lease, StoreError> {
+        let mut t = Transition::new(
+            lease.id.clone(),
+            &[LeaseState::Revoking],
+            LeaseState::Revoking,
+            now,
+        );
+        t.due_at = Some(after(now, Duration::from_secs(retry_after_secs.max(1))));
+        let l = self.store.transition(t).await?;
+        metrics::counter!("mayfly_revocation_deferred_total", "provider" => l.provider.as_str())
+            .increment(1);
+        tracing::info!(lease = %l.id, retry_after_secs, reason = %reason, "revocation deferred");
+        let mut e = lease_event("lease.revoke_deferred", &l);
+        e.detail = Some(reason);
+        e.outcome = Some(format!("retry in {retry_after_secs} s"));
+        self.record(e).await;
+        Ok(l)
+    }
+
+    /// A failed attempt: retried with backoff until `max_attempts`, then `irrevocable`.
+    async fn attempt_failed(
+        &self,
+        lease: Lease,
+        err: ProviderError,
+        now: OffsetDateTime,
+    ) -> Result<Lease, StoreError> {
+        let attempts = lease.attempts + 1;
+        let give_up = attempts >= self.config.retry.max_attempts;
+        let mut t = Transition::new(
+            lease.id.clone(),
+            &[LeaseState::Revoking],
+            if give_up {
+                LeaseState::Irrevocable
+            } else {
+                LeaseState::Revoking
+            },
+            now,
+        );
+        t.count_attempt = true;
+        t.due_at = (!give_up).then(|| after(now, self.config.retry.delay(attempts)));
+        let l = self.store.transition(t).await?;
+        let mut e = lease_event(
+            if give_up {
+                "lease.irrevocable"
+            } else {
+                "lease.revoke_failed"
+            },
+            &l,
+        );
+        e.detail = Some(err.to_string());
+        e.outcome = Some(format!("attempt {attempts}"));
+        tracing::warn!(lease = %l.id, attempts, error = %err, give_up, "revocation attempt failed");
+        metrics::counter!("mayfly_revocation_failures_total", "provider" => l.provider.as_str())
+            .increment(1);
+        if give_up {
+            metrics::counter!("mayfly_leases_irrevocable_total", "provider" => l.provider.as_str())
+                .increment(1);
+        }
+        self.record(e).await;
+        Ok(l)
     }
 
     /// Ends `root` and every descendant task as `to`, then revokes all their leases.

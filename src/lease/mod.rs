@@ -11,6 +11,7 @@
 //! (`jti:bearer:<iss>:<jti>`, `deny:task:<id>`, `w:<rule>:task:<id>`, ...).
 
 pub mod embedded;
+mod ending;
 pub mod redis;
 mod replay_guard;
 
