@@ -102,6 +102,7 @@ impl From<&HeldRequest> for CredentialRequest {
             actions: h.actions.clone(),
             resources: h.resources.clone(),
             ttl: h.ttl_secs.map(Duration::from_secs),
+            dpop_once: None,
             // An approval holds the grant, not the collecting request's RFC 8707
             // resources or DPoP key: a collected token is bound as the caller's
             // certificate allows, and a target requiring a binding refuses otherwise.

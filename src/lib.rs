@@ -1,36 +1,45 @@
 //! Mayfly — a just-in-time credential broker for autonomous agents and CI.
 //!
-//! The module map is the architecture:
+//! The module map is the architecture. Modules are layered: each imports only modules
+//! below it (`scripts/structure-check.py`, run by `make test`, refuses an import cycle,
+//! a file over 800 lines or a function over 80, tests excluded).
 //!
 //! ```text
-//! api        HTTP edge: rustls accept loop, routes, problem+json (the only place an
-//!            error becomes a status code), the per-request audit middleware, which
-//!            hands each request's record to `Broker::commit`.
+//! cli        `mayfly serve | dev | config check | audit verify | policy check`;
+//!            operator commands; agent helpers `exec`, `credential-process`, `dpop`
+//! app        builds the running components from a `Config` (store, audit log,
+//!            providers, verifiers, bundle sources, `Broker`, TLS) and serves them
+//!            with the reaper and the reloaders
+//! api        HTTP edge: rustls accept loop (`tls`), admission (`shed`), one file per
+//!            resource (tasks, leases, approvals, token, introspection, signals,
+//!            discovery), problem+json (`error`: the only place an error becomes a
+//!            status), the per-request audit middleware (`request_audit`), which hands
+//!            each request's record to `Broker::commit`
+//! config     parsers, one per table: `Raw*` (serde) → validated `Config`; builds nothing
+//! broker     the flow: authorize → `AuthorizedMint` (the witness) → issue → commit
+//!            (audit record, or undo and fail); beside it tasks, the CI job's implicit
+//!            task and RFC 8693 exchange, approvals, anomaly verdicts, operator
+//!            revocation and listings, the token surface (introspection, JWKS, DPoP)
+//! revocation revoke leases / task trees at the provider; the reaper for due leases
+//! provider   CredentialProvider trait; `jwt` signs Mayfly access tokens, `vault`
+//!            (Vault/OpenBao tokens, dynamic secrets), `aws` (STS, the deny policy)
+//! anomaly    rules over windows per task and per principal; risk; quotas
+//! policy     Cedar policies + schema, strict validation, hot reload; `Decision`
+//! audit      hash-chained JSON-lines audit trail with group commit; anchors; verify
+//! lease      Lease records, the LeaseStore trait and its two stores (`embedded`:
+//!            redb; `redis`), each split by concern: tasks and leases, control state
+//!            (single-use jtis, windows, risk, deny flags, buckets), approvals, deny
+//!            sets, anchors; `ending`, the stores' use of `Task::end`
+//! approval   step-up approval records and their compare-and-set transitions (pure)
 //! action     the typed `Action` of every request and the `Undo` of each state change
-//!   └─ broker    the whole flow, top to bottom:
-//!                verify → authorize → record (pending lease) → mint → activate → audit
-//!                (a JWT Mayfly signs: sign → record (active lease) → audit)
-//!        ├─ identity    X.509-SVID / JWT-SVID / OIDC verification; the only constructor
-//!        │              of VerifiedCaller; trust bundles from files, SPIFFE bundle
-//!        │              endpoints and the Workload API, swapped in while running
-//!        ├─ task        tasks, grants, scopes and their containment rules
-//!        ├─ policy      Cedar policies + schema, strict validation, hot reload
-//!        ├─ lease       Lease records and the LeaseStore trait (embedded redb store),
-//!        │              plus the control state every replica shares: single-use
-//!        │              jtis, anomaly windows, risk, deny flags, approvals, buckets
-//!        ├─ anomaly     rules over windows per task and per principal; risk; quotas
-//!        ├─ approval    step-up approvals: durable records, compare-and-set states
-//!        ├─ provider    CredentialProvider trait; `jwt` signs Mayfly access tokens,
-//!        │              `vault` (Vault/OpenBao tokens, dynamic secrets), `aws` (STS)
-//!        ├─ revocation  revoke leases / task trees; the reaper for due leases
-//!        └─ audit       hash-chained JSON-lines audit trail with group commit
-//! config     Raw (serde) → validated Config → built components
-//! net        HTTP-client helpers: bounded body reads, error chains
-//! cli        `mayfly serve | dev | audit verify | policy check`; operator commands;
-//!            agent helpers `exec` and `credential-process`
+//! task       tasks, grants, scopes and their containment rules; `Task::end`
+//! identity   X.509-SVID / JWT-SVID / OIDC / DPoP verification; the only constructor
+//!            of VerifiedCaller; trust bundles from files, SPIFFE bundle endpoints and
+//!            the Workload API; `ReplayGuard`, the single-use store it needs
+//! net, ratelimit, duration, secret, pki, metrics, error, webhook   leaves
 //! ```
 //!
-//! Domain modules never import `api` or `cli`.
+//! Domain modules never import `api`, `app` or `cli`.
 
 pub mod action;
 pub mod anomaly;

@@ -532,6 +532,9 @@ pub struct CredentialRequest {
     pub resource: Vec<String>,
     /// RFC 7638 thumbprint of the DPoP key the request proved possession of.
     pub dpop_jkt: Option<String>,
+    /// That proof's `jti`, consumed in the same write as the lease (a replay writes
+    /// nothing and mints nothing).
+    pub dpop_once: Option<crate::identity::OnceKey>,
 }
 
 impl TryFrom<RawCredentialRequest> for CredentialRequest {
@@ -576,6 +579,7 @@ impl TryFrom<RawCredentialRequest> for CredentialRequest {
                 .transpose()?,
             resource,
             dpop_jkt: None,
+            dpop_once: None,
         })
     }
 }

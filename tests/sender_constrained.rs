@@ -247,6 +247,15 @@ async fn a_dpop_bound_token_works_only_with_a_fresh_proof_from_its_key() {
         "{err}"
     );
     let good = proof(&key, "POST", &cred_url, None);
+    // A request refused for what it asks (a target outside the task) gets nothing and
+    // does not spend the proof: its jti is consumed only with a credential's lease.
+    let outside = json!({"provider": "jwt", "target": "https://elsewhere.test/"});
+    let (s, err) = credential(&agent, &env.server, &task, outside, Some(&good)).await;
+    assert_eq!(
+        (s, err["code"].as_str()),
+        (403, Some("out_of_scope")),
+        "{err}"
+    );
     let (s, cred) = credential(&agent, &env.server, &task, body.clone(), Some(&good)).await;
     assert_eq!(s, 201, "{cred}");
     let (s, err) = credential(&agent, &env.server, &task, body.clone(), Some(&good)).await;
@@ -255,6 +264,16 @@ async fn a_dpop_bound_token_works_only_with_a_fresh_proof_from_its_key() {
         (400, Some("dpop_proof_replayed")),
         "{err}"
     );
+    // The replay minted nothing: the task holds the one lease of the first use.
+    let view: Value = agent
+        .get(env.server.url(&format!("/v1/tasks/{task}")))
+        .send()
+        .await
+        .expect("task")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["leases"].as_array().map(Vec::len), Some(1), "{view}");
 
     assert_eq!(cred["credential"]["token_type"], "DPoP");
     let token = cred["credential"]["access_token"].as_str().expect("token");

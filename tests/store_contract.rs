@@ -491,6 +491,71 @@ async fn redis_store_insert_once_has_one_winner_and_expires() {
     );
 }
 
+/// `shared_secret`: of many concurrent first callers one candidate is kept, and every
+/// later call returns it whatever it offers; another name is another secret.
+async fn shared_secret_contract(store: Arc<dyn LeaseStore>) -> [u8; 32] {
+    let racers: Vec<_> = (0..8u8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.shared_secret("contract", [i + 1; 32]).await })
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for r in racers {
+        seen.insert(r.await.expect("join").expect("secret"));
+    }
+    assert_eq!(seen.len(), 1, "every racer got the one kept secret");
+    let kept = *seen.iter().next().expect("one");
+    assert!((1..=8).contains(&kept[0]) && kept.iter().all(|b| *b == kept[0]));
+    assert_eq!(
+        store
+            .shared_secret("contract", [0xee; 32])
+            .await
+            .expect("again"),
+        kept
+    );
+    assert_eq!(
+        store
+            .shared_secret("other", [0xaa; 32])
+            .await
+            .expect("other"),
+        [0xaa; 32]
+    );
+    kept
+}
+
+#[tokio::test]
+async fn embedded_store_shared_secret_is_made_once_and_survives_reopening() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("leases.redb");
+    let kept = shared_secret_contract(Arc::new(EmbeddedStore::open(&path).expect("open"))).await;
+    let store = EmbeddedStore::open(&path).expect("reopen");
+    assert_eq!(
+        store
+            .shared_secret("contract", [0x11; 32])
+            .await
+            .expect("after"),
+        kept
+    );
+}
+
+#[tokio::test]
+async fn redis_store_shared_secret_is_made_once_for_every_client() {
+    let redis = common::RedisServer::start(&[]);
+    let a = mayfly::lease::redis::RedisStore::connect(&redis_config(redis.url(), "sec"))
+        .await
+        .expect("connect");
+    let kept = shared_secret_contract(Arc::new(a)).await;
+    let b = mayfly::lease::redis::RedisStore::connect(&redis_config(redis.url(), "sec"))
+        .await
+        .expect("connect");
+    assert_eq!(
+        b.shared_secret("contract", [0x11; 32]).await.expect("b"),
+        kept,
+        "a second replica's client reads the first one's secret"
+    );
+}
+
 fn approval(requester: &str, now: OffsetDateTime, ttl: Duration) -> Approval {
     let request = HeldRequest {
         provider: ProviderKind::Jwt,

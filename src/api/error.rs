@@ -40,7 +40,7 @@ pub enum ApiError {
     #[error(transparent)]
     Verify(#[from] VerifyError),
     #[error(transparent)]
-    Broker(#[from] BrokerError),
+    Broker(BrokerError),
     #[error(transparent)]
     Body(#[from] BodyError),
     #[error("malformed {0} id")]
@@ -59,6 +59,17 @@ pub enum ApiError {
     UnauthenticatedRateLimited,
     #[error(transparent)]
     Dpop(#[from] DpopError),
+}
+
+/// A DPoP refusal the broker made (a replay caught at the lease write) answers exactly
+/// as one the api layer made.
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Dpop(d) => ApiError::Dpop(d),
+            other => ApiError::Broker(other),
+        }
+    }
 }
 
 /// The stable code of an error response, kept as a response extension so the audit
@@ -172,6 +183,7 @@ fn broker_status(b: &BrokerError) -> (StatusCode, &'static str) {
         BrokerError::DelegationTooDeep { .. } => (S::FORBIDDEN, "delegation_too_deep"),
         BrokerError::InjectedCrash(_) => (S::INTERNAL_SERVER_ERROR, "injected_fault"),
         BrokerError::NoJobClaims => (S::FORBIDDEN, "no_job_claims"),
+        BrokerError::Dpop(e) => (S::BAD_REQUEST, e.code()),
         BrokerError::JobTaskId(_) => (S::INTERNAL_SERVER_ERROR, "job_task_id_unavailable"),
         BrokerError::TokenReplayed => (S::UNAUTHORIZED, "token_replayed"),
         BrokerError::QuotaExceeded(_) => (S::TOO_MANY_REQUESTS, "principal_quota_exceeded"),

@@ -73,7 +73,10 @@ pub(super) async fn request_credential(
         let id: TaskId = parse_id(&id, "task")?;
         let mut req = CredentialRequest::try_from(raw).map_err(crate::broker::BrokerError::from)?;
         let proof = presented_proof(&headers, "POST", uri.path());
-        req.dpop_jkt = st.broker.prove(proof).await?;
+        if let Some((verified, once)) = st.broker.prove(proof)? {
+            req.dpop_jkt = Some(verified.jkt);
+            req.dpop_once = Some(once);
+        }
         let outcome = st
             .broker
             .request_credential(&caller, &id, req, &audit_scope(&ev))

@@ -75,7 +75,7 @@ impl From<ExchangeError> for ApiError {
         match e {
             ExchangeError::SubjectToken(e) => ApiError::Verify(e),
             ExchangeError::Dpop(e) => ApiError::Dpop(e),
-            ExchangeError::Broker(e) => ApiError::Broker(e),
+            ExchangeError::Broker(e) => ApiError::from(e),
         }
     }
 }

@@ -20,9 +20,9 @@ use crate::identity::bundle_endpoint::{EndpointAuth, EndpointSource};
 use crate::identity::jwks::{KeyCache, KeySourceSpec};
 use crate::identity::workload_api::{JwtTarget, Targets, WorkloadApiSource};
 use crate::identity::{LiveBundles, TrustDomain};
-use crate::lease::LeaseStore;
 use crate::lease::embedded::EmbeddedStore;
 use crate::lease::redis::RedisStore;
+use crate::lease::{LeaseStore, StoreError};
 use crate::policy::PolicyEngine;
 use crate::provider::Providers;
 use crate::provider::jwt::{JwtIssuer, JwtProvider, SigningKey};
@@ -114,6 +114,7 @@ impl App {
                 store.clone(),
             )),
             dpop,
+            ci_task_key: ci_task_key(&store).await?,
         }));
         let serving = crate::api::tls::ServingCert::load(&config.tls_cert, &config.tls_key)?;
         let tls = crate::api::tls::server_config(serving.clone())?;
@@ -332,3 +333,17 @@ async fn start_bundle_sources(
     }
     Ok(sources)
 }
+
+/// The key of implicit CI task ids, one per store: the first replica to start makes it,
+/// every other replica (and every restart) reads the same one, so a job's retry finds its
+/// task on any replica. Independent of the JWT signing key, which rotates replica by
+/// replica. Whoever can read the store can read it; that reader already sees every task.
+async fn ci_task_key(store: &Arc<dyn LeaseStore>) -> Result<[u8; 32], crate::Error> {
+    let mut candidate = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut candidate)
+        .map_err(|_| StoreError::Unavailable("no randomness for the CI task key".into()))?;
+    Ok(store.shared_secret(CI_TASK_KEY, candidate).await?)
+}
+
+/// The store's name of that key (changing it changes every implicit task id).
+const CI_TASK_KEY: &str = "ci-task-id-v1";

@@ -80,6 +80,10 @@ pub enum BrokerError {
     QuotaExceeded(Quota),
     #[error("this single-use token was already presented (jti)")]
     TokenReplayed,
+    /// A DPoP proof refused where the broker consumes its `jti` (a replay); mapped like
+    /// every other DPoP refusal.
+    #[error(transparent)]
+    Dpop(crate::identity::dpop::DpopError),
     #[error("the store that records single-use tokens is unreachable: {0}")]
     SingleUseUnavailable(StoreError),
     #[error(transparent)]

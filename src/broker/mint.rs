@@ -4,6 +4,7 @@
 use time::OffsetDateTime;
 
 use super::{Broker, BrokerError, FaultPoint, Issued, after};
+use crate::identity::dpop::DpopError;
 use crate::identity::{Principal, VerifiedCaller};
 use crate::lease::{Lease, LeaseState, StoreError, Transition};
 use crate::provider::{CredentialProvider, MintRequest};
@@ -50,12 +51,30 @@ impl Broker {
         let minted = m.provider.mint(m.request(&lease)).await?;
         self.crash_at(FaultPoint::AfterMint, &lease.id)?;
         lease.activate(minted.fingerprint.clone(), minted.handle.clone())?;
-        self.store.put_new(&lease, lease.expires_at).await?;
+        self.record_new(&lease, lease.expires_at, m.binding).await?;
         self.require_still_active(&m.task.id, &lease.id).await?;
         Ok(Issued {
             lease,
             credential: minted.credential,
         })
+    }
+
+    /// Writes a new lease, and with it the request's DPoP `jti` when it carries one: one
+    /// store write, and a replayed proof leaves no lease and gets no credential.
+    async fn record_new(
+        &self,
+        lease: &Lease,
+        due: OffsetDateTime,
+        req: &CredentialRequest,
+    ) -> Result<(), BrokerError> {
+        let Some(once) = &req.dpop_once else {
+            return Ok(self.store.put_new(lease, due).await?);
+        };
+        if self.store.put_new_once(lease, due, once).await? {
+            Ok(())
+        } else {
+            Err(BrokerError::Dpop(DpopError::Replayed))
+        }
     }
 
     /// A completion that committed before our lease was written would not have seen it:
@@ -84,9 +103,8 @@ impl Broker {
         m: Minting<'_>,
         lease: Lease,
     ) -> Result<Issued, BrokerError> {
-        self.store
-            .put_new(&lease, after(lease.issued_at, self.limits.pending_timeout))
-            .await?;
+        let due = after(lease.issued_at, self.limits.pending_timeout);
+        self.record_new(&lease, due, m.binding).await?;
         self.crash_at(FaultPoint::AfterPendingWrite, &lease.id)?;
         self.require_still_active(&m.task.id, &lease.id).await?;
 

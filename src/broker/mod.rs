@@ -117,8 +117,8 @@ pub struct Broker {
     faults: Option<FaultHook>,
     anomaly: Arc<AnomalyEngine>,
     dpop: Arc<crate::identity::dpop::DpopVerifier>,
-    /// Keys implicit CI task ids (`job_task_id`); derived from the signing key, so every
-    /// replica sharing that key finds the same job's task.
+    /// Keys implicit CI task ids (`job_task_id`): one secret per store, so every replica
+    /// finds the same job's task, whatever signing key each holds mid-rotation.
     ci_task_key: [u8; 32],
 }
 
@@ -135,6 +135,8 @@ pub struct BrokerParts {
     pub anomaly: Arc<AnomalyEngine>,
     /// Checks DPoP proofs (RFC 9449); its `jti` set is in the store.
     pub dpop: Arc<crate::identity::dpop::DpopVerifier>,
+    /// The store's shared key of implicit CI task ids (`app::ci_task_key`).
+    pub ci_task_key: [u8; 32],
 }
 
 fn secs(d: Duration) -> u64 {
@@ -175,7 +177,6 @@ fn note_decision(ev: &AuditScope, action: Action, d: &PolicyDecision) {
 
 impl Broker {
     pub fn new(p: BrokerParts) -> Self {
-        let ci_task_key = p.jwt.derive_secret("mayfly ci task id v1");
         Self {
             store: p.store,
             policy: p.policy,
@@ -187,7 +188,7 @@ impl Broker {
             limits: p.limits,
             faults: p.faults,
             dpop: p.dpop,
-            ci_task_key,
+            ci_task_key: p.ci_task_key,
             anomaly: p.anomaly,
         }
     }

@@ -12,10 +12,11 @@ use time::OffsetDateTime;
 
 use super::{Broker, BrokerError, Outcome, claims_binding, job_task_id};
 use crate::audit::AuditScope;
+use crate::identity::OnceKey;
 use crate::identity::VerifiedCaller;
 use crate::identity::VerifyError;
 use crate::identity::bearer::{BearerVerifier, VerifiedToken};
-use crate::identity::dpop::{DpopError, ProofContext};
+use crate::identity::dpop::{DpopError, ProofContext, VerifiedProof};
 use crate::lease::StoreError;
 use crate::task::{
     CredentialRequest, Grant, ProviderKind, RawGrant, Scope, ScopeError, Task, TaskRequest,
@@ -81,7 +82,7 @@ impl Broker {
     ) -> Result<Outcome, ExchangeError> {
         let subject = verify_subject(bearer, &req.subject_token, req.source, ev).await?;
         // After the subject token: an unauthenticated request never writes a jti.
-        let dpop_jkt = self.prove(req.proof).await?;
+        let proven = self.prove(req.proof)?;
         let job = subject.job.unwrap_or_default();
         if job.is_empty() {
             return Err(BrokerError::NoJobClaims.into());
@@ -100,14 +101,18 @@ impl Broker {
             resources: None,
             ttl: None,
             resource: targets,
-            dpop_jkt,
+            dpop_jkt: proven.as_ref().map(|p| p.0.jkt.clone()),
+            dpop_once: proven.map(|p| p.1),
         };
         Ok(self.request_credential(&caller, &task.id, creq, ev).await?)
     }
 
-    /// Checks and consumes a presented DPoP proof against this request: the thumbprint of
-    /// the key it proves, or `None` when the request carries no proof.
-    pub async fn prove(&self, p: PresentedProof) -> Result<Option<String>, DpopError> {
+    /// Checks a presented DPoP proof against this request: the key it proves and its
+    /// `jti` still to be consumed, or `None` when the request carries no proof. The `jti`
+    /// is consumed with the lease of the credential the request gets
+    /// (`LeaseStore::put_new_once`): a refused request never burns it, a replay mints
+    /// nothing, and an accepted proof costs no store write of its own.
+    pub fn prove(&self, p: PresentedProof) -> Result<Option<(VerifiedProof, OnceKey)>, DpopError> {
         let Some(proof) = p.header? else {
             return Ok(None);
         };
@@ -118,7 +123,7 @@ impl Broker {
             access_token: p.access_token.as_deref(),
             now: OffsetDateTime::now_utc(),
         };
-        Ok(Some(self.dpop.verify(&proof, ctx).await?.jkt))
+        Ok(Some(self.dpop.check_unspent(&proof, ctx)?))
     }
 
     /// An implicit task lives until the subject token expires (at least a second), and

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-use super::ReplayGuard;
 use super::strict_json::{self, StrictJsonError};
+use super::{OnceKey, ReplayGuard};
 
 /// Largest proof accepted (an RSA-4096 `jwk` fits with room to spare).
 pub const MAX_PROOF_BYTES: usize = 8 * 1024;
@@ -412,19 +412,31 @@ impl DpopVerifier {
         proof: &str,
         ctx: ProofContext<'_>,
     ) -> Result<VerifiedProof, DpopError> {
+        let (verified, once) = self.check_unspent(proof, ctx)?;
+        // Last: a refused proof never burns its jti.
+        match self.store.insert_once(&once.key, once.until).await {
+            Ok(true) => Ok(verified),
+            Ok(false) => Err(DpopError::Replayed),
+            Err(e) => Err(DpopError::Store(e.to_string())),
+        }
+    }
+
+    /// Every check of `verify` but the `jti` store: the proven key, and the `jti` the
+    /// caller must consume (`OnceKey`, kept until the proof could no longer pass the
+    /// `iat` window anyway) before anything it authorizes leaves the broker. The broker
+    /// consumes it in the same write as the credential's lease.
+    pub fn check_unspent(
+        &self,
+        proof: &str,
+        ctx: ProofContext<'_>,
+    ) -> Result<(VerifiedProof, OnceKey), DpopError> {
         let (jkt, jti, iat) = self.check(proof, ctx)?;
-        // Last: a refused proof never burns its jti. Kept until it could no longer pass
-        // the iat window anyway.
         let until = OffsetDateTime::from_unix_timestamp(iat).unwrap_or(ctx.now)
             + self.cfg.max_age
             + self.cfg.leeway
             + Duration::from_secs(1);
         let key = format!("jti:dpop:{jkt}:{jti}");
-        match self.store.insert_once(&key, until).await {
-            Ok(true) => Ok(VerifiedProof { jkt }),
-            Ok(false) => Err(DpopError::Replayed),
-            Err(e) => Err(DpopError::Store(e.to_string())),
-        }
+        Ok((VerifiedProof { jkt }, OnceKey { key, until }))
     }
 
     /// Every check but the `jti` store: (jkt, jti, iat).

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use time::OffsetDateTime;
 
 pub use bundle::{BundleError, LiveBundles, TrustBundles};
-pub use replay_guard::{ReplayGuard, ReplayGuardError};
+pub use replay_guard::{OnceKey, ReplayGuard, ReplayGuardError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Why a caller's proof of identity was refused. Each rule has its own variant (and its

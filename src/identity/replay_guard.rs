@@ -19,6 +19,16 @@ pub trait ReplayGuard: Send + Sync + 'static {
     ) -> Result<bool, ReplayGuardError>;
 }
 
+/// A single-use key still to be recorded, and until when it must be remembered: a
+/// checked DPoP proof's `jti`, consumed in the same store write as the lease of the
+/// credential it asked for (`LeaseStore::put_new_once`), so a replay is refused without
+/// a write of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnceKey {
+    pub key: String,
+    pub until: OffsetDateTime,
+}
+
 /// The store behind a [`ReplayGuard`] could not answer.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

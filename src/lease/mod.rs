@@ -391,6 +391,22 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// `due_at` if never activated), or `active` for a credential minted in process and
     /// not yet returned (due at its expiry).
     async fn put_new(&self, lease: &Lease, due_at: OffsetDateTime) -> Result<(), StoreError>;
+    /// `put_new` and `insert_once(once)` as one: `Ok(false)`, and nothing written, when
+    /// `once` is already present and unexpired (a replayed proof). This default makes
+    /// two writes, the single-use key first; a store that can makes them one (the
+    /// embedded store: one transaction, one fsync).
+    async fn put_new_once(
+        &self,
+        lease: &Lease,
+        due_at: OffsetDateTime,
+        once: &crate::identity::OnceKey,
+    ) -> Result<bool, StoreError> {
+        if !self.insert_once(&once.key, once.until).await? {
+            return Ok(false);
+        }
+        self.put_new(lease, due_at).await?;
+        Ok(true)
+    }
     async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
     async fn leases(&self, query: &LeaseQuery) -> Result<Page<Lease>, StoreError>;
     async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError>;
@@ -451,6 +467,10 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// `false` when it was already there. The entry lives until `expires_at` (then it
     /// is purged). Atomic across replicas (Redis `SET NX PXAT`), durable on both backends.
     async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError>;
+    /// The 32-byte secret named `name` that every replica on this store shares: the
+    /// first caller's `candidate` is kept (insert-if-absent), and every later call, on
+    /// any replica and after restarts, returns that one. Never expires.
+    async fn shared_secret(&self, name: &str, candidate: [u8; 32]) -> Result<[u8; 32], StoreError>;
     /// Sets the flag `key` until `until`; an existing later expiry is kept.
     async fn set_flag(&self, key: &str, until: OffsetDateTime) -> Result<(), StoreError>;
     /// For each of `keys`, whether its flag is set at `now`.

@@ -247,8 +247,6 @@ pub struct SigningKey {
     signer: Signer,
     decoding: DecodingKey,
     jwk: Value,
-    /// SHA-256 of a label and the private key: key material for [`SigningKey::derive`].
-    derivation_seed: [u8; 32],
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -330,12 +328,6 @@ impl SigningKey {
         // which is how serde_json serialises this map.
         let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(jwk_core.to_string().as_bytes()));
         let pkcs8 = pair.serialize_der();
-        let derivation_seed: [u8; 32] = {
-            let mut h = Sha256::new();
-            h.update(b"mayfly key derivation v1\0");
-            h.update(&pkcs8);
-            h.finalize().into()
-        };
         let (signer, decoding) = match alg {
             SigningAlg::ES256 => (
                 Signer::Es256(
@@ -364,19 +356,7 @@ impl SigningKey {
             signer,
             decoding,
             jwk,
-            derivation_seed,
         })
-    }
-
-    /// A 32-byte secret for `purpose`, derived from the private key (HMAC-SHA256 keyed
-    /// by a digest of it): every replica holding this key derives the same value, and
-    /// nobody without the key can. Never a signing key, never leaves the process.
-    pub fn derive(&self, purpose: &str) -> [u8; 32] {
-        use hmac::{Hmac, Mac};
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.derivation_seed)
-            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
-        mac.update(purpose.as_bytes());
-        mac.finalize().into_bytes().into()
     }
 
     fn jose_alg(alg: SigningAlg) -> &'static str {
@@ -622,11 +602,6 @@ impl JwtIssuer {
     /// The kid tokens are signed with now.
     pub fn current_kid(&self) -> String {
         self.keys().current.kid.clone()
-    }
-
-    /// See [`SigningKey::derive`]: a secret derived from the current signing key.
-    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
-        self.keys().current.derive(purpose)
     }
 
     pub fn algorithms(&self) -> Vec<&'static str> {

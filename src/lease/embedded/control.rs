@@ -5,7 +5,9 @@ use redb::{ReadableDatabase, ReadableTable};
 use std::sync::Arc;
 use time::OffsetDateTime;
 
-use super::{EXPIRING, EXPIRY, EmbeddedStore, PURGE_BATCH, RISK, RISK_EXPIRY, db_err, nanos};
+use super::{
+    EXPIRING, EXPIRY, EmbeddedStore, PURGE_BATCH, RISK, RISK_EXPIRY, SECRETS, db_err, nanos,
+};
 use crate::lease::{Observation, RiskEvent, StoreError};
 
 /// Sliding windows kept in memory at most; past it the least recently used goes.
@@ -109,26 +111,41 @@ impl Windows {
     }
 }
 
+/// Whether the single-use `key` is present and unexpired at `now` (nanoseconds).
+pub(super) fn once_is_live(
+    tx: &redb::WriteTransaction,
+    key: &str,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let table = tx.open_table(EXPIRING).map_err(db_err)?;
+    let got = table.get(format!("once:{key}").as_str()).map_err(db_err)?;
+    Ok(got.is_some_and(|v| v.value() > now))
+}
+
+/// Records the single-use `key` until `expires_at`, and purges what has expired.
+pub(super) fn put_once(
+    tx: &redb::WriteTransaction,
+    key: &str,
+    expires_at: OffsetDateTime,
+    now: u64,
+) -> Result<(), StoreError> {
+    put_expiring(tx, &format!("once:{key}"), nanos(expires_at))?;
+    purge(tx, now)
+}
+
 pub(super) async fn insert_once(
     store: &EmbeddedStore,
     key: &str,
     expires_at: OffsetDateTime,
 ) -> Result<bool, StoreError> {
-    let key = format!("once:{key}");
-    let until = nanos(expires_at);
+    let key = key.to_string();
     store
         .write(move |tx| {
             let now = nanos(OffsetDateTime::now_utc());
-            let live = {
-                let table = tx.open_table(EXPIRING).map_err(db_err)?;
-                let got = table.get(key.as_str()).map_err(db_err)?;
-                got.is_some_and(|v| v.value() > now)
-            };
-            if live {
+            if once_is_live(tx, &key, now)? {
                 return Ok(false);
             }
-            put_expiring(tx, &key, until)?;
-            purge(tx, now)?;
+            put_once(tx, &key, expires_at, now)?;
             Ok(true)
         })
         .await
@@ -259,4 +276,33 @@ pub(super) async fn take_token(
             .clone()
     };
     Ok(bucket.try_take())
+}
+
+/// A stored secret read back must be the 32 bytes written; anything else is corrupt.
+fn secret_bytes(name: &str, v: &[u8]) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(v).map_err(|_| StoreError::Corrupt(format!("secret {name}: not 32 bytes")))
+}
+
+pub(super) async fn shared_secret(
+    store: &EmbeddedStore,
+    name: &str,
+    candidate: [u8; 32],
+) -> Result<[u8; 32], StoreError> {
+    let name = name.to_string();
+    store
+        .write(move |tx| {
+            let mut table = tx.open_table(SECRETS).map_err(db_err)?;
+            let kept = match table.get(name.as_str()).map_err(db_err)? {
+                Some(v) => Some(secret_bytes(&name, v.value())?),
+                None => None,
+            };
+            if let Some(k) = kept {
+                return Ok(k);
+            }
+            table
+                .insert(name.as_str(), candidate.as_slice())
+                .map_err(db_err)?;
+            Ok(candidate)
+        })
+        .await
 }

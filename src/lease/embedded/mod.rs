@@ -53,6 +53,8 @@ const DENY: TableDefinition<(&str, &str), (u64, i64)> = TableDefinition::new("de
 /// The last `seq` given out per deny set.
 const DENY_SEQ: TableDefinition<&str, u64> = TableDefinition::new("deny_seq");
 const EXPIRING: TableDefinition<&str, u64> = TableDefinition::new("expiring");
+/// Secrets every user of this file shares (`LeaseStore::shared_secret`).
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 /// (subject key, at ns, unique) → `weight|name|unique`.
 const RISK: TableDefinition<(&str, u64, &str), &str> = TableDefinition::new("risk");
@@ -233,6 +235,15 @@ impl LeaseStore for EmbeddedStore {
         tasks::put_new(self, lease, due_at).await
     }
 
+    async fn put_new_once(
+        &self,
+        lease: &Lease,
+        due_at: OffsetDateTime,
+        once: &crate::identity::OnceKey,
+    ) -> Result<bool, StoreError> {
+        tasks::put_new_once(self, lease, due_at, once).await
+    }
+
     async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
         tasks::lease(self, id).await
     }
@@ -268,6 +279,10 @@ impl LeaseStore for EmbeddedStore {
 
     async fn insert_once(&self, key: &str, expires_at: OffsetDateTime) -> Result<bool, StoreError> {
         control::insert_once(self, key, expires_at).await
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        control::shared_secret(self, name, candidate).await
     }
 
     async fn set_flag(&self, key: &str, until: OffsetDateTime) -> Result<(), StoreError> {

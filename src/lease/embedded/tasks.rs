@@ -5,8 +5,8 @@ use redb::{ReadableDatabase, ReadableTable};
 use time::OffsetDateTime;
 
 use super::{
-    CHILDREN, COUNTS, DUE, DUE_BY_LEASE, EmbeddedStore, LEASES, TASK_LEASES, TASKS, db_err, decode,
-    encode, nanos, prefix_range,
+    CHILDREN, COUNTS, DUE, DUE_BY_LEASE, EmbeddedStore, LEASES, TASK_LEASES, TASKS, control,
+    db_err, decode, encode, nanos, prefix_range,
 };
 use crate::lease::ending::{self, Ending};
 use crate::lease::{
@@ -168,30 +168,66 @@ pub(super) async fn put_new(
     let lease = lease.clone();
     store
         .write(move |tx| {
-            {
-                let mut leases = tx.open_table(LEASES).map_err(db_err)?;
-                if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
-                    return Err(StoreError::AlreadyExists(lease.id.to_string()));
-                }
-                leases
-                    .insert(lease.id.as_str(), encode(&lease)?.as_slice())
-                    .map_err(db_err)?;
-                let mut index = tx.open_table(TASK_LEASES).map_err(db_err)?;
-                index
-                    .insert(format!("{}/{}", lease.task_id, lease.id).as_str(), ())
-                    .map_err(db_err)?;
-                let mut due = tx.open_table(DUE).map_err(db_err)?;
-                let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
-                set_due(&mut due, &mut by_lease, lease.id.as_str(), Some(due_at))?;
-            }
-            bump(
-                tx,
-                &crate::lease::count_key(lease.provider, lease.state),
-                true,
-            )?;
-            Ok(())
+            require_new(tx, &lease)?;
+            write_new(tx, &lease, due_at)
         })
         .await
+}
+
+/// `put_new` and the single-use `once` in one transaction (one fsync): both
+/// preconditions are checked before anything is written.
+pub(super) async fn put_new_once(
+    store: &EmbeddedStore,
+    lease: &Lease,
+    due_at: OffsetDateTime,
+    once: &crate::identity::OnceKey,
+) -> Result<bool, StoreError> {
+    let (lease, once) = (lease.clone(), once.clone());
+    store
+        .write(move |tx| {
+            let now = nanos(OffsetDateTime::now_utc());
+            if control::once_is_live(tx, &once.key, now)? {
+                return Ok(false);
+            }
+            require_new(tx, &lease)?;
+            write_new(tx, &lease, due_at)?;
+            control::put_once(tx, &once.key, once.until, now)?;
+            Ok(true)
+        })
+        .await
+}
+
+fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<(), StoreError> {
+    let leases = tx.open_table(LEASES).map_err(db_err)?;
+    if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
+        return Err(StoreError::AlreadyExists(lease.id.to_string()));
+    }
+    Ok(())
+}
+
+fn write_new(
+    tx: &redb::WriteTransaction,
+    lease: &Lease,
+    due_at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    {
+        let mut leases = tx.open_table(LEASES).map_err(db_err)?;
+        leases
+            .insert(lease.id.as_str(), encode(lease)?.as_slice())
+            .map_err(db_err)?;
+        let mut index = tx.open_table(TASK_LEASES).map_err(db_err)?;
+        index
+            .insert(format!("{}/{}", lease.task_id, lease.id).as_str(), ())
+            .map_err(db_err)?;
+        let mut due = tx.open_table(DUE).map_err(db_err)?;
+        let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
+        set_due(&mut due, &mut by_lease, lease.id.as_str(), Some(due_at))?;
+    }
+    bump(
+        tx,
+        &crate::lease::count_key(lease.provider, lease.state),
+        true,
+    )
 }
 
 pub(super) async fn lease(

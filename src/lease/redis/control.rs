@@ -283,3 +283,35 @@ pub(super) async fn take_token(
         Err(Duration::from_micros(u64::try_from(wait).unwrap_or(0)))
     })
 }
+
+pub(super) async fn shared_secret(
+    store: &RedisStore,
+    name: &str,
+    candidate: [u8; 32],
+) -> Result<[u8; 32], StoreError> {
+    let key = store.key("secret", name);
+    let value = hex::encode(candidate);
+    // Insert-if-absent, then read whichever value won (another replica's, possibly).
+    let k = key.clone();
+    let set: Option<String> = store
+        .with(|mut c| async move {
+            redis::cmd("SET")
+                .arg(k)
+                .arg(value)
+                .arg("NX")
+                .query_async(&mut c)
+                .await
+        })
+        .await?;
+    if set.is_some() {
+        store.durable().await?;
+    }
+    let got: Option<String> = store
+        .with(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+        .await?;
+    let got = got.ok_or_else(|| StoreError::Unavailable(format!("secret {name} vanished")))?;
+    hex::decode(&got)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("secret {name}: not 32 hex-encoded bytes")))
+}

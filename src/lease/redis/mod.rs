@@ -184,6 +184,10 @@ impl LeaseStore for RedisStore {
         control::insert_once(self, key, expires_at).await
     }
 
+    async fn shared_secret(&self, name: &str, candidate: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        control::shared_secret(self, name, candidate).await
+    }
+
     async fn set_flag(&self, key: &str, until: OffsetDateTime) -> Result<(), StoreError> {
         control::set_flag(self, key, until).await
     }
