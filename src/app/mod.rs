@@ -11,10 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::audit::AuditLog;
-use crate::broker::{Broker, BrokerParts, FaultHook, Limits};
-use crate::config::{
-    BrokerLimits, Config, ConfigError, IssuerConfig, JwtKeys, StoreConfig, X509Source, invalid,
-};
+use crate::broker::{Broker, BrokerParts, FaultHook};
+use crate::config::{Config, ConfigError, IssuerConfig, JwtKeys, StoreConfig, X509Source, invalid};
 use crate::identity::bearer::{BearerVerifier, TrustedIssuer};
 use crate::identity::bundle_endpoint::{EndpointAuth, EndpointSource};
 use crate::identity::jwks::{KeyCache, KeySourceSpec};
@@ -107,7 +105,7 @@ impl App {
             jwt,
             audit: audit.clone(),
             operators: config.operators.clone(),
-            limits: broker_limits(&config.limits),
+            limits: config.limits.clone(),
             faults,
             anomaly: Arc::new(crate::anomaly::AnomalyEngine::new(
                 config.anomaly.clone(),
@@ -158,18 +156,6 @@ fn open_audit(config: &Config) -> Result<AuditLog, crate::Error> {
         tap,
         config.audit_rotation,
     )?)
-}
-
-fn broker_limits(l: &BrokerLimits) -> Limits {
-    Limits {
-        max_task_ttl: l.max_task_ttl,
-        max_lease_ttl: l.max_lease_ttl,
-        default_lease_ttl: l.default_lease_ttl,
-        pending_timeout: l.pending_timeout,
-        max_page: l.max_page,
-        max_delegation_depth: l.max_delegation_depth,
-        principal_rate_share: l.principal_rate_share,
-    }
 }
 
 /// The JWT provider's issuer, with its fixed key (generated if asked) or its key set.

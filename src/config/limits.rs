@@ -65,19 +65,7 @@ impl Default for RawLimits {
 }
 
 /// The broker's limits on tasks, leases and delegation (`[limits]`).
-#[derive(Debug, Clone)]
-pub struct BrokerLimits {
-    pub max_task_ttl: Duration,
-    pub max_lease_ttl: Duration,
-    pub default_lease_ttl: Duration,
-    /// How long a lease may stay `pending` before the reaper revokes it.
-    pub pending_timeout: Duration,
-    pub max_page: usize,
-    /// Longest delegation chain: a task declared directly has depth 0.
-    pub max_delegation_depth: usize,
-    /// The share of a provider's rate budget one principal may use.
-    pub principal_rate_share: f64,
-}
+pub use crate::broker::Limits as BrokerLimits;
 
 /// `[limits]`, validated: the broker's part and the server's.
 pub(super) struct ServerLimits {

@@ -409,7 +409,15 @@ pub trait LeaseStore: Send + Sync + 'static {
     }
     async fn lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
     async fn leases(&self, query: &LeaseQuery) -> Result<Page<Lease>, StoreError>;
-    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError>;
+    /// Every lease of `task`, whatever its state.
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+        let q = LeaseQuery {
+            task: Some(task.clone()),
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        Ok(self.leases(&q).await?.items)
+    }
     async fn transition(&self, t: Transition) -> Result<Lease, StoreError>;
     /// Claims up to `limit` leases due at `now`: their due time moves to `hold_until`, so
     /// a claimant that dies leaves them to be claimed again afterwards.

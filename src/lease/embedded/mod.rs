@@ -252,10 +252,6 @@ impl LeaseStore for EmbeddedStore {
         tasks::leases(self, q).await
     }
 
-    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
-        tasks::task_leases(self, task).await
-    }
-
     async fn transition(&self, t: Transition) -> Result<Lease, StoreError> {
         tasks::transition(self, t).await
     }

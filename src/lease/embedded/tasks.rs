@@ -290,18 +290,6 @@ pub(super) async fn leases(
         .await
 }
 
-pub(super) async fn task_leases(
-    store: &EmbeddedStore,
-    task: &TaskId,
-) -> Result<Vec<Lease>, StoreError> {
-    let q = LeaseQuery {
-        task: Some(task.clone()),
-        limit: usize::MAX,
-        ..Default::default()
-    };
-    Ok(leases(store, &q).await?.items)
-}
-
 pub(super) async fn transition(store: &EmbeddedStore, t: Transition) -> Result<Lease, StoreError> {
     store
         .write(move |tx| {

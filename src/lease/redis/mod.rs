@@ -155,10 +155,6 @@ impl LeaseStore for RedisStore {
         tasks::leases(self, q).await
     }
 
-    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
-        tasks::task_leases(self, task).await
-    }
-
     async fn transition(&self, t: Transition) -> Result<Lease, StoreError> {
         tasks::transition(self, t).await
     }

@@ -327,18 +327,6 @@ pub(super) async fn leases(store: &RedisStore, q: &LeaseQuery) -> Result<Page<Le
     }
 }
 
-pub(super) async fn task_leases(
-    store: &RedisStore,
-    task: &TaskId,
-) -> Result<Vec<Lease>, StoreError> {
-    let q = LeaseQuery {
-        task: Some(task.clone()),
-        limit: usize::MAX,
-        ..Default::default()
-    };
-    Ok(leases(store, &q).await?.items)
-}
-
 pub(super) async fn transition(store: &RedisStore, t: Transition) -> Result<Lease, StoreError> {
     let key = store.key("lease", t.lease.as_str());
     for _ in 0..CAS_RETRIES {
