@@ -519,7 +519,7 @@ fn baselines() -> Vec<(String, PathBuf)> {
 fn config_for(bin: &Path, cfg: &Path) -> PathBuf {
     let ok = |c: &Path| {
         Command::new(bin)
-            .args(["config", "check", "-c", c.to_str().expect("utf8")])
+            .args(["config", "check", c.to_str().expect("utf8")])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
