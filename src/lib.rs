@@ -35,7 +35,7 @@
 //! task       tasks, grants, scopes and their containment rules; `Task::end`
 //! identity   X.509-SVID / JWT-SVID / OIDC / DPoP verification; the only constructor
 //!            of VerifiedCaller; trust bundles from files, SPIFFE bundle endpoints and
-//!            the Workload API; `ReplayGuard`, the single-use store it needs
+//!            the Workload API; `OnceKey`, a proof's jti left for the store to consume
 //! net, ratelimit, duration, secret, pki, metrics, error, webhook   leaves
 //! ```
 //!

@@ -230,7 +230,6 @@ impl ApiError {
             ApiError::UnauthenticatedRateLimited => {
                 (S::TOO_MANY_REQUESTS, "unauthenticated_rate_limited")
             }
-            ApiError::Dpop(DpopError::Store(_)) => (S::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::Dpop(e) => (S::BAD_REQUEST, e.code()),
             ApiError::Broker(b) => broker_status(b),
         }
@@ -241,7 +240,6 @@ impl ApiError {
         if status.is_server_error() {
             match self {
                 ApiError::Audit(_) | ApiError::Overloaded => self.to_string(),
-                ApiError::Dpop(DpopError::Store(_)) => "the lease store is unavailable".into(),
                 ApiError::Broker(BrokerError::Store(_)) => "the lease store is unavailable".into(),
                 ApiError::Broker(BrokerError::SingleUseUnavailable(_)) => {
                     "single-use tokens cannot be checked: the store is unavailable".into()
@@ -384,9 +382,6 @@ impl From<ApiError> for OAuthError {
             ApiError::Body(BodyError::Timeout(_)) => (S::REQUEST_TIMEOUT, "invalid_request"),
             // RFC 9449 §5 and §8.
             ApiError::Dpop(DpopError::UseNonce) => (S::BAD_REQUEST, "use_dpop_nonce"),
-            ApiError::Dpop(DpopError::Store(_)) => {
-                (S::SERVICE_UNAVAILABLE, "temporarily_unavailable")
-            }
             ApiError::Dpop(_)
             | ApiError::Broker(BrokerError::Provider(ProviderError::BindingRequired)) => {
                 (S::BAD_REQUEST, "invalid_dpop_proof")

@@ -86,10 +86,9 @@ impl App {
         let store = open_store(&config.store).await?;
         let audit = open_audit(config)?;
         let jwt = Arc::new(jwt_issuer(config)?);
-        let dpop = Arc::new(crate::identity::dpop::DpopVerifier::new(
-            dpop_config(config)?,
-            store.clone(),
-        ));
+        let dpop = Arc::new(crate::identity::dpop::DpopVerifier::new(dpop_config(
+            config,
+        )?));
         let providers = providers(config, jwt.clone(), &store, &audit).await?;
         let revoker = Arc::new(Revoker::new(
             store.clone(),

@@ -6,7 +6,6 @@ use time::OffsetDateTime;
 use super::{Broker, BrokerError};
 use crate::action::Action;
 use crate::audit::AuditScope;
-use crate::identity::dpop::{DpopError, ProofContext, VerifiedProof};
 use crate::task::{LeaseId, ProviderKind, TaskState};
 
 /// RFC 7662 answer.
@@ -32,15 +31,6 @@ impl Broker {
     /// The JWS algorithms of those keys, as discovery documents list them.
     pub fn signing_algorithms(&self) -> Vec<&'static str> {
         self.jwt.algorithms()
-    }
-
-    /// Checks a DPoP proof against this request and consumes its `jti`.
-    pub async fn verify_dpop(
-        &self,
-        proof: &str,
-        ctx: ProofContext<'_>,
-    ) -> Result<VerifiedProof, DpopError> {
-        self.dpop.verify(proof, ctx).await
     }
 
     /// The server nonce to announce (`DPoP-Nonce`) at `now`, when nonces are required.

@@ -9,8 +9,9 @@
 //! → `crit` absent → signature → `jti`, `htm`, `htu`, `iat` present → `htm` = the
 //! request method → `htu` = the request URL (normalised, without query and fragment) →
 //! `iat` inside the window → `ath` = hash of the access token when one is presented →
-//! `nonce` when the server requires one → `jti` never seen before, in the shared store
-//! (last, so a refused proof never burns its `jti`; every replica sees the same set).
+//! `nonce` when the server requires one. The `jti` is not checked here: the broker
+//! consumes it in the shared store with the lease of the credential the proof obtains
+//! (so a refused request never burns it, and every replica sees the same set).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -22,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
+use super::OnceKey;
 use super::strict_json::{self, StrictJsonError};
-use super::{OnceKey, ReplayGuard};
 
 /// Largest proof accepted (an RSA-4096 `jwk` fits with room to spare).
 pub const MAX_PROOF_BYTES: usize = 8 * 1024;
@@ -84,8 +85,6 @@ pub enum DpopError {
     UseNonce,
     #[error("DPoP proof was already used (jti)")]
     Replayed,
-    #[error("the DPoP replay store is unavailable: {0}")]
-    Store(String),
 }
 
 impl DpopError {
@@ -109,7 +108,6 @@ impl DpopError {
             DpopError::Ath => "dpop_proof_ath",
             DpopError::UseNonce => "use_dpop_nonce",
             DpopError::Replayed => "dpop_proof_replayed",
-            DpopError::Store(_) => "store_unavailable",
         }
     }
 }
@@ -219,10 +217,10 @@ pub struct VerifiedProof {
     pub jkt: String,
 }
 
-/// Checks DPoP proofs; the `jti` replay set lives in shared state (the lease store).
+/// Checks DPoP proofs. The `jti` a proof carries is consumed by the caller, in the
+/// shared store, with the write of whatever the proof obtains (`check_unspent`).
 pub struct DpopVerifier {
     cfg: DpopConfig,
-    store: Arc<dyn ReplayGuard>,
 }
 
 impl std::fmt::Debug for DpopVerifier {
@@ -394,11 +392,8 @@ fn header_rules(
 }
 
 impl DpopVerifier {
-    pub fn new(cfg: DpopConfig, store: impl ReplayGuard) -> Self {
-        Self {
-            cfg,
-            store: Arc::new(store),
-        }
+    pub fn new(cfg: DpopConfig) -> Self {
+        Self { cfg }
     }
 
     /// The nonce to announce in `DPoP-Nonce`, when nonces are required.
@@ -406,23 +401,8 @@ impl DpopVerifier {
         self.cfg.nonce.as_ref().map(|k| k.current(now))
     }
 
-    /// Checks `proof` against the request it came with and consumes its `jti`.
-    pub async fn verify(
-        &self,
-        proof: &str,
-        ctx: ProofContext<'_>,
-    ) -> Result<VerifiedProof, DpopError> {
-        let (verified, once) = self.check_unspent(proof, ctx)?;
-        // Last: a refused proof never burns its jti.
-        match self.store.insert_once(&once.key, once.until).await {
-            Ok(true) => Ok(verified),
-            Ok(false) => Err(DpopError::Replayed),
-            Err(e) => Err(DpopError::Store(e.to_string())),
-        }
-    }
-
-    /// Every check of `verify` but the `jti` store: the proven key, and the `jti` the
-    /// caller must consume (`OnceKey`, kept until the proof could no longer pass the
+    /// Every check of a proof (last, the refusals that do not burn its `jti`): the proven
+    /// key, and the `jti` the caller must consume (`OnceKey`, kept until the proof could no longer pass the
     /// `iat` window anyway) before anything it authorizes leaves the broker. The broker
     /// consumes it in the same write as the credential's lease.
     pub fn check_unspent(

@@ -6,7 +6,22 @@ const URL: &str = "https://mayfly.test/v1/token";
 struct Fixture {
     _dir: tempfile::TempDir,
     verifier: DpopVerifier,
+    store: EmbeddedStore,
     key: ProofKey,
+}
+
+impl Fixture {
+    /// What the broker does with a proof: every check, then its `jti` consumed in the
+    /// store (there, together with the lease).
+    async fn verify(&self, proof: &str, c: ProofContext<'_>) -> Result<VerifiedProof, DpopError> {
+        use crate::lease::LeaseStore;
+        let (verified, once) = self.verifier.check_unspent(proof, c)?;
+        match self.store.insert_once(&once.key, once.until).await {
+            Ok(true) => Ok(verified),
+            Ok(false) => Err(DpopError::Replayed),
+            Err(e) => panic!("store: {e}"),
+        }
+    }
 }
 
 fn fixture(cfg: DpopConfig) -> Fixture {
@@ -16,7 +31,8 @@ fn fixture(cfg: DpopConfig) -> Fixture {
     let (key, _) = ProofKey::generate(false).expect("key");
     Fixture {
         _dir: dir,
-        verifier: DpopVerifier::new(cfg, Arc::new(store)),
+        verifier: DpopVerifier::new(cfg),
+        store,
         key,
     }
 }
@@ -56,12 +72,9 @@ async fn a_valid_proof_yields_its_key_thumbprint_once() {
     let f = fixture(DpopConfig::default());
     let now = OffsetDateTime::now_utc();
     let proof = f.key.proof(&req()).expect("proof");
-    let ok = f.verifier.verify(&proof, ctx(now)).await.expect("valid");
+    let ok = f.verify(&proof, ctx(now)).await.expect("valid");
     assert_eq!(ok.jkt, f.key.thumbprint());
-    assert_eq!(
-        f.verifier.verify(&proof, ctx(now)).await,
-        Err(DpopError::Replayed)
-    );
+    assert_eq!(f.verify(&proof, ctx(now)).await, Err(DpopError::Replayed));
 }
 
 #[tokio::test]
@@ -71,15 +84,15 @@ async fn a_proof_for_another_method_or_url_is_refused_and_its_jti_stays_unused()
     let proof = f.key.proof(&req()).expect("proof");
     let mut c = ctx(now);
     c.method = "GET";
-    assert_eq!(f.verifier.verify(&proof, c).await, Err(DpopError::Htm));
+    assert_eq!(f.verify(&proof, c).await, Err(DpopError::Htm));
     let mut c = ctx(now);
     c.url = "https://mayfly.test/v1/tasks/x/credentials";
-    assert_eq!(f.verifier.verify(&proof, c).await, Err(DpopError::Htu));
+    assert_eq!(f.verify(&proof, c).await, Err(DpopError::Htu));
     let mut c = ctx(now);
     c.url = "https://evil.test/v1/token";
-    assert_eq!(f.verifier.verify(&proof, c).await, Err(DpopError::Htu));
+    assert_eq!(f.verify(&proof, c).await, Err(DpopError::Htu));
     // Refusals did not burn the jti: the proof still works where it belongs.
-    assert!(f.verifier.verify(&proof, ctx(now)).await.is_ok());
+    assert!(f.verify(&proof, ctx(now)).await.is_ok());
 }
 
 #[tokio::test]
@@ -95,17 +108,14 @@ async fn htu_is_compared_after_normalisation_without_query_or_fragment() {
         r.url = url.into();
         let proof = f.key.proof(&r).expect("proof");
         assert!(
-            f.verifier.verify(&proof, ctx(now)).await.is_ok(),
+            f.verify(&proof, ctx(now)).await.is_ok(),
             "{url} is the same URL"
         );
     }
     let mut r = req();
     r.url = "https://mayfly.test:8443/v1/token".into();
     let proof = f.key.proof(&r).expect("proof");
-    assert_eq!(
-        f.verifier.verify(&proof, ctx(now)).await,
-        Err(DpopError::Htu)
-    );
+    assert_eq!(f.verify(&proof, ctx(now)).await, Err(DpopError::Htu));
 }
 
 #[tokio::test]
@@ -115,16 +125,10 @@ async fn proofs_outside_the_iat_window_are_refused() {
     let mut r = req();
     r.iat = Some(now.unix_timestamp() - 61);
     let old = f.key.proof(&r).expect("proof");
-    assert_eq!(
-        f.verifier.verify(&old, ctx(now)).await,
-        Err(DpopError::Expired)
-    );
+    assert_eq!(f.verify(&old, ctx(now)).await, Err(DpopError::Expired));
     r.iat = Some(now.unix_timestamp() + 30);
     let future = f.key.proof(&r).expect("proof");
-    assert_eq!(
-        f.verifier.verify(&future, ctx(now)).await,
-        Err(DpopError::Future)
-    );
+    assert_eq!(f.verify(&future, ctx(now)).await, Err(DpopError::Future));
 }
 
 #[tokio::test]
@@ -137,39 +141,39 @@ async fn the_header_rules_each_have_their_error() {
     let mut bad = h.clone();
     bad["typ"] = "JWT".into();
     assert_eq!(
-        f.verifier.verify(&with_header(&proof, bad), ctx(now)).await,
+        f.verify(&with_header(&proof, bad), ctx(now)).await,
         Err(DpopError::Typ)
     );
     for alg in ["none", "HS256", "ES512"] {
         let mut bad = h.clone();
         bad["alg"] = alg.into();
         assert_eq!(
-            f.verifier.verify(&with_header(&proof, bad), ctx(now)).await,
+            f.verify(&with_header(&proof, bad), ctx(now)).await,
             Err(DpopError::Alg(alg.into()))
         );
     }
     let mut bad = h.clone();
     bad["jwk"]["d"] = "c2VjcmV0".into();
     assert_eq!(
-        f.verifier.verify(&with_header(&proof, bad), ctx(now)).await,
+        f.verify(&with_header(&proof, bad), ctx(now)).await,
         Err(DpopError::PrivateKey("d".into()))
     );
     let mut bad = h.clone();
     bad["alg"] = "EdDSA".into();
     assert!(matches!(
-        f.verifier.verify(&with_header(&proof, bad), ctx(now)).await,
+        f.verify(&with_header(&proof, bad), ctx(now)).await,
         Err(DpopError::Jwk(_))
     ));
     let mut bad = h.clone();
     bad.as_object_mut().expect("obj").remove("jwk");
     assert!(matches!(
-        f.verifier.verify(&with_header(&proof, bad), ctx(now)).await,
+        f.verify(&with_header(&proof, bad), ctx(now)).await,
         Err(DpopError::Jwk(_))
     ));
     let mut bad = h.clone();
     bad["jku"] = "https://evil.test/jwks".into();
     assert_eq!(
-        f.verifier.verify(&with_header(&proof, bad), ctx(now)).await,
+        f.verify(&with_header(&proof, bad), ctx(now)).await,
         Err(DpopError::Header("jku"))
     );
     // Another key's jwk: the signature no longer verifies.
@@ -177,11 +181,11 @@ async fn the_header_rules_each_have_their_error() {
     let mut bad = h.clone();
     bad["jwk"] = other.jwk().clone();
     assert_eq!(
-        f.verifier.verify(&with_header(&proof, bad), ctx(now)).await,
+        f.verify(&with_header(&proof, bad), ctx(now)).await,
         Err(DpopError::Signature)
     );
     assert_eq!(
-        f.verifier.verify("a.b", ctx(now)).await,
+        f.verify("a.b", ctx(now)).await,
         Err(DpopError::Malformed("a JWS has three segments"))
     );
 }
@@ -193,14 +197,14 @@ async fn ath_must_hash_the_presented_access_token() {
     let mut c = ctx(now);
     c.access_token = Some("the-token");
     let without = f.key.proof(&req()).expect("proof");
-    assert_eq!(f.verifier.verify(&without, c).await, Err(DpopError::Ath));
+    assert_eq!(f.verify(&without, c).await, Err(DpopError::Ath));
     let mut r = req();
     r.access_token = Some("another-token".into());
     let wrong = f.key.proof(&r).expect("proof");
-    assert_eq!(f.verifier.verify(&wrong, c).await, Err(DpopError::Ath));
+    assert_eq!(f.verify(&wrong, c).await, Err(DpopError::Ath));
     r.access_token = Some("the-token".into());
     let right = f.key.proof(&r).expect("proof");
-    assert!(f.verifier.verify(&right, c).await.is_ok());
+    assert!(f.verify(&right, c).await.is_ok());
 }
 
 #[tokio::test]
@@ -212,27 +216,18 @@ async fn a_required_nonce_must_be_one_the_server_issued() {
     });
     let now = OffsetDateTime::now_utc();
     let none = f.key.proof(&req()).expect("proof");
-    assert_eq!(
-        f.verifier.verify(&none, ctx(now)).await,
-        Err(DpopError::UseNonce)
-    );
+    assert_eq!(f.verify(&none, ctx(now)).await, Err(DpopError::UseNonce));
     let mut r = req();
     r.nonce = Some("forged".into());
     let forged = f.key.proof(&r).expect("proof");
-    assert_eq!(
-        f.verifier.verify(&forged, ctx(now)).await,
-        Err(DpopError::UseNonce)
-    );
+    assert_eq!(f.verify(&forged, ctx(now)).await, Err(DpopError::UseNonce));
     let other = NonceKey::new(&[8u8; 32], Duration::from_secs(60)).expect("key");
     r.nonce = Some(other.current(now));
     let foreign = f.key.proof(&r).expect("proof");
-    assert_eq!(
-        f.verifier.verify(&foreign, ctx(now)).await,
-        Err(DpopError::UseNonce)
-    );
+    assert_eq!(f.verify(&foreign, ctx(now)).await, Err(DpopError::UseNonce));
     r.nonce = f.verifier.nonce(now);
     let good = f.key.proof(&r).expect("proof");
-    assert!(f.verifier.verify(&good, ctx(now)).await.is_ok());
+    assert!(f.verify(&good, ctx(now)).await.is_ok());
     // Two windows later the nonce is stale.
     r.jti = None;
     let stale = f.key.proof(&r).expect("proof");
@@ -240,7 +235,7 @@ async fn a_required_nonce_must_be_one_the_server_issued() {
     let mut c = ctx(later);
     c.now = later;
     assert!(matches!(
-        f.verifier.verify(&stale, c).await,
+        f.verify(&stale, c).await,
         Err(DpopError::UseNonce | DpopError::Expired)
     ));
 }
@@ -272,7 +267,6 @@ async fn an_eddsa_key_proves_too() {
     assert_eq!(key.thumbprint(), again.thumbprint());
     let proof = key.proof(&req()).expect("proof");
     let ok = f
-        .verifier
         .verify(&proof, ctx(OffsetDateTime::now_utc()))
         .await
         .expect("valid");

@@ -6,7 +6,7 @@ pub mod bundle;
 pub mod bundle_endpoint;
 pub mod dpop;
 pub mod jwks;
-mod replay_guard;
+mod once_key;
 pub mod spiffe_id;
 pub mod strict_json;
 pub mod workload_api;
@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use time::OffsetDateTime;
 
 pub use bundle::{BundleError, LiveBundles, TrustBundles};
-pub use replay_guard::{OnceKey, ReplayGuard, ReplayGuardError};
+pub use once_key::OnceKey;
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Why a caller's proof of identity was refused. Each rule has its own variant (and its

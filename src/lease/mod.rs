@@ -13,7 +13,6 @@
 pub mod embedded;
 mod ending;
 pub mod redis;
-mod replay_guard;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

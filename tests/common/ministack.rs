@@ -76,19 +76,7 @@ impl Ministack {
 
     /// SDK config for `key`/`secret` against this emulator.
     pub async fn sdk(&self, key: &str, secret: &str, token: Option<&str>) -> aws_config::SdkConfig {
-        let creds = aws_sdk_sts::config::Credentials::new(
-            key,
-            secret,
-            token.map(String::from),
-            None,
-            "test",
-        );
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&self.url)
-            .credentials_provider(creds)
-            .load()
-            .await
+        super::aws_sdk_config(&self.url, key, secret, token).await
     }
 
     /// The account root (`test`/`test`).

@@ -37,6 +37,23 @@ pub use loopback::free_port;
 pub use metrics::{metric_value, metrics_text, wait_for_metric};
 pub use ministack::{MINISTACK_ACCOUNT, Ministack, ministack_bin, role_deny_policy};
 pub use moto::Moto;
+
+/// SDK config for `key`/`secret` against the AWS emulator at `url` (moto or ministack).
+pub async fn aws_sdk_config(
+    url: &str,
+    key: &str,
+    secret: &str,
+    token: Option<&str>,
+) -> aws_config::SdkConfig {
+    let creds =
+        aws_sdk_sts::config::Credentials::new(key, secret, token.map(String::from), None, "test");
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(url)
+        .credentials_provider(creds)
+        .load()
+        .await
+}
 pub use oidc::{OidcIssuer, jwt_payload};
 pub use pki::{AGENT, AGENT2, OPERATOR, Pair, Pki, TD_A, TD_B, verified};
 pub use redis::RedisServer;
