@@ -205,7 +205,13 @@ impl Cluster {
                 b
             }
         });
-        futures_util::future::join_all(calls).await
+        // At most 48 at once: one source may hold 64 connections to a replica
+        // (`limits.max_connections_per_source`), and this is an operator, not a flood.
+        use futures_util::StreamExt;
+        futures_util::stream::iter(calls)
+            .buffer_unordered(48)
+            .collect()
+            .await
     }
     /// Every lease's state, read through replica 0.
     async fn states(&self, leases: &[String]) -> HashMap<String, usize> {

@@ -5,14 +5,16 @@
 )]
 //! 1000 injected crashes around the lease write of a Mayfly-signed JWT: afterwards no
 //! credential that left the broker lacks a lease, and the reaper ends every lease.
-//! Embedded store and Redis. (The `pending` path of upstream providers, and a crash
+//! Embedded store and Redis; each also through `Broker::commit`, as a request runs, where
+//! every credential that left must have both its lease and its audit record (on the
+//! embedded store the two are one write: `docs/audit-log.md`). (The `pending` path of upstream providers, and a crash
 //! between their mint and activation, is tested against OpenBao in `vault_provider.rs`.)
 
 mod common;
 
 use common::*;
 use mayfly::audit::{AuditEvent, AuditScope};
-use mayfly::broker::{BrokerError, FaultHook, FaultPoint};
+use mayfly::broker::{BrokerError, CommitError, FaultHook, FaultPoint};
 use mayfly::config::Config;
 use mayfly::lease::{Lease, LeaseState};
 use mayfly::task::{CredentialRequest, LeaseId, RawCredentialRequest, RawTaskRequest, TaskRequest};
@@ -22,11 +24,13 @@ use std::sync::{Arc, Mutex};
 
 const CRASHES: u64 = 1000;
 
-async fn run(store: Option<String>) {
+async fn run(store: Option<String>, via_commit: bool) {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(dir.path());
     let opts = ConfigOptions {
         store,
+        // 1000 requests in a second: the default request-flood rule would (rightly) stop it.
+        extra: "[anomaly]\nrules = []".into(),
         ..Default::default()
     };
     let config = Config::load(&write_config(dir.path(), &pki, &opts)).expect("config");
@@ -70,23 +74,35 @@ async fn run(store: Option<String>) {
         }))
         .expect("raw");
         let req = CredentialRequest::try_from(raw).expect("valid");
-        match app
+        let scope = if via_commit {
+            AuditScope::for_request(AuditEvent::new("request"))
+        } else {
+            AuditScope::new(AuditEvent::new("test"))
+        };
+        let issued = match app
             .broker
-            .request_credential(
-                &caller,
-                &task.id,
-                req,
-                &AuditScope::new(AuditEvent::new("test")),
-            )
+            .request_credential(&caller, &task.id, req, &scope)
             .await
         {
-            Ok(mayfly::broker::Outcome::Issued(issued)) => {
-                returned.insert(issued.lease.id.clone());
-            }
+            Ok(mayfly::broker::Outcome::Issued(issued)) => issued,
             Ok(_) => panic!("no approval is configured"),
-            Err(BrokerError::InjectedCrash(_)) => crashed += 1,
+            Err(BrokerError::InjectedCrash(_)) => {
+                crashed += 1;
+                continue;
+            }
             Err(e) => panic!("unexpected error: {e}"),
+        };
+        if via_commit {
+            match app.broker.commit(&scope).await {
+                Ok(()) => {}
+                Err(CommitError::Refused(BrokerError::InjectedCrash(_))) => {
+                    crashed += 1;
+                    continue;
+                }
+                Err(e) => panic!("unexpected commit error: {e}"),
+            }
         }
+        returned.insert(issued.lease.id.clone());
     }
     let by_plan = |r: u64| (0..CRASHES).filter(|i| i % 3 == r).count();
     assert_eq!(crashed, by_plan(0) + by_plan(1));
@@ -126,6 +142,26 @@ async fn run(store: Option<String>) {
     );
     assert!(leases.iter().all(|l| l.state == LeaseState::Active));
     assert!(leases.iter().all(|l| l.fingerprint.is_some()));
+    if via_commit {
+        app.audit.flush().await.expect("flush");
+        let recorded: HashSet<String> = audit_records(app.audit.path())
+            .iter()
+            .filter(|r| r["action"] == "MintCredential")
+            .filter_map(|r| r["lease_id"].as_str().map(str::to_string))
+            .collect();
+        let returned_ids: HashSet<String> = returned.iter().map(|l| l.to_string()).collect();
+        assert!(
+            returned_ids.is_subset(&recorded),
+            "every credential that left has its audit record"
+        );
+        if app.audit.joins_leases() {
+            let lease_ids: HashSet<String> = ids.iter().map(|l| l.to_string()).collect();
+            assert_eq!(
+                lease_ids, recorded,
+                "lease and audit record are one write: neither exists without the other"
+            );
+        }
+    }
 
     // Run the reaper as if past every TTL: nothing stays open.
     let later = time::OffsetDateTime::now_utc() + time::Duration::hours(3);
@@ -145,13 +181,24 @@ async fn run(store: Option<String>) {
 
 #[tokio::test]
 async fn a_thousand_crashes_leave_no_credential_without_revocation_embedded() {
-    run(None).await;
+    run(None, false).await;
 }
 
 #[tokio::test]
 async fn a_thousand_crashes_leave_no_credential_without_revocation_redis() {
     let redis = RedisServer::start(&[]);
-    run(Some(redis_store(&redis.url(), "crash"))).await;
+    run(Some(redis_store(&redis.url(), "crash")), false).await;
+}
+
+#[tokio::test]
+async fn a_thousand_crashes_leave_no_credential_without_lease_and_record_embedded() {
+    run(None, true).await;
+}
+
+#[tokio::test]
+async fn a_thousand_crashes_leave_no_credential_without_lease_and_record_redis() {
+    let redis = RedisServer::start(&[]);
+    run(Some(redis_store(&redis.url(), "crash-commit")), true).await;
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{lease, task};
+
 use mayfly::approval::{Approval, ApprovalState, ApprovalTransition, HeldRequest};
 use mayfly::identity::Principal;
 use mayfly::lease::embedded::EmbeddedStore;
@@ -15,43 +17,9 @@ use mayfly::lease::{
     TaskQuery, Transition, WindowHit,
 };
 use mayfly::provider::RateLimit;
-use mayfly::task::{Grant, LeaseId, ProviderKind, Scope, Task, TaskId, TaskState};
-use std::collections::BTreeMap;
+use mayfly::task::{LeaseId, ProviderKind, TaskId, TaskState};
 use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
-
-pub fn task(owner: &str, parent: Option<TaskId>, now: OffsetDateTime) -> Task {
-    Task {
-        id: TaskId::generate(),
-        owner: Principal::parse(owner).expect("principal"),
-        purpose: "contract".into(),
-        scope: Scope::new(vec![Grant {
-            provider: ProviderKind::Jwt,
-            target: "https://t".into(),
-            actions: ["read".to_string()].into(),
-            resources: Default::default(),
-        }])
-        .expect("scope"),
-        created_at: now,
-        expires_at: now + Duration::hours(1),
-        parent,
-        labels: BTreeMap::new(),
-        state: TaskState::Active,
-        ended_at: None,
-        end_reason: None,
-        origin: None,
-    }
-}
-
-pub fn lease(task: &Task, now: OffsetDateTime, ttl: Duration) -> Lease {
-    Lease::pending(
-        &task.id,
-        &task.owner,
-        &task.scope.grants()[0],
-        now,
-        now + ttl,
-    )
-}
 
 fn activate(l: &Lease, now: OffsetDateTime) -> Transition {
     let mut t = Transition::new(

@@ -12,6 +12,7 @@ use super::AppState;
 use super::error::{ApiError, ErrorCode, OAuthError};
 use super::extract::{ConnInfo, ResolvedCaller, resolve_caller};
 use crate::audit::{AuditEvent, AuditScope};
+use crate::broker::CommitError;
 use crate::identity::SingleUse;
 
 /// What the middleware knows of a request before it runs.
@@ -49,12 +50,29 @@ pub(super) async fn audit_request(
     metrics::histogram!("mayfly_request_duration_seconds", "route" => facts.route.clone())
         .record(started.elapsed().as_secs_f64());
     let code = close_event(&scope, &resp);
-    if write_in_full(&st, &scope, &facts, code)
-        && let Err(err) = st.broker.commit(&scope).await
-    {
-        resp = error_response(&facts.route, ApiError::Audit(err));
+    if write_in_full(&st, &scope, &facts, code) {
+        resp = commit(&st, &scope, &facts, resp).await;
     }
     finish(facts, resp)
+}
+
+/// Writes the request's record (and the lease it carries). A lease the store refuses at
+/// that point (its DPoP proof was spent meanwhile, its task ended) is never written: the
+/// answer becomes that refusal, recorded in place of the credential.
+async fn commit(st: &AppState, scope: &AuditScope, facts: &Facts, resp: Response) -> Response {
+    match st.broker.commit(scope).await {
+        Ok(()) => resp,
+        Err(CommitError::Audit(err)) => error_response(&facts.route, ApiError::Audit(err)),
+        Err(CommitError::Refused(e)) => {
+            let resp = error_response(&facts.route, ApiError::from(e));
+            close_event(scope, &resp);
+            match st.broker.commit(scope).await {
+                Ok(()) => resp,
+                Err(CommitError::Audit(err)) => error_response(&facts.route, ApiError::Audit(err)),
+                Err(CommitError::Refused(e)) => error_response(&facts.route, ApiError::from(e)),
+            }
+        }
+    }
 }
 
 fn open_event(req: &Request) -> (Facts, AuditEvent) {
@@ -119,7 +137,7 @@ async fn run(
         single_use = resolved.as_ref().ok().and_then(|c| c.single_use().cloned());
         req.extensions_mut().insert(ResolvedCaller(resolved));
     }
-    let scope = AuditScope::new(ev);
+    let scope = AuditScope::for_request(ev);
     req.extensions_mut().insert(scope.clone());
     // Every log line of this request carries its id (and the audit record has the same).
     let span = tracing::info_span!("request", request_id = %facts.request_id, route = %facts.route);

@@ -18,6 +18,7 @@ use crate::identity::bundle_endpoint::{EndpointAuth, EndpointSource};
 use crate::identity::jwks::{KeyCache, KeySourceSpec};
 use crate::identity::workload_api::{JwtTarget, Targets, WorkloadApiSource};
 use crate::identity::{LiveBundles, TrustDomain};
+use crate::lease::AuditJournal;
 use crate::lease::embedded::EmbeddedStore;
 use crate::lease::redis::RedisStore;
 use crate::lease::{LeaseStore, StoreError};
@@ -83,8 +84,8 @@ impl App {
         let bearer = bearer_verifier(config, &bundles)?;
         let bundle_sources = start_bundle_sources(config, &bundles, &bearer).await?;
         let policy = Arc::new(PolicyEngine::load(&config.policy_dir)?);
-        let store = open_store(&config.store).await?;
-        let audit = open_audit(config)?;
+        let (store, journal) = open_store_with_journal(&config.store).await?;
+        let audit = open_audit(config, journal)?;
         let jwt = Arc::new(jwt_issuer(config)?);
         let dpop = Arc::new(crate::identity::dpop::DpopVerifier::new(dpop_config(
             config,
@@ -141,20 +142,49 @@ pub async fn open_store(
     })
 }
 
-/// The audit log, with the webhook tap when one is configured.
-fn open_audit(config: &Config) -> Result<AuditLog, crate::Error> {
+/// The lease store and, for the embedded store, its audit journal: the audit log then
+/// commits each record with the state change it describes (one durable write per
+/// credential) and the file is fed from the journal. Redis keeps no journal: a record
+/// is appended and fsynced to the file on its own.
+pub async fn open_store_with_journal(
+    store: &StoreConfig,
+) -> Result<(Arc<dyn LeaseStore>, Option<Arc<dyn AuditJournal>>), crate::lease::StoreError> {
+    Ok(match store {
+        StoreConfig::Embedded { path } => {
+            let s = Arc::new(EmbeddedStore::open(path)?);
+            (s.clone(), Some(s))
+        }
+        StoreConfig::Redis(cfg) => (Arc::new(RedisStore::connect(cfg).await?), None),
+    })
+}
+
+/// The audit log, with the webhook tap when one is configured; journaled into the store
+/// when it has a journal.
+fn open_audit(
+    config: &Config,
+    journal: Option<Arc<dyn AuditJournal>>,
+) -> Result<AuditLog, crate::Error> {
     let tap = config
         .webhook
         .as_ref()
         .map(crate::webhook::Webhook::start)
         .transpose()
         .map_err(|e| invalid("webhook", e))?;
-    Ok(AuditLog::open_rotating(
-        &config.audit_path,
-        &config.node_id,
-        tap,
-        config.audit_rotation,
-    )?)
+    Ok(match journal {
+        Some(j) => AuditLog::open_journaled(
+            &config.audit_path,
+            &config.node_id,
+            tap,
+            config.audit_rotation,
+            j,
+        )?,
+        None => AuditLog::open_rotating(
+            &config.audit_path,
+            &config.node_id,
+            tap,
+            config.audit_rotation,
+        )?,
+    })
 }
 
 /// The JWT provider's issuer, with its fixed key (generated if asked) or its key set.

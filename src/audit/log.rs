@@ -5,10 +5,13 @@ use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::lease::{AuditJournal, Joined, JournalSignal, NewLease};
 
 use super::verify::check_record;
 use super::writer::Writer;
@@ -19,10 +22,46 @@ pub(super) struct Job {
     pub(super) ack: oneshot::Sender<Result<(), AuditError>>,
 }
 
+/// Where records go: the file's own writer thread (one fsync per group of records), or
+/// the store's audit journal, which the pump feeds to the file.
+#[derive(Clone)]
+enum Sink {
+    File(mpsc::Sender<Job>),
+    Journal {
+        journal: Arc<dyn AuditJournal>,
+        signal: Arc<JournalSignal>,
+        /// The pump's last attempt to write the file failed: new records are refused
+        /// until one succeeds (those already journaled are kept and fed later).
+        failing: Arc<AtomicBool>,
+        _pump: Arc<PumpGuard>,
+    },
+}
+
+/// Stops the pump once the last handle is gone, after it has fed what is committed.
+struct PumpGuard {
+    stop: Arc<AtomicBool>,
+    signal: Arc<JournalSignal>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for PumpGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.signal.nudge();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Journaled records the file may lag behind by before new records are refused: the
+/// journal is bounded even when the file cannot be written.
+pub const MAX_JOURNAL_BACKLOG: u64 = 100_000;
+
 /// Handle to the audit writer. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Job>,
+    sink: Sink,
     path: PathBuf,
     node: String,
     head: Arc<Mutex<ChainHead>>,
@@ -123,44 +162,77 @@ impl AuditLog {
         tap: Option<crate::webhook::Webhook>,
         rotation: Rotation,
     ) -> Result<Self, AuditError> {
-        let open_err = |reason: String| AuditError::Open {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        }
-        let rotated = rotated_files(path).map_err(|e| open_err(e.to_string()))?;
-        let mut file = open_private_append(path).map_err(|e| open_err(e.to_string()))?;
-        let mut head = recover_head(&mut file).map_err(open_err)?;
-        if head.seq == 0
-            && let Some((_, last)) = rotated.last()
-        {
-            // Rotated, then stopped before the new file got its first record: the chain
-            // continues from the last rotated file.
-            let mut prev = File::open(last).map_err(|e| open_err(e.to_string()))?;
-            head = recover_head(&mut prev).map_err(open_err)?;
-        }
-        let shared = Arc::new(Mutex::new(head.clone()));
+        let (file, head, writer) = open_file(path, node, tap, rotation)?;
+        let shared = writer.shared.clone();
         let (tx, rx) = mpsc::channel(8192);
-        let w = Writer {
-            path: path.to_path_buf(),
-            next_index: rotated.last().map_or(1, |(i, _)| i + 1),
-            rotation,
-            node: node.to_string(),
-            shared: shared.clone(),
-            tap,
-        };
         std::thread::Builder::new()
             .name("mayfly-audit".into())
-            .spawn(move || w.run(file, head, rx))
-            .map_err(|e| open_err(e.to_string()))?;
+            .spawn(move || writer.run(file, head, rx))
+            .map_err(|e| open_error(path, e.to_string()))?;
         Ok(Self {
-            tx,
+            sink: Sink::File(tx),
             path: path.to_path_buf(),
             node: node.to_string(),
             head: shared,
         })
+    }
+
+    /// `open_rotating`, with records committed to `journal` (the lease store) and the
+    /// file fed from it: a credential's lease and audit record are then one durable
+    /// write (`write_with_lease`).
+    pub fn open_journaled(
+        path: &Path,
+        node: &str,
+        tap: Option<crate::webhook::Webhook>,
+        rotation: Rotation,
+        journal: Arc<dyn AuditJournal>,
+    ) -> Result<Self, AuditError> {
+        let (file, head, writer) = open_file(path, node, tap, rotation)?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            // A device or pipe cannot be truncated back or rotated by the pump: such a
+            // log keeps its own writer, and every record its own fsync.
+            drop(file);
+            return Self::open_rotating(path, node, writer.tap, rotation);
+        }
+        journal
+            .attach(head.seq)
+            .map_err(|e| open_error(path, e.to_string()))?;
+        let shared = writer.shared.clone();
+        let signal = journal.signal();
+        let stop = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(AtomicBool::new(false));
+        let pump = super::pump::Pump {
+            writer,
+            journal: Arc::downgrade(&journal),
+            signal: signal.clone(),
+            stop: stop.clone(),
+            failing: failing.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("mayfly-audit".into())
+            .spawn(move || pump.run(file, head))
+            .map_err(|e| open_error(path, e.to_string()))?;
+        let guard = PumpGuard {
+            stop,
+            signal: signal.clone(),
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok(Self {
+            sink: Sink::Journal {
+                journal,
+                signal,
+                failing,
+                _pump: Arc::new(guard),
+            },
+            path: path.to_path_buf(),
+            node: node.to_string(),
+            head: shared,
+        })
+    }
+
+    /// Whether a lease can be written with its audit record (`write_with_lease`).
+    pub fn joins_leases(&self) -> bool {
+        matches!(self.sink, Sink::Journal { .. })
     }
 
     pub fn path(&self) -> &Path {
@@ -178,13 +250,128 @@ impl AuditLog {
 
     /// Appends `event` and returns once it is durable on disk.
     pub async fn write(&self, event: AuditEvent) -> Result<(), AuditError> {
-        let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Job { event, ack })
-            .await
-            .map_err(|_| AuditError::Stopped)?;
-        done.await.map_err(|_| AuditError::Stopped)?
+        match &self.sink {
+            Sink::File(tx) => {
+                let (ack, done) = oneshot::channel();
+                tx.send(Job { event, ack })
+                    .await
+                    .map_err(|_| AuditError::Stopped)?;
+                done.await.map_err(|_| AuditError::Stopped)?
+            }
+            Sink::Journal { .. } => match self.journal(event, None).await? {
+                Joined::Written => Ok(()),
+                other => Err(AuditError::Write(format!(
+                    "unexpected journal outcome {other:?}"
+                ))),
+            },
+        }
     }
+
+    /// Appends `event` and writes `lease` in the same durable commit; returns what the
+    /// store did (a spent single-use key or an ended task write nothing at all).
+    pub async fn write_with_lease(
+        &self,
+        event: AuditEvent,
+        lease: NewLease,
+    ) -> Result<Joined, AuditError> {
+        self.journal(event, Some(lease)).await
+    }
+
+    async fn journal(
+        &self,
+        event: AuditEvent,
+        lease: Option<NewLease>,
+    ) -> Result<Joined, AuditError> {
+        let Sink::Journal {
+            journal,
+            signal,
+            failing,
+            ..
+        } = &self.sink
+        else {
+            return Err(AuditError::Write(
+                "this audit log does not journal leases".into(),
+            ));
+        };
+        if failing.load(Ordering::SeqCst) {
+            return Err(AuditError::Write(
+                "the audit file cannot be written (records already committed stay in the journal)"
+                    .into(),
+            ));
+        }
+        let backlog = signal.committed().saturating_sub(self.head().seq);
+        if backlog >= MAX_JOURNAL_BACKLOG {
+            return Err(AuditError::Write(format!(
+                "the audit file is {backlog} records behind its journal"
+            )));
+        }
+        let body = render_body(&event, &self.node).map_err(AuditError::Write)?;
+        journal
+            .append(event.kind, body, lease)
+            .await
+            .map_err(|e| AuditError::Write(e.to_string()))
+    }
+
+    /// Waits until the file holds every record committed so far (journaled logs; a file
+    /// log's records are in the file when `write` returns).
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        let Sink::Journal { signal, .. } = &self.sink else {
+            return Ok(());
+        };
+        let target = signal.committed();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.head().seq < target {
+            if std::time::Instant::now() >= deadline {
+                return Err(AuditError::Write(format!(
+                    "the audit file is still at seq {} of {target}",
+                    self.head().seq
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+}
+
+fn open_error(path: &Path, reason: String) -> AuditError {
+    AuditError::Open {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Opens the file, recovers the chain head (from the last rotated file when the current
+/// one is empty) and prepares its writer.
+fn open_file(
+    path: &Path,
+    node: &str,
+    tap: Option<crate::webhook::Webhook>,
+    rotation: Rotation,
+) -> Result<(File, Head, Writer), AuditError> {
+    let open_err = |reason: String| open_error(path, reason);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+    }
+    let rotated = rotated_files(path).map_err(|e| open_err(e.to_string()))?;
+    let mut file = open_private_append(path).map_err(|e| open_err(e.to_string()))?;
+    let mut head = recover_head(&mut file).map_err(open_err)?;
+    if head.seq == 0
+        && let Some((_, last)) = rotated.last()
+    {
+        // Rotated, then stopped before the new file got its first record: the chain
+        // continues from the last rotated file.
+        let mut prev = File::open(last).map_err(|e| open_err(e.to_string()))?;
+        head = recover_head(&mut prev).map_err(open_err)?;
+    }
+    let writer = Writer {
+        path: path.to_path_buf(),
+        next_index: rotated.last().map_or(1, |(i, _)| i + 1),
+        rotation,
+        node: node.to_string(),
+        shared: Arc::new(Mutex::new(head.clone())),
+        tap,
+    };
+    Ok((file, head, writer))
 }
 
 /// Finds the last complete record to continue the chain; drops a torn final line (a
@@ -253,27 +440,44 @@ fn cap_strings(v: &mut serde_json::Value) {
     }
 }
 
-pub(super) fn render(event: &AuditEvent, head: &mut Head, node: &str) -> Result<Vec<u8>, String> {
+/// The event as the JSON object a record starts from: its fields (strings capped), `ts`
+/// and `node`; the chain adds `seq`, `prev` and `hash` (see [`chain`]).
+pub(super) fn render_body(event: &AuditEvent, node: &str) -> Result<Vec<u8>, String> {
     let mut value = serde_json::to_value(event).map_err(|e| e.to_string())?;
     cap_strings(&mut value);
     let map = value
         .as_object_mut()
         .ok_or_else(|| "audit event is not an object".to_string())?;
-    let seq = head.seq + 1;
     let ts = OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .map_err(|e| e.to_string())?;
-    map.insert("seq".into(), seq.into());
     map.insert("ts".into(), ts.into());
     map.insert("node".into(), node.into());
-    map.insert("prev".into(), head.hash.clone().into());
-    let body = serde_json::to_string(&value).map_err(|e| e.to_string())?;
-    let hash = hex::encode(Sha256::digest(body.as_bytes()));
-    let mut line = body.into_bytes();
+    serde_json::to_vec(&value).map_err(|e| e.to_string())
+}
+
+/// Chains a rendered body after `head`: adds `extra` (already-encoded `,"key":value`
+/// pairs, or nothing), `seq` and `prev`, then `hash` over everything before it; advances
+/// `head`. The line ends with a newline.
+pub(super) fn chain(body: &[u8], extra: &str, head: &mut Head) -> Result<Vec<u8>, String> {
+    let open = body
+        .strip_suffix(b"}")
+        .filter(|o| o.len() > 1 && o.first() == Some(&b'{'))
+        .ok_or("audit record body is not a non-empty JSON object")?;
+    let seq = head.seq + 1;
+    let mut line = Vec::with_capacity(body.len() + extra.len() + 220);
+    line.extend_from_slice(open);
+    line.extend_from_slice(extra.as_bytes());
+    line.extend_from_slice(format!(r#","seq":{seq},"prev":"{}"}}"#, head.hash).as_bytes());
+    let hash = hex::encode(Sha256::digest(&line));
     line.pop(); // the closing '}', re-added after the hash field
     line.extend_from_slice(format!(r#","hash":"{hash}"}}"#).as_bytes());
     line.push(b'\n');
     head.seq = seq;
     head.hash = hash;
     Ok(line)
+}
+
+pub(super) fn render(event: &AuditEvent, head: &mut Head, node: &str) -> Result<Vec<u8>, String> {
+    chain(&render_body(event, node)?, "", head)
 }

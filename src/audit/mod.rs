@@ -27,6 +27,7 @@
 
 mod anchors;
 mod log;
+mod pump;
 mod refusals;
 mod verify;
 mod writer;
@@ -36,7 +37,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub use anchors::{publish_anchor, spawn_anchor_publisher};
-pub use log::{AuditLog, log_set, rotated_files};
+pub use log::{AuditLog, MAX_JOURNAL_BACKLOG, log_set, rotated_files};
 pub use refusals::{Refusals, SUMMARY_KIND, spawn_summary_flusher};
 pub use verify::{ChainError, Verified, verify_file, verify_reader, verify_set};
 
@@ -145,6 +146,13 @@ pub struct AuditEvent {
     /// What would take back this request's state changes; never written to the record.
     #[serde(skip)]
     pub undo: Vec<crate::action::Undo>,
+    /// A lease to write in the same commit as this record (`AuditLog::write_with_lease`);
+    /// never written to the record.
+    #[serde(skip)]
+    pub staged_lease: Option<Box<crate::lease::NewLease>>,
+    /// The request commits at its end (`Broker::commit`), so a lease may wait for it.
+    #[serde(skip)]
+    pub commits_at_end: bool,
     /// A credential under a delegated task: the RFC 8693 `sub` of the delegation (its
     /// root principal) and `act` (the current holder, earlier holders nested deeper), as
     /// the token and introspection carry them. `principal` stays the caller.
@@ -188,6 +196,18 @@ impl AuditScope {
     /// `Broker::commit`).
     pub fn undo_with(&self, undo: crate::action::Undo) {
         self.set(|e| e.undo.push(undo));
+    }
+    /// The scope of a `/v1` request, which `Broker::commit` writes once the response is
+    /// known: a lease minted in process may then be written with the record.
+    pub fn for_request(mut event: AuditEvent) -> Self {
+        event.commits_at_end = true;
+        Self::new(event)
+    }
+    pub fn commits_at_end(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commits_at_end
     }
     pub fn snapshot(&self) -> AuditEvent {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()

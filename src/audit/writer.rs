@@ -103,35 +103,14 @@ impl Writer {
         }
     }
 
-    fn publish(&self, head: &Head) {
+    pub(super) fn publish(&self, head: &Head) {
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = head.clone();
     }
 
     /// Renames the current file to `<path>.NNNNNN` and starts a new one whose first
     /// record continues the chain; then applies retention.
     fn rotate(&mut self, head: &mut Head) -> Result<File, String> {
-        let name = self
-            .path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or("audit path has no file name")?
-            .to_string();
-        let rotated_name;
-        let rotated;
-        if self.path.exists() {
-            rotated_name = format!("{name}.{:06}", self.next_index);
-            rotated = self.path.with_file_name(&rotated_name);
-            if rotated.exists() {
-                return Err(format!("{} already exists", rotated.display()));
-            }
-            std::fs::rename(&self.path, &rotated).map_err(|e| e.to_string())?;
-            self.next_index += 1;
-        } else {
-            // An earlier attempt renamed the file and then failed to start the next one.
-            rotated_name = format!("{name}.{:06}", self.next_index.saturating_sub(1));
-            rotated = self.path.with_file_name(&rotated_name);
-        }
-        let mut file = open_private_append(&self.path).map_err(|e| e.to_string())?;
+        let (mut file, rotated_name) = self.next_file()?;
         let mut ev = AuditEvent::new(ROTATED_KIND);
         ev.detail = Some(format!("continues {rotated_name} (last seq {})", head.seq));
         let mut next = head.clone();
@@ -142,23 +121,62 @@ impl Writer {
         sync_dir(&self.path);
         *head = next;
         self.publish(head);
+        self.rotated(&rotated_name, head.seq);
+        Ok(file)
+    }
+
+    /// Renames the current file to `<path>.NNNNNN` and opens a new, empty one; returns
+    /// it and the rotated file's name.
+    pub(super) fn next_file(&mut self) -> Result<(File, String), String> {
+        let name = self
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("audit path has no file name")?
+            .to_string();
+        let rotated_name;
+        if self.path.exists() {
+            rotated_name = format!("{name}.{:06}", self.next_index);
+            let rotated = self.path.with_file_name(&rotated_name);
+            if rotated.exists() {
+                return Err(format!("{} already exists", rotated.display()));
+            }
+            std::fs::rename(&self.path, &rotated).map_err(|e| e.to_string())?;
+            self.next_index += 1;
+        } else {
+            // An earlier attempt renamed the file and then failed to start the next one.
+            rotated_name = format!("{name}.{:06}", self.next_index.saturating_sub(1));
+        }
+        let file = open_private_append(&self.path).map_err(|e| e.to_string())?;
+        Ok((file, rotated_name))
+    }
+
+    /// After a rotation's first record is durable: metrics, log, retention.
+    pub(super) fn rotated(&self, rotated_name: &str, seq: u64) {
+        sync_dir(&self.path);
         metrics::counter!("mayfly_audit_rotations_total").increment(1);
-        tracing::info!(rotated = %rotated.display(), seq = head.seq, "audit log rotated");
-        if self.rotation.retain_files > 0 {
-            let files = rotated_files(&self.path).map_err(|e| e.to_string())?;
-            let excess = files.len().saturating_sub(self.rotation.retain_files);
-            for (_, old) in files.into_iter().take(excess) {
-                match std::fs::remove_file(&old) {
-                    Ok(()) => {
-                        tracing::info!(removed = %old.display(), "audit retention: oldest rotated file removed")
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %old.display(), error = %e, "audit retention: cannot remove")
-                    }
+        tracing::info!(rotated = %rotated_name, seq, "audit log rotated");
+        if self.rotation.retain_files == 0 {
+            return;
+        }
+        let files = match rotated_files(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "audit retention: cannot list rotated files");
+                return;
+            }
+        };
+        let excess = files.len().saturating_sub(self.rotation.retain_files);
+        for (_, old) in files.into_iter().take(excess) {
+            match std::fs::remove_file(&old) {
+                Ok(()) => {
+                    tracing::info!(removed = %old.display(), "audit retention: oldest rotated file removed")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %old.display(), error = %e, "audit retention: cannot remove")
                 }
             }
         }
-        Ok(file)
     }
 }
 

@@ -4,9 +4,10 @@
 use time::OffsetDateTime;
 
 use super::{Broker, BrokerError, FaultPoint, Issued, after};
+use crate::audit::AuditScope;
 use crate::identity::dpop::DpopError;
 use crate::identity::{Principal, VerifiedCaller};
-use crate::lease::{Lease, LeaseState, StoreError, Transition};
+use crate::lease::{Lease, LeaseState, NewLease, StoreError, Transition};
 use crate::provider::{CredentialProvider, MintRequest};
 use crate::task::{CredentialRequest, LeaseId, Task, TaskId};
 
@@ -53,6 +54,37 @@ impl Broker {
         lease.activate(minted.fingerprint.clone(), minted.handle.clone())?;
         self.record_new(&lease, lease.expires_at, m.binding).await?;
         self.require_still_active(&m.task.id, &lease.id).await?;
+        Ok(Issued {
+            lease,
+            credential: minted.credential,
+        })
+    }
+
+    /// Whether a lease minted in process waits for the request's commit, to be written
+    /// with its audit record: the audit log journals into the store and the request
+    /// commits at its end.
+    pub(super) fn stages_leases(&self, ev: &AuditScope) -> bool {
+        self.audit.joins_leases() && ev.commits_at_end()
+    }
+
+    /// `mint_in_process` with the lease staged on the request's audit scope instead of
+    /// written now: `Broker::commit` writes lease, DPoP `jti` and audit record in one
+    /// commit, checking there that the task is still active. Nothing leaves before.
+    pub(super) async fn mint_staged(
+        &self,
+        m: Minting<'_>,
+        mut lease: Lease,
+        ev: &AuditScope,
+    ) -> Result<Issued, BrokerError> {
+        let minted = m.provider.mint(m.request(&lease)).await?;
+        self.crash_at(FaultPoint::AfterMint, &lease.id)?;
+        lease.activate(minted.fingerprint.clone(), minted.handle.clone())?;
+        let new = NewLease {
+            lease: lease.clone(),
+            due_at: lease.expires_at,
+            once: m.binding.dpop_once.clone(),
+        };
+        ev.set(|e| e.staged_lease = Some(Box::new(new)));
         Ok(Issued {
             lease,
             credential: minted.credential,

@@ -33,9 +33,9 @@ use time::OffsetDateTime;
 
 use crate::action::{Action, Undo};
 use crate::anomaly::{AnomalyEngine, Quota, Signal};
-use crate::audit::{AuditError, AuditLog, AuditScope};
+use crate::audit::{AuditError, AuditEvent, AuditLog, AuditScope};
 use crate::identity::{Principal, VerifiedCaller};
-use crate::lease::{Lease, LeaseStore};
+use crate::lease::{Joined, Lease, LeaseStore, NewLease};
 use crate::policy::{Decision, MintContext, PolicyDecision, PolicyEngine};
 use crate::provider::jwt::JwtIssuer;
 use crate::provider::{CredentialProvider, ProviderError, Providers};
@@ -50,6 +50,17 @@ pub use error::BrokerError;
 pub use operator::BulkSelector;
 pub use tokens::Introspection;
 pub use verdicts::ExternalSignal;
+
+/// Why `Broker::commit` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The record could not be written; the request's state changes were taken back.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The store refused the staged lease at commit: nothing was written.
+    #[error(transparent)]
+    Refused(BrokerError),
+}
 
 /// Points between "record" and "audit" where a process can die. Fault injection (tests
 /// only — never settable from config) stops the flow there as a crash would: nothing
@@ -204,16 +215,63 @@ impl Broker {
     /// request registered on its scope is taken back, newest first, and the request
     /// fails: nothing a request granted outlives a missing record. Revocations are not
     /// undone — they only take access away.
-    pub async fn commit(&self, scope: &AuditScope) -> Result<(), AuditError> {
-        let event = scope.snapshot();
+    ///
+    /// A lease the request staged (a credential minted in process, with a journaling
+    /// audit log) is written in the same commit as the record: one durable write. The
+    /// store checks, inside that commit, that the lease's DPoP `jti` is unspent and its
+    /// task still active; if not, nothing is written and the request is refused
+    /// ([`CommitError::Refused`]), to be recorded as such by a second `commit`.
+    pub async fn commit(&self, scope: &AuditScope) -> Result<(), CommitError> {
+        let mut event = scope.snapshot();
         let undo = event.undo.clone();
-        let Err(err) = self.audit.write(event).await else {
+        let result = match event.staged_lease.take() {
+            Some(new) => {
+                scope.set(|e| e.staged_lease = None);
+                return self.commit_with_lease(scope, event, *new).await;
+            }
+            None => self.audit.write(event).await,
+        };
+        let Err(err) = result else {
             return Ok(());
         };
         for u in undo.iter().rev() {
             self.undo(u).await;
         }
-        Err(err)
+        Err(CommitError::Audit(err))
+    }
+
+    async fn commit_with_lease(
+        &self,
+        scope: &AuditScope,
+        event: AuditEvent,
+        new: NewLease,
+    ) -> Result<(), CommitError> {
+        let (id, task) = (new.lease.id.clone(), new.lease.task_id.clone());
+        let undo = event.undo.clone();
+        let refused = |e: BrokerError| {
+            scope.set(|ev| ev.credential_fingerprint = None);
+            Err(CommitError::Refused(e))
+        };
+        match self.audit.write_with_lease(event, new).await {
+            Ok(Joined::Written) => self
+                .crash_at(FaultPoint::AfterActivate, &id)
+                .map_err(CommitError::Refused),
+            Ok(Joined::Replayed) => refused(BrokerError::Dpop(
+                crate::identity::dpop::DpopError::Replayed,
+            )),
+            Ok(Joined::TaskEnded(TaskState::Expired)) => refused(BrokerError::TaskExpired(task)),
+            Ok(Joined::TaskEnded(state)) => refused(BrokerError::TaskNotActive {
+                id: task,
+                state: state.as_str(),
+            }),
+            Err(err) => {
+                // Neither the lease nor the record was written; undo anything else.
+                for u in undo.iter().rev() {
+                    self.undo(u).await;
+                }
+                Err(CommitError::Audit(err))
+            }
+        }
     }
 
     async fn undo(&self, undo: &Undo) {
@@ -580,16 +638,22 @@ impl Broker {
             delegators: &delegators,
             binding: &request,
         };
-        let issued = if provider.mints_in_process() {
+        let staged = provider.mints_in_process() && self.stages_leases(ev);
+        let issued = if staged {
+            self.mint_staged(minting, lease, ev).await?
+        } else if provider.mints_in_process() {
             self.mint_in_process(minting, lease).await?
         } else {
             self.mint_upstream(minting, lease).await?
         };
-        ev.undo_with(Undo::RevokeLease(issued.lease.id.clone()));
         ev.set(|e| e.credential_fingerprint = issued.lease.fingerprint.clone());
         metrics::counter!("mayfly_leases_issued_total", "provider" => issued.lease.provider.as_str())
             .increment(1);
-        self.crash_at(FaultPoint::AfterActivate, &issued.lease.id)?;
+        if !staged {
+            ev.undo_with(Undo::RevokeLease(issued.lease.id.clone()));
+            // A staged lease reaches this point in `commit`, after its write.
+            self.crash_at(FaultPoint::AfterActivate, &issued.lease.id)?;
+        }
         Ok(issued)
     }
 

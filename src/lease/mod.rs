@@ -12,6 +12,7 @@
 
 pub mod embedded;
 mod ending;
+pub mod journal;
 pub mod redis;
 
 use async_trait::async_trait;
@@ -23,6 +24,8 @@ use time::OffsetDateTime;
 use crate::approval::{Approval, ApprovalState, ApprovalTransition, TransitionOutcome};
 use crate::identity::Principal;
 use crate::task::{LeaseId, ProviderKind, Task, TaskId, TaskState};
+
+pub use journal::{AuditJournal, Joined, JournalSignal, NewLease};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

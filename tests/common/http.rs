@@ -76,8 +76,19 @@ where
     }
 }
 
-/// Reads the audit log as JSON values.
+/// Reads the audit log as JSON values, once the file has stopped growing: with the
+/// embedded store the file is fed from the store's audit journal just after each commit
+/// (docs/audit-log.md), so a record can reach it a moment after its response.
 pub fn audit_records(path: &Path) -> Vec<Value> {
+    let size = || std::fs::metadata(path).map(|m| m.len()).ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let (mut last, mut stable) = (size(), 0);
+    while stable < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = size();
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+    }
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

@@ -20,6 +20,7 @@ mod ministack;
 mod moto;
 mod oidc;
 mod pki;
+mod records;
 mod redis;
 mod redis_bin;
 mod server;
@@ -37,6 +38,7 @@ pub use loopback::free_port;
 pub use metrics::{metric_value, metrics_text, wait_for_metric};
 pub use ministack::{MINISTACK_ACCOUNT, Ministack, ministack_bin, role_deny_policy};
 pub use moto::Moto;
+pub use records::{lease, task};
 
 /// SDK config for `key`/`secret` against the AWS emulator at `url` (moto or ministack).
 pub async fn aws_sdk_config(

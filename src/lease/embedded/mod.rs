@@ -19,6 +19,7 @@ mod anchors;
 mod approvals;
 mod control;
 mod deny;
+mod journal;
 mod tasks;
 mod writer;
 
@@ -76,6 +77,7 @@ pub struct EmbeddedStore {
     buckets:
         std::sync::Mutex<std::collections::HashMap<String, Arc<crate::ratelimit::TokenBucket>>>,
     ops: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
+    journal: Arc<journal::JournalState>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// Named locks: one process owns the file, so a local lock serialises every writer.
     locks: std::sync::Mutex<LocalLocks>,
@@ -152,20 +154,24 @@ impl EmbeddedStore {
             tx.open_table(APPROVAL_FP).map_err(db_err)?;
             tx.open_table(APPROVAL_LIVE).map_err(db_err)?;
             tx.open_table(APPROVAL_KEEP).map_err(db_err)?;
+            tx.open_table(journal::AUDIT_JOURNAL).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         let db = Arc::new(db);
         let (ops, rx) = std::sync::mpsc::channel();
         let writer_db = db.clone();
+        let journal = Arc::new(journal::JournalState::load(&db)?);
+        let writer_journal = journal.clone();
         let writer = std::thread::Builder::new()
             .name("mayfly-store-writer".into())
-            .spawn(move || writer::run(writer_db, rx))
+            .spawn(move || writer::run(writer_db, rx, writer_journal))
             .map_err(|e| StoreError::Unavailable(format!("store writer: {e}")))?;
         Ok(Self {
             db,
             windows: std::sync::Mutex::default(),
             buckets: std::sync::Mutex::default(),
             ops: std::sync::Mutex::new(Some(ops)),
+            journal,
             writer: Some(writer),
             locks: std::sync::Mutex::default(),
         })

@@ -197,7 +197,7 @@ pub(super) async fn put_new_once(
         .await
 }
 
-fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<(), StoreError> {
+pub(super) fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<(), StoreError> {
     let leases = tx.open_table(LEASES).map_err(db_err)?;
     if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
         return Err(StoreError::AlreadyExists(lease.id.to_string()));
@@ -205,7 +205,7 @@ fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<(), StoreEr
     Ok(())
 }
 
-fn write_new(
+pub(super) fn write_new(
     tx: &redb::WriteTransaction,
     lease: &Lease,
     due_at: OffsetDateTime,

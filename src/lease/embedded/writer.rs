@@ -21,7 +21,11 @@ const MAX_GROUP: usize = 256;
 /// so durability per operation is unchanged, but concurrent writers share one fsync.
 /// Each operation checks its preconditions before it writes anything, so a refused
 /// operation leaves no trace in the shared transaction; a storage error aborts the group.
-pub(super) fn run(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Op>) {
+pub(super) fn run(
+    db: Arc<Database>,
+    rx: std::sync::mpsc::Receiver<Op>,
+    journal: Arc<super::journal::JournalState>,
+) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -42,7 +46,13 @@ pub(super) fn run(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Op>) {
             }
         };
         let mut completions = Vec::with_capacity(group.len());
-        let mut fatal = false;
+        let (mark, mut fatal) = match journal.begin(&txn) {
+            Ok(m) => (Some(m), false),
+            Err(e) => {
+                tracing::error!(error = %e, "audit journal upkeep failed; write group aborted");
+                (None, true)
+            }
+        };
         for op in group {
             let (done, failed) = op(Ok(&txn));
             fatal |= failed;
@@ -58,6 +68,9 @@ pub(super) fn run(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Op>) {
                 .err()
                 .map(db_err)
         };
+        if let Some(mark) = mark {
+            journal.end(mark, outcome.is_none());
+        }
         metrics::histogram!("mayfly_store_group_commit_ops").record(completions.len() as f64);
         for done in completions {
             done(outcome.clone());

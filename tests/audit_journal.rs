@@ -1,0 +1,236 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up step must abort the test loudly"
+)]
+//! The audit journal of the embedded store (docs/audit-log.md): a lease and its audit
+//! record are one commit; the file is fed from the journal in order, across restarts,
+//! without duplicates, and refuses to open over a gap.
+
+mod common;
+
+use mayfly::audit::{AuditEvent, AuditLog, Rotation, verify_file, verify_set};
+use mayfly::identity::OnceKey;
+use mayfly::lease::embedded::EmbeddedStore;
+use mayfly::lease::{AuditJournal, Joined, LeaseStore, NewLease};
+use mayfly::task::{Task, TaskState};
+use std::path::Path;
+use std::sync::Arc;
+use time::{Duration, OffsetDateTime};
+
+fn new_lease(task: &Task, now: OffsetDateTime, once: Option<&str>) -> NewLease {
+    let mut lease = common::lease(task, now, Duration::minutes(5));
+    lease
+        .activate("fp".into(), None)
+        .expect("a pending lease activates");
+    NewLease {
+        due_at: lease.expires_at,
+        lease,
+        once: once.map(|k| OnceKey {
+            key: k.into(),
+            until: now + Duration::minutes(5),
+        }),
+    }
+}
+
+fn event(i: usize) -> AuditEvent {
+    let mut e = AuditEvent::new("request");
+    e.detail = Some(format!("event {i}"));
+    e
+}
+
+fn journaled(dir: &Path, rotation: Rotation) -> (Arc<EmbeddedStore>, AuditLog) {
+    let store = Arc::new(EmbeddedStore::open(&dir.join("store.redb")).expect("store"));
+    let log = AuditLog::open_journaled(
+        &dir.join("audit.jsonl"),
+        "n1",
+        None,
+        rotation,
+        store.clone(),
+    )
+    .expect("journaled log");
+    (store, log)
+}
+
+fn seqs(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .expect("read")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"]
+                .as_u64()
+                .expect("seq")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn concurrent_records_reach_the_file_in_order_and_the_chain_verifies() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_store, log) = journaled(dir.path(), Rotation::default());
+    assert!(log.joins_leases());
+    let writes: Vec<_> = (0..200)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.write(event(i)).await })
+        })
+        .collect();
+    for w in writes {
+        w.await.expect("join").expect("write");
+    }
+    log.flush().await.expect("flush");
+    let path = dir.path().join("audit.jsonl");
+    assert_eq!(verify_file(&path), Ok(200));
+    assert_eq!(seqs(&path), (1..=200).collect::<Vec<_>>());
+    assert_eq!(log.head().seq, 200);
+}
+
+#[tokio::test]
+async fn a_lease_and_its_record_are_one_write_and_a_refused_one_writes_neither() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, log) = journaled(dir.path(), Rotation::default());
+    let now = OffsetDateTime::now_utc();
+    let t = common::task("spiffe://example.org/agent", None, now);
+    store.create_task(&t).await.expect("task");
+
+    let first = new_lease(&t, now, Some("jti-1"));
+    let id = first.lease.id.clone();
+    let mut ev = event(0);
+    ev.lease_id = Some(id.to_string());
+    assert_eq!(
+        log.write_with_lease(ev, first).await.expect("write"),
+        Joined::Written
+    );
+    assert!(store.lease(&id).await.expect("read").is_some());
+
+    // The same single-use key again: refused, and neither lease nor record written.
+    let replay = new_lease(&t, now, Some("jti-1"));
+    let replay_id = replay.lease.id.clone();
+    assert_eq!(
+        log.write_with_lease(event(1), replay).await.expect("write"),
+        Joined::Replayed
+    );
+    assert!(store.lease(&replay_id).await.expect("read").is_none());
+
+    // The task ends: a lease staged before is refused at commit.
+    store
+        .end_task(&t.id, TaskState::Completed, "done", now)
+        .await
+        .expect("end");
+    let late = new_lease(&t, now, None);
+    let late_id = late.lease.id.clone();
+    assert_eq!(
+        log.write_with_lease(event(2), late).await.expect("write"),
+        Joined::TaskEnded(TaskState::Completed)
+    );
+    assert!(store.lease(&late_id).await.expect("read").is_none());
+
+    log.flush().await.expect("flush");
+    let path = dir.path().join("audit.jsonl");
+    assert_eq!(
+        verify_file(&path),
+        Ok(1),
+        "only the written lease has a record"
+    );
+    let text = std::fs::read_to_string(&path).expect("read");
+    assert!(text.contains(id.as_str()));
+}
+
+#[tokio::test]
+async fn records_committed_before_a_crash_reach_the_file_after_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("audit.jsonl");
+    {
+        // The broker died after these commits, before its pump wrote a line.
+        let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("store");
+        assert_eq!(store.attach(0).expect("attach"), 0);
+        for i in 0..7 {
+            let body = format!(r#"{{"detail":"event {i}","kind":"request","node":"n1","ts":"t"}}"#);
+            store
+                .append("request", body.into_bytes(), None)
+                .await
+                .expect("append");
+        }
+    }
+    let (_store, log) = journaled(dir.path(), Rotation::default());
+    log.flush().await.expect("flush");
+    assert_eq!(verify_file(&path), Ok(7));
+    log.write(event(7)).await.expect("write");
+    log.flush().await.expect("flush");
+    assert_eq!(seqs(&path), (1..=8).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn records_already_in_the_file_are_not_written_twice_after_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("audit.jsonl");
+    {
+        let (_store, log) = journaled(dir.path(), Rotation::default());
+        for i in 0..5 {
+            log.write(event(i)).await.expect("write");
+        }
+        log.flush().await.expect("flush");
+        // Stopped before a later write trimmed the journal: it still holds 1..=5.
+    }
+    let (_store, log) = journaled(dir.path(), Rotation::default());
+    log.write(event(5)).await.expect("write");
+    log.flush().await.expect("flush");
+    assert_eq!(seqs(&path), (1..=6).collect::<Vec<_>>());
+    assert_eq!(verify_file(&path), Ok(6));
+}
+
+#[tokio::test]
+async fn a_journal_that_skips_records_the_file_lacks_refuses_to_open() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("audit.jsonl");
+    {
+        let (_store, log) = journaled(dir.path(), Rotation::default());
+        for i in 0..3 {
+            log.write(event(i)).await.expect("write");
+        }
+        log.flush().await.expect("flush");
+    }
+    {
+        // Records 4 and 5 committed, then the writes trimmed 1..=3; then the file is lost.
+        let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("store");
+        store.attach(3).expect("attach");
+        store.trim_through(3);
+        for _ in 0..2 {
+            let body = br#"{"kind":"request","node":"n1","ts":"t"}"#.to_vec();
+            store.append("request", body, None).await.expect("append");
+        }
+    }
+    std::fs::remove_file(&path).expect("rm");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).expect("store"));
+    let err = AuditLog::open_journaled(&path, "n1", None, Rotation::default(), store)
+        .expect_err("a gap must not be papered over");
+    assert!(err.to_string().contains("records 1 to 3"), "{err}");
+}
+
+#[tokio::test]
+async fn a_rotating_journaled_log_verifies_as_one_chain() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rotation = Rotation {
+        rotate_bytes: 4 * 1024,
+        retain_files: 0,
+    };
+    let (_store, log) = journaled(dir.path(), rotation);
+    for i in 0..120 {
+        log.write(event(i)).await.expect("write");
+    }
+    log.flush().await.expect("flush");
+    let path = dir.path().join("audit.jsonl");
+    let files = mayfly::audit::log_set(&path).expect("set");
+    assert!(files.len() > 2, "rotated: {files:?}");
+    let verified = verify_set(&files, &[]).expect("the set verifies as one chain");
+    let records: usize = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).expect("read").lines().count())
+        .sum();
+    assert_eq!(records as u64, log.head().seq);
+    assert_eq!(verified.records, records as u64);
+    assert!(
+        verified.records > 120,
+        "the rotation records are in the chain too"
+    );
+}
