@@ -600,6 +600,26 @@ impl CredentialRequest {
 }
 
 /// A declared task as stored.
+/// The two fields of a stored task that say whether it is live: read alone where only
+/// that matters (the store checks it inside a lease's commit), without the rest.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct TaskLife {
+    pub state: TaskState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+impl TaskLife {
+    /// The state at `now`: a stored `active` task past its end is `expired`.
+    pub fn state_at(&self, now: OffsetDateTime) -> TaskState {
+        if self.state == TaskState::Active && now >= self.expires_at {
+            TaskState::Expired
+        } else {
+            self.state
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: TaskId,
@@ -721,11 +741,11 @@ impl Task {
 
     /// The state at `now`: a stored `active` task past its end is `expired`.
     pub fn state_at(&self, now: OffsetDateTime) -> TaskState {
-        if self.state == TaskState::Active && now >= self.expires_at {
-            TaskState::Expired
-        } else {
-            self.state
+        TaskLife {
+            state: self.state,
+            expires_at: self.expires_at,
         }
+        .state_at(now)
     }
 
     pub fn remaining(&self, now: OffsetDateTime) -> Duration {

@@ -19,6 +19,9 @@ use crate::lease::{AuditJournal, JournalSignal};
 
 /// Records read from the journal and fsynced together at most.
 const MAX_BATCH: usize = 2048;
+/// How long the pump lets records gather before it feeds them to the file. The file
+/// lags the journal by about this much; no request waits for it.
+const LINGER: Duration = Duration::from_millis(10);
 /// How long the pump sleeps after a failure before it tries again.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -50,6 +53,10 @@ impl Pump {
                     break;
                 }
                 continue;
+            }
+            if !self.stop.load(Ordering::SeqCst) {
+                // Off every request's path: let a batch gather, one fsync for all of it.
+                std::thread::sleep(LINGER);
             }
             let Some(journal) = self.journal.upgrade() else {
                 break;

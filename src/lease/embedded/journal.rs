@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use super::{COUNTS, EmbeddedStore, TASKS, control, db_err, decode, nanos, tasks};
 use crate::lease::{AuditJournal, Joined, JournalSignal, NewLease, StoreError};
-use crate::task::{Task, TaskState};
+use crate::task::{TaskLife, TaskState};
 
 /// seq → `kind` `\n` body.
 pub(super) const AUDIT_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_journal");
@@ -141,7 +141,7 @@ fn write_lease(tx: &redb::WriteTransaction, new: &NewLease) -> Result<Option<Joi
     {
         return Ok(Some(Joined::Replayed));
     }
-    let task: Task = {
+    let task: TaskLife = {
         let table = tx.open_table(TASKS).map_err(db_err)?;
         let got = table
             .get(new.lease.task_id.as_str())
