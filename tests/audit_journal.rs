@@ -215,13 +215,21 @@ async fn a_rotating_journaled_log_verifies_as_one_chain() {
         retain_files: 0,
     };
     let (_store, log) = journaled(dir.path(), rotation);
-    for i in 0..120 {
-        log.write(event(i)).await.expect("write");
-    }
-    log.flush().await.expect("flush");
     let path = dir.path().join("audit.jsonl");
-    let files = mayfly::audit::log_set(&path).expect("set");
-    assert!(files.len() > 2, "rotated: {files:?}");
+    // A rotation record joins the chain with the next write after the file is full:
+    // write until two rotations are in.
+    let mut files = Vec::new();
+    for i in 0..4000 {
+        log.write(event(i)).await.expect("write");
+        if i % 20 == 19 {
+            log.flush().await.expect("flush");
+            files = mayfly::audit::log_set(&path).expect("set");
+            if files.len() > 2 {
+                break;
+            }
+        }
+    }
+    assert!(files.len() > 2, "rotated twice: {files:?}");
     let verified = verify_set(&files, &[]).expect("the set verifies as one chain");
     let records: usize = files
         .iter()
@@ -229,8 +237,20 @@ async fn a_rotating_journaled_log_verifies_as_one_chain() {
         .sum();
     assert_eq!(records as u64, log.head().seq);
     assert_eq!(verified.records, records as u64);
-    assert!(
-        verified.records > 120,
-        "the rotation records are in the chain too"
+    let rotations = files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .expect("read")
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| l.contains(r#""kind":"audit.rotated""#))
+        .count();
+    assert_eq!(
+        rotations,
+        files.len() - 1,
+        "each later file starts with its rotation record, in the chain"
     );
 }

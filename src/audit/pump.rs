@@ -62,9 +62,12 @@ impl Pump {
                 break;
             };
             match self.feed(journal.as_ref(), &mut file, &mut head) {
-                Ok(()) => {
+                Ok(rotated) => {
                     self.failing.store(false, Ordering::SeqCst);
                     journal.trim_through(head.seq);
+                    // Once the asked-for rotation happened, the new file may be asked
+                    // for its own (a large batch can fill it at once).
+                    rotation_asked &= !rotated;
                     if !rotation_asked && self.due_for_rotation(&file) {
                         self.ask_rotation(journal.as_ref());
                         rotation_asked = true;
@@ -76,10 +79,6 @@ impl Pump {
                     tracing::error!(error = %e, "cannot feed the audit file from the journal; retrying (records stay in the journal)");
                     std::thread::sleep(RETRY);
                 }
-            }
-            // A rotation record was chained: the next one may be asked for.
-            if rotation_asked && !self.due_for_rotation(&file) {
-                rotation_asked = false;
             }
         }
     }
@@ -97,14 +96,15 @@ impl Pump {
         }
     }
 
-    /// One batch: read, chain, append, fsync, publish. On failure nothing is published
-    /// and whatever reached the file is cut back off.
+    /// One batch: read, chain, append, fsync, publish; returns whether it rotated the
+    /// file. On failure nothing more is published and what reached the file after the
+    /// last published record is cut back off.
     fn feed(
         &mut self,
         journal: &dyn AuditJournal,
         file: &mut File,
         head: &mut Head,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let rows = journal
             .read_after(head.seq, MAX_BATCH)
             .map_err(|e| e.to_string())?;
@@ -116,6 +116,7 @@ impl Pump {
         }
         let mut next = head.clone();
         let mut batch = Batch::default();
+        let mut rotated = false;
         for (seq, kind, body) in rows {
             if seq != next.seq + 1 {
                 return Err(format!(
@@ -138,6 +139,7 @@ impl Pump {
                     serde_json::to_string(&detail).map_err(|e| e.to_string())?
                 );
                 self.writer.rotated(&rotated_name, seq);
+                rotated = true;
             }
             let line = chain(&body, &extra, &mut next)?;
             let start = batch.buf.len();
@@ -147,7 +149,7 @@ impl Pump {
         self.flush(file, &batch)?;
         *head = next;
         self.publish(head, &batch);
-        Ok(())
+        Ok(rotated)
     }
 
     fn flush(&self, file: &mut File, batch: &Batch) -> Result<(), String> {
