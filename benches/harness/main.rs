@@ -546,63 +546,121 @@ fn config_for(bin: &Path, cfg: &Path) -> PathBuf {
 
 /// Each baseline binary at 50 kept-open connections, embedded then Redis.
 async fn baseline_rows(rep: &mut Report, p: &Pki, tmp: &Path, redis_dir: &Path) {
+    let this = PathBuf::from(env!("CARGO_BIN_EXE_mayfly"));
     for (label, bin) in baselines() {
-        let port = free_port();
-        let cfg = write_config(
+        // Embedded: each build on its own store, both up, measured A B A B so drift on
+        // the machine falls on both sides.
+        let store = |name: &str| {
+            format!(
+                "kind = \"embedded\"\npath = {:?}",
+                tmp.join(format!("{name}.redb"))
+            )
+        };
+        let (pa, pb) = (free_port(), free_port());
+        let ca = write_config(
+            p,
+            &format!("pair-this-{label}"),
+            pa,
+            &store(&format!("pair-this-{label}")),
+        );
+        let cb = write_config(
             p,
             &format!("baseline-{label}"),
-            port,
-            &format!(
-                "kind = \"embedded\"\npath = {:?}",
-                tmp.join(format!("baseline-{label}.redb"))
-            ),
+            pb,
+            &store(&format!("baseline-{label}")),
         );
-        let b = start_broker(&bin, &config_for(&bin, &cfg), port);
-        let pids = [b.proc.0.id()];
-        let kept = mint_target(p, port, Caller::BearerKeptOpen).await;
-        let m = closed_loop(&kept, 50, WARMUP, RUN, &pids).await;
-        rep.add(
-            &format!("Mayfly {label} (embedded)"),
-            KEPT,
-            "50 conns".into(),
-            m,
-            &pids,
-        );
-        drop(b);
+        let a = start_broker(&this, &ca, pa);
+        let b = start_broker(&bin, &config_for(&bin, &cb), pb);
+        paired(
+            rep,
+            p,
+            &label,
+            "embedded",
+            (&a, &[a.proc.0.id()]),
+            (&b, &[b.proc.0.id()]),
+        )
+        .await;
+        drop((a, b));
+        // Redis: one server, a key prefix per build.
         let (redis, rport) = start_redis(redis_dir);
-        let port = free_port();
-        let cfg = write_config(
+        let redis_store = |prefix: &str| {
+            format!(
+                "kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"{prefix}\""
+            )
+        };
+        let (pa, pb) = (free_port(), free_port());
+        let ca = write_config(
+            p,
+            &format!("pair-this-{label}-redis"),
+            pa,
+            &redis_store("this"),
+        );
+        let cb = write_config(
             p,
             &format!("baseline-{label}-redis"),
-            port,
-            &format!(
-                "kind = \"redis\"\nurl = \"redis://127.0.0.1:{rport}\"\nkey_prefix = \"base\""
-            ),
+            pb,
+            &redis_store("base"),
         );
-        let b = start_broker(&bin, &config_for(&bin, &cfg), port);
-        let pids = [b.proc.0.id(), redis.0.id()];
-        let kept = mint_target(p, port, Caller::BearerKeptOpen).await;
-        let m = closed_loop(&kept, 50, WARMUP, RUN, &pids).await;
-        rep.add(
-            &format!("Mayfly {label} (Redis)"),
-            KEPT,
-            "50 conns".into(),
-            m,
-            &pids,
-        );
+        let a = start_broker(&this, &ca, pa);
+        let b = start_broker(&bin, &config_for(&bin, &cb), pb);
+        let r = redis.0.id();
+        paired(
+            rep,
+            p,
+            &label,
+            "Redis",
+            (&a, &[a.proc.0.id(), r]),
+            (&b, &[b.proc.0.id(), r]),
+        )
+        .await;
     }
 }
 
-/// This build against each baseline, kept-open at 50, per store.
+/// This build (`a`) and a baseline (`b`), kept-open at 50, twice each, interleaved.
+async fn paired(
+    rep: &mut Report,
+    p: &Pki,
+    label: &str,
+    store: &str,
+    (a, a_pids): (&Broker, &[u32]),
+    (b, b_pids): (&Broker, &[u32]),
+) {
+    let ka = mint_target(p, a.port, Caller::BearerKeptOpen).await;
+    let kb = mint_target(p, b.port, Caller::BearerKeptOpen).await;
+    let (mut ma, mut mb) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        ma.push(closed_loop(&ka, 50, WARMUP, RUN, a_pids).await);
+        mb.push(closed_loop(&kb, 50, WARMUP, RUN, b_pids).await);
+    }
+    let load = format!("50 conns, paired with {label} (2 × interleaved)");
+    rep.add(
+        &format!("Mayfly ({store})"),
+        KEPT,
+        load.clone(),
+        Measured::merge(&ma),
+        a_pids,
+    );
+    rep.add(
+        &format!("Mayfly {label} ({store})"),
+        KEPT,
+        load,
+        Measured::merge(&mb),
+        b_pids,
+    );
+}
+
+/// This build against each baseline, kept-open at 50, per store, from the interleaved
+/// pairs.
 fn baseline_notes(rep: &mut Report) {
     for (label, _) in baselines() {
+        let load = format!("50 conns, paired with {label} (2 × interleaved)");
         for store in ["embedded", "Redis"] {
             if let (Some(now), Some(before)) = (
-                rep.find(&format!("Mayfly ({store})"), KEPT, "50 conns"),
-                rep.find(&format!("Mayfly {label} ({store})"), KEPT, "50 conns"),
+                rep.find(&format!("Mayfly ({store})"), KEPT, &load),
+                rep.find(&format!("Mayfly {label} ({store})"), KEPT, &load),
             ) {
                 let note = format!(
-                    "this build vs {label}, {store}, kept-open at 50: x{:.2} throughput, x{:.3} CPU per exchange",
+                    "this build vs {label}, {store}, kept-open at 50 (interleaved A B A B): x{:.2} throughput, x{:.3} CPU per exchange",
                     now.rps() / before.rps().max(1e-9),
                     now.cpu_per_1000 / before.cpu_per_1000.max(1e-9)
                 );
@@ -1188,8 +1246,22 @@ async fn main() {
         .iter()
         .find(|r| r.system == "Mayfly (embedded)" && r.load.contains("200 %"))
     {
+        // What a shed request costs: the row's CPU beyond what its good exchanges cost at
+        // the closed-loop peak's CPU per exchange, over the requests shed.
+        let shed_cost = rep
+            .find("Mayfly (embedded)", KEPT, "50 conns")
+            .filter(|_| r.m.shed > 0)
+            .map(|peak| {
+                let total = r.m.cpu_per_1000 * r.m.ok as f64 / 1000.0;
+                let served = peak.cpu_per_1000 * r.m.ok as f64 / 1000.0;
+                format!(
+                    "; a shed request cost about {:.0} µs of broker CPU (the row's CPU beyond its good exchanges at the 50-connection CPU per exchange, over the shed count)",
+                    (total - served) * 1e6 / r.m.shed as f64
+                )
+            })
+            .unwrap_or_default();
         rep.note(format!(
-            "goodput at 200 % of peak: {:.0}/s = {:.0} % of peak, {} shed, {} errors",
+            "goodput at 200 % of peak: {:.0}/s = {:.0} % of peak, {} shed, {} errors{shed_cost}",
             r.m.rps(),
             100.0 * r.m.rps() / (r.m.offered / 2.0),
             r.m.shed,
