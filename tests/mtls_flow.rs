@@ -174,7 +174,7 @@ async fn full_flow_declare_mint_introspect_complete() {
         .find(|r| r["kind"] == "lease.revoked")
         .expect("revocation record");
     assert_eq!(revoked["lease_id"], lease.as_str());
-    let raw = std::fs::read_to_string(&env.audit).expect("audit");
+    let raw = audit_text(&env.audit);
     assert!(
         !raw.contains(&token),
         "the token must never reach the audit trail"
@@ -617,7 +617,7 @@ async fn tampered_audit_logs_fail_verification_naming_the_line() {
     for _ in 0..3 {
         declare(&env, &agent, "5m").await;
     }
-    let text = std::fs::read_to_string(&env.audit).expect("audit");
+    let text = audit_text(&env.audit);
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() >= 4);
     let dir = tempfile::tempdir().expect("tmp");

@@ -344,7 +344,7 @@ async fn token_grant_reads_only_its_policy_and_dies_with_the_task() {
     }
 
     // Secrets never reach the audit trail.
-    let audit = std::fs::read_to_string(env.dir.path().join("audit.jsonl")).expect("audit");
+    let audit = audit_text(&env.dir.path().join("audit.jsonl"));
     assert!(!audit.contains(&token));
     assert!(!audit.contains("BEGIN CERTIFICATE"));
     assert!(!audit.contains("PRIVATE KEY"));

@@ -153,6 +153,6 @@ async fn revocations_and_anomalies_are_posted_signed_and_retried() {
     assert_eq!(record["lease_id"], lease.as_str());
     assert_eq!(record["reason"], "webhook test");
     // It is the audit record itself: the same line is in the chain.
-    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("audit");
+    let audit = audit_text(&dir.path().join("audit.jsonl"));
     assert!(audit.lines().any(|l| l == all[1].2));
 }

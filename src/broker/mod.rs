@@ -224,12 +224,16 @@ impl Broker {
     pub async fn commit(&self, scope: &AuditScope) -> Result<(), CommitError> {
         let mut event = scope.snapshot();
         let undo = event.undo.clone();
-        let result = match event.staged_lease.take() {
-            Some(new) => {
-                scope.set(|e| e.staged_lease = None);
-                return self.commit_with_lease(scope, event, *new).await;
-            }
-            None => self.audit.write(event).await,
+        let staged = event.staged_lease.take();
+        if staged.is_some() {
+            scope.set(|e| e.staged_lease = None);
+        }
+        // A request that failed after its lease was staged hands out nothing: its
+        // record is written without the lease.
+        let failed = event.status.is_some_and(|s| s >= 400);
+        let result = match staged {
+            Some(new) if !failed => return self.commit_with_lease(scope, event, *new).await,
+            _ => self.audit.write(event).await,
         };
         let Err(err) = result else {
             return Ok(());

@@ -76,10 +76,10 @@ where
     }
 }
 
-/// Reads the audit log as JSON values, once the file has stopped growing: with the
-/// embedded store the file is fed from the store's audit journal just after each commit
-/// (docs/audit-log.md), so a record can reach it a moment after its response.
-pub fn audit_records(path: &Path) -> Vec<Value> {
+/// The audit log's text once the file has stopped growing: with the embedded store the
+/// file is fed from the store's audit journal a few milliseconds after each commit
+/// (docs/audit-log.md), so a record can reach it just after its response.
+pub fn audit_text(path: &Path) -> String {
     let size = || std::fs::metadata(path).map(|m| m.len()).ok();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let (mut last, mut stable) = (size(), 0);
@@ -89,8 +89,12 @@ pub fn audit_records(path: &Path) -> Vec<Value> {
         stable = if now == last { stable + 1 } else { 0 };
         last = now;
     }
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Reads the audit log as JSON values ([`audit_text`]).
+pub fn audit_records(path: &Path) -> Vec<Value> {
+    audit_text(path)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()

@@ -30,8 +30,8 @@ pub use bao::Bao;
 pub use bundle_server::{BundleServer, spiffe_bundle_doc};
 pub use config::{ConfigOptions, TEST_POLICY, redis_store, write_config};
 pub use http::{
-    audit_records, client, declare_with_bearer, declare_with_svid, eventually, get, introspect,
-    post_json, raw_get_status, task_body,
+    audit_records, audit_text, client, declare_with_bearer, declare_with_svid, eventually, get,
+    introspect, post_json, raw_get_status, task_body,
 };
 pub use jwt_svid::JwtSvidKey;
 pub use loopback::free_port;
