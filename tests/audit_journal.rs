@@ -254,3 +254,31 @@ async fn a_rotating_journaled_log_verifies_as_one_chain() {
         "each later file starts with its rotation record, in the chain"
     );
 }
+
+#[tokio::test]
+async fn a_lost_audit_file_over_an_empty_journal_starts_a_new_chain_that_is_fed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("audit.jsonl");
+    {
+        let (store, log) = journaled(dir.path(), Rotation::default());
+        for i in 0..5 {
+            log.write(event(i)).await.expect("write");
+        }
+        log.flush().await.expect("flush");
+        // Any later write trims what the file holds: the journal is empty.
+        let now = OffsetDateTime::now_utc();
+        store
+            .create_task(&common::task("spiffe://example.org/agent", None, now))
+            .await
+            .expect("task");
+        assert!(store.read_after(0, 10).expect("read").is_empty());
+    }
+    std::fs::remove_file(&path).expect("rm");
+    let (_store, log) = journaled(dir.path(), Rotation::default());
+    for i in 0..3 {
+        log.write(event(i)).await.expect("a new chain is accepted");
+    }
+    log.flush().await.expect("flush");
+    assert_eq!(seqs(&path), vec![1, 2, 3]);
+    assert_eq!(verify_file(&path), Ok(3));
+}

@@ -109,11 +109,7 @@ impl JournalState {
             let mut table = tx.open_table(AUDIT_JOURNAL).map_err(db_err)?;
             table.retain_in(..=to, |_, _| false).map_err(db_err)?;
             let mut counts = tx.open_table(COUNTS).map_err(db_err)?;
-            let kept = counts
-                .get(SEQ_KEY)
-                .map_err(db_err)?
-                .map_or(0, |v| v.value());
-            counts.insert(SEQ_KEY, kept.max(to)).map_err(db_err)?;
+            counts.insert(SEQ_KEY, to).map_err(db_err)?;
             mark.trim = to;
         }
         Ok(())
@@ -219,8 +215,13 @@ impl AuditJournal for EmbeddedStore {
                          continuing the file's own chain"
                     );
                 }
-                // Everything journaled is in the file: number on from the file.
-                j.trim_to.fetch_max(next, Ordering::SeqCst);
+                // Everything journaled is in the file: number on from the file. Nothing
+                // past the file's head may be trimmed: new records will take those
+                // numbers.
+                let fed = next.min(file_head);
+                j.trim_to.store(fed, Ordering::SeqCst);
+                j.trimmed
+                    .store(j.trimmed.load(Ordering::SeqCst).min(fed), Ordering::SeqCst);
                 j.next.store(file_head, Ordering::SeqCst);
                 j.signal.reset(file_head);
                 Ok(file_head)
