@@ -282,3 +282,40 @@ async fn a_lost_audit_file_over_an_empty_journal_starts_a_new_chain_that_is_fed(
     assert_eq!(seqs(&path), vec![1, 2, 3]);
     assert_eq!(verify_file(&path), Ok(3));
 }
+
+#[tokio::test]
+async fn while_the_file_cannot_be_fed_new_records_are_refused_and_shutdown_still_returns() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rotation = Rotation {
+        rotate_bytes: 1024,
+        retain_files: 0,
+    };
+    let (store, log) = journaled(dir.path(), rotation);
+    // Taken after the log opened: the pump's first rotation fails (a real fault on its
+    // write path).
+    std::fs::create_dir(dir.path().join("audit.jsonl.000001")).expect("dir");
+    let mut refused = None;
+    for i in 0..2000 {
+        match log.write(event(i)).await {
+            Ok(()) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the log fails closed once its file cannot be fed");
+    assert!(err.to_string().contains("cannot be written"), "{err}");
+    let committed = store.read_after(0, 10_000).expect("read").len();
+    assert!(
+        committed > 0,
+        "records already committed stay in the journal"
+    );
+    // Dropping the last handle stops the pump even though it is still failing.
+    let stopped = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || drop(log)),
+    )
+    .await;
+    assert!(stopped.is_ok(), "shutdown hung on a failing pump");
+}

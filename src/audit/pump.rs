@@ -77,6 +77,10 @@ impl Pump {
                     self.failing.store(true, Ordering::SeqCst);
                     metrics::counter!("mayfly_audit_write_failures_total").increment(1);
                     tracing::error!(error = %e, "cannot feed the audit file from the journal; retrying (records stay in the journal)");
+                    if self.stop.load(Ordering::SeqCst) {
+                        // Shutting down: the next start feeds what is left.
+                        break;
+                    }
                     std::thread::sleep(RETRY);
                 }
             }
