@@ -83,8 +83,9 @@ pub fn audit_text(path: &Path) -> String {
     let size = || std::fs::metadata(path).map(|m| m.len()).ok();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let (mut last, mut stable) = (size(), 0);
-    while stable < 3 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    // Settled: unchanged for 125 ms, well over the pump's 10 ms batches and an fsync.
+    while stable < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(25));
         let now = size();
         stable = if now == last { stable + 1 } else { 0 };
         last = now;
