@@ -39,6 +39,14 @@ fn event(i: usize) -> AuditEvent {
     e
 }
 
+/// `n` records written, and the file caught up with them.
+async fn write_flushed(log: &AuditLog, n: usize) {
+    for i in 0..n {
+        log.write(event(i)).await.expect("write");
+    }
+    log.flush().await.expect("flush");
+}
+
 fn journaled(dir: &Path, rotation: Rotation) -> (Arc<EmbeddedStore>, AuditLog) {
     let store = Arc::new(EmbeddedStore::open(&dir.join("store.redb")).expect("store"));
     let log = AuditLog::open_journaled(
@@ -166,10 +174,7 @@ async fn records_already_in_the_file_are_not_written_twice_after_restart() {
     let path = dir.path().join("audit.jsonl");
     {
         let (_store, log) = journaled(dir.path(), Rotation::default());
-        for i in 0..5 {
-            log.write(event(i)).await.expect("write");
-        }
-        log.flush().await.expect("flush");
+        write_flushed(&log, 5).await;
         // Stopped before a later write trimmed the journal: it still holds 1..=5.
     }
     let (_store, log) = journaled(dir.path(), Rotation::default());
@@ -185,10 +190,7 @@ async fn a_journal_that_skips_records_the_file_lacks_refuses_to_open() {
     let path = dir.path().join("audit.jsonl");
     {
         let (_store, log) = journaled(dir.path(), Rotation::default());
-        for i in 0..3 {
-            log.write(event(i)).await.expect("write");
-        }
-        log.flush().await.expect("flush");
+        write_flushed(&log, 3).await;
     }
     {
         // Records 4 and 5 committed, then the writes trimmed 1..=3; then the file is lost.
@@ -261,10 +263,7 @@ async fn a_lost_audit_file_over_an_empty_journal_starts_a_new_chain_that_is_fed(
     let path = dir.path().join("audit.jsonl");
     {
         let (store, log) = journaled(dir.path(), Rotation::default());
-        for i in 0..5 {
-            log.write(event(i)).await.expect("write");
-        }
-        log.flush().await.expect("flush");
+        write_flushed(&log, 5).await;
         // Any later write trims what the file holds: the journal is empty.
         let now = OffsetDateTime::now_utc();
         store

@@ -60,18 +60,24 @@ pub(super) async fn audit_request(
 /// that point (its DPoP proof was spent meanwhile, its task ended) is never written: the
 /// answer becomes that refusal, recorded in place of the credential.
 async fn commit(st: &AppState, scope: &AuditScope, facts: &Facts, resp: Response) -> Response {
-    match st.broker.commit(scope).await {
-        Ok(()) => resp,
-        Err(CommitError::Audit(err)) => error_response(&facts.route, ApiError::Audit(err)),
-        Err(CommitError::Refused(e)) => {
-            let resp = error_response(&facts.route, ApiError::from(e));
-            close_event(scope, &resp);
-            match st.broker.commit(scope).await {
-                Ok(()) => resp,
-                Err(CommitError::Audit(err)) => error_response(&facts.route, ApiError::Audit(err)),
-                Err(CommitError::Refused(e)) => error_response(&facts.route, ApiError::from(e)),
-            }
+    let refused = match st.broker.commit(scope).await {
+        Ok(()) => return resp,
+        Err(CommitError::Refused(e)) => error_response(&facts.route, ApiError::from(e)),
+        Err(CommitError::Audit(err)) => {
+            return error_response(&facts.route, ApiError::Audit(err));
         }
+    };
+    close_event(scope, &refused);
+    match st.broker.commit(scope).await {
+        Ok(()) => refused,
+        Err(e) => error_response(&facts.route, commit_error(e)),
+    }
+}
+
+fn commit_error(e: CommitError) -> ApiError {
+    match e {
+        CommitError::Audit(err) => ApiError::Audit(err),
+        CommitError::Refused(e) => ApiError::from(e),
     }
 }
 

@@ -238,10 +238,15 @@ impl Broker {
         let Err(err) = result else {
             return Ok(());
         };
+        self.undo_all(&undo).await;
+        Err(CommitError::Audit(err))
+    }
+
+    /// Takes back a request's state changes, newest first.
+    async fn undo_all(&self, undo: &[Undo]) {
         for u in undo.iter().rev() {
             self.undo(u).await;
         }
-        Err(CommitError::Audit(err))
     }
 
     async fn commit_with_lease(
@@ -270,9 +275,7 @@ impl Broker {
             }),
             Err(err) => {
                 // Neither the lease nor the record was written; undo anything else.
-                for u in undo.iter().rev() {
-                    self.undo(u).await;
-                }
+                self.undo_all(&undo).await;
                 Err(CommitError::Audit(err))
             }
         }

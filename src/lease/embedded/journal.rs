@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 
-use super::{COUNTS, EmbeddedStore, TASKS, control, db_err, decode, nanos, tasks};
+use super::{COUNTS, EmbeddedStore, TASKS, db_err, decode, tasks};
 use crate::lease::{AuditJournal, Joined, JournalSignal, NewLease, StoreError};
 use crate::task::{TaskLife, TaskState};
 
@@ -129,14 +129,9 @@ impl JournalState {
     }
 }
 
-/// The joint write's checks, then its writes: nothing is written when a check fails.
+/// The joint write: the task must still be active, then `put_lease` (its single-use key
+/// unspent). Nothing is written when a check fails.
 fn write_lease(tx: &redb::WriteTransaction, new: &NewLease) -> Result<Option<Joined>, StoreError> {
-    let now = OffsetDateTime::now_utc();
-    if let Some(once) = &new.once
-        && control::once_is_live(tx, &once.key, nanos(now))?
-    {
-        return Ok(Some(Joined::Replayed));
-    }
     let task: TaskLife = {
         let table = tx.open_table(TASKS).map_err(db_err)?;
         let got = table
@@ -145,16 +140,12 @@ fn write_lease(tx: &redb::WriteTransaction, new: &NewLease) -> Result<Option<Joi
             .ok_or_else(|| StoreError::NotFound(new.lease.task_id.to_string()))?;
         decode(got.value())?
     };
-    let state = task.state_at(now);
+    let state = task.state_at(OffsetDateTime::now_utc());
     if state != TaskState::Active {
         return Ok(Some(Joined::TaskEnded(state)));
     }
-    tasks::require_new(tx, &new.lease)?;
-    tasks::write_new(tx, &new.lease, new.due_at)?;
-    if let Some(once) = &new.once {
-        control::put_once(tx, &once.key, once.until, nanos(now))?;
-    }
-    Ok(None)
+    let written = tasks::put_lease(tx, &new.lease, new.due_at, new.once.as_ref())?;
+    Ok((!written).then_some(Joined::Replayed))
 }
 
 #[async_trait]

@@ -167,15 +167,11 @@ pub(super) async fn put_new(
 ) -> Result<(), StoreError> {
     let lease = lease.clone();
     store
-        .write(move |tx| {
-            require_new(tx, &lease)?;
-            write_new(tx, &lease, due_at)
-        })
+        .write(move |tx| put_lease(tx, &lease, due_at, None).map(drop))
         .await
 }
 
-/// `put_new` and the single-use `once` in one transaction (one fsync): both
-/// preconditions are checked before anything is written.
+/// `put_new` and the single-use `once` in one transaction (one fsync).
 pub(super) async fn put_new_once(
     store: &EmbeddedStore,
     lease: &Lease,
@@ -184,20 +180,34 @@ pub(super) async fn put_new_once(
 ) -> Result<bool, StoreError> {
     let (lease, once) = (lease.clone(), once.clone());
     store
-        .write(move |tx| {
-            let now = nanos(OffsetDateTime::now_utc());
-            if control::once_is_live(tx, &once.key, now)? {
-                return Ok(false);
-            }
-            require_new(tx, &lease)?;
-            write_new(tx, &lease, due_at)?;
-            control::put_once(tx, &once.key, once.until, now)?;
-            Ok(true)
-        })
+        .write(move |tx| put_lease(tx, &lease, due_at, Some(&once)))
         .await
 }
 
-pub(super) fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<(), StoreError> {
+/// Writes a new lease and spends its single-use key, if it has one, in `tx`; both
+/// preconditions are checked before anything is written. `Ok(false)`, and nothing
+/// written, when the key is already spent.
+pub(super) fn put_lease(
+    tx: &redb::WriteTransaction,
+    lease: &Lease,
+    due_at: OffsetDateTime,
+    once: Option<&crate::identity::OnceKey>,
+) -> Result<bool, StoreError> {
+    let now = nanos(OffsetDateTime::now_utc());
+    if let Some(once) = once
+        && control::once_is_live(tx, &once.key, now)?
+    {
+        return Ok(false);
+    }
+    require_new(tx, lease)?;
+    write_new(tx, lease, due_at)?;
+    if let Some(once) = once {
+        control::put_once(tx, &once.key, once.until, now)?;
+    }
+    Ok(true)
+}
+
+fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<(), StoreError> {
     let leases = tx.open_table(LEASES).map_err(db_err)?;
     if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
         return Err(StoreError::AlreadyExists(lease.id.to_string()));
@@ -205,7 +215,7 @@ pub(super) fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<
     Ok(())
 }
 
-pub(super) fn write_new(
+fn write_new(
     tx: &redb::WriteTransaction,
     lease: &Lease,
     due_at: OffsetDateTime,
