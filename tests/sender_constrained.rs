@@ -274,6 +274,21 @@ async fn a_dpop_bound_token_works_only_with_a_fresh_proof_from_its_key() {
         .await
         .expect("json");
     assert_eq!(view["leases"].as_array().map(Vec::len), Some(1), "{view}");
+    // The replay is refused inside the commit that would have written its lease: its
+    // record is the refusal, with no credential in it.
+    let replays: Vec<Value> = audit_records(&env._dir.path().join("audit.jsonl"))
+        .into_iter()
+        .filter(|r| r["code"] == "dpop_proof_replayed")
+        .collect();
+    assert_eq!(replays.len(), 1, "{replays:?}");
+    assert_eq!(
+        (&replays[0]["decision"], &replays[0]["status"]),
+        (&json!("deny"), &json!(400))
+    );
+    assert!(
+        replays[0]["credential_fingerprint"].is_null(),
+        "{replays:?}"
+    );
 
     assert_eq!(cred["credential"]["token_type"], "DPoP");
     let token = cred["credential"]["access_token"].as_str().expect("token");
