@@ -23,6 +23,11 @@
     reason = "a benchmark aborts on any failure, loudly"
 )]
 
+/// The broker's allocator (src/main.rs), so that the in-process floor below is measured
+/// with the same malloc as the broker it is compared with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 // The same lookup of the real OpenBao binary as the test fixtures.
 #[path = "../../tests/common/bao_bin.rs"]
 mod bao_bin;
@@ -220,6 +225,7 @@ async fn print_histograms(p: &Pki, port: u16) {
         [
             "mayfly_store_commit_seconds",
             "mayfly_audit_sync_seconds",
+            "mayfly_store_group_commit_ops",
             "mayfly_request_duration_seconds_bucket{route=\"/v1/tasks/{id}/credentials\"",
         ]
         .iter()
@@ -1099,6 +1105,9 @@ async fn main() {
         if let Some(s) = closed {
             let m = closed_loop(&kept, 50, WARMUP, Duration::from_secs(s), &pids).await;
             rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
+            if rate.is_none() {
+                print_histograms(&p, port).await;
+            }
         }
         if let Some(rate) = rate {
             let run = Duration::from_secs(secs);
