@@ -465,22 +465,37 @@ async fn slow_bodies_over_http2_are_answered_at_the_body_timeout_and_never_hold_
     let mut s = connect(&raw_tls(&pki, b"h2"), server.addr).await;
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
-    // Four streams (twice the in-flight limit), each with headers and a body that stops.
+    // Four streams (twice the in-flight limit), each with headers and a body that stops,
+    // in two pairs 300 ms apart: each pair's bodies time out together, and a pair fits the
+    // limit (four refusals due in the same millisecond would race for two slots, and the
+    // losers be shed with a 503 — shedding, not a held slot).
     let streams = [1u32, 3, 5, 7];
-    for id in streams {
-        out.extend(h2_frame(0x1, 0x4, id, &h2_token_headers())); // HEADERS, END_HEADERS
-        out.extend(h2_frame(0x0, 0, id, b"grant_type=")); // DATA, no END_STREAM
+    let mut sent = None;
+    for pair in streams.chunks(2) {
+        for &id in pair {
+            out.extend(h2_frame(0x1, 0x4, id, &h2_token_headers())); // HEADERS, END_HEADERS
+            out.extend(h2_frame(0x0, 0, id, b"grant_type=")); // DATA, no END_STREAM
+        }
+        s.write_all(&out).await.expect("write");
+        s.flush().await.expect("flush");
+        out.clear();
+        sent.get_or_insert_with(Instant::now);
+        if sent.is_some_and(|t| t.elapsed() < Duration::from_millis(300)) {
+            // The agent is served while every stream so far stalls.
+            assert_eq!(
+                agent_declares(&pki, &server).await,
+                201,
+                "{}",
+                server.logs()
+            );
+            tokio::time::sleep(
+                Duration::from_millis(300)
+                    .saturating_sub(sent.map_or(Duration::ZERO, |t| t.elapsed())),
+            )
+            .await;
+        }
     }
-    s.write_all(&out).await.expect("write");
-    s.flush().await.expect("flush");
-    let sent = Instant::now();
-
-    assert_eq!(
-        agent_declares(&pki, &server).await,
-        201,
-        "{}",
-        server.logs()
-    );
+    let sent = sent.expect("sent");
 
     // Read frames until every stream has its answer.
     let mut answered = std::collections::BTreeMap::new();
