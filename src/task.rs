@@ -599,7 +599,6 @@ impl CredentialRequest {
     }
 }
 
-/// A declared task as stored.
 /// The two fields of a stored task that say whether it is live: read alone where only
 /// that matters (the store checks it inside a lease's commit), without the rest.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -620,6 +619,7 @@ impl TaskLife {
     }
 }
 
+/// A declared task as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: TaskId,

@@ -211,8 +211,7 @@ impl AuditJournal for EmbeddedStore {
                 // numbers.
                 let fed = next.min(file_head);
                 j.trim_to.store(fed, Ordering::SeqCst);
-                j.trimmed
-                    .store(j.trimmed.load(Ordering::SeqCst).min(fed), Ordering::SeqCst);
+                j.trimmed.fetch_min(fed, Ordering::SeqCst);
                 j.next.store(file_head, Ordering::SeqCst);
                 j.signal.reset(file_head);
                 Ok(file_head)
