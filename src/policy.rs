@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use time::OffsetDateTime;
 
-use crate::identity::VerifiedCaller;
+use crate::identity::{Principal, VerifiedCaller};
 use crate::task::{Grant, Task, TaskRequest};
 
 pub const SCHEMA_SRC: &str = include_str!("../config/schema.cedarschema");
@@ -146,6 +146,12 @@ pub struct PolicyEngine {
     /// `ip(...)` values by address: Cedar parses the extension's name on every
     /// `new_ip` (its lexer builds a regex cache each time), a few % of a credential.
     ips: Mutex<HashMap<IpAddr, Re>>,
+    /// The workload and target entities of `DeclareTask` and `MintCredential` requests,
+    /// by principal and grant. Both are functions of those alone (the schema is built
+    /// in), and building them — Cedar evaluates every attribute, then indexes the set —
+    /// cost about a tenth of a credential. Holds entities, never decisions: every
+    /// request is still decided by the policies in force.
+    entities: Mutex<HashMap<(Principal, String), Arc<RequestEntities>>>,
     /// Check each request's entities and context against the schema before deciding.
     /// Requests are built here from typed values, never from client JSON, so the check
     /// can only catch a construction bug in this file; it costs 20–30 µs, about half of a
@@ -157,6 +163,17 @@ pub struct PolicyEngine {
 
 /// Distinct source addresses kept in `PolicyEngine::ips` before it starts over.
 const IP_CACHE: usize = 4096;
+
+/// Distinct (principal, grant) pairs kept in `PolicyEngine::entities` before it starts
+/// over: bounded whatever callers present.
+const ENTITY_CACHE: usize = 4096;
+
+/// A request's principal and resource, and the entity set holding both.
+struct RequestEntities {
+    principal: EntityUid,
+    resource: EntityUid,
+    set: Entities,
+}
 
 impl std::fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -423,6 +440,7 @@ impl PolicyEngine {
             authorizer: Authorizer::new(),
             current: RwLock::new(Arc::new(loaded)),
             ips: Mutex::default(),
+            entities: Mutex::default(),
             check_requests: cfg!(debug_assertions),
         })
     }
@@ -499,7 +517,7 @@ impl PolicyEngine {
         EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
     }
 
-    fn workload(&self, principal: &crate::identity::Principal) -> Result<Entity, PolicyError> {
+    fn workload(&self, principal: &Principal) -> Result<Entity, PolicyError> {
         let mut attrs = HashMap::from([
             ("id".to_string(), string(principal.as_str())),
             ("trust_domain".to_string(), string(principal.trust_domain())),
@@ -530,14 +548,12 @@ impl PolicyEngine {
         .map_err(|e| PolicyError::Request(e.to_string()))
     }
 
-    fn decide(
+    /// The entity set of a request from `principal` to `resource`.
+    fn request_entities(
         &self,
-        action: &EntityUid,
         principal: Entity,
         resource: Entity,
-        context: Vec<(&'static str, Re)>,
-    ) -> Result<PolicyDecision, PolicyError> {
-        let req_err = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+    ) -> Result<RequestEntities, PolicyError> {
         let (p_uid, r_uid) = (principal.uid(), resource.uid());
         // A delegation may name the caller as its own delegatee: one entity, not two.
         let entities = if p_uid == r_uid {
@@ -546,15 +562,63 @@ impl PolicyEngine {
             vec![principal, resource]
         };
         let schema = self.check_requests.then_some(&self.schema);
-        let entities = Entities::from_entities(entities, schema).map_err(|e| req_err(&e))?;
+        let set = Entities::from_entities(entities, schema)
+            .map_err(|e| PolicyError::Request(e.to_string()))?;
+        Ok(RequestEntities {
+            principal: p_uid,
+            resource: r_uid,
+            set,
+        })
+    }
+
+    /// The entities of a request from `principal` to `grant`'s target, built once per
+    /// pair (see `PolicyEngine::entities`).
+    fn grant_entities(
+        &self,
+        principal: &Principal,
+        grant: &Grant,
+    ) -> Result<Arc<RequestEntities>, PolicyError> {
+        let key = (principal.clone(), grant.key());
+        if let Some(e) = self
+            .entities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(e.clone());
+        }
+        let built =
+            Arc::new(self.request_entities(self.workload(principal)?, self.target(grant)?)?);
+        let mut cache = self.entities.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= ENTITY_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, built.clone());
+        Ok(built)
+    }
+
+    fn decide(
+        &self,
+        action: &EntityUid,
+        entities: &RequestEntities,
+        context: Vec<(&'static str, Re)>,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let req_err = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+        let schema = self.check_requests.then_some(&self.schema);
         let context = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_string(), v)))
             .map_err(|e| req_err(&e))?;
-        let request =
-            Request::new(p_uid, action.clone(), r_uid, context, schema).map_err(|e| req_err(&e))?;
+        let request = Request::new(
+            entities.principal.clone(),
+            action.clone(),
+            entities.resource.clone(),
+            context,
+            schema,
+        )
+        .map_err(|e| req_err(&e))?;
         let current = self.current();
         let response = self
             .authorizer
-            .is_authorized(&request, &current.set, &entities);
+            .is_authorized(&request, &current.set, &entities.set);
         let diag = response.diagnostics();
         let decision = match response.decision() {
             CedarDecision::Deny => Decision::Deny,
@@ -596,8 +660,7 @@ impl PolicyEngine {
         ];
         self.decide(
             &self.names.declare,
-            self.workload(caller.principal())?,
-            self.target(grant)?,
+            &*self.grant_entities(caller.principal(), grant)?,
             context,
         )
     }
@@ -620,8 +683,7 @@ impl PolicyEngine {
         ];
         self.decide(
             &self.names.delegate,
-            self.workload(caller.principal())?,
-            self.workload(to)?,
+            &self.request_entities(self.workload(caller.principal())?, self.workload(to)?)?,
             context,
         )
     }
@@ -653,8 +715,7 @@ impl PolicyEngine {
         ];
         self.decide(
             &self.names.mint,
-            self.workload(caller.principal())?,
-            self.target(request)?,
+            &*self.grant_entities(caller.principal(), request)?,
             context,
         )
     }
@@ -690,21 +751,19 @@ mod tests {
                 claims: Default::default(),
             },
         );
-        let target = engine
-            .target(&Grant {
-                provider: crate::task::ProviderKind::Jwt,
-                target: "http://not-https.example".into(),
-                actions: ["read".to_string()].into(),
-                resources: Default::default(),
-            })
-            .expect("target");
-        engine
-            .decide(
-                &engine.names.mint,
-                engine.workload(caller.principal()).expect("workload"),
-                target,
-                vec![],
+        let entities = engine
+            .grant_entities(
+                caller.principal(),
+                &Grant {
+                    provider: crate::task::ProviderKind::Jwt,
+                    target: "http://not-https.example".into(),
+                    actions: ["read".to_string()].into(),
+                    resources: Default::default(),
+                },
             )
+            .expect("entities");
+        engine
+            .decide(&engine.names.mint, &entities, vec![])
             .expect("decide")
     }
 
@@ -871,8 +930,9 @@ when { resource.uri like "http://*" };"#,
         let caller = &callers[0];
         let bad = engine.decide(
             &engine.names.mint,
-            engine.workload(caller.principal()).expect("entity"),
-            engine.target(&grant).expect("entity"),
+            &engine
+                .grant_entities(caller.principal(), &grant)
+                .expect("entities"),
             vec![("no_such_field", long(1))],
         );
         assert!(matches!(bad, Err(PolicyError::Request(_))), "{bad:?}");

@@ -124,7 +124,9 @@ impl Revoker {
                 self.record(lease_event("lease.revoked", &l)).await;
                 Ok(l)
             }
-            Err(StoreError::InvalidTransition { .. }) => self.revoke_lease(id, reason).await,
+            Err(StoreError::InvalidTransition { .. }) => {
+                Box::pin(self.revoke_lease(id, reason)).await
+            }
             Err(e) => Err(e),
         }
     }
@@ -163,7 +165,10 @@ impl Revoker {
             }
             Err(e) => return Err(e),
         };
-        self.attempt(lease).await
+        // Boxed: the attempt's future (provider call, failure record) is several KiB,
+        // and every caller up to the request handlers would otherwise carry it inline
+        // and copy it at each `.await`, on the minting path too.
+        Box::pin(self.attempt(lease)).await
     }
 
     /// One provider revocation attempt for a lease in `revoking`.
@@ -393,7 +398,7 @@ impl Revoker {
                     self.revoke_lease(&lease.id, "stale_pending").await?.state,
                 ))
             }
-            LeaseState::Revoking => Ok(Some(self.attempt(lease).await?.state)),
+            LeaseState::Revoking => Ok(Some(Box::pin(self.attempt(lease)).await?.state)),
             _ => Ok(None),
         }
     }

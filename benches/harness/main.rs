@@ -11,8 +11,11 @@
 //!    the measured peak (goodput, shed responses).
 //! 4. Reaper throughput with 100k leases due at once; minting p99 with 0 vs 1M stored
 //!    leases (embedded and Redis).
-//! 5. Prints the table, writes it to `docs/benchmarks.md`, and ends with the ratio lines
-//!    `mayfly/openbao-production throughput ratio`, `mayfly/openbao throughput ratio` and
+//! 5. The ratio triple: Mayfly, OpenBao production (service logins) and OpenBao dev
+//!    (batch logins) running at once, measured in turn at 50 connections, three rounds.
+//! 6. Prints the table, writes it to `docs/benchmarks.md`, and ends with the ratio lines,
+//!    computed from the triple's rows: `mayfly/openbao-production throughput ratio`,
+//!    `mayfly/openbao throughput ratio` and
 //!    `mayfly CPU per exchange: N µs; floor F µs (efficiency E.EE)`.
 //!
 //! Set `MAYFLY_BASELINE_BIN` to a second `mayfly` binary (e.g. built from `main`) to add a
@@ -911,9 +914,16 @@ audit "file" "bench" {{
     bao
 }
 
-/// OpenBao's JWT auth method with an ES256 key: `auth/jwt/login`, service tokens then
-/// batch tokens, at each load level.
-async fn openbao(rep: &mut Report, p: &Pki, dir: &Path, shape: BaoShape) -> String {
+/// A running OpenBao with the JWT auth method (an ES256 key) and a role per token type,
+/// and its version.
+struct BaoLogins {
+    bao: Bao,
+    version: String,
+    /// `auth/jwt/login` targets: service tokens, then batch tokens.
+    logins: [(&'static str, Target); 2],
+}
+
+async fn bao_logins(p: &Pki, dir: &Path, shape: BaoShape) -> BaoLogins {
     let bin = bao_binary();
     let version = Command::new(&bin)
         .arg("version")
@@ -924,7 +934,6 @@ async fn openbao(rep: &mut Report, p: &Pki, dir: &Path, shape: BaoShape) -> Stri
         BaoShape::Dev => start_bao_dev(&bin),
         BaoShape::Production => start_bao_production(&bin, p, dir).await,
     };
-    let pids = [bao._proc.0.id()];
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     bao.call("sys/auth/jwt", json!({"type": "jwt"})).await;
     bao.call(
@@ -939,7 +948,7 @@ async fn openbao(rep: &mut Report, p: &Pki, dir: &Path, shape: BaoShape) -> Stri
         &jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("key"),
     )
     .expect("jwt");
-    for token_type in ["service", "batch"] {
+    let login = async |token_type: &'static str| {
         let role = format!("bench-{token_type}");
         bao.call(
             &format!("auth/jwt/role/{role}"),
@@ -952,13 +961,70 @@ async fn openbao(rep: &mut Report, p: &Pki, dir: &Path, shape: BaoShape) -> Stri
         let mut t = bao.target("auth/jwt/login", json!({"role": role, "jwt": jwt}), false);
         // Logins carry no token.
         t.headers.clear();
+        (token_type, t)
+    };
+    let logins = [login("service").await, login("batch").await];
+    BaoLogins {
+        bao,
+        version,
+        logins,
+    }
+}
+
+/// OpenBao's JWT auth method with an ES256 key: `auth/jwt/login`, service tokens then
+/// batch tokens, at each load level.
+async fn openbao(rep: &mut Report, p: &Pki, dir: &Path, shape: BaoShape) -> String {
+    let b = bao_logins(p, dir, shape).await;
+    let pids = [b.bao._proc.0.id()];
+    for (token_type, t) in &b.logins {
         let scenario = format!("auth/jwt/login, {token_type} tokens, {}", shape.transport());
         for c in LEVELS {
-            let m = closed_loop(&t, c, WARMUP, RUN, &pids).await;
+            let m = closed_loop(t, c, WARMUP, RUN, &pids).await;
             rep.add(shape.system(), &scenario, format!("{c} conns"), m, &pids);
         }
     }
-    version
+    b.version
+}
+
+/// The load of the rows the ratio lines are computed from.
+const TRIPLE: &str = "50 conns, ratio triple (3 × interleaved)";
+
+/// The three systems of the ratio lines, all running at once and measured in turn
+/// (Mayfly, OpenBao production service logins, OpenBao dev batch logins), three times,
+/// each merged: a slow spell of this shared machine then weighs on every side alike,
+/// not on whichever row it happened to fall in.
+async fn ratio_triples(rep: &mut Report, p: &Pki, bin: &Path, tmp: &Path) {
+    let port = free_port();
+    let store = format!("kind = \"embedded\"\npath = {:?}", tmp.join("triple.redb"));
+    let cfg = write_config(p, "triple", port, &store);
+    let mayfly = start_broker(bin, &cfg, port);
+    let kept = mint_target(p, mayfly.port, Caller::BearerKeptOpen).await;
+    let prod = bao_logins(p, &tmp.join("bao-triple"), BaoShape::Production).await;
+    let dev = bao_logins(p, tmp, BaoShape::Dev).await;
+    let sides: [(&str, &str, &Target, [u32; 1]); 3] = [
+        ("Mayfly (embedded)", KEPT, &kept, [mayfly.proc.0.id()]),
+        (
+            BaoShape::Production.system(),
+            "auth/jwt/login, service tokens, kept-open TLS",
+            &prod.logins[0].1,
+            [prod.bao._proc.0.id()],
+        ),
+        (
+            BaoShape::Dev.system(),
+            "auth/jwt/login, batch tokens, kept-open HTTP",
+            &dev.logins[1].1,
+            [dev.bao._proc.0.id()],
+        ),
+    ];
+    let mut runs: [Vec<Measured>; 3] = Default::default();
+    for _ in 0..3 {
+        for (i, (_, _, t, pids)) in sides.iter().enumerate() {
+            runs[i].push(closed_loop(t, 50, WARMUP, RUN, pids).await);
+        }
+    }
+    for ((system, scenario, _, pids), m) in sides.iter().zip(&runs) {
+        rep.add(system, scenario, TRIPLE.into(), Measured::merge(m), pids);
+    }
 }
 
 /// Minting p99 at 8 connections on a fresh store, then with `STORED` more live leases.
@@ -1176,6 +1242,8 @@ async fn main() {
         BaoShape::Production,
     )
     .await;
+    // The ratio lines' rows: the three systems measured in turn, three times.
+    ratio_triples(&mut rep, &p, &bin, tmp.path()).await;
 
     // Reaper: 100k leases due at once.
     {
@@ -1244,13 +1312,13 @@ async fn main() {
     };
     // The headline and the thresholds.
     let mayfly = rep
-        .find("Mayfly (embedded)", KEPT, "50 conns")
+        .find("Mayfly (embedded)", KEPT, TRIPLE)
         .map_or(0.0, Measured::rps);
     let bao = rep
         .find(
             BaoShape::Dev.system(),
             "auth/jwt/login, batch tokens, kept-open HTTP",
-            "50 conns",
+            TRIPLE,
         )
         .map_or(0.0, Measured::rps);
     let ratio = mayfly / bao.max(1e-9);
@@ -1258,13 +1326,13 @@ async fn main() {
         .find(
             BaoShape::Production.system(),
             "auth/jwt/login, service tokens, kept-open TLS",
-            "50 conns",
+            TRIPLE,
         )
         .map_or(0.0, Measured::rps);
     let production_ratio = mayfly / bao_production.max(1e-9);
     // CPU-s per 1000 exchanges = ms per exchange; µs per exchange is × 1000.
     let cpu_us = rep
-        .find("Mayfly (embedded)", KEPT, "50 conns")
+        .find("Mayfly (embedded)", KEPT, TRIPLE)
         .map_or(0.0, |m| m.cpu_per_1000 * 1000.0);
     rep.note(format!(
         "floor per exchange (CPU, this run): ES256 signature {:.1} µs + Cedar MintCredential {:.1} µs + lease and audit record in one commit {:.1} µs (50 concurrent writers) = {:.1} µs",
@@ -1277,8 +1345,16 @@ async fn main() {
         // Not the headline: this Redis runs without AOF (no fsync per write), unlike the
         // embedded store, which fsyncs every commit group.
         rep.note(format!(
-            "same ratio with the Redis store (appendonly no: no fsync per write): {:.2}",
-            m.rps() / bao.max(1e-9)
+            "same ratio with the Redis store (appendonly no: no fsync per write; against the OpenBao dev batch row at 50 connections): {:.2}",
+            m.rps()
+                / rep
+                    .find(
+                        BaoShape::Dev.system(),
+                        "auth/jwt/login, batch tokens, kept-open HTTP",
+                        "50 conns",
+                    )
+                    .map_or(0.0, Measured::rps)
+                    .max(1e-9)
         ));
     }
     if let Some(r) = rep
@@ -1344,7 +1420,7 @@ async fn main() {
     ];
     let _ = writeln!(
         block,
-        "\nThe last three lines: Mayfly (embedded, JWT-SVID bearer over kept-open TLS) against OpenBao in production shape (raft, file audit device, TLS; service-token logins), then against the OpenBao dev server's batch-token logins (writes nothing durable), all at 50 connections; then Mayfly's CPU per exchange at 50 connections against the floor above.\n"
+        "\nThe last three lines come from the ratio-triple rows (the three systems running at once, measured in turn at 50 connections, three rounds, merged): Mayfly (embedded, JWT-SVID bearer over kept-open TLS) against OpenBao in production shape (raft, file audit device, TLS; service-token logins), then against the OpenBao dev server's batch-token logins (writes nothing durable); then Mayfly's CPU per exchange in those rows against the floor above.\n"
     );
     for l in &lines {
         let _ = writeln!(block, "{l}");

@@ -238,7 +238,7 @@ impl Broker {
         let Err(err) = result else {
             return Ok(());
         };
-        self.undo_all(&undo).await;
+        Box::pin(self.undo_all(&undo)).await;
         Err(CommitError::Audit(err))
     }
 
@@ -275,7 +275,7 @@ impl Broker {
             }),
             Err(err) => {
                 // Neither the lease nor the record was written; undo anything else.
-                self.undo_all(&undo).await;
+                Box::pin(self.undo_all(&undo)).await;
                 Err(CommitError::Audit(err))
             }
         }
@@ -646,12 +646,14 @@ impl Broker {
             binding: &request,
         };
         let staged = provider.mints_in_process() && self.stages_leases(ev);
+        // The other two paths are boxed: their futures (provider calls, revocation on
+        // failure) are several KiB that every request would otherwise carry inline.
         let issued = if staged {
             self.mint_staged(minting, lease, ev).await?
         } else if provider.mints_in_process() {
-            self.mint_in_process(minting, lease).await?
+            Box::pin(self.mint_in_process(minting, lease)).await?
         } else {
-            self.mint_upstream(minting, lease).await?
+            Box::pin(self.mint_upstream(minting, lease)).await?
         };
         ev.set(|e| e.credential_fingerprint = issued.lease.fingerprint.clone());
         metrics::counter!("mayfly_leases_issued_total", "provider" => issued.lease.provider.as_str())

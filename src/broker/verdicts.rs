@@ -58,7 +58,10 @@ impl Broker {
         signal: Signal,
     ) {
         match self.anomaly.observe(principal, task, signal).await {
-            Ok(verdicts) => self.apply_verdicts(principal, task, verdicts).await,
+            Ok(verdicts) if verdicts.is_empty() => {}
+            // Boxed: carrying out a verdict (revocations, records) is a large future
+            // that every request would otherwise carry inline and copy at each `.await`.
+            Ok(verdicts) => Box::pin(self.apply_verdicts(principal, task, verdicts)).await,
             Err(err) => {
                 metrics::counter!("mayfly_anomaly_store_errors_total").increment(1);
                 tracing::error!(error = %err, "cannot record an anomaly observation");

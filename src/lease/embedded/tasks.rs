@@ -199,7 +199,6 @@ pub(super) fn put_lease(
     {
         return Ok(false);
     }
-    require_new(tx, lease)?;
     write_new(tx, lease, due_at)?;
     if let Some(once) = once {
         control::put_once(tx, &once.key, once.until, now)?;
@@ -207,14 +206,8 @@ pub(super) fn put_lease(
     Ok(true)
 }
 
-fn require_new(tx: &redb::WriteTransaction, lease: &Lease) -> Result<(), StoreError> {
-    let leases = tx.open_table(LEASES).map_err(db_err)?;
-    if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
-        return Err(StoreError::AlreadyExists(lease.id.to_string()));
-    }
-    Ok(())
-}
-
+/// Writes a lease that must not exist yet; `AlreadyExists`, and nothing written, when
+/// it does (checked in the table it is then written to, opened once).
 fn write_new(
     tx: &redb::WriteTransaction,
     lease: &Lease,
@@ -222,6 +215,9 @@ fn write_new(
 ) -> Result<(), StoreError> {
     {
         let mut leases = tx.open_table(LEASES).map_err(db_err)?;
+        if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
+            return Err(StoreError::AlreadyExists(lease.id.to_string()));
+        }
         leases
             .insert(lease.id.as_str(), encode(lease)?.as_slice())
             .map_err(db_err)?;
