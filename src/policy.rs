@@ -767,6 +767,45 @@ mod tests {
             .expect("decide")
     }
 
+    /// The entity cache holds each principal's own entities: a decision for one
+    /// principal never sees another's attributes, whatever the order of requests, and
+    /// the cache stays bounded however many principals and targets call.
+    #[test]
+    fn cached_request_entities_belong_to_their_principal_and_stay_bounded() {
+        let dir = dir_with(&[(
+            "p.cedar",
+            r#"permit (principal, action == Mayfly::Action::"MintCredential", resource)
+               when { principal.path == "/agent/a" && resource.uri == "https://a.example" };"#,
+        )]);
+        let mut engine = PolicyEngine::load(dir.path()).expect("load");
+        engine.check_requests = false;
+        let grant = |uri: &str| Grant {
+            provider: crate::task::ProviderKind::Jwt,
+            target: uri.into(),
+            actions: ["read".to_string()].into(),
+            resources: Default::default(),
+        };
+        let decide = |who: &str, uri: &str| {
+            let p = Principal::parse(&format!("spiffe://dev.mayfly.local{who}")).expect("id");
+            let e = engine.grant_entities(&p, &grant(uri)).expect("entities");
+            engine
+                .decide(&engine.names.mint, &e, vec![])
+                .expect("decide")
+                .decision
+        };
+        for _ in 0..2 {
+            assert_eq!(decide("/agent/a", "https://a.example"), Decision::Allow);
+            assert_eq!(decide("/agent/b", "https://a.example"), Decision::Deny);
+            assert_eq!(decide("/agent/a", "https://b.example"), Decision::Deny);
+        }
+        for i in 0..ENTITY_CACHE + 10 {
+            decide(&format!("/agent/n{i}"), "https://a.example");
+            let held = engine.entities.lock().expect("lock").len();
+            assert!(held <= ENTITY_CACHE, "{held} cached entity sets");
+        }
+        assert_eq!(decide("/agent/a", "https://a.example"), Decision::Allow);
+    }
+
     #[test]
     fn a_default_deny_names_the_permits_considered_and_their_rules() {
         let dir = dir_with(&[(
