@@ -288,3 +288,45 @@ async fn audit_files_are_owner_only_even_if_they_existed_wider() {
         assert_eq!(mode, 0o600, "{}", f.display());
     }
 }
+
+/// The direct rendering (serialise once, append `ts` and `node`) and the capped one
+/// (through a JSON value) give the same bytes for a record with every kind of field,
+/// escapes included; a string over the cap is capped whichever way it is rendered.
+#[test]
+fn direct_and_capped_rendering_agree() {
+    use super::log::{render_body_at, render_body_capped};
+    let mut e = AuditEvent::new("request");
+    e.request_id = Some("req-1".into());
+    e.principal = Some("spiffe://dev.mayfly.local/agent/\"quoted\"\\slash\u{1}ctl é".into());
+    e.action = Some(crate::action::Action::MintCredential);
+    e.decision = Some("allow");
+    e.policies = vec!["dev-mint-jwt".into(), "second".into()];
+    e.status = Some(201);
+    e.provider = Some("jwt");
+    e.actions = Some(vec!["read".into(), "write".into()]);
+    e.risk = Some(40);
+    e.detail = Some("x".repeat(MAX_FIELD_BYTES));
+    let ts = "2026-11-30T00:00:00Z";
+    let direct = render_body_at(&e, "node-a", ts).expect("direct");
+    assert_eq!(
+        direct,
+        render_body_capped(&e, "node-a", ts).expect("capped")
+    );
+    let v: serde_json::Value = serde_json::from_slice(&direct).expect("json");
+    assert_eq!(v["ts"], ts);
+    assert_eq!(v["node"], "node-a");
+
+    // One byte over the cap, or a string that only escaping makes long: capped (or
+    // kept) exactly as the value path does.
+    for long in [
+        "y".repeat(MAX_FIELD_BYTES + 1),
+        "\"".repeat(MAX_FIELD_BYTES / 2 + 1),
+    ] {
+        e.detail = Some(long.clone());
+        let body = render_body_at(&e, "node-a", ts).expect("render");
+        assert_eq!(body, render_body_capped(&e, "node-a", ts).expect("capped"));
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let kept = v["detail"].as_str().expect("detail");
+        assert_eq!(kept == long, long.len() <= MAX_FIELD_BYTES, "{kept}");
+    }
+}
