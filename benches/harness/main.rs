@@ -691,8 +691,13 @@ async fn shed_cost(rep: &mut Report, p: &Pki, bin: &Path, tmp: &Path) {
         port,
         &format!("kind = \"embedded\"\npath = {:?}", tmp.join("shed.redb")),
     );
-    let mut text = std::fs::read_to_string(&cfg).expect("config");
-    text.push_str("max_in_flight = 1\n");
+    // Into the `[limits]` table wherever it stands in the file, not appended at its end.
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    assert!(
+        text.contains("\n[limits]\n"),
+        "the bench config has a [limits] table"
+    );
+    let text = text.replacen("\n[limits]\n", "\n[limits]\nmax_in_flight = 1\n", 1);
     std::fs::write(&cfg, text).expect("config");
     let b = start_broker(bin, &cfg, port);
     let pids = [b.proc.0.id()];
