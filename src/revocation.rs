@@ -124,9 +124,7 @@ impl Revoker {
                 self.record(lease_event("lease.revoked", &l)).await;
                 Ok(l)
             }
-            Err(StoreError::InvalidTransition { .. }) => {
-                Box::pin(self.revoke_lease(id, reason)).await
-            }
+            Err(StoreError::InvalidTransition { .. }) => self.revoke_lease(id, reason).await,
             Err(e) => Err(e),
         }
     }
@@ -165,14 +163,21 @@ impl Revoker {
             }
             Err(e) => return Err(e),
         };
-        // Boxed: the attempt's future (provider call, failure record) is several KiB,
-        // and every caller up to the request handlers would otherwise carry it inline
-        // and copy it at each `.await`, on the minting path too.
-        Box::pin(self.attempt(lease)).await
+        self.attempt(lease).await
     }
 
-    /// One provider revocation attempt for a lease in `revoking`.
-    async fn attempt(&self, lease: Lease) -> Result<Lease, StoreError> {
+    /// One provider revocation attempt for a lease in `revoking`. Boxed: its future
+    /// (provider call, failure record) is several KiB, and every caller up to the request
+    /// handlers would otherwise carry it inline and copy it at each `.await`, on the
+    /// minting path too.
+    fn attempt(
+        &self,
+        lease: Lease,
+    ) -> futures_util::future::BoxFuture<'_, Result<Lease, StoreError>> {
+        Box::pin(self.attempt_now(lease))
+    }
+
+    async fn attempt_now(&self, lease: Lease) -> Result<Lease, StoreError> {
         let now = OffsetDateTime::now_utc();
         let outcome = match self.providers.get(lease.provider) {
             Ok(p) => p.revoke(&lease).await,
@@ -398,7 +403,7 @@ impl Revoker {
                     self.revoke_lease(&lease.id, "stale_pending").await?.state,
                 ))
             }
-            LeaseState::Revoking => Ok(Some(Box::pin(self.attempt(lease)).await?.state)),
+            LeaseState::Revoking => Ok(Some(self.attempt(lease).await?.state)),
             _ => Ok(None),
         }
     }

@@ -238,15 +238,19 @@ impl Broker {
         let Err(err) = result else {
             return Ok(());
         };
-        Box::pin(self.undo_all(&undo)).await;
+        self.undo_all(&undo).await;
         Err(CommitError::Audit(err))
     }
 
-    /// Takes back a request's state changes, newest first.
-    async fn undo_all(&self, undo: &[Undo]) {
-        for u in undo.iter().rev() {
-            self.undo(u).await;
-        }
+    /// Takes back a request's state changes, newest first. Boxed: revoking and ending
+    /// tasks is a large future, and the commit path every request takes would otherwise
+    /// carry it inline.
+    fn undo_all<'a>(&'a self, undo: &'a [Undo]) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            for u in undo.iter().rev() {
+                self.undo(u).await;
+            }
+        })
     }
 
     async fn commit_with_lease(
@@ -275,7 +279,7 @@ impl Broker {
             }),
             Err(err) => {
                 // Neither the lease nor the record was written; undo anything else.
-                Box::pin(self.undo_all(&undo)).await;
+                self.undo_all(&undo).await;
                 Err(CommitError::Audit(err))
             }
         }
