@@ -318,3 +318,47 @@ async fn while_the_file_cannot_be_fed_new_records_are_refused_and_shutdown_still
     .await;
     assert!(stopped.is_ok(), "shutdown hung on a failing pump");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_100_000_records_behind_its_journal_refuses_new_records_until_it_catches_up() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_store, log) = journaled(dir.path(), Rotation::default());
+    let path = dir.path().join("audit.jsonl");
+    let max = mayfly::audit::MAX_JOURNAL_BACKLOG;
+    // A stalled disk: the file is not fed while the journal keeps committing.
+    log.hold_feeding(true);
+    let journaled = futures_util::stream::iter(0..max)
+        .map(|i| {
+            let log = log.clone();
+            async move { log.write(event(i as usize)).await }
+        })
+        .buffer_unordered(512)
+        .filter(|r| std::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(
+        journaled as u64, max,
+        "records under the bound are journaled"
+    );
+    assert!(seqs(&path).is_empty(), "the file was not fed while held");
+    let err = log
+        .write(event(0))
+        .await
+        .expect_err("past the bound a new record is refused");
+    assert!(
+        err.to_string().contains(&format!(
+            "the audit file is {max} records behind its journal"
+        )),
+        "{err}"
+    );
+    // The disk comes back: the file catches up, in order, and records are taken again.
+    log.hold_feeding(false);
+    log.flush().await.expect("the file catches up");
+    log.write(event(0))
+        .await
+        .expect("taken again once the file caught up");
+    log.flush().await.expect("flush");
+    assert_eq!(verify_file(&path).expect("the file verifies"), max + 1);
+    assert_eq!(seqs(&path), (1..=max + 1).collect::<Vec<_>>());
+}

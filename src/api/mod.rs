@@ -45,7 +45,19 @@ pub use token::{
 };
 
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// What every handler shares. Behind one `Arc`: axum clones the state for each
+/// extractor and middleware of every request, and one reference count is cheaper than
+/// one per field.
+pub struct AppStateInner {
     pub broker: Arc<Broker>,
     pub max_body_bytes: usize,
     /// A body must arrive within this (also enforced before admission, see `shed`).
@@ -79,7 +91,7 @@ impl AppState {
         max_body_bytes: usize,
         edge: &crate::config::EdgeLimits,
     ) -> Self {
-        Self {
+        Self(Arc::new(AppStateInner {
             broker,
             max_body_bytes,
             body_read_timeout: edge.body_read_timeout,
@@ -89,7 +101,7 @@ impl AppState {
                 edge.unauth_burst_per_source,
             )),
             refusals: Arc::new(crate::audit::Refusals::new()),
-        }
+        }))
     }
 }
 
@@ -240,18 +252,30 @@ fn with_dpop_nonce(st: &AppState, mut resp: Response) -> Response {
     resp
 }
 
+/// A minted credential's answer, serialised straight from the lease (no intermediate
+/// `Value`). Field order is the documented one.
+#[derive(serde::Serialize)]
+struct IssuedBody<'a> {
+    lease_id: &'a crate::task::LeaseId,
+    task_id: &'a crate::task::TaskId,
+    provider: &'a crate::task::ProviderKind,
+    target: &'a str,
+    expires_at: String,
+    credential: &'a Value,
+}
+
 fn outcome_response(outcome: crate::broker::Outcome) -> Response {
     match outcome {
         crate::broker::Outcome::Issued(issued) => {
             let l = &issued.lease;
-            let body = json!({
-                "lease_id": l.id,
-                "task_id": l.task_id,
-                "provider": l.provider,
-                "target": l.target,
-                "expires_at": crate::api_time(l.expires_at),
-                "credential": issued.credential.expose(),
-            });
+            let body = IssuedBody {
+                lease_id: &l.id,
+                task_id: &l.task_id,
+                provider: &l.provider,
+                target: &l.target,
+                expires_at: crate::api_time(l.expires_at),
+                credential: issued.credential.expose(),
+            };
             (StatusCode::CREATED, Json(body)).into_response()
         }
         crate::broker::Outcome::Pending(a) => (

@@ -14,6 +14,7 @@ use super::extract::{ConnInfo, ResolvedCaller, resolve_caller};
 use crate::audit::{AuditEvent, AuditScope};
 use crate::broker::CommitError;
 use crate::identity::SingleUse;
+use crate::metrics::Handles;
 
 /// What the middleware knows of a request before it runs.
 struct Facts {
@@ -47,7 +48,11 @@ pub(super) async fn audit_request(
     } else {
         run(&st, &facts, ev, req, next).await
     };
-    metrics::histogram!("mayfly_request_duration_seconds", "route" => facts.route.clone())
+    static DURATION: Handles<String, metrics::Histogram> = Handles::new();
+    DURATION
+        .get(facts.route.clone(), |route| {
+            metrics::histogram!("mayfly_request_duration_seconds", "route" => route.clone())
+        })
         .record(started.elapsed().as_secs_f64());
     let code = close_event(&scope, &resp);
     if write_in_full(&st, &scope, &facts, code) {
@@ -215,14 +220,23 @@ fn write_in_full(
 }
 
 fn finish(facts: Facts, mut resp: Response) -> Response {
-    metrics::counter!(
-        "mayfly_requests_total",
-        "route" => facts.route,
-        "method" => facts.method,
-        "status" => resp.status().as_u16().to_string(),
-        "code" => resp.extensions().get::<ErrorCode>().map_or("", |c| c.0),
-    )
-    .increment(1);
+    static REQUESTS: Handles<(String, String, u16, &'static str), metrics::Counter> =
+        Handles::new();
+    let code = resp.extensions().get::<ErrorCode>().map_or("", |c| c.0);
+    REQUESTS
+        .get(
+            (facts.route, facts.method, resp.status().as_u16(), code),
+            |(route, method, status, code)| {
+                metrics::counter!(
+                    "mayfly_requests_total",
+                    "route" => route.clone(),
+                    "method" => method.clone(),
+                    "status" => status.to_string(),
+                    "code" => *code,
+                )
+            },
+        )
+        .increment(1);
     if let Ok(v) = HeaderValue::from_str(&facts.request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }

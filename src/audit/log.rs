@@ -33,6 +33,8 @@ enum Sink {
         /// The pump's last attempt to write the file failed: new records are refused
         /// until one succeeds (those already journaled are kept and fed later).
         failing: Arc<AtomicBool>,
+        /// Fault injection: while set, the pump does not feed the file (`hold_feeding`).
+        held: Arc<AtomicBool>,
         _pump: Arc<PumpGuard>,
     },
 }
@@ -201,12 +203,14 @@ impl AuditLog {
         let signal = journal.signal();
         let stop = Arc::new(AtomicBool::new(false));
         let failing = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicBool::new(false));
         let pump = super::pump::Pump {
             writer,
             journal: Arc::downgrade(&journal),
             signal: signal.clone(),
             stop: stop.clone(),
             failing: failing.clone(),
+            held: held.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("mayfly-audit".into())
@@ -222,12 +226,23 @@ impl AuditLog {
                 journal,
                 signal,
                 failing,
+                held,
                 _pump: Arc::new(guard),
             },
             path: path.to_path_buf(),
             node: node.to_string(),
             head: shared,
         })
+    }
+
+    /// Fault injection for tests: holds the pump (or lets it go again) as a stalled disk
+    /// would. Records keep committing to the journal and the file falls behind, up to
+    /// [`MAX_JOURNAL_BACKLOG`]. Nothing in the broker calls it; a file log ignores it.
+    #[doc(hidden)]
+    pub fn hold_feeding(&self, held: bool) {
+        if let Sink::Journal { held: h, .. } = &self.sink {
+            h.store(held, Ordering::SeqCst);
+        }
     }
 
     /// Whether a lease can be written with its audit record (`write_with_lease`).

@@ -32,6 +32,8 @@ pub(super) struct Pump {
     pub(super) stop: Arc<AtomicBool>,
     /// Set while the file cannot be written: the log refuses new records meanwhile.
     pub(super) failing: Arc<AtomicBool>,
+    /// Fault injection (`AuditLog::hold_feeding`): while set, nothing is fed.
+    pub(super) held: Arc<AtomicBool>,
 }
 
 /// A batch rendered for the file: the bytes, and each line's kind and span.
@@ -52,6 +54,10 @@ impl Pump {
                 if self.stop.load(Ordering::SeqCst) {
                     break;
                 }
+                continue;
+            }
+            if self.held.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
             if !self.stop.load(Ordering::SeqCst) {

@@ -26,6 +26,7 @@ pub mod token_exchange;
 mod tokens;
 mod verdicts;
 
+use crate::metrics::Handles;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,12 +171,16 @@ fn check_reason(reason: &str) -> Result<(), BrokerError> {
 
 fn note_decision(ev: &AuditScope, action: Action, d: &PolicyDecision) {
     let decision = if d.is_allowed() { "allow" } else { "deny" };
-    metrics::counter!(
-        "mayfly_policy_decisions_total",
-        "action" => action.as_str(),
-        "decision" => decision,
-    )
-    .increment(1);
+    static DECISIONS: Handles<(&'static str, &'static str), metrics::Counter> = Handles::new();
+    DECISIONS
+        .get((action.as_str(), decision), |(action, decision)| {
+            metrics::counter!(
+                "mayfly_policy_decisions_total",
+                "action" => *action,
+                "decision" => *decision,
+            )
+        })
+        .increment(1);
     ev.set(|e| {
         e.action = Some(action);
         e.decision = Some(decision);
@@ -660,7 +665,12 @@ impl Broker {
             Box::pin(self.mint_upstream(minting, lease)).await?
         };
         ev.set(|e| e.credential_fingerprint = issued.lease.fingerprint.clone());
-        metrics::counter!("mayfly_leases_issued_total", "provider" => issued.lease.provider.as_str())
+        static ISSUED: Handles<&'static str, metrics::Counter> = Handles::new();
+        ISSUED
+            .get(
+                issued.lease.provider.as_str(),
+                |provider| metrics::counter!("mayfly_leases_issued_total", "provider" => *provider),
+            )
             .increment(1);
         if !staged {
             ev.undo_with(Undo::RevokeLease(issued.lease.id.clone()));
