@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::{
     EXPIRING, EXPIRY, EmbeddedStore, PURGE_BATCH, RISK, RISK_EXPIRY, SECRETS, db_err, nanos,
 };
-use crate::lease::{Observation, RiskEvent, StoreError};
+use crate::lease::{ControlRead, Observation, Observed, RiskEvent, StoreError};
 
 /// Sliding windows kept in memory at most; past it the least recently used goes.
 pub const MAX_WINDOWS: usize = 1_000_000;
@@ -179,16 +179,46 @@ pub(super) async fn flags(
     keys: &[String],
     now: OffsetDateTime,
 ) -> Result<Vec<bool>, StoreError> {
-    let now = nanos(now);
     store.get(|db| {
         let tx = db.begin_read().map_err(db_err)?;
-        let table = tx.open_table(EXPIRING).map_err(db_err)?;
-        keys.iter()
-            .map(|k| {
-                let got = table.get(format!("flag:{k}").as_str()).map_err(db_err)?;
-                Ok(got.is_some_and(|v| v.value() > now))
-            })
-            .collect()
+        flags_in(&tx, keys, nanos(now))
+    })
+}
+
+fn flags_in(
+    tx: &redb::ReadTransaction,
+    keys: &[String],
+    now: u64,
+) -> Result<Vec<bool>, StoreError> {
+    let table = tx.open_table(EXPIRING).map_err(db_err)?;
+    keys.iter()
+        .map(|k| {
+            let got = table.get(format!("flag:{k}").as_str()).map_err(db_err)?;
+            Ok(got.is_some_and(|v| v.value() > now))
+        })
+        .collect()
+}
+
+/// The request path's reads (`LeaseStore::observe_and_read`): after the observation, the
+/// flags and the risk events in one read transaction.
+pub(super) async fn observe_and_read(
+    store: &EmbeddedStore,
+    obs: &Observation,
+    read: &ControlRead,
+) -> Result<Observed, StoreError> {
+    let counts = observe(store, obs).await?;
+    store.get(|db| {
+        let tx = db.begin_read().map_err(db_err)?;
+        let flags = flags_in(&tx, &read.flags, nanos(obs.at))?;
+        let risk = match read.risk_since {
+            Some(since) => risk_in(&tx, &read.risk_keys, nanos(since))?,
+            None => Vec::new(),
+        };
+        Ok(Observed {
+            counts,
+            flags,
+            risk,
+        })
     })
 }
 
@@ -240,24 +270,31 @@ pub(super) async fn risk_events(
     keys: &[String],
     since: OffsetDateTime,
 ) -> Result<Vec<RiskEvent>, StoreError> {
-    let since = nanos(since);
     store.get(|db| {
         let tx = db.begin_read().map_err(db_err)?;
-        let risk = tx.open_table(RISK).map_err(db_err)?;
-        let mut out = Vec::new();
-        for k in keys {
-            for entry in risk
-                .range((k.as_str(), since, "")..(k.as_str(), u64::MAX, ""))
-                .map_err(db_err)?
-            {
-                let (key, v) = entry.map_err(db_err)?;
-                let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(key.value().1))
-                    .map_err(|_| StoreError::Corrupt("risk time".into()))?;
-                out.push(crate::lease::parse_risk_payload(at, v.value())?);
-            }
-        }
-        Ok(out)
+        risk_in(&tx, keys, nanos(since))
     })
+}
+
+fn risk_in(
+    tx: &redb::ReadTransaction,
+    keys: &[String],
+    since: u64,
+) -> Result<Vec<RiskEvent>, StoreError> {
+    let risk = tx.open_table(RISK).map_err(db_err)?;
+    let mut out = Vec::new();
+    for k in keys {
+        for entry in risk
+            .range((k.as_str(), since, "")..(k.as_str(), u64::MAX, ""))
+            .map_err(db_err)?
+        {
+            let (key, v) = entry.map_err(db_err)?;
+            let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(key.value().1))
+                .map_err(|_| StoreError::Corrupt("risk time".into()))?;
+            out.push(crate::lease::parse_risk_payload(at, v.value())?);
+        }
+    }
+    Ok(out)
 }
 
 pub(super) async fn take_token(

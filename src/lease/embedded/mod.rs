@@ -30,8 +30,8 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use super::{
-    AuditAnchor, DenyEntry, Lease, LeaseQuery, LeaseStore, Observation, Page, RiskEvent,
-    StoreError, TaskQuery, Transition,
+    AuditAnchor, ControlRead, DenyEntry, Lease, LeaseQuery, LeaseStore, Observation, Observed,
+    Page, RiskEvent, StoreError, TaskQuery, Transition,
 };
 use crate::approval::{Approval, ApprovalState, ApprovalTransition, TransitionOutcome};
 use crate::task::{LeaseId, Task, TaskId, TaskState};
@@ -297,6 +297,14 @@ impl LeaseStore for EmbeddedStore {
 
     async fn observe(&self, obs: &Observation) -> Result<Vec<u64>, StoreError> {
         control::observe(self, obs).await
+    }
+
+    async fn observe_and_read(
+        &self,
+        obs: &Observation,
+        read: &ControlRead,
+    ) -> Result<Observed, StoreError> {
+        control::observe_and_read(self, obs, read).await
     }
 
     async fn risk_events(
