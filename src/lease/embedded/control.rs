@@ -179,10 +179,15 @@ pub(super) async fn flags(
     keys: &[String],
     now: OffsetDateTime,
 ) -> Result<Vec<bool>, StoreError> {
-    store.get(|db| {
-        let tx = db.begin_read().map_err(db_err)?;
-        flags_in(&tx, keys, nanos(now))
-    })
+    read(store, |tx| flags_in(tx, keys, nanos(now)))
+}
+
+/// `f` over one read transaction of the store.
+fn read<T>(
+    store: &EmbeddedStore,
+    f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    store.get(|db| f(&db.begin_read().map_err(db_err)?))
 }
 
 fn flags_in(
@@ -204,14 +209,13 @@ fn flags_in(
 pub(super) async fn observe_and_read(
     store: &EmbeddedStore,
     obs: &Observation,
-    read: &ControlRead,
+    wanted: &ControlRead,
 ) -> Result<Observed, StoreError> {
     let counts = observe(store, obs).await?;
-    store.get(|db| {
-        let tx = db.begin_read().map_err(db_err)?;
-        let flags = flags_in(&tx, &read.flags, nanos(obs.at))?;
-        let risk = match read.risk_since {
-            Some(since) => risk_in(&tx, &read.risk_keys, nanos(since))?,
+    read(store, |tx| {
+        let flags = flags_in(tx, &wanted.flags, nanos(obs.at))?;
+        let risk = match wanted.risk_since {
+            Some(since) => risk_in(tx, &wanted.risk_keys, nanos(since))?,
             None => Vec::new(),
         };
         Ok(Observed {
@@ -270,10 +274,7 @@ pub(super) async fn risk_events(
     keys: &[String],
     since: OffsetDateTime,
 ) -> Result<Vec<RiskEvent>, StoreError> {
-    store.get(|db| {
-        let tx = db.begin_read().map_err(db_err)?;
-        risk_in(&tx, keys, nanos(since))
-    })
+    read(store, |tx| risk_in(tx, keys, nanos(since)))
 }
 
 fn risk_in(
