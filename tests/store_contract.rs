@@ -1334,3 +1334,135 @@ async fn a_redis_token_bucket_holds_globally_across_connections() {
         "the bucket refills: {granted}"
     );
 }
+
+/// The embedded store keeps tasks decoded for the request path: a task's ending shows at
+/// once on the next read, also to readers hammering the task while it ends.
+#[tokio::test]
+async fn embedded_task_reads_see_an_ending_as_soon_as_it_returns() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("leases.redb")).expect("open"));
+    let now = OffsetDateTime::now_utc();
+    for round in 0..30 {
+        let t = task("spiffe://c.test/agent/a", None, now);
+        store.create_task(&t).await.expect("task");
+        assert_eq!(store.task(&t.id).await.expect("read"), Some(t.clone()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (store, id, stop) = (store.clone(), t.id.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        store.task(&id).await.expect("read");
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        let to = if round % 2 == 0 {
+            TaskState::Revoked
+        } else {
+            TaskState::Completed
+        };
+        let ended = store.end_task(&t.id, to, "test", now).await.expect("end");
+        assert_eq!(ended.state, to);
+        let read = store.task(&t.id).await.expect("read").expect("present");
+        assert_eq!(read.state, to, "round {round}: the ending shows at once");
+        assert_eq!(read.end_reason.as_deref(), Some("test"));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            r.await.expect("reader");
+        }
+        assert_eq!(
+            store
+                .task(&t.id)
+                .await
+                .expect("read")
+                .expect("present")
+                .state,
+            to
+        );
+    }
+}
+
+/// An ending whose caller stopped waiting (a dropped request) still commits, and then no
+/// read may show the task as it was.
+#[tokio::test]
+async fn embedded_task_ending_shows_even_when_its_caller_stopped_waiting() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = EmbeddedStore::open(&dir.path().join("leases.redb")).expect("open");
+    let now = OffsetDateTime::now_utc();
+    let t = task("spiffe://c.test/agent/a", None, now);
+    store.create_task(&t).await.expect("task");
+    assert_eq!(
+        store
+            .task(&t.id)
+            .await
+            .expect("read")
+            .expect("present")
+            .state,
+        TaskState::Active
+    );
+    // Polled once (the write is queued), then dropped before the commit answers.
+    let mut ending = Box::pin(store.end_task(&t.id, TaskState::Revoked, "test", now));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(ending.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the ending answered before its commit");
+    drop(ending);
+    // The listing reads the file itself: wait for the commit to land there.
+    let query = TaskQuery {
+        principal: None,
+        state: Some(TaskState::Revoked),
+        after: None,
+        limit: 10,
+        now: None,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.tasks(&query).await.expect("list").items.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ending never committed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        store
+            .task(&t.id)
+            .await
+            .expect("read")
+            .expect("present")
+            .state,
+        TaskState::Revoked
+    );
+}
+
+/// The decoded tasks are bounded, and reads past the bound stay right.
+#[tokio::test]
+async fn embedded_task_cache_is_bounded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("leases.redb")).expect("open"));
+    let now = OffsetDateTime::now_utc();
+    let tasks: Vec<_> = (0..4_200)
+        .map(|_| task("spiffe://c.test/agent/a", None, now))
+        .collect();
+    for chunk in tasks.chunks(600) {
+        let writes = chunk.iter().map(|t| {
+            let (store, t) = (store.clone(), t.clone());
+            async move { store.create_task(&t).await }
+        });
+        for r in futures_util::future::join_all(writes).await {
+            r.expect("task");
+        }
+    }
+    for t in &tasks {
+        assert_eq!(store.task(&t.id).await.expect("read").as_ref(), Some(t));
+        assert!(
+            store.cached_tasks() <= 4_096,
+            "{} kept",
+            store.cached_tasks()
+        );
+    }
+    assert!(store.cached_tasks() > 0);
+    // A task not found is not kept.
+    let before = store.cached_tasks();
+    assert_eq!(store.task(&TaskId::generate()).await.expect("read"), None);
+    assert_eq!(store.cached_tasks(), before);
+}

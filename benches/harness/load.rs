@@ -158,7 +158,14 @@ pub struct Measured {
     pub cpu_per_1000: f64,
     /// Offered rate (open loop only).
     pub offered: f64,
+    /// Open loop only: for each 100 ms of the measured schedule whose slowest answer
+    /// took over `SLOW`, its offset (s) and that answer's latency. Where a tail comes
+    /// from: one stall shows as a few adjacent slots, a steady queue as many.
+    pub slow_slots: Vec<(f64, Duration)>,
 }
+
+/// An answer slower than this marks its 100 ms slot of an open loop as slow.
+pub const SLOW: Duration = Duration::from_millis(20);
 
 impl Measured {
     pub fn rps(&self) -> f64 {
@@ -187,6 +194,7 @@ impl Measured {
                 cpu_s * 1000.0 / ok as f64
             },
             offered: 0.0,
+            slow_slots: Vec::new(),
         }
     }
 }
@@ -243,6 +251,8 @@ struct Tally {
     ok: usize,
     shed: usize,
     errors: usize,
+    /// Open loop: the slowest answer in each 100 ms slot of the schedule.
+    slots: Vec<Duration>,
 }
 
 impl Tally {
@@ -256,7 +266,17 @@ impl Tally {
             Outcome::Error => self.errors += 1,
         }
     }
+    fn slot(&mut self, at: Duration, lat: Duration) {
+        let i = (at.as_millis() / 100) as usize;
+        if self.slots.len() <= i {
+            self.slots.resize(i + 1, Duration::ZERO);
+        }
+        self.slots[i] = self.slots[i].max(lat);
+    }
     fn merge(&mut self, o: Tally) {
+        for (i, l) in o.slots.iter().enumerate() {
+            self.slot(Duration::from_millis(100 * i as u64), *l);
+        }
         self.lat.extend(o.lat);
         self.ok += o.ok;
         self.shed += o.shed;
@@ -266,6 +286,13 @@ impl Tally {
 
 fn finish(t: Tally, seconds: f64, cpu: f64, offered: f64) -> Measured {
     let ok = t.ok;
+    let slow_slots = t
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l > SLOW)
+        .map(|(i, l)| (i as f64 / 10.0, *l))
+        .collect();
     let (p50, p99, p999) = quantiles(t.lat);
     Measured {
         ok,
@@ -277,6 +304,7 @@ fn finish(t: Tally, seconds: f64, cpu: f64, offered: f64) -> Measured {
         p999,
         cpu_per_1000: cpu / (ok.max(1) as f64) * 1000.0,
         offered,
+        slow_slots,
     }
 }
 
@@ -353,7 +381,11 @@ pub async fn open_loop(
                 tokio::time::sleep_until(due.into()).await;
                 let o = t.once(&mut conn).await;
                 if due >= m0 {
-                    tally.add(o, due.elapsed());
+                    let lat = due.elapsed();
+                    if matches!(o, Outcome::Ok) {
+                        tally.slot(due - m0, lat);
+                    }
+                    tally.add(o, lat);
                 }
                 due += interval;
             }

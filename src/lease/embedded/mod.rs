@@ -5,6 +5,9 @@
 //! indexes; `due` as an ordered `(unix_nanos, lease_id)` index so the reaper finds due
 //! leases in O(log n), with `due_by_lease` mapping back for updates.
 //!
+//! Tasks read by the request path are kept decoded in memory (`tasks::TaskCache`),
+//! coherent with this store's own writes: this process alone writes the file.
+//!
 //! Control state: single-use keys and flags in `expiring` (key → expiry ns) with the
 //! `expiry` index, risk events in `risk` — durable, so a restart keeps them; expired
 //! entries are purged a bounded batch at a time on each write. Sliding windows stay in
@@ -81,6 +84,8 @@ pub struct EmbeddedStore {
     writer: Option<std::thread::JoinHandle<()>>,
     /// Named locks: one process owns the file, so a local lock serialises every writer.
     locks: std::sync::Mutex<LocalLocks>,
+    /// Tasks as last read, so the request path does not decode its task each time.
+    task_cache: Arc<tasks::TaskCache>,
 }
 
 impl Drop for EmbeddedStore {
@@ -174,6 +179,7 @@ impl EmbeddedStore {
             journal,
             writer: Some(writer),
             locks: std::sync::Mutex::default(),
+            task_cache: Arc::default(),
         })
     }
 
@@ -183,6 +189,11 @@ impl EmbeddedStore {
     /// path) cost more than the read itself.
     fn get<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
         f(&self.db)
+    }
+
+    /// Tasks kept decoded in memory (bounded; see `tasks::TaskCache`).
+    pub fn cached_tasks(&self) -> usize {
+        self.task_cache.len()
     }
 
     /// Single-use keys and flags held (expired ones included until purged).

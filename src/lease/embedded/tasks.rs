@@ -2,6 +2,9 @@
 //! due index and the per-state counts.
 
 use redb::{ReadableDatabase, ReadableTable};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 
 use super::{
@@ -68,13 +71,76 @@ pub(super) async fn create_task(store: &EmbeddedStore, task: &Task) -> Result<()
         .await
 }
 
+/// Tasks as last read, decoded. A task's record changes in two places only: created
+/// (`create_task`), then ended once (`end_task`); every other field is fixed at
+/// declaration, and expiry is computed from `expires_at` at read time. So an entry is
+/// good until a task ends, and any ending makes every entry stale:
+/// - a reader notes the epoch *before* its read transaction and files what it read
+///   under that epoch;
+/// - `end_task` advances the epoch on the writer thread once its commit is done, before
+///   it answers (and even if its caller has stopped waiting);
+/// - an entry is used only while its epoch is current.
+///
+/// A read filed under an epoch that an ending then advanced is never used again, so
+/// once `end_task` has returned no reader sees the task as it was. A reader racing the
+/// ending itself may see the old state, as a read transaction begun just before the
+/// commit would; the lease write checks the task is active inside its own transaction
+/// (`journal::write_lease`), so no credential is issued under an ended task either way.
+/// Tasks not found are not kept. At most `TASK_CACHE` entries: past it the cache starts
+/// over.
+#[derive(Debug, Default)]
+pub(super) struct TaskCache {
+    epoch: AtomicU64,
+    entries: Mutex<HashMap<TaskId, (u64, Arc<Task>)>>,
+}
+
+/// Tasks kept decoded at once (a few hundred bytes each).
+pub(super) const TASK_CACHE: usize = 4096;
+
+impl TaskCache {
+    fn current(&self, id: &TaskId, epoch: u64) -> Option<Task> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get(id) {
+            Some((e, t)) if *e == epoch => Some(Task::clone(t)),
+            _ => None,
+        }
+    }
+
+    fn keep(&self, task: &Task, epoch: u64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= TASK_CACHE && !entries.contains_key(&task.id) {
+            entries.clear();
+        }
+        entries.insert(task.id.clone(), (epoch, Arc::new(task.clone())));
+    }
+
+    /// After a task's record changed: every entry read before is stale.
+    fn advance(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
 pub(super) async fn task(store: &EmbeddedStore, id: &TaskId) -> Result<Option<Task>, StoreError> {
-    store.get(|db| {
+    let cache = &store.task_cache;
+    // Noted before the read transaction begins (see `TaskCache`).
+    let epoch = cache.epoch.load(Ordering::SeqCst);
+    if let Some(t) = cache.current(id, epoch) {
+        return Ok(Some(t));
+    }
+    let got: Option<Task> = store.get(|db| {
         let tx = db.begin_read().map_err(db_err)?;
         let tasks = tx.open_table(TASKS).map_err(db_err)?;
         let got = tasks.get(id.as_str()).map_err(db_err)?;
         got.map(|v| decode(v.value())).transpose()
-    })
+    })?;
+    if let Some(t) = &got {
+        cache.keep(t, epoch);
+    }
+    Ok(got)
 }
 
 pub(super) async fn tasks(store: &EmbeddedStore, q: &TaskQuery) -> Result<Page<Task>, StoreError> {
@@ -113,26 +179,28 @@ pub(super) async fn end_task(
     at: OffsetDateTime,
 ) -> Result<Task, StoreError> {
     let (id, reason) = (id.clone(), reason.to_string());
-    store
-        .write(move |tx| {
-            let task = {
-                let mut tasks = tx.open_table(TASKS).map_err(db_err)?;
-                let current: Task = match tasks.get(id.as_str()).map_err(db_err)? {
-                    Some(v) => decode(v.value())?,
-                    None => return Err(StoreError::NotFound(id.to_string())),
-                };
-                let task = match ending::end(current, to, &reason, at)? {
-                    Ending::Unchanged(task) => return Ok(task),
-                    Ending::Ended(task) => task,
-                };
-                tasks
-                    .insert(id.as_str(), encode(&task)?.as_slice())
-                    .map_err(db_err)?;
-                task
+    let cache = store.task_cache.clone();
+    let end = move |tx: &redb::WriteTransaction| {
+        let task = {
+            let mut tasks = tx.open_table(TASKS).map_err(db_err)?;
+            let current: Task = match tasks.get(id.as_str()).map_err(db_err)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound(id.to_string())),
             };
-            Ok(task)
-        })
-        .await
+            let task = match ending::end(current, to, &reason, at)? {
+                Ending::Unchanged(task) => return Ok(task),
+                Ending::Ended(task) => task,
+            };
+            tasks
+                .insert(id.as_str(), encode(&task)?.as_slice())
+                .map_err(db_err)?;
+            task
+        };
+        Ok(task)
+    };
+    // Whatever the outcome (a spurious advance only costs a re-read), on the writer
+    // thread: also when the caller stopped waiting.
+    store.write_then(end, move || cache.advance()).await
 }
 
 pub(super) async fn children(

@@ -85,6 +85,18 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
+        self.write_then(f, || {}).await
+    }
+
+    /// As `write`, and `after` runs on the writer thread once the group's commit is
+    /// over (committed or not), before the caller is answered — also when the caller
+    /// has stopped waiting.
+    pub(super) async fn write_then<T, F, A>(&self, f: F, after: A) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+        A: FnOnce() + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
         let op: Op = Box::new(move |txn| {
             let result = match txn {
@@ -96,6 +108,7 @@ impl EmbeddedStore {
                 Err(StoreError::Unavailable(_) | StoreError::Corrupt(_))
             );
             let done: Completion = Box::new(move |commit| {
+                after();
                 let _ = tx.send(match commit {
                     Some(e) => Err(e),
                     None => result,
