@@ -1335,6 +1335,10 @@ async fn a_redis_token_bucket_holds_globally_across_connections() {
     );
 }
 
+async fn state_of(store: &dyn LeaseStore, id: &TaskId) -> TaskState {
+    store.task(id).await.expect("read").expect("present").state
+}
+
 /// The embedded store keeps tasks decoded for the request path: a task's ending shows at
 /// once on the next read, also to readers hammering the task while it ends.
 #[tokio::test]
@@ -1372,15 +1376,7 @@ async fn embedded_task_reads_see_an_ending_as_soon_as_it_returns() {
         for r in readers {
             r.await.expect("reader");
         }
-        assert_eq!(
-            store
-                .task(&t.id)
-                .await
-                .expect("read")
-                .expect("present")
-                .state,
-            to
-        );
+        assert_eq!(state_of(&*store, &t.id).await, to);
     }
 }
 
@@ -1393,15 +1389,7 @@ async fn embedded_task_ending_shows_even_when_its_caller_stopped_waiting() {
     let now = OffsetDateTime::now_utc();
     let t = task("spiffe://c.test/agent/a", None, now);
     store.create_task(&t).await.expect("task");
-    assert_eq!(
-        store
-            .task(&t.id)
-            .await
-            .expect("read")
-            .expect("present")
-            .state,
-        TaskState::Active
-    );
+    assert_eq!(state_of(&store, &t.id).await, TaskState::Active);
     // Polled once (the write is queued), then dropped before the commit answers.
     let mut ending = Box::pin(store.end_task(&t.id, TaskState::Revoked, "test", now));
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(ending.as_mut().poll(cx))).await;
@@ -1423,15 +1411,7 @@ async fn embedded_task_ending_shows_even_when_its_caller_stopped_waiting() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    assert_eq!(
-        store
-            .task(&t.id)
-            .await
-            .expect("read")
-            .expect("present")
-            .state,
-        TaskState::Revoked
-    );
+    assert_eq!(state_of(&store, &t.id).await, TaskState::Revoked);
 }
 
 /// The decoded tasks are bounded, and reads past the bound stay right.
