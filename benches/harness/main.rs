@@ -13,6 +13,9 @@
 //!    leases (embedded and Redis).
 //! 5. The ratio triple: Mayfly, OpenBao production (service logins) and OpenBao dev
 //!    (batch logins) running at once, measured in turn at 50 connections, three rounds.
+//!    Beside them, the transport reference (`transport.rs`: Mayfly's TLS configuration
+//!    and the same request, a captured answer, no work) is offered Mayfly's rate of
+//!    each round: what the transport alone costs per exchange at that pace.
 //! 6. Prints the table, writes it to `docs/benchmarks.md`, and ends with the ratio lines,
 //!    computed from the triple's rows: `mayfly/openbao-production throughput ratio`,
 //!    `mayfly/openbao throughput ratio` and
