@@ -99,11 +99,15 @@ pub(super) const TASK_CACHE: usize = 4096;
 
 impl TaskCache {
     fn current(&self, id: &TaskId, epoch: u64) -> Option<Task> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        match entries.get(id) {
-            Some((e, t)) if *e == epoch => Some(Task::clone(t)),
-            _ => None,
-        }
+        let kept = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            match entries.get(id) {
+                Some((e, t)) if *e == epoch => t.clone(),
+                _ => return None,
+            }
+        };
+        // The copy is made outside the lock.
+        Some(Task::clone(&kept))
     }
 
     fn keep(&self, task: &Task, epoch: u64) {
