@@ -215,19 +215,7 @@ fn tls_connector(p: &Pki, client_cert: bool) -> tokio_rustls::TlsConnector {
 
 /// The broker's latency histograms of its two durable writers, from `/metrics`.
 async fn print_histograms(p: &Pki, port: u16) {
-    let ca = std::fs::read(p.dir.join("ca.pem")).expect("ca");
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca"))
-        .build()
-        .expect("client");
-    let text = client
-        .get(format!("https://localhost:{port}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics");
+    let text = metrics_text(p, port).await.expect("metrics");
     for line in text.lines().filter(|l| {
         [
             "mayfly_store_commit_seconds",
@@ -242,22 +230,25 @@ async fn print_histograms(p: &Pki, port: u16) {
     }
 }
 
-/// The broker's `/metrics` histogram buckets of its two durable writers:
-/// `(series, le) -> count`.
-async fn histograms(p: &Pki, port: u16) -> std::collections::BTreeMap<(String, String), f64> {
+/// The broker's `/metrics` page.
+async fn metrics_text(p: &Pki, port: u16) -> Option<String> {
     let ca = std::fs::read(p.dir.join("ca.pem")).expect("ca");
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca"))
         .build()
         .expect("client");
-    let Ok(resp) = client
+    let resp = client
         .get(format!("https://localhost:{port}/metrics"))
         .send()
         .await
-    else {
-        return Default::default();
-    };
-    let text = resp.text().await.unwrap_or_default();
+        .ok()?;
+    resp.text().await.ok()
+}
+
+/// The broker's `/metrics` histogram buckets of its two durable writers:
+/// `(series, le) -> count`.
+async fn histograms(p: &Pki, port: u16) -> std::collections::BTreeMap<(String, String), f64> {
+    let text = metrics_text(p, port).await.unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let series = ["mayfly_store_commit_seconds", "mayfly_audit_sync_seconds"]
@@ -1078,9 +1069,7 @@ async fn ratio_triples(rep: &mut Report, p: &Pki, bin: &Path, tmp: &Path) {
     let prod = bao_logins(p, &tmp.join("bao-triple"), BaoShape::Production).await;
     let dev = bao_logins(p, tmp, BaoShape::Dev).await;
     // The transport reference answers with the bytes of a credential Mayfly just minted.
-    let (status, answer) = kept.fetch().await.expect("mint");
-    assert_eq!(status, 201, "mint: {}", String::from_utf8_lossy(&answer));
-    std::fs::write(p.dir.join("answer.json"), &answer).expect("answer");
+    capture_answer(p, &kept).await;
     let hyper = start_transport(p, transport::Mode::Hyper);
     let raw = start_transport(p, transport::Mode::Raw);
     let at = |port: u16| Target {
@@ -1149,6 +1138,13 @@ fn transport_scenario(mode: transport::Mode) -> &'static str {
             "Mayfly's TLS config + hand-read HTTP/1.1, same request, a captured answer, kept-open TLS"
         }
     }
+}
+
+/// A credential Mayfly mints through `kept`, saved for the transport reference to answer.
+async fn capture_answer(p: &Pki, kept: &Target) {
+    let (status, answer) = kept.fetch().await.expect("mint");
+    assert_eq!(status, 201, "mint: {}", String::from_utf8_lossy(&answer));
+    std::fs::write(p.dir.join("answer.json"), &answer).expect("answer");
 }
 
 /// This harness, re-run as the transport reference server (`transport.rs`).
@@ -1324,9 +1320,7 @@ async fn main() {
             .ok()
             .and_then(|m| transport::Mode::parse(&m))
         {
-            let (status, answer) = kept.fetch().await.expect("mint");
-            assert_eq!(status, 201);
-            std::fs::write(p.dir.join("answer.json"), &answer).expect("answer");
+            capture_answer(&p, &kept).await;
             let t = start_transport(&p, mode);
             let pids = [t.proc.0.id()];
             println!("transport pid {} ({})", pids[0], mode.as_str());
