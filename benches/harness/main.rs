@@ -41,6 +41,7 @@ mod load;
 #[path = "../../tests/common/loopback.rs"]
 mod loopback;
 mod micro;
+mod probe;
 mod store;
 mod transport;
 
@@ -770,6 +771,36 @@ async fn shed_cost(rep: &mut Report, p: &Pki, bin: &Path, tmp: &Path) {
     ));
 }
 
+/// When an `open_loop` called now starts measuring (it starts its schedule 200 ms on,
+/// then warms up).
+fn open_loop_measures_from() -> Instant {
+    Instant::now() + Duration::from_millis(200) + WARMUP
+}
+
+/// Where an open loop's tail came from (printed, not written to the docs): its slow
+/// 100 ms slots, each with what the machine probe saw in it, and the probe's summary: a
+/// disk that took over `SLOW` to sync, or CPU time stolen by the hypervisor.
+fn print_tail(what: &str, m: &Measured, probed: &probe::Probed) {
+    println!(
+        "{what}: {} of {} 100-ms slots had an answer over {} ms{}",
+        m.slow_slots.len(),
+        (m.seconds * 10.0).round(),
+        load::SLOW.as_millis(),
+        m.slow_slots
+            .iter()
+            .map(|(at, l)| format!(" +{at:.1}s:{} ({})", ms(*l), probed.at(*at)))
+            .collect::<String>()
+    );
+    println!(
+        "  machine probe (4 KiB append + fdatasync every 50 ms beside the store; /proc/stat steal): slowest sync {}, {} slots with a sync over {} ms; {} ms stolen in all, at most {} ms in one slot",
+        ms(probed.worst_sync()),
+        probed.slow_syncs(load::SLOW),
+        load::SLOW.as_millis(),
+        probed.total_steal().as_millis(),
+        probed.worst_steal().as_millis()
+    );
+}
+
 /// Open loop at 70 % and 200 % of the kept-open peak.
 async fn overload(rep: &mut Report, system: &str, p: &Pki, b: &Broker) {
     let pids = [b.proc.0.id()];
@@ -781,19 +812,9 @@ async fn overload(rep: &mut Report, system: &str, p: &Pki, b: &Broker) {
         .fold(0.0, f64::max);
     let kept = mint_target(p, b.port, Caller::BearerKeptOpen).await;
     let before = histograms(p, b.port).await;
+    let probe = probe::start(&p.dir, open_loop_measures_from(), RUN);
     let m = open_loop(&kept, 0.7 * peak, 64, WARMUP, RUN, &pids).await;
-    // Where a tail came from (printed, not written to the docs): the slow 100 ms slots
-    // of the schedule, and the broker's slow commits and fsyncs in the same minutes.
-    println!(
-        "open loop at 70 %: {} of {} 100-ms slots had an answer over {} ms{}",
-        m.slow_slots.len(),
-        RUN.as_millis() / 100,
-        load::SLOW.as_millis(),
-        m.slow_slots
-            .iter()
-            .map(|(at, l)| format!(" +{at:.1}s:{}", ms(*l)))
-            .collect::<String>()
-    );
+    print_tail("open loop at 70 %", &m, &probe.join().unwrap_or_default());
     for (series, n) in slow_writes(&before, &histograms(p, b.port).await) {
         println!("  {series}: {n} over 10 ms during the open loop (warm-up included)");
     }
@@ -1360,7 +1381,9 @@ async fn main() {
         }
         if let Some(rate) = rate {
             let run = Duration::from_secs(secs);
+            let probe = probe::start(&p.dir, open_loop_measures_from(), run);
             let m = open_loop(&kept, rate, 64, WARMUP, run, &pids).await;
+            print_tail("open loop", &m, &probe.join().unwrap_or_default());
             let load = format!("open loop {rate}/s");
             rep.add("Mayfly (embedded)", KEPT, load, m, &pids);
             print_histograms(&p, port).await;

@@ -203,20 +203,22 @@ fn write_in_full(
     facts: &Facts,
     code: Option<&'static str>,
 ) -> bool {
-    let event = scope.snapshot();
-    let refused = event.status.is_some_and(|s| (400..500).contains(&s));
-    if event.principal.is_some() || !refused {
+    let full =
+        scope.read(|e| e.principal.is_some() || !e.status.is_some_and(|s| (400..500).contains(&s)));
+    if full {
         return true;
     }
     if let Some(ip) = facts.source_ip {
         st.unauth.charge(ip);
     }
     metrics::counter!("mayfly_unauthenticated_refusals_total").increment(1);
-    st.refusals.observe(
-        event.source.as_deref().unwrap_or("unknown"),
-        code.unwrap_or("refused"),
-        event.route.as_deref(),
-    )
+    scope.read(|e| {
+        st.refusals.observe(
+            e.source.as_deref().unwrap_or("unknown"),
+            code.unwrap_or("refused"),
+            e.route.as_deref(),
+        )
+    })
 }
 
 fn finish(facts: Facts, mut resp: Response) -> Response {

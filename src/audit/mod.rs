@@ -186,11 +186,11 @@ impl AuditScope {
     pub fn new(event: AuditEvent) -> Self {
         Self(Arc::new(Mutex::new(event)))
     }
-    pub fn set(&self, f: impl FnOnce(&mut AuditEvent)) {
+    pub fn set<R>(&self, f: impl FnOnce(&mut AuditEvent) -> R) -> R {
         // A poisoned lock only means another thread panicked mid-update; the event is
         // still the best record we have.
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard);
+        f(&mut guard)
     }
     /// Registers what takes back a state change this request just made (see
     /// `Broker::commit`).
@@ -208,6 +208,10 @@ impl AuditScope {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .commits_at_end
+    }
+    /// Reads the event in place (no copy of it).
+    pub fn read<R>(&self, f: impl FnOnce(&AuditEvent) -> R) -> R {
+        f(&self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
     pub fn snapshot(&self) -> AuditEvent {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()

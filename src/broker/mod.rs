@@ -227,12 +227,11 @@ impl Broker {
     /// task still active; if not, nothing is written and the request is refused
     /// ([`CommitError::Refused`]), to be recorded as such by a second `commit`.
     pub async fn commit(&self, scope: &AuditScope) -> Result<(), CommitError> {
-        let mut event = scope.snapshot();
+        // The staged lease leaves the scope before the record is copied (it is written
+        // once, and not copied with the record).
+        let staged = scope.set(|e| e.staged_lease.take());
+        let event = scope.snapshot();
         let undo = event.undo.clone();
-        let staged = event.staged_lease.take();
-        if staged.is_some() {
-            scope.set(|e| e.staged_lease = None);
-        }
         // A request that failed after its lease was staged hands out nothing: its
         // record is written without the lease.
         let failed = event.status.is_some_and(|s| s >= 400);
