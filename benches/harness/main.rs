@@ -792,12 +792,14 @@ fn print_tail(what: &str, m: &Measured, probed: &probe::Probed) {
             .collect::<String>()
     );
     println!(
-        "  machine probe (4 KiB append + fdatasync every 50 ms beside the store; /proc/stat steal): slowest sync {}, {} slots with a sync over {} ms; {} ms stolen in all, at most {} ms in one slot",
+        "  machine probe (4 KiB append + fdatasync every 50 ms beside the store; /proc/stat steal; the broker's run-queue wait): slowest sync {}, {} slots with a sync over {} ms; {} ms stolen in all, at most {} ms in one slot; broker threads waited {} ms for a CPU in all, at most {} in one slot",
         ms(probed.worst_sync()),
         probed.slow_syncs(load::SLOW),
         load::SLOW.as_millis(),
         probed.total_steal().as_millis(),
-        probed.worst_steal().as_millis()
+        probed.worst_steal().as_millis(),
+        probed.total_runq().as_millis(),
+        ms(probed.worst_runq())
     );
 }
 
@@ -812,7 +814,7 @@ async fn overload(rep: &mut Report, system: &str, p: &Pki, b: &Broker) {
         .fold(0.0, f64::max);
     let kept = mint_target(p, b.port, Caller::BearerKeptOpen).await;
     let before = histograms(p, b.port).await;
-    let probe = probe::start(&p.dir, open_loop_measures_from(), RUN);
+    let probe = probe::start(&p.dir, pids[0], open_loop_measures_from(), RUN);
     let m = open_loop(&kept, 0.7 * peak, 64, WARMUP, RUN, &pids).await;
     print_tail("open loop at 70 %", &m, &probe.join().unwrap_or_default());
     for (series, n) in slow_writes(&before, &histograms(p, b.port).await) {
@@ -1381,7 +1383,7 @@ async fn main() {
         }
         if let Some(rate) = rate {
             let run = Duration::from_secs(secs);
-            let probe = probe::start(&p.dir, open_loop_measures_from(), run);
+            let probe = probe::start(&p.dir, pids[0], open_loop_measures_from(), run);
             let m = open_loop(&kept, rate, 64, WARMUP, run, &pids).await;
             print_tail("open loop", &m, &probe.join().unwrap_or_default());
             let load = format!("open loop {rate}/s");
