@@ -1375,8 +1375,16 @@ async fn main() {
             Some(_) => env_num::<u64>("MAYFLY_BENCH_PRE"),
         };
         if let Some(s) = closed {
-            let m = closed_loop(&kept, 50, WARMUP, Duration::from_secs(s), &pids).await;
-            rep.add("Mayfly (embedded)", KEPT, "50 conns".into(), m, &pids);
+            // `MAYFLY_BENCH_CONNS=N`: N connections instead of 50.
+            let conns = env_num::<usize>("MAYFLY_BENCH_CONNS").unwrap_or(50);
+            let m = closed_loop(&kept, conns, WARMUP, Duration::from_secs(s), &pids).await;
+            rep.add(
+                "Mayfly (embedded)",
+                KEPT,
+                format!("{conns} conns"),
+                m,
+                &pids,
+            );
             if rate.is_none() {
                 print_histograms(&p, port).await;
             }

@@ -21,19 +21,25 @@ const MAX_GROUP: usize = 256;
 /// The longest a group waits for more writes to join it.
 const MAX_GATHER: Duration = Duration::from_millis(1);
 
+/// A group this large (queued while the last commit ran, or committed last time) shows
+/// that many writers are busy: waiting then gathers more of them into one commit.
+const BUSY_GROUP: usize = 8;
+
 /// How long a group of `drained` writes waits for more before it commits, if at all.
 ///
 /// Each commit costs the writer a fixed amount of CPU (redb's page bookkeeping, the
 /// writes and the fdatasync: about 300 µs on the benchmark machine) shared by the
-/// group, so larger groups make each credential cheaper. A group waits only where there
-/// is evidence of concurrent writers (this group or the last had more than one write):
-/// a lone sequential caller never waits. It waits half the last commit's duration at
+/// group, so larger groups make each credential cheaper when the broker is busy. A few
+/// concurrent callers gain nothing from waiting (their requests wait on each other's
+/// commits, not on the CPU, and waiting only delays them), so a group waits only when
+/// `BUSY_GROUP` writes were queued at once or committed together last time; a lone or
+/// lightly concurrent caller never waits. It waits half the last commit's duration at
 /// most (and at most `MAX_GATHER`), so the added latency stays below what the commit
-/// itself costs, on a fast disk as on a slow one (docs/benchmarks.md, tenth session).
+/// itself costs, on a fast disk as on a slow one (docs/benchmarks.md, 2026-12-02).
 fn gather_for(drained: usize, last_group: usize, last_commit: Duration) -> Option<Duration> {
-    let concurrent = drained >= 2 || last_group >= 2;
+    let busy = drained >= BUSY_GROUP || last_group >= BUSY_GROUP;
     let wait = (last_commit / 2).min(MAX_GATHER);
-    (concurrent && drained < MAX_GROUP && !wait.is_zero()).then_some(wait)
+    (busy && drained < MAX_GROUP && !wait.is_zero()).then_some(wait)
 }
 
 fn drain(rx: &std::sync::mpsc::Receiver<Op>, group: &mut Vec<Op>) {
@@ -167,22 +173,23 @@ mod tests {
     const COMMIT: Duration = Duration::from_micros(800);
 
     #[test]
-    fn a_lone_sequential_writer_never_waits() {
+    fn a_lone_or_lightly_concurrent_writer_never_waits() {
         assert_eq!(gather_for(1, 1, COMMIT), None);
         assert_eq!(gather_for(1, 0, COMMIT), None);
+        assert_eq!(gather_for(BUSY_GROUP - 1, BUSY_GROUP - 1, COMMIT), None);
     }
 
     #[test]
-    fn concurrent_writers_wait_half_the_last_commit() {
-        assert_eq!(gather_for(2, 1, COMMIT), Some(COMMIT / 2));
-        assert_eq!(gather_for(1, 5, COMMIT), Some(COMMIT / 2));
+    fn busy_writers_wait_half_the_last_commit() {
+        assert_eq!(gather_for(BUSY_GROUP, 1, COMMIT), Some(COMMIT / 2));
+        assert_eq!(gather_for(1, BUSY_GROUP, COMMIT), Some(COMMIT / 2));
     }
 
     #[test]
     fn the_wait_is_bounded_and_a_full_group_commits_at_once() {
-        assert_eq!(gather_for(3, 3, Duration::from_secs(1)), Some(MAX_GATHER));
+        assert_eq!(gather_for(9, 9, Duration::from_secs(1)), Some(MAX_GATHER));
         assert_eq!(gather_for(MAX_GROUP, MAX_GROUP, COMMIT), None);
         // Before the first commit there is no measure of the disk: no wait.
-        assert_eq!(gather_for(4, 0, Duration::ZERO), None);
+        assert_eq!(gather_for(20, 0, Duration::ZERO), None);
     }
 }
