@@ -19,10 +19,16 @@ const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 
 /// Runs `f` and records how long it took, in seconds, in the histogram `name`.
 pub fn timed<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
+    timed_for(name, f).0
+}
+
+/// As [`timed`], also returning how long `f` took.
+pub fn timed_for<T>(name: &'static str, f: impl FnOnce() -> T) -> (T, std::time::Duration) {
     let started = std::time::Instant::now();
     let out = f();
-    metrics::histogram!(name).record(started.elapsed().as_secs_f64());
-    out
+    let took = started.elapsed();
+    metrics::histogram!(name).record(took.as_secs_f64());
+    (out, took)
 }
 
 /// Label sets kept per [`Handles`] cache. The per-request series have a few dozen (routes

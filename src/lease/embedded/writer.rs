@@ -2,7 +2,7 @@
 
 use redb::Database;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{EmbeddedStore, db_err};
 use crate::lease::StoreError;
@@ -101,9 +101,9 @@ pub(super) fn run(
                 "storage error; write group aborted".into(),
             ))
         } else {
-            let t0 = Instant::now();
-            let committed = crate::metrics::timed("mayfly_store_commit_seconds", || txn.commit());
-            last_commit = t0.elapsed();
+            let committed;
+            (committed, last_commit) =
+                crate::metrics::timed_for("mayfly_store_commit_seconds", || txn.commit());
             committed.err().map(db_err)
         };
         if let Some(mark) = mark {
