@@ -40,6 +40,9 @@ pub(super) async fn audit_request(
     req: Request,
     next: Next,
 ) -> Response {
+    // Counted until the record's commit is queued: the store's writer may wait for it
+    // when many are coming (one commit for more of them).
+    let intent = st.broker.expect_write();
     let (facts, ev) = open_event(&req);
     let started = std::time::Instant::now();
     let limited = !facts.cert_verified && facts.source_ip.is_some_and(|ip| st.unauth.exhausted(ip));
@@ -55,6 +58,7 @@ pub(super) async fn audit_request(
         })
         .record(started.elapsed().as_secs_f64());
     let code = close_event(&scope, &resp);
+    drop(intent);
     if write_in_full(&st, &scope, &facts, code) {
         resp = commit(&st, &scope, &facts, resp).await;
     }

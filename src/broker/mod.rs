@@ -312,6 +312,11 @@ impl Broker {
         }
     }
 
+    /// A request has started that will write its record (see `LeaseStore::expect_write`).
+    pub fn expect_write(&self) -> crate::lease::WriteIntent {
+        self.store.expect_write()
+    }
+
     pub fn max_page(&self) -> usize {
         self.limits.max_page
     }

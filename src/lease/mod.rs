@@ -372,6 +372,25 @@ pub struct Observed {
     pub risk: Vec<RiskEvent>,
 }
 
+/// A write a request will make soon: counted while held (`LeaseStore::expect_write`).
+#[derive(Debug, Default)]
+pub struct WriteIntent(Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>);
+
+impl WriteIntent {
+    pub(crate) fn counted(on: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        on.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Some(on.clone()))
+    }
+}
+
+impl Drop for WriteIntent {
+    fn drop(&mut self) {
+        if let Some(on) = self.0.take() {
+            on.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Durable storage of tasks and leases. Every method is atomic; transitions are checked
 /// against the current state inside the same transaction.
 #[async_trait]
@@ -434,6 +453,13 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Number of leases in the due index with a due time at or before `now`.
     async fn due_count(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Says a request has started that will write soon (its audit record's commit), so
+    /// a store that groups writes can wait for it when many are coming. Dropping the
+    /// intent says the write was queued, or will not come. Stores that do not group
+    /// writes ignore it.
+    fn expect_write(&self) -> WriteIntent {
+        WriteIntent::default()
+    }
 
     /// Publishes `anchor` as its node's audit chain head. Anchors only move forward:
     /// `Ok(false)` (nothing stored) when the stored anchor has a higher seq, or the same

@@ -86,6 +86,8 @@ pub struct EmbeddedStore {
     locks: std::sync::Mutex<LocalLocks>,
     /// Tasks as last read, so the request path does not decode its task each time.
     task_cache: Arc<tasks::TaskCache>,
+    /// Requests that have started and will write soon (`LeaseStore::expect_write`).
+    approaching: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Drop for EmbeddedStore {
@@ -167,9 +169,11 @@ impl EmbeddedStore {
         let writer_db = db.clone();
         let journal = Arc::new(journal::JournalState::load(&db)?);
         let writer_journal = journal.clone();
+        let approaching = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer_approaching = approaching.clone();
         let writer = std::thread::Builder::new()
             .name("mayfly-store-writer".into())
-            .spawn(move || writer::run(writer_db, rx, writer_journal))
+            .spawn(move || writer::run(writer_db, rx, writer_journal, writer_approaching))
             .map_err(|e| StoreError::Unavailable(format!("store writer: {e}")))?;
         Ok(Self {
             db,
@@ -180,6 +184,7 @@ impl EmbeddedStore {
             writer: Some(writer),
             locks: std::sync::Mutex::default(),
             task_cache: Arc::default(),
+            approaching,
         })
     }
 
@@ -367,6 +372,10 @@ impl LeaseStore for EmbeddedStore {
 
     async fn anchors(&self) -> Result<Vec<AuditAnchor>, StoreError> {
         anchors::anchors(self).await
+    }
+
+    fn expect_write(&self) -> crate::lease::WriteIntent {
+        crate::lease::WriteIntent::counted(&self.approaching)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -2,6 +2,7 @@
 
 use redb::Database;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::{EmbeddedStore, db_err};
@@ -21,8 +22,9 @@ const MAX_GROUP: usize = 256;
 /// The longest a group waits for more writes to join it.
 const MAX_GATHER: Duration = Duration::from_millis(1);
 
-/// A group this large (queued while the last commit ran, or committed last time) shows
-/// that many writers are busy: waiting then gathers more of them into one commit.
+/// This many writes queued at once, committed together last time, or still to come from
+/// requests in progress show that the broker is busy: waiting then gathers more of them
+/// into one commit.
 const BUSY_GROUP: usize = 8;
 
 /// How long a group of `drained` writes waits for more before it commits, if at all.
@@ -32,12 +34,18 @@ const BUSY_GROUP: usize = 8;
 /// group, so larger groups make each credential cheaper when the broker is busy. A few
 /// concurrent callers gain nothing from waiting (their requests wait on each other's
 /// commits, not on the CPU, and waiting only delays them), so a group waits only when
-/// `BUSY_GROUP` writes were queued at once or committed together last time; a lone or
-/// lightly concurrent caller never waits. It waits half the last commit's duration at
-/// most (and at most `MAX_GATHER`), so the added latency stays below what the commit
-/// itself costs, on a fast disk as on a slow one (docs/benchmarks.md, 2026-12-02).
-fn gather_for(drained: usize, last_group: usize, last_commit: Duration) -> Option<Duration> {
-    let busy = drained >= BUSY_GROUP || last_group >= BUSY_GROUP;
+/// `BUSY_GROUP` writes were queued at once, committed together last time, or are
+/// `approaching` (requests in progress that will write their record); a lone or lightly
+/// concurrent caller never waits. It waits half the last commit's duration (at most
+/// `MAX_GATHER`), so the added latency stays below what the commit itself costs, on a
+/// fast disk as on a slow one (docs/benchmarks.md, 2026-12-02).
+fn gather_for(
+    drained: usize,
+    last_group: usize,
+    approaching: usize,
+    last_commit: Duration,
+) -> Option<Duration> {
+    let busy = drained >= BUSY_GROUP || last_group >= BUSY_GROUP || approaching >= BUSY_GROUP;
     let wait = (last_commit / 2).min(MAX_GATHER);
     (busy && drained < MAX_GROUP && !wait.is_zero()).then_some(wait)
 }
@@ -59,12 +67,14 @@ pub(super) fn run(
     db: Arc<Database>,
     rx: std::sync::mpsc::Receiver<Op>,
     journal: Arc<super::journal::JournalState>,
+    approaching: Arc<AtomicUsize>,
 ) {
     let (mut last_group, mut last_commit) = (0usize, Duration::ZERO);
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         drain(&rx, &mut group);
-        if let Some(wait) = gather_for(group.len(), last_group, last_commit) {
+        let coming = approaching.load(Ordering::Relaxed);
+        if let Some(wait) = gather_for(group.len(), last_group, coming, last_commit) {
             // Sleeping, not blocked in `recv`: writes arriving meanwhile queue without
             // waking this thread.
             std::thread::sleep(wait);
@@ -174,22 +184,42 @@ mod tests {
 
     #[test]
     fn a_lone_or_lightly_concurrent_writer_never_waits() {
-        assert_eq!(gather_for(1, 1, COMMIT), None);
-        assert_eq!(gather_for(1, 0, COMMIT), None);
-        assert_eq!(gather_for(BUSY_GROUP - 1, BUSY_GROUP - 1, COMMIT), None);
+        assert_eq!(gather_for(1, 1, 0, COMMIT), None);
+        assert_eq!(gather_for(1, 0, 0, COMMIT), None);
+        let few = BUSY_GROUP - 1;
+        assert_eq!(gather_for(few, few, few, COMMIT), None);
     }
 
     #[test]
     fn busy_writers_wait_half_the_last_commit() {
-        assert_eq!(gather_for(BUSY_GROUP, 1, COMMIT), Some(COMMIT / 2));
-        assert_eq!(gather_for(1, BUSY_GROUP, COMMIT), Some(COMMIT / 2));
+        assert_eq!(gather_for(BUSY_GROUP, 1, 0, COMMIT), Some(COMMIT / 2));
+        assert_eq!(gather_for(1, BUSY_GROUP, 0, COMMIT), Some(COMMIT / 2));
+        // Few writes queued, but many requests in progress that will write.
+        assert_eq!(gather_for(1, 1, BUSY_GROUP, COMMIT), Some(COMMIT / 2));
     }
 
     #[test]
     fn the_wait_is_bounded_and_a_full_group_commits_at_once() {
-        assert_eq!(gather_for(9, 9, Duration::from_secs(1)), Some(MAX_GATHER));
-        assert_eq!(gather_for(MAX_GROUP, MAX_GROUP, COMMIT), None);
+        assert_eq!(
+            gather_for(9, 9, 9, Duration::from_secs(1)),
+            Some(MAX_GATHER)
+        );
+        assert_eq!(gather_for(MAX_GROUP, MAX_GROUP, 50, COMMIT), None);
         // Before the first commit there is no measure of the disk: no wait.
-        assert_eq!(gather_for(20, 0, Duration::ZERO), None);
+        assert_eq!(gather_for(20, 0, 50, Duration::ZERO), None);
+    }
+
+    #[tokio::test]
+    async fn a_write_intent_is_counted_until_dropped() {
+        use crate::lease::LeaseStore;
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+        let coming = || store.approaching.load(Ordering::Relaxed);
+        let (a, b) = (store.expect_write(), store.expect_write());
+        assert_eq!(coming(), 2);
+        drop(a);
+        assert_eq!(coming(), 1);
+        drop(b);
+        assert_eq!(coming(), 0);
     }
 }
