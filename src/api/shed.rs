@@ -9,7 +9,9 @@
 //!
 //! The permit covers work, not waiting for a client: a `/v1` request's body is read
 //! first (at most `max_body_bytes`, within `body_read_timeout`), so slow senders hold
-//! only their own connection, never a slot an authenticated agent needs.
+//! only their own connection, never a slot an authenticated agent needs; a body refused
+//! while it was read (`408` past the timeout, `413` past the size) is answered without a
+//! slot, so slow senders timing out together each get their own refusal, not `503`.
 //!
 //! [`SourceBuckets`] rate-limits what one source can make the broker do without proving
 //! who it is: each unauthenticated refusal costs a token; a source with none left gets
@@ -49,6 +51,16 @@ async fn admit(permits: &Semaphore, body: BodyLimits, req: Request, next: Next) 
         return next.run(req).await;
     }
     let req = super::extract::buffer_body(req, body.max_bytes, body.timeout).await;
+    // A body refused while it was read (too slow, too large) is answered with that
+    // refusal, without a slot: its answer does no work a slot bounds, and a burst of
+    // slow senders timing out together must each get their 408, not a 503.
+    if req
+        .extensions()
+        .get::<super::extract::BodyRejected>()
+        .is_some()
+    {
+        return next.run(req).await;
+    }
     // Held until the handler (and the audit write) is done.
     let Ok(_permit) = permits.try_acquire() else {
         metrics::counter!("mayfly_requests_shed_total").increment(1);
@@ -234,6 +246,41 @@ mod tests {
         release.notify_one();
         let next = next.await.expect("join").expect("infallible");
         assert_eq!(next.status(), StatusCode::CREATED);
+    }
+
+    #[tokio::test]
+    async fn a_body_refused_while_read_is_answered_without_a_slot() {
+        let (entered, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        let router = app(entered.clone(), release.clone(), 1);
+        let first = tokio::spawn(router.clone().oneshot(req("/v1/slow", "POST")));
+        while entered.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The one slot is taken; a body over the limit still reaches its route (which
+        // answers its refusal; this test route answers 201 to anything), not shed as
+        // overload.
+        let big = Request::builder()
+            .method("POST")
+            .uri("/v1/slow")
+            .body(Body::from(vec![b'x'; 4096]))
+            .expect("request");
+        let big = tokio::spawn(router.clone().oneshot(big));
+        // Shed, it would never enter: the wait ends by its timeout and the check fails.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while entered.load(Ordering::SeqCst) < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        release.notify_waiters();
+        let big = big.await.expect("join").expect("infallible");
+        assert_eq!(
+            big.status(),
+            StatusCode::CREATED,
+            "the refused body ran unshed"
+        );
+        let done = first.await.expect("join").expect("infallible");
+        assert_eq!(done.status(), StatusCode::CREATED);
     }
 }
 
