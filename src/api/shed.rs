@@ -193,14 +193,25 @@ mod tests {
             .expect("request")
     }
 
-    #[tokio::test]
-    async fn a_request_past_the_in_flight_limit_is_shed_at_once_without_reaching_its_handler() {
+    /// A router with one slot, and a first request holding it (entered, not released).
+    async fn one_slot_taken() -> (
+        Arc<AtomicUsize>,
+        Arc<Notify>,
+        Router,
+        tokio::task::JoinHandle<Result<Response, std::convert::Infallible>>,
+    ) {
         let (entered, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
         let router = app(entered.clone(), release.clone(), 1);
         let first = tokio::spawn(router.clone().oneshot(req("/v1/slow", "POST")));
         while entered.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
+        (entered, release, router, first)
+    }
+
+    #[tokio::test]
+    async fn a_request_past_the_in_flight_limit_is_shed_at_once_without_reaching_its_handler() {
+        let (entered, release, router, first) = one_slot_taken().await;
 
         let t0 = Instant::now();
         let shed = router
@@ -250,12 +261,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_refused_while_read_is_answered_without_a_slot() {
-        let (entered, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
-        let router = app(entered.clone(), release.clone(), 1);
-        let first = tokio::spawn(router.clone().oneshot(req("/v1/slow", "POST")));
-        while entered.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let (entered, release, router, first) = one_slot_taken().await;
         // The one slot is taken; a body over the limit still reaches its route (which
         // answers its refusal; this test route answers 201 to anything), not shed as
         // overload.

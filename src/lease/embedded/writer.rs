@@ -209,8 +209,8 @@ mod tests {
         assert_eq!(gather_for(20, 0, 50, Duration::ZERO), None);
     }
 
-    #[tokio::test]
-    async fn a_write_intent_is_counted_until_dropped() {
+    #[test]
+    fn a_write_intent_is_counted_until_dropped() {
         use crate::lease::LeaseStore;
         let dir = tempfile::tempdir().expect("tmp");
         let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
