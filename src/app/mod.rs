@@ -137,7 +137,9 @@ pub async fn open_store(
     store: &StoreConfig,
 ) -> Result<Arc<dyn LeaseStore>, crate::lease::StoreError> {
     Ok(match store {
-        StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path)?),
+        StoreConfig::Embedded { path, cache_bytes } => {
+            Arc::new(EmbeddedStore::open_with_cache(path, *cache_bytes)?)
+        }
         StoreConfig::Redis(cfg) => Arc::new(RedisStore::connect(cfg).await?),
     })
 }
@@ -150,8 +152,8 @@ pub async fn open_store_with_journal(
     store: &StoreConfig,
 ) -> Result<(Arc<dyn LeaseStore>, Option<Arc<dyn AuditJournal>>), crate::lease::StoreError> {
     Ok(match store {
-        StoreConfig::Embedded { path } => {
-            let s = Arc::new(EmbeddedStore::open(path)?);
+        StoreConfig::Embedded { path, cache_bytes } => {
+            let s = Arc::new(EmbeddedStore::open_with_cache(path, *cache_bytes)?);
             (s.clone(), Some(s))
         }
         StoreConfig::Redis(cfg) => (Arc::new(RedisStore::connect(cfg).await?), None),

@@ -84,7 +84,7 @@ fn references(config: &Config, raw: &toml::Value) -> Vec<Reference> {
         path: config.audit_path.clone(),
         kind: Kind::Created,
     });
-    if let StoreConfig::Embedded { path } = &config.store {
+    if let StoreConfig::Embedded { path, .. } = &config.store {
         refs.push(Reference {
             key: "store.path".into(),
             path: path.clone(),

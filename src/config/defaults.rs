@@ -33,6 +33,9 @@ pub(super) fn rule_mode() -> String {
 pub(super) fn store_path() -> std::path::PathBuf {
     "mayfly-leases.redb".into()
 }
+pub(super) fn store_cache_bytes() -> u64 {
+    crate::lease::embedded::DEFAULT_CACHE_BYTES as u64
+}
 pub(super) fn key_prefix() -> String {
     "mayfly".into()
 }

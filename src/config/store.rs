@@ -14,6 +14,9 @@ pub enum RawStore {
     Embedded {
         #[serde(default = "defaults::store_path")]
         path: PathBuf,
+        /// redb's page cache, in bytes: most of the broker's memory under a grown store.
+        #[serde(default = "defaults::store_cache_bytes")]
+        cache_bytes: u64,
     },
     Redis {
         url: String,
@@ -44,6 +47,7 @@ impl Default for RawStore {
     fn default() -> Self {
         Self::Embedded {
             path: defaults::store_path(),
+            cache_bytes: defaults::store_cache_bytes(),
         }
     }
 }
@@ -91,7 +95,7 @@ pub(super) fn reaper(r: RawReaper) -> Result<ReaperConfig, ConfigError> {
 /// Where leases live.
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
-    Embedded { path: PathBuf },
+    Embedded { path: PathBuf, cache_bytes: usize },
     Redis(RedisConfig),
 }
 
@@ -110,13 +114,19 @@ impl StoreConfig {
         if !path.is_file() {
             return Err(invalid("store", format!("{location}: no such store file")));
         }
-        Ok(StoreConfig::Embedded { path })
+        Ok(StoreConfig::Embedded {
+            path,
+            cache_bytes: crate::lease::embedded::DEFAULT_CACHE_BYTES,
+        })
     }
 }
 
 pub(super) fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
     Ok(match raw {
-        RawStore::Embedded { path } => StoreConfig::Embedded { path },
+        RawStore::Embedded { path, cache_bytes } => StoreConfig::Embedded {
+            path,
+            cache_bytes: cache_bytes_in_range(cache_bytes)?,
+        },
         RawStore::Redis {
             url,
             key_prefix,
@@ -160,6 +170,19 @@ pub(super) fn store_config(raw: RawStore) -> Result<StoreConfig, ConfigError> {
             })
         }
     })
+}
+
+/// `store.cache_bytes`: 4 MiB ..= 64 GiB. The cache is most of the broker's memory once
+/// the store has grown past it, so it must fit the process's memory limit.
+fn cache_bytes_in_range(bytes: u64) -> Result<usize, ConfigError> {
+    const RANGE: std::ops::RangeInclusive<u64> = (4 << 20)..=(64 << 30);
+    if !RANGE.contains(&bytes) {
+        return Err(invalid(
+            "store.cache_bytes",
+            "must be 4 MiB..=64 GiB (in bytes)",
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| invalid("store.cache_bytes", "too large for this platform"))
 }
 
 /// `store.durability`: what a Redis write waits for before it counts.

@@ -44,6 +44,10 @@ fn edge_limits_and_audit_keys_have_their_documented_defaults() {
     assert_eq!(c.audit_rotation.retain_files, 0);
     assert_eq!(c.anchor_interval, Duration::from_secs(10));
     assert_eq!(c.summary_interval, Duration::from_secs(10));
+    match &c.store {
+        StoreConfig::Embedded { cache_bytes, .. } => assert_eq!(*cache_bytes, 128 << 20),
+        other => panic!("expected the embedded store, got {other:?}"),
+    }
 }
 
 #[test]
@@ -70,6 +74,14 @@ fn unsafe_edge_limits_are_refused_by_key() {
         (
             "[audit]\nsummary_interval = \"2h\"",
             "audit.summary_interval",
+        ),
+        (
+            "[store]\nkind = \"embedded\"\ncache_bytes = 1024",
+            "store.cache_bytes",
+        ),
+        (
+            "[store]\nkind = \"embedded\"\ncache_bytes = 68719476737",
+            "store.cache_bytes",
         ),
     ] {
         let (key, _) = refused(config(TD, extra));
@@ -380,8 +392,9 @@ fn required_keys_only_take_the_documented_defaults() {
     assert_eq!(cfg.policy_dir, PathBuf::from(documented("policy", "dir")));
     assert_eq!(cfg.policy_reload, doc_dur("policy", "reload_interval"));
     match &cfg.store {
-        StoreConfig::Embedded { path } => {
+        StoreConfig::Embedded { path, cache_bytes } => {
             assert_eq!(path, &PathBuf::from(documented("store", "path")));
+            assert_eq!(*cache_bytes, doc_num::<usize>("store", "cache_bytes"));
         }
         other => panic!("expected the embedded store, got {other:?}"),
     }

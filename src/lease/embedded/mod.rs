@@ -128,8 +128,20 @@ fn prefix_range(prefix: &str) -> (String, String) {
     (format!("{prefix}/"), format!("{prefix}0"))
 }
 
+/// redb's page cache unless `store.cache_bytes` says otherwise. redb's own default
+/// (1 GiB) is more than the Helm chart's memory limit (512 MiB): a store grown past the
+/// limit got the pod killed. 128 MiB holds the pages every write touches (the right
+/// edges of the time-ordered tables) many times over; measured in docs/benchmarks.md.
+pub const DEFAULT_CACHE_BYTES: usize = 128 << 20;
+
 impl EmbeddedStore {
+    /// Opens (creates) the store with the default page cache.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (creates) the store with a page cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
@@ -138,7 +150,9 @@ impl EmbeddedStore {
         // when the file already existed with a wider mode.
         crate::secret::create_private(path)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
-        let db = Database::create(path)
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         // Create every table up front so read transactions never meet a missing table.
         let tx = db.begin_write().map_err(db_err)?;
