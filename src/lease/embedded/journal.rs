@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 
-use super::{COUNTS, EmbeddedStore, TASKS, db_err, decode, tasks};
+use super::hot::Hot;
+use super::{COUNTS, EmbeddedStore, db_err, decode, tasks};
 use crate::lease::{AuditJournal, Joined, JournalSignal, NewLease, StoreError};
 use crate::task::{TaskLife, TaskState};
 
@@ -64,10 +65,10 @@ impl JournalState {
         Ok(state)
     }
 
-    /// Appends one record in `tx` under the next sequence number.
-    fn append(
+    /// Appends one record under the next sequence number, into the journal table.
+    fn append_in(
         &self,
-        tx: &redb::WriteTransaction,
+        table: &mut redb::Table<u64, &[u8]>,
         kind: &str,
         body: &[u8],
     ) -> Result<u64, StoreError> {
@@ -76,7 +77,6 @@ impl JournalState {
         value.extend_from_slice(kind.as_bytes());
         value.push(b'\n');
         value.extend_from_slice(body);
-        let mut table = tx.open_table(AUDIT_JOURNAL).map_err(db_err)?;
         table.insert(seq, value.as_slice()).map_err(db_err)?;
         self.next.store(seq, Ordering::SeqCst);
         Ok(seq)
@@ -101,8 +101,11 @@ impl JournalState {
     }
 
     fn upkeep(&self, tx: &redb::WriteTransaction, mark: &mut GroupMark) -> Result<(), StoreError> {
-        for (kind, body) in &mark.later {
-            self.append(tx, kind, body)?;
+        if !mark.later.is_empty() {
+            let mut table = tx.open_table(AUDIT_JOURNAL).map_err(db_err)?;
+            for (kind, body) in &mark.later {
+                self.append_in(&mut table, kind, body)?;
+            }
         }
         let to = self.trim_to.load(Ordering::SeqCst);
         if to > mark.trim {
@@ -131,10 +134,11 @@ impl JournalState {
 
 /// The joint write: the task must still be active, then `put_lease` (its single-use key
 /// unspent). Nothing is written when a check fails.
-fn write_lease(tx: &redb::WriteTransaction, new: &NewLease) -> Result<Option<Joined>, StoreError> {
+fn write_lease(hot: &mut Hot<'_>, new: &NewLease) -> Result<Option<Joined>, StoreError> {
     let task: TaskLife = {
-        let table = tx.open_table(TASKS).map_err(db_err)?;
-        let got = table
+        let t = hot.lease_tables()?;
+        let got = t
+            .tasks
             .get(new.lease.task_id.as_str())
             .map_err(db_err)?
             .ok_or_else(|| StoreError::NotFound(new.lease.task_id.to_string()))?;
@@ -144,7 +148,7 @@ fn write_lease(tx: &redb::WriteTransaction, new: &NewLease) -> Result<Option<Joi
     if state != TaskState::Active {
         return Ok(Some(Joined::TaskEnded(state)));
     }
-    let written = tasks::put_lease(tx, &new.lease, new.due_at, new.once.as_ref())?;
+    let written = tasks::put_lease(hot, &new.lease, new.due_at, new.once.as_ref())?;
     Ok((!written).then_some(Joined::Replayed))
 }
 
@@ -157,13 +161,13 @@ impl AuditJournal for EmbeddedStore {
         lease: Option<NewLease>,
     ) -> Result<Joined, StoreError> {
         let journal = self.journal.clone();
-        self.write(move |tx| {
+        self.write_hot(move |hot| {
             if let Some(new) = &lease
-                && let Some(refused) = write_lease(tx, new)?
+                && let Some(refused) = write_lease(hot, new)?
             {
                 return Ok(refused);
             }
-            journal.append(tx, kind, &body)?;
+            journal.append_in(hot.lease_tables()?.journal, kind, &body)?;
             Ok(Joined::Written)
         })
         .await

@@ -22,6 +22,7 @@ mod anchors;
 mod approvals;
 mod control;
 mod deny;
+mod hot;
 mod journal;
 mod tasks;
 mod writer;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 
+use super::hot::{Hot, LeaseTables};
 use super::{
     CHILDREN, COUNTS, DUE, DUE_BY_LEASE, EmbeddedStore, LEASES, TASK_LEASES, TASKS, control,
     db_err, decode, encode, nanos, prefix_range,
@@ -19,7 +20,10 @@ use crate::lease::{
 use crate::task::{LeaseId, Task, TaskId, TaskState};
 
 fn bump(tx: &redb::WriteTransaction, key: &str, up: bool) -> Result<(), StoreError> {
-    let mut t = tx.open_table(COUNTS).map_err(db_err)?;
+    bump_in(&mut tx.open_table(COUNTS).map_err(db_err)?, key, up)
+}
+
+fn bump_in(t: &mut redb::Table<&str, u64>, key: &str, up: bool) -> Result<(), StoreError> {
     let cur = t.get(key).map_err(db_err)?.map_or(0, |v| v.value());
     let next = if up {
         cur.saturating_add(1)
@@ -239,7 +243,7 @@ pub(super) async fn put_new(
 ) -> Result<(), StoreError> {
     let lease = lease.clone();
     store
-        .write(move |tx| put_lease(tx, &lease, due_at, None).map(drop))
+        .write_hot(move |hot| put_lease(hot, &lease, due_at, None).map(drop))
         .await
 }
 
@@ -252,7 +256,7 @@ pub(super) async fn put_new_once(
 ) -> Result<bool, StoreError> {
     let (lease, once) = (lease.clone(), once.clone());
     store
-        .write(move |tx| put_lease(tx, &lease, due_at, Some(&once)))
+        .write_hot(move |hot| put_lease(hot, &lease, due_at, Some(&once)))
         .await
 }
 
@@ -260,20 +264,20 @@ pub(super) async fn put_new_once(
 /// preconditions are checked before anything is written. `Ok(false)`, and nothing
 /// written, when the key is already spent.
 pub(super) fn put_lease(
-    tx: &redb::WriteTransaction,
+    hot: &mut Hot<'_>,
     lease: &Lease,
     due_at: OffsetDateTime,
     once: Option<&crate::identity::OnceKey>,
 ) -> Result<bool, StoreError> {
     let now = nanos(OffsetDateTime::now_utc());
     if let Some(once) = once
-        && control::once_is_live(tx, &once.key, now)?
+        && control::once_is_live(hot.other_tables(), &once.key, now)?
     {
         return Ok(false);
     }
-    write_new(tx, lease, due_at)?;
+    write_new(&mut hot.lease_tables()?, lease, due_at)?;
     if let Some(once) = once {
-        control::put_once(tx, &once.key, once.until, now)?;
+        control::put_once(hot.other_tables(), &once.key, once.until, now)?;
     }
     Ok(true)
 }
@@ -281,28 +285,22 @@ pub(super) fn put_lease(
 /// Writes a lease that must not exist yet; `AlreadyExists`, and nothing written, when
 /// it does (checked in the table it is then written to, opened once).
 fn write_new(
-    tx: &redb::WriteTransaction,
+    t: &mut LeaseTables<'_, '_>,
     lease: &Lease,
     due_at: OffsetDateTime,
 ) -> Result<(), StoreError> {
-    {
-        let mut leases = tx.open_table(LEASES).map_err(db_err)?;
-        if leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
-            return Err(StoreError::AlreadyExists(lease.id.to_string()));
-        }
-        leases
-            .insert(lease.id.as_str(), encode(lease)?.as_slice())
-            .map_err(db_err)?;
-        let mut index = tx.open_table(TASK_LEASES).map_err(db_err)?;
-        index
-            .insert(format!("{}/{}", lease.task_id, lease.id).as_str(), ())
-            .map_err(db_err)?;
-        let mut due = tx.open_table(DUE).map_err(db_err)?;
-        let mut by_lease = tx.open_table(DUE_BY_LEASE).map_err(db_err)?;
-        set_due(&mut due, &mut by_lease, lease.id.as_str(), Some(due_at))?;
+    if t.leases.get(lease.id.as_str()).map_err(db_err)?.is_some() {
+        return Err(StoreError::AlreadyExists(lease.id.to_string()));
     }
-    bump(
-        tx,
+    t.leases
+        .insert(lease.id.as_str(), encode(lease)?.as_slice())
+        .map_err(db_err)?;
+    t.task_leases
+        .insert(format!("{}/{}", lease.task_id, lease.id).as_str(), ())
+        .map_err(db_err)?;
+    set_due(t.due, t.due_by_lease, lease.id.as_str(), Some(due_at))?;
+    bump_in(
+        t.counts,
         &crate::lease::count_key(lease.provider, lease.state),
         true,
     )

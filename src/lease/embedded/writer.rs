@@ -5,16 +5,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use super::hot::Hot;
 use super::{EmbeddedStore, db_err};
 use crate::lease::StoreError;
 
 /// Delivers one write's result once its group's commit outcome is known.
 type Completion = Box<dyn FnOnce(Option<StoreError>) + Send>;
 
-/// One write, applied inside a shared transaction (or failed when none could be begun).
-/// Returns its completion and whether it hit a storage failure that must abort the group.
+/// One write, applied inside a shared transaction (or failed when none could be begun),
+/// with the group's open credential tables (`hot`). Returns its completion and whether it
+/// hit a storage failure that must abort the group.
 pub(super) type Op =
-    Box<dyn FnOnce(Result<&redb::WriteTransaction, StoreError>) -> (Completion, bool) + Send>;
+    Box<dyn for<'a, 't> FnOnce(Result<&'a mut Hot<'t>, StoreError>) -> (Completion, bool) + Send>;
 
 /// Writes committed together: one fsync for up to this many operations.
 const MAX_GROUP: usize = 256;
@@ -100,11 +102,13 @@ pub(super) fn run(
                 (None, true)
             }
         };
+        let mut hot = Hot::new(&txn);
         for op in group {
-            let (done, failed) = op(Ok(&txn));
+            let (done, failed) = op(Ok(&mut hot));
             fatal |= failed;
             completions.push(done);
         }
+        drop(hot);
         let outcome = if fatal {
             let _ = txn.abort();
             Some(StoreError::Unavailable(
@@ -136,6 +140,16 @@ impl EmbeddedStore {
         self.write_then(f, || {}).await
     }
 
+    /// As `write`, with the group's credential tables kept open across its writes
+    /// (`hot`): for the per-credential writes.
+    pub(super) async fn write_hot<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'a, 't> FnOnce(&'a mut Hot<'t>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.queue(f, || {}).await
+    }
+
     /// As `write`, and `after` runs on the writer thread once the group's commit is
     /// over (committed or not), before the caller is answered — also when the caller
     /// has stopped waiting.
@@ -145,10 +159,21 @@ impl EmbeddedStore {
         F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
         A: FnOnce() + Send + 'static,
     {
+        self.queue(move |hot: &mut Hot<'_>| f(hot.tx()), after)
+            .await
+    }
+
+    /// Queues `f` for the writer thread; returns after its group's commit.
+    async fn queue<T, F, A>(&self, f: F, after: A) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'a, 't> FnOnce(&'a mut Hot<'t>) -> Result<T, StoreError> + Send + 'static,
+        A: FnOnce() + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
-        let op: Op = Box::new(move |txn| {
-            let result = match txn {
-                Ok(t) => f(t),
+        let op: Op = Box::new(move |hot| {
+            let result = match hot {
+                Ok(h) => f(h),
                 Err(e) => Err(e),
             };
             let fatal = matches!(
@@ -207,6 +232,48 @@ mod tests {
         assert_eq!(gather_for(MAX_GROUP, MAX_GROUP, 50, COMMIT), None);
         // Before the first commit there is no measure of the disk: no wait.
         assert_eq!(gather_for(20, 0, 50, Duration::ZERO), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn credential_writes_and_writes_opening_their_own_tables_mix_in_groups() {
+        use super::super::LEASES;
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let s = store.clone();
+            writes.spawn(async move {
+                let key = format!("k{i}");
+                if i % 2 == 0 {
+                    s.write_hot(move |hot| {
+                        let t = hot.lease_tables()?;
+                        t.leases
+                            .insert(key.as_str(), b"hot".as_slice())
+                            .map_err(db_err)?;
+                        Ok(())
+                    })
+                    .await
+                } else {
+                    s.write(move |tx| {
+                        let mut t = tx.open_table(LEASES).map_err(db_err)?;
+                        t.insert(key.as_str(), b"own".as_slice()).map_err(db_err)?;
+                        Ok(())
+                    })
+                    .await
+                }
+            });
+        }
+        while let Some(done) = writes.join_next().await {
+            done.expect("join").expect("every write commits");
+        }
+        let n = store
+            .get(|db| {
+                use redb::{ReadableDatabase, ReadableTableMetadata};
+                let tx = db.begin_read().map_err(db_err)?;
+                tx.open_table(LEASES).map_err(db_err)?.len().map_err(db_err)
+            })
+            .expect("count");
+        assert_eq!(n, 200);
     }
 
     #[test]
