@@ -11,11 +11,18 @@
 //! itself gets the transaction through [`Hot::tx`], which closes the group's tables
 //! first; they are reopened when the next credential needs them. Every table is closed
 //! before the commit.
+//!
+//! The lives of the tasks the group's credentials were minted under are kept decoded
+//! while the group holds the `tasks` table: no credential write changes a task, and any
+//! other operation (which may) goes through [`Hot::tx`], which forgets them.
 
-use redb::{Table, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::{COUNTS, DUE, DUE_BY_LEASE, LEASES, TASK_LEASES, TASKS, db_err, journal};
+use std::collections::HashMap;
+
+use super::{COUNTS, DUE, DUE_BY_LEASE, LEASES, TASK_LEASES, TASKS, db_err, decode, journal};
 use crate::lease::StoreError;
+use crate::task::TaskLife;
 
 type Slot<'t, K, V> = Option<Table<'t, K, V>>;
 
@@ -29,11 +36,12 @@ pub(super) struct Hot<'t> {
     due_by_lease: Slot<'t, &'static str, u64>,
     counts: Slot<'t, &'static str, u64>,
     journal: Slot<'t, u64, &'static [u8]>,
+    /// Task id → its life, read from `tasks` in this group (at most one per write).
+    lives: HashMap<String, TaskLife>,
 }
 
 /// The open credential tables, borrowed together.
 pub(super) struct LeaseTables<'a, 't> {
-    pub tasks: &'a mut Table<'t, &'static str, &'static [u8]>,
     pub leases: &'a mut Table<'t, &'static str, &'static [u8]>,
     pub task_leases: &'a mut Table<'t, &'static str, ()>,
     pub due: &'a mut Table<'t, (u64, &'static str), ()>,
@@ -65,6 +73,7 @@ impl<'t> Hot<'t> {
             due_by_lease: None,
             counts: None,
             journal: None,
+            lives: HashMap::new(),
         }
     }
 
@@ -91,13 +100,31 @@ impl<'t> Hot<'t> {
         self.due_by_lease = None;
         self.counts = None;
         self.journal = None;
+        self.lives.clear();
+    }
+
+    /// The stored life of task `id` (`None`: no such task), read once per group.
+    pub(super) fn task_life(&mut self, id: &str) -> Result<Option<TaskLife>, StoreError> {
+        if let Some(life) = self.lives.get(id) {
+            return Ok(Some(*life));
+        }
+        let tasks = open(&mut self.tasks, self.tx, TASKS)?;
+        let Some(life) = tasks
+            .get(id)
+            .map_err(db_err)?
+            .map(|v| decode::<TaskLife>(v.value()))
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        self.lives.insert(id.to_string(), life);
+        Ok(Some(life))
     }
 
     /// The credential tables, opened if they are not yet.
     pub(super) fn lease_tables(&mut self) -> Result<LeaseTables<'_, 't>, StoreError> {
         let tx = self.tx;
         Ok(LeaseTables {
-            tasks: open(&mut self.tasks, tx, TASKS)?,
             leases: open(&mut self.leases, tx, LEASES)?,
             task_leases: open(&mut self.task_leases, tx, TASK_LEASES)?,
             due: open(&mut self.due, tx, DUE)?,
@@ -135,5 +162,28 @@ mod tests {
         for k in ["a", "b", "c"] {
             assert!(leases.get(k).expect("get").is_some(), "{k} committed");
         }
+    }
+
+    #[test]
+    fn a_task_life_is_read_once_per_group_and_forgotten_when_another_operation_runs() {
+        use crate::task::TaskState;
+        let life = |state: &str| {
+            format!(r#"{{"state":"{state}","expires_at":"2999-01-01T00:00:00Z"}}"#).into_bytes()
+        };
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = redb::Database::create(dir.path().join("h.redb")).expect("db");
+        let tx = db.begin_write().expect("tx");
+        let mut hot = Hot::new(&tx);
+        let write = |tx: &WriteTransaction, state: &str| {
+            let mut tasks = tx.open_table(TASKS).expect("tasks");
+            tasks.insert("t1", life(state).as_slice()).expect("insert");
+        };
+        write(hot.tx(), "active");
+        let state = |hot: &mut Hot<'_>| hot.task_life("t1").expect("read").map(|l| l.state);
+        assert_eq!(state(&mut hot), Some(TaskState::Active));
+        assert!(hot.task_life("t2").expect("read").is_none(), "no such task");
+        // Another operation ends the task in the same group: the next credential sees it.
+        write(hot.tx(), "revoked");
+        assert_eq!(state(&mut hot), Some(TaskState::Revoked));
     }
 }

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 
 use super::hot::Hot;
-use super::{COUNTS, EmbeddedStore, db_err, decode, tasks};
+use super::{COUNTS, EmbeddedStore, db_err, tasks};
 use crate::lease::{AuditJournal, Joined, JournalSignal, NewLease, StoreError};
-use crate::task::{TaskLife, TaskState};
+use crate::task::TaskState;
 
 /// seq → `kind` `\n` body.
 pub(super) const AUDIT_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_journal");
@@ -135,15 +135,10 @@ impl JournalState {
 /// The joint write: the task must still be active, then `put_lease` (its single-use key
 /// unspent). Nothing is written when a check fails.
 fn write_lease(hot: &mut Hot<'_>, new: &NewLease) -> Result<Option<Joined>, StoreError> {
-    let task: TaskLife = {
-        let t = hot.lease_tables()?;
-        let got = t
-            .tasks
-            .get(new.lease.task_id.as_str())
-            .map_err(db_err)?
-            .ok_or_else(|| StoreError::NotFound(new.lease.task_id.to_string()))?;
-        decode(got.value())?
-    };
+    let task_id = new.lease.task_id.as_str();
+    let task = hot
+        .task_life(task_id)?
+        .ok_or_else(|| StoreError::NotFound(task_id.to_string()))?;
     let state = task.state_at(OffsetDateTime::now_utc());
     if state != TaskState::Active {
         return Ok(Some(Joined::TaskEnded(state)));
