@@ -62,7 +62,7 @@ ALLOWED_KEYS = {
     "webhook": {"url", "secret_file", "ca_file", "timeout", "max_attempts", "events"},
     "operators": {"spiffe_ids"},
     "policy": {"dir", "reload_interval"},
-    "store/embedded": {"kind", "path"},
+    "store/embedded": {"kind", "path", "cache_bytes"},
     "store/redis": {"kind", "url", "key_prefix", "username", "password_file", "tls_ca_file", "durability",
                     "wait_replicas", "wait_timeout", "verify_durability", "op_timeout"},
     # rotate_bytes ... summary_interval, and the connection limits below them: issue 17

@@ -167,6 +167,14 @@ render secret-identity-values \
     -f "$chart/ci/secret-identity-values.yaml"
 render single-embedded-replica --expect PodDisruptionBudget -- \
     --set replicaCount=1 --set config.store.kind=embedded
+# The embedded store's page cache, bounded below the pod's memory limit.
+render embedded-cache-bytes --expect StatefulSet -- \
+    --set replicaCount=1 --set config.store.kind=embedded --set config.store.cache_bytes=67108864
+if grep -q '^    cache_bytes = 67108864$' "$work/embedded-cache-bytes.yaml"; then
+    pass "embedded-cache-bytes: mayfly.toml [store] cache_bytes = 67108864"
+else
+    fail "embedded-cache-bytes: mayfly.toml [store] cache_bytes = 67108864"
+fi
 render providers-values --expect NetworkPolicy --expect ServiceAccount -- \
     -f "$chart/ci/providers-values.yaml"
 # The other Vault login (AppRole, its secret_id from a Secret), the Vault CA from a
@@ -342,6 +350,10 @@ refuse "embedded store with replicaCount=3" "config.store.kind=embedded cannot r
     --set replicaCount=3 --set config.store.kind=embedded
 refuse "embedded store with the default replicaCount" "config.store.kind=embedded cannot run with more than one replica" \
     --set config.store.kind=embedded
+refuse "an embedded page cache under 4 MiB" "cache_bytes" \
+    --set replicaCount=1 --set config.store.kind=embedded --set config.store.cache_bytes=1024
+refuse "a page cache size with the Redis store" "config.store.cache_bytes sizes the embedded store's page cache" \
+    --set config.store.cache_bytes=67108864
 refuse "embedded store under an HPA" "config.store.kind=embedded cannot run with more than one replica" \
     --set replicaCount=1 --set config.store.kind=embedded --set autoscaling.enabled=true
 refuse "HPA maxReplicas below minReplicas" "autoscaling.maxReplicas" \
