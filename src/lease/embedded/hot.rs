@@ -151,7 +151,10 @@ mod tests {
         };
         put(hot.lease_tables().expect("open").leases, "a");
         // Opened behind the group's back, redb refuses the table the group holds...
-        assert!(hot.other_tables().open_table(LEASES).is_err());
+        assert!(matches!(
+            hot.other_tables().open_table(LEASES),
+            Err(redb::TableError::TableAlreadyOpen(..))
+        ));
         // ...through `tx` the group's tables are closed first, and reopened after.
         put(&mut hot.tx().open_table(LEASES).expect("own"), "b");
         put(hot.lease_tables().expect("reopen").leases, "c");
